@@ -1,0 +1,1 @@
+"""LEGO: layered Transformer LMs with confidence-routed early exit (ASHEM)."""
