@@ -1,0 +1,316 @@
+"""ASHEM: Adaptive Supervision via Hard Example Mining.
+
+Phase 1 trains a shallow model on every token. Its confidence at the exit layer splits tokens
+into easy (>= threshold, exit there) and hard (< threshold, continue). The threshold is the
+exact `target_ratio` quantile of confidences on a calibration split. Phase 2 trains only the
+upper Block of a grown model on the hard tokens, keeping their left context (SPEC section 4):
+
+    threshold = compute_confidence_threshold(model, val_loader, target_ratio=0.5, device="cpu")
+    hard = collect_hard_examples(model, train_loader, threshold, "cpu")
+    big = model.grow(4, routing_threshold=threshold)
+    batches = create_hard_example_loader(hard, batch_size=64)
+    loss = train_upper_layers(big, batches, optimizer, vocab_size, "cpu", num_lower_layers=2)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Dict, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
+STORES = ("memory", "disk", "recompute")
+IGNORE_INDEX = -100
+
+
+def confidence_from_logits(logits: torch.Tensor, measure: str = "max_prob") -> torch.Tensor:
+    """Per-token confidence (..., V) -> (...); higher means more confident for every measure.
+
+    max_prob: max softmax probability (the specification's); margin: top-1 minus top-2
+    probability; entropy: negated entropy of the softmax, in nats.
+    """
+    if measure == "max_prob":
+        return F.softmax(logits, dim=-1).max(dim=-1).values
+    if measure == "margin":
+        top = F.softmax(logits, dim=-1).topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    if measure == "entropy":
+        logp = F.log_softmax(logits, dim=-1)
+        return (logp.exp() * logp).sum(-1)
+    raise ValueError(f"confidence={measure!r} is not allowed; choose one of {', '.join(CONFIDENCE_MEASURES)}")
+
+
+def compute_confidence(model, hidden_state: torch.Tensor, measure: Optional[str] = None) -> torch.Tensor:
+    """Confidence of the early exit's prediction: the exit head (`output_head`) on `hidden_state`."""
+    return confidence_from_logits(model.output_head(hidden_state).float(), measure or model.confidence)
+
+
+def exact_quantile(values: torch.Tensor, q: float) -> float:
+    """`torch.quantile(values, q)` (linear interpolation) for any number of values.
+
+    torch.quantile refuses more than 2**24 elements; two order statistics via `kthvalue` give
+    the same answer at any size in O(n) time and one copy of memory.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q={q} must be in [0, 1]")
+    values = values.reshape(-1)
+    n = values.numel()
+    if n == 0:
+        raise ValueError("no values to take a quantile of")
+    pos = q * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    v_lo = values.kthvalue(lo + 1).values.double()
+    if hi == lo or pos == lo:
+        return float(v_lo)
+    v_hi = values.kthvalue(hi + 1).values.double()
+    return float(v_lo + (pos - lo) * (v_hi - v_lo))
+
+
+def _exit_layer(model, exit_layer: Optional[int]) -> int:
+    if exit_layer is not None:
+        return exit_layer
+    return model.exit_layer if model.exit_layer is not None else model.num_layers
+
+
+def _batches(batches: Iterable, name: str):
+    """Yield (inputs, targets); fail with a clear message on an empty loader."""
+    empty = True
+    for batch in batches:
+        empty = False
+        yield batch[0], batch[1]
+    if empty:
+        raise ValueError(f"{name}: the loader yielded no batches")
+
+
+@torch.no_grad()
+def exit_states(model, inputs: torch.Tensor, exit_layer: int, measure: str):
+    """(hidden state after `exit_layer` (B, T, C), confidence there (B, T))."""
+    h = model.run_layers(model.embed(inputs), 0, exit_layer)
+    return h, confidence_from_logits(model.output_head(h).float(), measure)
+
+
+@torch.no_grad()
+def gather_confidences(model, batches: Iterable, device, *, exit_layer: Optional[int] = None,
+                       measure: Optional[str] = None, ignore_index: int = IGNORE_INDEX,
+                       name: str = "val_batches") -> torch.Tensor:
+    """Confidences at the exit layer of every counted token, flattened (float32, on CPU)."""
+    model.eval()
+    layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
+    out = []
+    for inputs, targets in _batches(batches, name):
+        _, conf = exit_states(model, inputs.to(device), layer, measure)
+        out.append(conf[targets.to(device) != ignore_index].cpu())
+    return torch.cat(out)
+
+
+def compute_confidence_threshold(model, val_batches: Iterable, target_ratio: float, device="cpu", *,
+                                 exit_layer: Optional[int] = None, measure: Optional[str] = None) -> float:
+    """Threshold below which a share `target_ratio` of tokens falls: the exact quantile of confidences.
+
+    Tokens with confidence >= threshold are easy (exit early); the rest are hard. The exit
+    layer defaults to the model's `exit_layer`, or its last layer for a phase-1 model.
+    """
+    check_ratio("target_ratio", target_ratio)
+    conf = gather_confidences(model, val_batches, device, exit_layer=exit_layer, measure=measure)
+    return exact_quantile(conf, target_ratio)
+
+
+def check_ratio(key: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise ValueError(f"{key}={value!r} must be strictly between 0 and 1")
+
+
+@torch.no_grad()
+def collect_hard_examples(model, batches: Iterable, threshold: float, device="cpu", *,
+                          exit_layer: Optional[int] = None, measure: Optional[str] = None,
+                          store: str = "memory", store_dir: Optional[str] = None,
+                          ignore_index: int = IGNORE_INDEX) -> Dict[str, object]:
+    """The sequences that hold at least one hard token, with their context.
+
+    Returns {'inputs' (N, T) long, 'hidden_states' (N, T, C) exit-layer states or None,
+    'targets' (N, T) with every easy position set to `ignore_index`, 'confidences' (N, T),
+    'num_tokens', 'num_hard'}. `store`: "memory" keeps float32 states in RAM, "disk" writes
+    float16 states to a memory-mapped file in `store_dir`, "recompute" keeps no states (the
+    loader recomputes them through the frozen lower Block).
+    """
+    if store not in STORES:
+        raise ValueError(f"store={store!r} is not allowed; choose one of {', '.join(STORES)}")
+    if store == "disk" and not store_dir:
+        raise ValueError("store='disk' needs store_dir")
+    model.eval()
+    layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
+    inputs_l, targets_l, conf_l, hidden_l = [], [], [], []
+    disk, rows, n_tok, n_hard = None, 0, 0, 0
+    for inputs, targets in tqdm(_batches(batches, "batches"), desc="hard examples", leave=False, disable=None):
+        inputs, targets = inputs.to(device), targets.to(device)
+        h, conf = exit_states(model, inputs, layer, measure)
+        valid = targets != ignore_index
+        hard = (conf < threshold) & valid
+        n_tok += int(valid.sum())
+        n_hard += int(hard.sum())
+        keep = hard.any(dim=1)
+        if not keep.any():
+            continue
+        inputs_l.append(inputs[keep].cpu())
+        targets_l.append(torch.where(hard, targets, torch.full_like(targets, ignore_index))[keep].cpu())
+        conf_l.append(conf[keep].cpu())
+        if store == "memory":
+            hidden_l.append(h[keep].float().cpu())
+        elif store == "disk":
+            part = h[keep].to(torch.float16).cpu().numpy()
+            disk = _append_rows(disk, part, store_dir, rows)
+            rows += part.shape[0]
+    if not inputs_l:
+        log.warning("collect_hard_examples: no token fell below threshold %.6g", threshold)
+    inputs_t = torch.cat(inputs_l) if inputs_l else torch.empty(0, 0, dtype=torch.long)
+    hidden = None
+    if store == "memory" and hidden_l:
+        hidden = torch.cat(hidden_l)
+    elif store == "disk" and disk is not None:
+        disk.flush()
+        hidden = np.memmap(disk.filename, dtype=np.float16, mode="r", shape=(rows, *disk.shape[1:]))
+    return {
+        "inputs": inputs_t,
+        "hidden_states": hidden,
+        "targets": torch.cat(targets_l) if targets_l else torch.empty(0, 0, dtype=torch.long),
+        "confidences": torch.cat(conf_l) if conf_l else torch.empty(0, 0),
+        "num_tokens": n_tok,
+        "num_hard": n_hard,
+    }
+
+
+def _append_rows(mm: Optional[np.memmap], part: np.ndarray, store_dir: str, rows: int) -> np.memmap:
+    """Grow a float16 memmap by doubling, so appends stay amortised O(1)."""
+    need = rows + part.shape[0]
+    if mm is None or need > mm.shape[0]:
+        os.makedirs(store_dir, exist_ok=True)
+        path = os.path.join(store_dir, "hidden_states.f16")
+        cap = max(need, 2 * (0 if mm is None else mm.shape[0]), 64)
+        if mm is not None:
+            mm.flush()
+            del mm
+        with open(path, "ab" if rows else "wb") as f:
+            f.truncate(cap * int(np.prod(part.shape[1:])) * 2)
+        mm = np.memmap(path, dtype=np.float16, mode="r+", shape=(cap, *part.shape[1:]))
+    mm[rows:need] = part
+    return mm
+
+
+class HardExampleDataset(torch.utils.data.Dataset):
+    """Rows of (exit-layer states float32, targets), or (inputs, targets) when states are recomputed."""
+
+    def __init__(self, hard_examples: Dict[str, object]):
+        self.hidden = hard_examples["hidden_states"]
+        self.inputs = hard_examples["inputs"]
+        self.targets = hard_examples["targets"]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        if self.hidden is None:
+            return self.inputs[i], self.targets[i]
+        h = self.hidden[i]
+        h = torch.from_numpy(np.asarray(h, dtype=np.float32)) if isinstance(h, np.ndarray) else h
+        return h, self.targets[i]
+
+
+def create_hard_example_loader(hard_examples: Dict[str, object], batch_size: int = 64, *, shuffle: bool = True,
+                               seed: int = 0) -> torch.utils.data.DataLoader:
+    """Batches of (states or inputs, targets) over whole hard sequences; order set by (seed, epoch)."""
+    from lego.training import EpochShuffleSampler
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    ds = HardExampleDataset(hard_examples)
+    if len(ds) == 0:
+        raise ValueError("hard_examples: no hard sequences to batch (is the threshold too low?)")
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size,
+                                       sampler=EpochShuffleSampler(len(ds), seed, shuffle=shuffle))
+
+
+def upper_states(model, batch_x: torch.Tensor, num_lower_layers: int) -> torch.Tensor:
+    """States after the lower Block: stored ones as they are, or recomputed from token ids."""
+    if batch_x.dtype in (torch.int64, torch.int32):
+        with torch.no_grad():
+            was = [m.training for m in model.layers[:num_lower_layers]]
+            model.embedding.eval()
+            for m in model.layers[:num_lower_layers]:
+                m.eval()
+            h = model.run_layers(model.embed(batch_x), 0, num_lower_layers)
+            for m, w in zip(model.layers[:num_lower_layers], was):
+                m.train(w)
+        return h
+    return batch_x.float()
+
+
+def upper_logits(model, h: torch.Tensor, targets: torch.Tensor, num_lower_layers: int,
+                 ignore_index: int = IGNORE_INDEX, policy: Optional[str] = None):
+    """Deep-exit logits at the hard positions only (N_hard, V), and their targets (N_hard,)."""
+    hard = targets != ignore_index
+    h = model.run_layers(h, num_lower_layers, model.num_layers, hard=hard, policy=policy)
+    return model.logits_at(h[hard], model.num_layers).float(), targets[hard]
+
+
+def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_size: int, device="cpu",
+                       num_lower_layers: int = 2, *, grad_clip: Optional[float] = 1.0,
+                       policy: Optional[str] = None, ignore_index: int = IGNORE_INDEX) -> float:
+    """One pass over `hard_batches` training the layers above `num_lower_layers`; mean loss per hard token.
+
+    The loss is cross-entropy at the last layer over hard positions only (easy positions
+    carry `ignore_index`). Warns when the early exit's head is trainable, since training it
+    would move the exit's confidences away from the calibrated threshold.
+    """
+    model = model_extended
+    if model.output_head.proj.weight.requires_grad and model.deep_head is None and model.exit_layer is not None:
+        log.warning("output_head is trainable and shared with the early exit: exit confidences will drift "
+                    "from the calibrated threshold (use model.grow(..., deep_head=True) or freeze it)")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_sum, count = torch.zeros((), device=device), 0
+    for x, targets in _batches(hard_batches, "hard_batches"):
+        x, targets = x.to(device), targets.to(device)
+        h = upper_states(model, x, num_lower_layers)
+        logits, y = upper_logits(model, h, targets, num_lower_layers, ignore_index, policy)
+        if y.numel() == 0:
+            continue
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        optimizer.zero_grad(set_to_none=True)
+        (loss / y.numel()).backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        loss_sum += loss.detach()
+        count += y.numel()
+    return float(loss_sum) / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_on_hard_examples(model, hard_batches: Iterable, vocab_size: int = None, device="cpu",
+                              num_lower_layers: int = 2, *, policy: Optional[str] = None,
+                              ignore_index: int = IGNORE_INDEX) -> Dict[str, float]:
+    """Perplexity and accuracy at the model's last layer on the hard positions alone.
+
+    With `num_lower_layers == model.num_layers` this scores a phase-1 model on the same tokens.
+    """
+    model.eval()
+    nll, correct, count = 0.0, 0, 0
+    for x, targets in _batches(hard_batches, "hard_batches"):
+        x, targets = x.to(device), targets.to(device)
+        h = upper_states(model, x, num_lower_layers)
+        logits, y = upper_logits(model, h, targets, num_lower_layers, ignore_index, policy)
+        nll += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+        count += y.numel()
+    if count == 0:
+        raise ValueError("hard_batches: no hard positions to evaluate")
+    return {"loss": nll / count, "ppl": math.exp(nll / count), "acc": correct / count, "n_tokens": count}

@@ -1,0 +1,346 @@
+"""The LEGO model: a causal decoder whose hidden state can be read out at any layer.
+
+A Block is a run of consecutive layers trained like a standard LM (loss at its last layer).
+`DeepSupervisionTransformer` exposes every step separately so that training, hard-example
+mining and routed inference can stop or start at any layer:
+
+    h = model.embed(idx)                      # (B, T, C), layer 0
+    h = model.run_layers(h, 0, 2)             # after layer 2
+    logits = model.logits_at(h, layer=2)      # (B, T, V) through the head used at layer 2
+    h4 = model.run_layers(h, 2, 4, hard=mask) # upper Block, under the upper-context policy
+
+Layers are numbered from 1, as in the specification: "layer 2" is the output of the second
+layer, `model.layers[1]`.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+FFNS = ("gelu", "swiglu")
+UPPER_CONTEXTS = ("full", "propagate", "skip")
+
+
+def check_choice(key: str, value, allowed) -> None:
+    """Raise a one-line ValueError naming `key` when `value` is not one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim) if kind == "layernorm" else nn.RMSNorm(dim)
+
+
+def rope_tables(max_seq_len: int, head_dim: int, base: float = 10000.0):
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, nh, T, hd); cos/sin: (T, hd/2) or broadcastable to (B, 1, T, hd/2)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Embedding(nn.Module):
+    """Token embedding plus (optionally) learned absolute positions: everything below layer 1."""
+
+    def __init__(self, vocab_size: int, dim: int, max_seq_len: int, pos: str, dropout: float):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Embedding(max_seq_len, dim) if pos == "learned" else None
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx)  # (B, T, C)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.drop(x)
+
+
+class OutputHead(nn.Module):
+    """Final norm + vocabulary projection; usable on the hidden state of any layer."""
+
+    def __init__(self, dim: int, vocab_size: int, norm: str):
+        super().__init__()
+        self.norm = make_norm(norm, dim)
+        self.proj = nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(h))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mult: int, kind: str, dropout: float):
+        super().__init__()
+        hidden = mult * dim
+        self.kind = kind
+        self.fc = nn.Linear(dim, hidden)
+        self.gate = nn.Linear(dim, hidden) if kind == "swiglu" else None
+        self.proj = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return self.drop(self.proj(F.silu(self.gate(x)) * self.fc(x)))
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Layer(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim, num_heads, norm, ffn, ffn_mult, dropout):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = make_norm(norm, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_out = nn.Linear(dim, dim)
+        self.norm2 = make_norm(norm, dim)
+        self.mlp = MLP(dim, ffn_mult, ffn, dropout)
+        self.dropout = dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, T, C = t.shape
+        return t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, T, hd)
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(C, dim=2)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if rope is not None:
+            cos, sin = rope[0][:T], rope[1][:T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        x = x + self.resid_drop(self.attn_out(y.transpose(1, 2).reshape(B, T, C)))
+        return x + self.mlp(self.norm2(x))
+
+    def forward_routed(self, x: torch.Tensor, hard: torch.Tensor, policy: str, rope=None) -> torch.Tensor:
+        """Run this layer for hard tokens only; easy tokens keep their state (copied upward).
+
+        x: (B, T, C); hard: (B, T) bool. Easy tokens run no query, MLP or head. Under
+        `propagate` they still give keys/values (from their copied state); under `skip` they
+        take no part at all. Returns the new (B, T, C) state.
+        """
+        B, T, C = x.shape
+        nh, hd = self.num_heads, C // self.num_heads
+        # Pack the hard tokens of each sequence to the left: slot j of row b holds its j-th hard token.
+        n_hard = hard.sum(1)  # (B,)
+        H = max(int(n_hard.max()), 1)
+        pos = torch.arange(T, device=x.device).expand(B, T)
+        order = torch.sort(torch.where(hard, pos, pos + T), dim=1, stable=True).indices[:, :H]
+        qpos = order  # (B, H) positions of the packed slots
+        valid = torch.arange(H, device=x.device)[None, :] < n_hard[:, None]  # (B, H)
+        gather = qpos.unsqueeze(-1).expand(B, H, C)
+        xh = torch.gather(x, 1, gather)  # (B, H, C)
+        hn = self.norm1(xh)
+        w_q, w_k, w_v = self.qkv.weight.split(C, 0)
+        b_q, b_k, b_v = self.qkv.bias.split(C, 0)
+        q = F.linear(hn, w_q, b_q).view(B, H, nh, hd).transpose(1, 2)
+        if policy == "propagate":
+            kv_src, kpos, kvalid = self.norm1(x), pos, torch.ones(B, T, dtype=torch.bool, device=x.device)
+        else:  # skip: keys and values from hard tokens only
+            kv_src, kpos, kvalid = hn, qpos, valid
+        k = F.linear(kv_src, w_k, b_k).view(B, -1, nh, hd).transpose(1, 2)
+        v = F.linear(kv_src, w_v, b_v).view(B, -1, nh, hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q = apply_rope(q, cos[qpos].unsqueeze(1), sin[qpos].unsqueeze(1))
+            k = apply_rope(k, cos[kpos].unsqueeze(1), sin[kpos].unsqueeze(1))
+        mask = (kpos[:, None, :] <= qpos[:, :, None]) & kvalid[:, None, :]  # (B, H, Tk)
+        mask = mask | ~valid[:, :, None]  # padding slots attend anywhere; discarded below
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
+        xh = xh + self.attn_out(y.transpose(1, 2).reshape(B, H, C))
+        xh = xh + self.mlp(self.norm2(xh))
+        out = x.clone()
+        flat = (torch.arange(B, device=x.device)[:, None] * T + qpos)[valid]
+        out.view(B * T, C)[flat] = xh[valid]
+        return out
+
+
+class DeepSupervisionTransformer(nn.Module):
+    """Causal decoder LM with readout at any layer and optional two-stage routing.
+
+    Args:
+        vocab_size, dim, num_layers, num_heads: the model's shape (`dim % num_heads == 0`).
+        exit_layer: layer (1-based) where easy tokens may exit; None for a plain LM.
+        routing_threshold: confidence at `exit_layer` at or above which a token exits.
+        max_seq_len: longest sequence the position tables cover.
+        norm / pos / ffn: "layernorm"|"rmsnorm", "learned"|"rope", "gelu"|"swiglu".
+        deep_head: give layers above `exit_layer` their own output head (see `grow`).
+        upper_context: how layers above `exit_layer` treat easy tokens when routing:
+            "full" (run every token), "propagate" (easy tokens' exit states give keys/values
+            only) or "skip" (easy tokens take no part).
+        confidence: confidence measure for routing ("max_prob", "margin", "entropy").
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        num_layers: int,
+        num_heads: int,
+        exit_layer: Optional[int] = None,
+        routing_threshold: Optional[float] = None,
+        max_seq_len: int = 512,
+        dropout: float = 0.0,
+        *,
+        norm: str = "layernorm",
+        pos: str = "learned",
+        ffn: str = "gelu",
+        ffn_mult: int = 4,
+        deep_head: bool = False,
+        upper_context: str = "full",
+        confidence: str = "max_prob",
+    ):
+        super().__init__()
+        for key, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers),
+                           ("num_heads", num_heads), ("max_seq_len", max_seq_len)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}={value!r} must be a positive integer")
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        if exit_layer is not None and not 1 <= exit_layer < num_layers:
+            raise ValueError(f"exit_layer={exit_layer} must be in [1, num_layers) = [1, {num_layers})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        check_choice("norm", norm, NORMS)
+        check_choice("pos", pos, POSITIONS)
+        check_choice("ffn", ffn, FFNS)
+        check_choice("upper_context", upper_context, UPPER_CONTEXTS)
+        from lego.ashem import CONFIDENCE_MEASURES  # ashem imports this module
+
+        check_choice("confidence", confidence, CONFIDENCE_MEASURES)
+        if pos == "rope" and (dim // num_heads) % 2:
+            raise ValueError(f"pos='rope' needs an even head dim; dim/num_heads = {dim // num_heads}")
+        if deep_head and exit_layer is None:
+            raise ValueError("deep_head=True needs exit_layer")
+        self.shape = dict(vocab_size=vocab_size, dim=dim, num_layers=num_layers, num_heads=num_heads,
+                          max_seq_len=max_seq_len, dropout=dropout, norm=norm, pos=pos, ffn=ffn,
+                          ffn_mult=ffn_mult)
+        self.vocab_size, self.dim, self.num_layers, self.num_heads = vocab_size, dim, num_layers, num_heads
+        self.max_seq_len = max_seq_len
+        self.exit_layer = exit_layer
+        self.routing_threshold = routing_threshold
+        self.upper_context = upper_context
+        self.confidence = confidence
+        self.embedding = Embedding(vocab_size, dim, max_seq_len, pos, dropout)
+        self.layers = nn.ModuleList(Layer(dim, num_heads, norm, ffn, ffn_mult, dropout) for _ in range(num_layers))
+        self.output_head = OutputHead(dim, vocab_size, norm)
+        self.deep_head = OutputHead(dim, vocab_size, norm) if deep_head else None
+        if pos == "rope":
+            cos, sin = rope_tables(max_seq_len, dim // num_heads)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # -- pieces ----------------------------------------------------------------------------
+    @property
+    def rope(self):
+        return None if self.rope_cos is None else (self.rope_cos, self.rope_sin)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> layer-0 state (B, T, C)."""
+        if idx.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds max_seq_len={self.max_seq_len}")
+        return self.embedding(idx)
+
+    def run_layers(self, h: torch.Tensor, start: int, end: int, hard: Optional[torch.Tensor] = None,
+                   policy: Optional[str] = None) -> torch.Tensor:
+        """Run layers start+1 .. end (1-based) on the state after layer `start`.
+
+        With `hard` (B, T) bool and a policy other than "full", only hard tokens are computed
+        (see `Layer.forward_routed`); easy tokens leave with their input state.
+        """
+        if not 0 <= start <= end <= self.num_layers:
+            raise ValueError(f"layer range ({start}, {end}] is outside 0..{self.num_layers}")
+        policy = policy or self.upper_context
+        routed = hard is not None and policy != "full"
+        for layer in self.layers[start:end]:
+            h = layer.forward_routed(h, hard, policy, self.rope) if routed else layer(h, self.rope)
+        return h
+
+    def head_for(self, layer: int) -> OutputHead:
+        """The head that reads layer `layer`: the deep head above the exit layer, if there is one."""
+        if self.deep_head is not None and layer > self.exit_layer:
+            return self.deep_head
+        return self.output_head
+
+    def logits_at(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.head_for(layer)(h)
+
+    def hidden_states(self, idx: torch.Tensor, upto: Optional[int] = None) -> List[torch.Tensor]:
+        """[state after layer 0 (embedding), after layer 1, ..., after layer `upto`]."""
+        upto = self.num_layers if upto is None else upto
+        states = [self.embed(idx)]
+        for i in range(upto):
+            states.append(self.run_layers(states[-1], i, i + 1))
+        return states
+
+    def forward(self, idx: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
+        """Logits (B, T, V) at `layer` (default: the last), every token through every layer."""
+        layer = self.num_layers if layer is None else layer
+        return self.logits_at(self.run_layers(self.embed(idx), 0, layer), layer)
+
+    # -- growing ---------------------------------------------------------------------------
+    def grow(self, num_layers: int, *, exit_layer: Optional[int] = None, routing_threshold: Optional[float] = None,
+             deep_head: bool = True, upper_context: Optional[str] = None) -> "DeepSupervisionTransformer":
+        """Build a `num_layers`-layer model on top of this one (phase 2 of ASHEM).
+
+        Copies embedding, every layer and the output head; new layers are freshly initialised.
+        Freezes the embedding, the copied layers and `output_head` (the head read at the exit
+        layer), so the exit's logits stay bit-identical to this model's. With `deep_head` the
+        deep exit gets a trainable copy of the head; without it, the deep exit reads the frozen
+        shared head.
+        """
+        exit_layer = self.num_layers if exit_layer is None else exit_layer
+        if exit_layer != self.num_layers:
+            raise ValueError(f"exit_layer={exit_layer} must equal the grown model's depth {self.num_layers}")
+        if num_layers <= self.num_layers:
+            raise ValueError(f"num_layers={num_layers} must exceed the current depth {self.num_layers}")
+        shape = dict(self.shape, num_layers=num_layers)
+        big = DeepSupervisionTransformer(
+            **shape, exit_layer=exit_layer, routing_threshold=routing_threshold, deep_head=deep_head,
+            upper_context=upper_context or self.upper_context, confidence=self.confidence,
+        ).to(next(self.parameters()).device)
+        big.embedding.load_state_dict(self.embedding.state_dict())
+        for i in range(self.num_layers):
+            big.layers[i].load_state_dict(self.layers[i].state_dict())
+        big.output_head.load_state_dict(self.output_head.state_dict())
+        if deep_head:
+            big.deep_head.load_state_dict(self.output_head.state_dict())
+        for module in [big.embedding, big.output_head, *big.layers[: self.num_layers]]:
+            module.requires_grad_(False)
+        return big
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def layer_flops(dim: int, ffn_mult: int, ffn: str, seq_len: int) -> dict:
+    """Multiply-accumulates per token of one layer's parts (attention scores at average context)."""
+    mlp = (3 if ffn == "swiglu" else 2) * ffn_mult * dim * dim
+    return {"q": dim * dim, "kv": 2 * dim * dim, "attn": dim * (seq_len + 1), "out": dim * dim, "mlp": mlp}
+
+
