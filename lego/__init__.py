@@ -5,6 +5,8 @@ with `Trainer`, mine hard tokens with `compute_confidence_threshold` / `collect_
 grow the model and train the upper Block with `train_upper_layers`, evaluate with routing.
 """
 
+__version__ = "0.1.0"
+
 from lego.ashem import (
     CONFIDENCE_MEASURES,
     collect_hard_examples,

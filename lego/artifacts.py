@@ -1,0 +1,111 @@
+"""What a run leaves on disk: atomic files, checkpoints that load with weights_only=True, locks.
+
+Every file is written to a temporary name in the same directory and renamed into place, so a
+run killed at any moment leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+
+CHECKPOINT_FORMAT = "lego-checkpoint-v1"
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> Path:
+    """Call `write(file)` on a temporary file next to `path`, fsync, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return atomic_write(path, lambda f: f.write(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n"))
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    return atomic_write(path, lambda f: f.writelines(json.dumps(_jsonable(r)) + "\n" for r in rows))
+
+
+def write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_checkpoint(path: Path, state: Dict[str, Any]) -> Path:
+    """Save plain values and tensors only, so `torch.load(weights_only=True)` reads it back."""
+    return atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f), mode="wb")
+
+
+def load_checkpoint(path: Path, *, what: str = "checkpoint") -> Dict[str, Any]:
+    """Load with weights_only=True; a corrupt or foreign file gives one clear error line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no file at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong pickle, not a torch file at all
+        raise ValueError(f"{what} {path} is corrupt or truncated ({type(e).__name__}); "
+                         "delete it to recompute that stage") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{what} {path} is not a LEGO checkpoint ({CHECKPOINT_FORMAT})")
+    return state
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, blocking: bool = True, busy_message: Optional[str] = None):
+    """Exclusive advisory lock (fcntl.flock) held for the `with` block; released if the process dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise RuntimeError(busy_message or f"{path} is locked by another process") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
