@@ -242,14 +242,14 @@ def play_text(markdown: str) -> str:
 
 def _held_out_splits(docs: Dict[str, str], held_out: Dict[str, Tuple[str, ...]], what: str):
     """{doc name: text} -> {split: [texts]}: the named documents for validation and test,
-    all others (in name order) for training."""
+    all others for training, each in the order of `docs`."""
     splits = {s: [docs[d] for d in held_out.get(s, ())] for s in SPLITS}
     missing = [d for names in held_out.values() for d in names if d not in docs]
     if missing:
         raise ValueError(f"data.name: {what} lacks held-out documents {missing}; allowed: "
                          f"the pinned package version from pyproject.toml")
     taken = {d for names in held_out.values() for d in names}
-    splits["train"] = [docs[d] for d in sorted(docs) if d not in taken]
+    splits["train"] = [text for d, text in docs.items() if d not in taken]
     return splits
 
 
@@ -295,11 +295,15 @@ def _load_split(cfg: DataConfig, split: str):
         where = f"{args['path']} ({args['name']})" if args["name"] else args["path"]
     try:
         ds = datasets.load_dataset(**args, split=spec)
-    except ValueError as e:  # datasets says 'Unknown split "x". Should be one of [...]'
-        if "split" not in str(e).lower():
-            raise
-        raise ValueError(f"data.{split}_split: {spec!r} not found in {where}; allowed: "
-                         f"{str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        # datasets names the allowed values itself: 'Unknown split "x". Should be one of [...]',
+        # "BuilderConfig 'x' not found. Available: [...]"; prefix the key they belong to.
+        message = str(e).splitlines()[0]
+        if "BuilderConfig" in message:
+            raise ValueError(f"data.config_name: {message}") from None
+        if "split" in message.lower():
+            raise ValueError(f"data.{split}_split: {message}") from None
+        raise
     if cfg.text_column not in ds.column_names:
         _fail("text_column", f"{cfg.text_column!r} is not a column of {where}",
               ", ".join(ds.column_names))
