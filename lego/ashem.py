@@ -56,23 +56,23 @@ def compute_confidence(model, hidden_state: torch.Tensor, measure: Optional[str]
 def exact_quantile(values: torch.Tensor, q: float) -> float:
     """`torch.quantile(values, q)` (linear interpolation) for any number of values.
 
-    torch.quantile refuses more than 2**24 elements; two order statistics via `kthvalue` give
-    the same answer at any size in O(n) time and one copy of memory.
+    torch.quantile refuses more than 2**24 elements. One `numpy.partition` places both order
+    statistics around q*(n-1) in O(n) time with a single copy (10^8 values: ~2 s, ~1 GB).
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"q={q} must be in [0, 1]")
-    values = values.reshape(-1)
-    n = values.numel()
+    a = values.detach().reshape(-1).cpu().numpy()
+    n = a.size
     if n == 0:
         raise ValueError("no values to take a quantile of")
-    pos = q * (n - 1)
-    lo = math.floor(pos)
+    # torch.quantile's arithmetic: rank = q * (n - 1) and its fraction in the input's precision
+    dtype = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float64
+    rank = torch.tensor(q, dtype=dtype) * (n - 1)
+    lo = int(rank.floor())
     hi = min(lo + 1, n - 1)
-    v_lo = values.kthvalue(lo + 1).values.double()
-    if hi == lo or pos == lo:
-        return float(v_lo)
-    v_hi = values.kthvalue(hi + 1).values.double()
-    return float(v_lo + (pos - lo) * (v_hi - v_lo))
+    part = np.partition(a, [lo, hi] if hi != lo else [lo])
+    v_lo, v_hi = (torch.tensor(float(part[i]), dtype=dtype) for i in (lo, hi))
+    return float(torch.lerp(v_lo, v_hi, rank - lo))
 
 
 def _exit_layer(model, exit_layer: Optional[int]) -> int:
