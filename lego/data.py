@@ -107,6 +107,8 @@ class DataConfig:
     """data=text_files: test files (may be empty if test_split slices train)."""
     max_train_tokens: Optional[int] = None
     """Use only the first this-many training tokens (quick runs); None uses all."""
+    max_eval_tokens: Optional[int] = None
+    """Use only the first this-many validation and test tokens (quick runs); None uses all."""
 
     def __post_init__(self):
         validate_data_config(self)
@@ -147,6 +149,9 @@ def validate_data_config(cfg: DataConfig) -> None:
         least = 2 if key == "seq_len" else 1
         if getattr(cfg, key) < least:
             _fail(key, f"{getattr(cfg, key)} is too small", f"an integer >= {least}")
+    if cfg.max_eval_tokens is not None and cfg.max_eval_tokens < cfg.seq_len + 1:
+        _fail("max_eval_tokens", f"{cfg.max_eval_tokens} holds no sequence of {cfg.seq_len + 1} tokens",
+              f"an integer >= {cfg.seq_len + 1}, or null")
     if cfg.max_train_tokens is not None and cfg.max_train_tokens < cfg.seq_len + 1:
         _fail("max_train_tokens", f"{cfg.max_train_tokens} holds no sequence of "
               f"seq_len + 1 = {cfg.seq_len + 1} tokens", f"None or >= {cfg.seq_len + 1}")
@@ -338,7 +343,9 @@ def _splits(cfg: DataConfig) -> Dict[str, object]:
 
 # ---------------------------------------------------------------------- cache
 
-def _cache_root(cfg: DataConfig) -> Path:
+def cache_root(cfg: DataConfig) -> Path:
+    """Where tokenized corpora (and the pipeline's model cache) live: cfg.cache_dir, or $LEGO_CACHE_DIR
+    when cfg.cache_dir is left at its default."""
     root = cfg.cache_dir
     if root == DEFAULT_CACHE_DIR:
         root = os.environ.get("LEGO_CACHE_DIR", root)
@@ -461,7 +468,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     t0 = time.perf_counter()
     splits = _splits(cfg)
     key, meta = _fingerprint(cfg, splits)
-    directory = _cache_root(cfg) / f"{cfg.name}-{cfg.tokenizer}-{key[:16]}"
+    directory = cache_root(cfg) / f"{cfg.name}-{cfg.tokenizer}-{key[:16]}"
     if (directory / "meta.json").is_file():
         logger.info("data=%s tokenizer=%s: cached in %s", cfg.name, cfg.tokenizer, directory)
     else:
@@ -472,6 +479,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     arrays = {s: _open_split(directory, s, meta, cfg.seq_len) for s in SPLITS}
     if cfg.max_train_tokens is not None:
         arrays["train"] = arrays["train"][: cfg.max_train_tokens]
+    if cfg.max_eval_tokens is not None:
+        for split in ("validation", "test"):
+            arrays[split] = arrays[split][: cfg.max_eval_tokens]
     tok = load_tokenizer(directory)
     logger.info("tokens: %s; vocab %d; ready in %.1fs",
                 ", ".join(f"{s} {len(a):,}" for s, a in arrays.items()), tok.vocab_size,

@@ -29,7 +29,8 @@ from lego.artifacts import (file_lock, load_checkpoint, read_json, save_checkpoi
 from lego.ashem import (collect_hard_examples, create_hard_example_loader, evaluate_on_hard_examples,
                         exact_quantile, gather_confidences, train_upper_layers)
 from lego.config import ASHEMConfig, to_dict, validate
-from lego.data import Corpus, load_corpus, make_loader
+from lego.cost import routed_macs
+from lego.data import Corpus, cache_root, load_corpus, make_loader
 from lego.model import DeepSupervisionTransformer
 from lego.training import (StageConfig, Trainer, TrainingConfig, create_standard_config, early_stopping_loop,
                            set_loader_epoch)
@@ -185,7 +186,8 @@ class EpochSteps:
 
 @dataclass
 class Loaders:
-    train: Any
+    train: Any  # shuffled by (seed, epoch), for training
+    train_ordered: Any  # the same windows in corpus order, for mining and calibration
     validation: Any
     test: Any
 
@@ -194,6 +196,7 @@ def make_loaders(cfg: ASHEMConfig, corpus: Corpus) -> Loaders:
     d = cfg.data
     return Loaders(
         train=make_loader(corpus.train, d.seq_len, d.batch_size, shuffle=True, seed=cfg.seed),
+        train_ordered=make_loader(corpus.train, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed),
         validation=make_loader(corpus.validation, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed),
         test=make_loader(corpus.test, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed),
     )
@@ -267,7 +270,7 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
                "num_layers": num_layers, "seed": cfg.seed, "corpus": corpus.cache_key, "device": device.type,
                "lego": __version__}
     key = fingerprint(key_src)
-    entry = cache_root(cfg) / "models" / f"{name}-{key}"
+    entry = cache_root(cfg.data) / "models" / f"{name}-{key}"
     with file_lock(entry.parent / f"{name}-{key}.lock"):
         hit = (entry / "model.pt").exists()
         log.info("%s: %s cache entry %s", name, "reusing" if hit else "training into", entry)
@@ -278,10 +281,6 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
             (run_sub / f".{fname}.tmp").replace(run_sub / fname)
         write_json(run_sub / "cache.json", {"key": key, "entry": str(entry), "hit": hit, "key_source": key_src})
     return model
-
-
-def cache_root(cfg: ASHEMConfig) -> Path:
-    return Path(cfg.data.cache_dir).expanduser()
 
 
 # -- stages --------------------------------------------------------------------------------------
@@ -303,7 +302,7 @@ def stage_hard_examples(cfg, model1, loaders, run_dir: Path, device) -> Dict[str
     if path.exists():
         return read_json(path)
     split = cfg.hard_examples.calibration_split
-    loader = loaders.validation if split == "validation" else loaders.train
+    loader = loaders.validation if split == "validation" else loaders.train_ordered
     conf = gather_confidences(model1, loader, device, measure=cfg.hard_examples.confidence)
     threshold = exact_quantile(conf, cfg.hard_example_ratio)
     hard = int((conf < threshold).sum())
@@ -352,7 +351,7 @@ def stage_phase2(cfg, corpus, model1, threshold: float, loaders, run_dir: Path, 
     if (out / "model.pt").exists():
         return load_model(out / "model.pt", model_args(grown()), device, "phase2 checkpoint")
     scratch = out / "scratch"
-    train_hard, _ = hard_loader(cfg, model1, loaders.train, threshold, device, scratch / "train", shuffle=True,
+    train_hard, _ = hard_loader(cfg, model1, loaders.train_ordered, threshold, device, scratch / "train", shuffle=True,
                                 what="phase2 train")
     val_hard, _ = hard_loader(cfg, model1, loaders.validation, threshold, device, scratch / "validation",
                               shuffle=False, what="phase2 validation")
@@ -403,6 +402,11 @@ def stage_eval(cfg, corpus, model1, model2, threshold_info, loaders, run_dir: Pa
     t0 = time.perf_counter()
     metrics["no_routing"] = Trainer(create_standard_config(L2), V, device).evaluate(model2, loader)
     metrics["no_routing"]["wall_s"] = time.perf_counter() - t0
+    m = cfg.model
+    metrics["ashem"].update(routed_macs(
+        dim=m.dim, ffn_mult=m.ffn_mult, ffn=m.ffn, vocab_size=V, seq_len=cfg.data.seq_len, exit_layer=L1,
+        num_layers=L2, shallow_ratio=metrics["ashem"]["shallow_ratio"], policy=cfg.phase2.upper_context))
+    metrics["ashem"]["wall_cost"] = metrics["ashem"]["wall_s"] / metrics["no_routing"]["wall_s"]
     test_hard, _ = hard_loader(cfg, model1, loader, thr, device, out / "scratch", shuffle=False,
                                what=f"{cfg.eval.split} hard tokens")
     metrics["hard_tokens"] = {
@@ -489,7 +493,7 @@ def summarize_run(cfg, run_dir: Path, corpus: Corpus, metrics: Optional[dict], t
                                "data": cfg.data.name, "vocab_size": corpus.vocab_size, "wall_s": timings}
     if metrics is not None:
         a = metrics["ashem"]
-        summary.update({k: a[k] for k in ("acc", "ppl", "shallow_ratio", "compute_cost")})
+        summary.update({k: a[k] for k in ("acc", "ppl", "shallow_ratio", "compute_cost", "flop_cost", "wall_cost")})
         summary["threshold"] = metrics["threshold"]
         summary["phase1_ppl"] = metrics["phase1_only"]["ppl"]
         summary["no_routing_ppl"] = metrics["no_routing"]["ppl"]
@@ -505,7 +509,8 @@ def format_table(summary: dict) -> str:
     if "ppl" in summary:
         rows += [("test ppl (routed)", f"{summary['ppl']:.2f}"), ("test acc (routed)", f"{summary['acc']:.4f}"),
                  ("shallow_ratio", f"{summary['shallow_ratio']:.3f}"),
-                 ("compute_cost", f"{summary['compute_cost']:.3f}"),
+                 ("compute_cost (layers)", f"{summary['compute_cost']:.3f}"),
+                 ("flop_cost / wall_cost", f"{summary['flop_cost']:.3f} / {summary['wall_cost']:.3f}"),
                  ("phase-1 model ppl", f"{summary['phase1_ppl']:.2f}"),
                  ("no-routing ppl", f"{summary['no_routing_ppl']:.2f}")]
         if "standard_ppl" in summary:

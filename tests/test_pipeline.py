@@ -1,0 +1,141 @@
+"""The stage pipeline called directly: files written, resume, cache sharing, refusals."""
+
+import json
+
+import pytest
+import torch
+
+from lego.config import ASHEMConfig, flat_config
+from lego.pipeline import StageError, run
+
+
+def tiny_config(cache_dir, **overrides) -> ASHEMConfig:
+    """A whole run in a few seconds: byte tokens, 16-wide model, short epochs, capped eval splits."""
+    cfg = ASHEMConfig()
+    cfg.data.tokenizer = "bytes"
+    cfg.data.seq_len = 16
+    cfg.data.batch_size = 16
+    cfg.data.eval_batch_size = 64
+    cfg.data.max_train_tokens = 20000
+    cfg.data.max_eval_tokens = 8000
+    cfg.data.cache_dir = str(cache_dir)
+    cfg.model.dim, cfg.model.num_heads, cfg.model.max_seq_len = 16, 2, 16
+    cfg.phase1.max_epochs, cfg.phase1.epoch_steps = 3, 8
+    cfg.phase2.max_epochs, cfg.phase2.epoch_steps, cfg.phase2.lr = 3, 8, 1e-3
+    cfg.phase1.patience = cfg.phase2.patience = 5
+    cfg.eval.analysis = False
+    cfg.device = "cpu"
+    for key, value in overrides.items():
+        obj = cfg
+        *path, last = key.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        setattr(obj, last, value)
+    return cfg
+
+
+def test_run_writes_every_artifact(tmp_path):
+    cfg = tiny_config(tmp_path / "cache")
+    summary = run(cfg, tmp_path / "run")
+    d = tmp_path / "run"
+    for f in ["config_resolved.yaml", "run.json", "metrics.json", "tokenizer", "phase1/model.pt",
+              "phase1/history.jsonl", "hard_examples/threshold.json", "phase2/model.pt", "phase2/history.jsonl",
+              "eval/metrics.json", "baseline/model.pt"]:
+        assert (d / f).exists(), f
+    thr = json.loads((d / "hard_examples/threshold.json").read_text())
+    assert thr["target_ratio"] == 0.5 and abs(thr["achieved_ratio"] - 0.5) < 0.01
+    assert thr["num_hard"] + thr["num_easy"] == thr["num_tokens"]
+    ev = json.loads((d / "eval/metrics.json").read_text())
+    for part in ("ashem", "phase1_only", "no_routing", "standard"):
+        assert {"acc", "ppl", "shallow_ratio", "compute_cost"} <= set(ev[part])
+    # the calibrated threshold sends about half of the test tokens out early
+    assert 0.3 < ev["ashem"]["shallow_ratio"] < 0.7
+    assert ev["ashem"]["compute_cost"] == pytest.approx(1 - ev["ashem"]["shallow_ratio"] / 2)
+    assert ev["no_routing"]["shallow_ratio"] == 0 and ev["no_routing"]["compute_cost"] == 1
+    assert summary["ppl"] == ev["ashem"]["ppl"]
+    hist = [json.loads(line) for line in (d / "phase1/history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    # checkpoints: plain tensors and values only, with the config they were trained with
+    ck = torch.load(d / "phase2/model.pt", weights_only=True)
+    assert ck["model_args"]["num_layers"] == 4 and ck["model_args"]["exit_layer"] == 2
+    assert ck["config"]["hard_example_ratio"] == 0.5
+    # no half-written temporaries are left behind
+    assert not list(d.rglob("*.tmp"))
+
+
+def test_phase1_only_then_full_equals_uninterrupted(tmp_path):
+    """Stop after phase 1, rerun everything in the same dir: phase 1 is reused, metrics are equal."""
+    cfg = tiny_config(tmp_path / "cache", **{"phase1.cache": False, "eval.standard_baseline": False})
+    whole = run(cfg, tmp_path / "whole")
+    cfg_a = tiny_config(tmp_path / "cache", **{"phase1.cache": False, "eval.standard_baseline": False})
+    cfg_a.stages = ["phase1"]
+    run(cfg_a, tmp_path / "split")
+    before = (tmp_path / "split/phase1/model.pt").stat().st_mtime_ns
+    resumed = run(cfg, tmp_path / "split")
+    assert (tmp_path / "split/phase1/model.pt").stat().st_mtime_ns == before  # not retrained
+    for key in ("acc", "ppl", "shallow_ratio", "compute_cost", "threshold"):
+        assert resumed[key] == whole[key], key
+
+
+def test_interrupted_phase2_resumes_from_last_epoch(tmp_path, monkeypatch):
+    """Kill phase 2 after its first epoch checkpoint; the rerun continues and matches a clean run."""
+    import lego.pipeline as pipeline
+
+    cfg = tiny_config(tmp_path / "cache", **{"eval.standard_baseline": False})
+    clean = run(cfg, tmp_path / "clean")
+
+    real_save = pipeline._save_resume
+
+    def save_then_die(work_dir, state):
+        real_save(work_dir, state)
+        if work_dir.name == "phase2" and state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_save_resume", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "crash")
+    assert (tmp_path / "crash/phase2/last.pt").exists() and not (tmp_path / "crash/phase2/model.pt").exists()
+    monkeypatch.setattr(pipeline, "_save_resume", real_save)
+    resumed = run(cfg, tmp_path / "crash")
+    hist = [json.loads(line) for line in (tmp_path / "crash/phase2/history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    for key in ("acc", "ppl", "shallow_ratio", "compute_cost"):
+        assert resumed[key] == pytest.approx(clean[key], rel=1e-6), key
+
+
+def test_other_config_in_same_run_dir_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path / "cache", **{"eval.standard_baseline": False})
+    cfg.stages = ["phase1"]
+    run(cfg, tmp_path / "run")
+    other = tiny_config(tmp_path / "cache", **{"eval.standard_baseline": False, "phase1.lr": 5e-3})
+    with pytest.raises(StageError, match="phase1.lr"):
+        run(other, tmp_path / "run")
+
+
+def test_later_stage_without_earlier_result_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path / "cache")
+    cfg.stages = ["phase2"]
+    with pytest.raises(StageError, match="phase1"):
+        run(cfg, tmp_path / "run")
+
+
+def test_phase1_cache_is_shared_across_ratios(tmp_path):
+    lo = run(tiny_config(tmp_path / "cache", hard_example_ratio=0.3, **{"eval.standard_baseline": False}),
+             tmp_path / "r03")
+    hi = run(tiny_config(tmp_path / "cache", hard_example_ratio=0.7, **{"eval.standard_baseline": False}),
+             tmp_path / "r07")
+    c1 = json.loads((tmp_path / "r03/phase1/cache.json").read_text())
+    c2 = json.loads((tmp_path / "r07/phase1/cache.json").read_text())
+    assert c1["key"] == c2["key"] and not c1["hit"] and c2["hit"]
+    assert hi["shallow_ratio"] < lo["shallow_ratio"]
+    assert hi["phase1_ppl"] == lo["phase1_ppl"]
+
+
+def test_flat_names_read_and_write_the_groups():
+    cfg = flat_config(phase2_lr=3e-4, hard_example_ratio=0.3)
+    assert cfg.phase2.lr == 3e-4 and cfg.phase2_lr == 3e-4 and cfg.hard_example_ratio == 0.3
+    defaults = ASHEMConfig()
+    assert (defaults.phase1_layers, defaults.phase1_lr, defaults.phase1_patience, defaults.hard_example_ratio,
+            defaults.phase2_layers, defaults.phase2_lr, defaults.phase2_patience) == (2, 1e-3, 1, 0.5, 4, 1e-4, 3)
+    with pytest.raises(ValueError, match="phase3_lr"):
+        flat_config(phase3_lr=1.0)
