@@ -12,6 +12,7 @@ even when a stage fails.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,40 @@ log = logging.getLogger("lego")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
+
+SWEPT_ENV = "LEGO_SWEPT_KEYS"
+
+
+def swept_keys(args) -> list:
+    """Keys that a multirun sweeps over (`k=a,b`, `k=range(...)`, ...), in command-line order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra reports bad syntax itself, with a better message
+        return []
+    return [o.get_key_element() for o in parsed if o.is_sweep_override()]
+
+
+def job_dirname(num, task_overrides) -> str:
+    """Sweep job directory: `<num>_<swept key=value,...>`, short enough for any file system.
+
+    Only the swept keys name the job (the fixed overrides are in .hydra/overrides.yaml);
+    without that information, all overrides are used, cut to 120 characters plus a hash.
+    """
+    import hashlib
+
+    items = [str(o) for o in task_overrides]
+    keys = [k for k in os.environ.get(SWEPT_ENV, "").split("\n") if k]
+    chosen = [o for o in items if o.split("=", 1)[0].lstrip("+~") in keys] if keys else items
+    name = ",".join(chosen).replace("/", "_")
+    if len(name) > 120:
+        name = f"{name[:100]}..{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return f"{num}_{name}" if name else str(num)
+
+
+OmegaConf.register_new_resolver("lego_job_dir", job_dirname, replace=True)
 
 
 def to_config(cfg: DictConfig) -> ASHEMConfig:
@@ -59,6 +94,7 @@ def hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     sys.argv = [sys.argv[0], *rewrite_alias_overrides(sys.argv[1:])]
+    os.environ[SWEPT_ENV] = "\n".join(swept_keys(sys.argv[1:]))  # read by job_dirname, also in launcher workers
     try:
         hydra_main()
     except KeyboardInterrupt:

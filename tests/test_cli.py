@@ -1,0 +1,144 @@
+"""`lego-run` as users meet it: config composition, the installed console script, sweeps, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lego.cli import CONF_DIR, to_config
+from lego.config import ASHEMConfig, rewrite_alias_overrides, validate
+
+GROUPS = ["model", "data", "phase1", "hard_examples", "phase2", "eval"]
+
+# Every run here: byte tokens, a 16-wide model, two short epochs per phase, capped eval splits.
+TINY = [
+    "data.tokenizer=bytes", "data.seq_len=16", "data.batch_size=16", "data.max_train_tokens=20000",
+    "data.max_eval_tokens=6000", "model.dim=16", "model.num_heads=2", "model.max_seq_len=16",
+    "phase1.max_epochs=2", "phase1.epoch_steps=6", "phase2.max_epochs=2", "phase2.epoch_steps=6",
+    "eval.standard_baseline=false", "eval.analysis=false", "device=cpu",
+]
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted(Path(CONF_DIR, g).glob("*.yaml"))])
+def test_every_group_option_composes_and_validates(group, option, tmp_path):
+    extra = []
+    if (group, option) == ("data", "text_files"):  # needs the user's files: point it at one
+        f = tmp_path / "a.txt"
+        f.write_text("hello world\n" * 10)
+        extra = [f"data.{s}_files=[{f}]" for s in ("train", "validation", "test")]
+    if (group, option) == ("data", "hf"):  # needs a dataset path
+        extra = ["data.path=wikitext", "data.config_name=wikitext-2-raw-v1"]
+    config = to_config(_compose([f"{group}={option}", *extra]))
+    assert isinstance(config, ASHEMConfig)
+    assert getattr(config, group) == getattr(config, group).__class__(**{
+        k: v for k, v in OmegaConf.to_container(_compose([f"{group}={option}", *extra])[group]).items()})
+    validate(config)
+
+
+def test_schema_rejects_typos_and_wrong_types():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        _compose(["phase1.lrr=1e-3"])
+    with pytest.raises(ConfigCompositionException):
+        _compose(["phase1.layers=two"])
+
+
+def test_flat_alias_overrides_are_rewritten():
+    assert rewrite_alias_overrides(["phase2_lr=3e-4", "hard_example_ratio=0.3", "+phase1_layers=3"]) == [
+        "phase2.lr=3e-4", "hard_example_ratio=0.3", "+phase1.layers=3"]
+    cfg = to_config(_compose(rewrite_alias_overrides(["phase2_lr=3e-4", "model=small", "seed=1"])))
+    assert cfg.phase2_lr == 3e-4 and cfg.model.name == "small" and cfg.seed == 1
+
+
+def _lego_run(args, cwd, env_extra=None, timeout=600):
+    exe = shutil.which("lego-run") or str(Path(sys.executable).parent / "lego-run")
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_installed_lego_run_from_another_directory(tmp_path):
+    res = _lego_run([*TINY, "hydra.run.dir=run"], cwd=tmp_path, env_extra={"LEGO_CACHE_DIR": str(tmp_path / "c")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = tmp_path / "run"
+    assert f"run dir: {d.name}" in res.stdout or "run dir:" in res.stdout
+    for f in ["config_resolved.yaml", ".hydra/config.yaml", "lego.log", "run.json", "metrics.json",
+              "tokenizer/tokenizer.json", "phase1/model.pt", "phase1/history.jsonl", "hard_examples/threshold.json",
+              "phase2/model.pt", "phase2/history.jsonl", "eval/metrics.json"]:
+        assert (d / f).exists(), f
+    for f in ["metrics.json", "eval/metrics.json", "hard_examples/threshold.json", "run.json"]:
+        json.loads((d / f).read_text())
+    OmegaConf.load(d / "config_resolved.yaml")
+    assert "phase2 epoch 1" in (d / "lego.log").read_text()
+
+
+@pytest.mark.slow
+def test_sweep_trains_phase1_once(tmp_path):
+    res = _lego_run(["-m", "hard_example_ratio=0.3,0.7", *TINY, "hydra.sweep.dir=sweep"], cwd=tmp_path,
+                    env_extra={"LEGO_CACHE_DIR": str(tmp_path / "c")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and (p / "metrics.json").exists())
+    assert len(jobs) == 2
+    assert "hard_example_ratio=0.3" in jobs[0].name and "hard_example_ratio=0.7" in jobs[1].name
+    caches = [json.loads((j / "phase1/cache.json").read_text()) for j in jobs]
+    assert caches[0]["key"] == caches[1]["key"] and [c["hit"] for c in caches] == [False, True]
+    lo, hi = (json.loads((j / "metrics.json").read_text()) for j in jobs)
+    assert hi["shallow_ratio"] < lo["shallow_ratio"]
+
+
+def test_help_lists_groups_and_description(tmp_path):
+    res = _lego_run(["--help"], cwd=tmp_path)
+    assert res.returncode == 0
+    for word in ["lego-run", "ASHEM", "model: reference, small, tiny", "hard_example_ratio", "phase2"]:
+        assert word in res.stdout, word
+
+
+BAD_INPUTS = [
+    (["phase1.layers=4"], "phase1.layers"),
+    (["hard_example_ratio=1.5"], "hard_example_ratio"),
+    (["hard_example_ratio=0"], "hard_example_ratio"),
+    (["model.dim=30", "model.num_heads=4"], "model.dim"),
+    (["data.seq_len=512"], "data.seq_len"),
+    (["phase1.lr=-1e-3"], "phase1.lr"),
+    (["phase2.lr=0"], "phase2.lr"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["data=text_files", "data.train_files=[/nonexistent/x.txt]"], "data.train_files"),
+    (["stages=[phase2]"], "phase1"),
+    (["device=cuda"], "device"),
+    (["hard_examples.confidence=vibes"], "hard_examples.confidence"),
+    (["phase2.upper_context=some"], "phase2.upper_context"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,key", BAD_INPUTS, ids=[k for _, k in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(args, key, tmp_path):
+    if args == ["device=cuda"]:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    res = _lego_run([*TINY, *args, "hydra.run.dir=run"], cwd=tmp_path, env_extra={"LEGO_CACHE_DIR": str(tmp_path / "c")})
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert key in res.stderr
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+
+
+@pytest.mark.slow
+def test_unknown_group_option_and_typo_fail_at_compose(tmp_path):
+    for args, word in ((["model=huge"], "model"), (["phase1.lrr=1"], "lrr")):
+        res = _lego_run(args, cwd=tmp_path)
+        assert res.returncode != 0 and word in res.stderr
+        assert "Traceback" not in res.stderr
