@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, NoReturn, Optional, Tuple
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ class Corpus:
     text_bytes: Dict[str, int] = field(default_factory=dict)  # UTF-8 bytes of text per split
 
 
-def _fail(key: str, problem: str, allowed: str) -> None:
+def _fail(key: str, problem: str, allowed: str) -> NoReturn:
     raise ValueError(f"data.{key}: {problem}; allowed: {allowed}")
 
 
@@ -248,11 +248,11 @@ def play_text(markdown: str) -> str:
 def _held_out_splits(docs: Dict[str, str], held_out: Dict[str, Tuple[str, ...]], what: str):
     """{doc name: text} -> {split: [texts]}: the named documents for validation and test,
     all others for training, each in the order of `docs`."""
-    splits = {s: [docs[d] for d in held_out.get(s, ())] for s in SPLITS}
     missing = [d for names in held_out.values() for d in names if d not in docs]
     if missing:
         raise ValueError(f"data.name: {what} lacks held-out documents {missing}; allowed: "
-                         f"the pinned package version from pyproject.toml")
+                         f"the package version pinned in pyproject.toml")
+    splits = {s: [docs[d] for d in held_out.get(s, ())] for s in SPLITS}
     taken = {d for names in held_out.values() for d in names}
     splits["train"] = [text for d, text in docs.items() if d not in taken]
     return splits

@@ -343,3 +343,20 @@ def test_unigram_perplexity():
     assert unigram_perplexity(np.array([0, 0, 1]), np.array([0]), 2) == pytest.approx(1 / 0.6)
     uniform = np.arange(1000) % 10
     assert unigram_perplexity(uniform, uniform, 10) == pytest.approx(10.0)
+
+
+def test_corpus_stats_script_prints_the_table(tmp_path, capsys):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "corpus_stats.py"
+    spec = importlib.util.spec_from_file_location("corpus_stats", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    files = write_txt(tmp_path, {s: lines(s) for s in data.SPLITS})
+    module.main(["--data", "text_files", "--tokenizer", "bytes", "seq_len=16",
+                 *(f"{k}=[{v[0]}]" for k, v in files.items())])
+    out = capsys.readouterr().out
+    test_row = next(line.split() for line in out.splitlines() if line.startswith("test "))
+    n_test = len("".join(r + "\n" for r in lines("test")))
+    assert "vocab_size=256" in out and test_row[1] == f"{n_test:,}"
+    assert 1 < float(test_row[4]) < 256  # unigram perplexity of bytes: above 1, below uniform
