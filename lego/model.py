@@ -276,6 +276,7 @@ class DeepSupervisionTransformer(nn.Module):
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"layer range ({start}, {end}] is outside 0..{self.num_layers}")
         policy = policy or self.upper_context
+        check_choice("upper_context", policy, UPPER_CONTEXTS)  # forward_routed treats any unknown name as skip
         routed = hard is not None and policy != "full"
         for layer in self.layers[start:end]:
             h = layer.forward_routed(h, hard, policy, self.rope) if routed else layer(h, self.rope)

@@ -1,0 +1,71 @@
+"""Shared pytest fixtures. Each block names the test files it serves; add new ones in their own block."""
+
+import pytest
+import torch
+
+from lego.model import DeepSupervisionTransformer
+
+# ---- core library (tests/test_model.py, test_training.py, test_ashem.py) -------------------------
+# Tiny sizes: a 2-layer model has about 9k parameters and every test runs in well under a second.
+VOCAB, DIM, HEADS, SEQ = 16, 16, 2, 8
+
+
+@pytest.fixture
+def make_tiny_model():
+    """Factory: `make_tiny_model(num_layers=2, seed=0, noise=0.3, **model_kwargs)`.
+
+    Seeded; `noise` adds N(0, noise) to every parameter after the standard init so that
+    confidences spread out and tokens disagree (a freshly initialised model is nearly uniform).
+    """
+
+    def make(num_layers: int = 2, seed: int = 0, noise: float = 0.3, **kwargs) -> DeepSupervisionTransformer:
+        torch.manual_seed(seed)
+        kwargs.setdefault("max_seq_len", SEQ)
+        model = DeepSupervisionTransformer(VOCAB, DIM, num_layers, HEADS, **kwargs)
+        add_noise(model.parameters(), noise, seed)
+        return model.eval()
+
+    return make
+
+
+def add_noise(params, std: float, seed: int) -> None:
+    """Add seeded N(0, std) noise to `params` in place (for layers that should do something visible)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture
+def perturb():
+    """`perturb(params, std=0.3, seed=0)`: seeded in-place noise, e.g. for freshly grown upper layers."""
+    return lambda params, std=0.3, seed=0: add_noise(params, std, seed)
+
+
+@pytest.fixture
+def make_token_batches():
+    """Factory: `make_token_batches(n_batches=3, batch_size=4, seed=0, n_ignored=2)`.
+
+    A list of (inputs, targets) (B, SEQ) long batches of random tokens, targets the next
+    token; `n_ignored` targets per batch are set to -100 (ignore index).
+    """
+
+    def make(n_batches: int = 3, batch_size: int = 4, seed: int = 0, n_ignored: int = 2):
+        g = torch.Generator().manual_seed(seed)
+        batches = []
+        for _ in range(n_batches):
+            seq = torch.randint(0, VOCAB, (batch_size, SEQ + 1), generator=g)
+            inputs, targets = seq[:, :-1].clone(), seq[:, 1:].clone()
+            flat = torch.randperm(batch_size * SEQ, generator=g)[:n_ignored]
+            targets.view(-1)[flat] = -100
+            batches.append((inputs, targets))
+        return batches
+
+    return make
+
+
+@pytest.fixture
+def token_batches(make_token_batches):
+    """Three fixed batches of 4 x 8 random tokens, two ignored targets each."""
+    return make_token_batches()
+# ---- end core library ------------------------------------------------------------------------------
