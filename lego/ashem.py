@@ -65,8 +65,10 @@ def exact_quantile(values: torch.Tensor, q: float) -> float:
     n = a.size
     if n == 0:
         raise ValueError("no values to take a quantile of")
-    # torch.quantile's arithmetic: rank = q * (n - 1) and its fraction in the input's precision
-    dtype = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float64
+    # torch.quantile's arithmetic (rank = q * (n - 1) and its fraction in the input's precision) where
+    # torch.quantile exists; beyond 2**24 values float32 cannot even hold the rank, so use float64.
+    small_float = values.dtype in (torch.float32, torch.float64) and n <= 2**24
+    dtype = values.dtype if small_float else torch.float64
     rank = torch.tensor(q, dtype=dtype) * (n - 1)
     lo = int(rank.floor())
     hi = min(lo + 1, n - 1)
