@@ -162,9 +162,7 @@ def test_exact_quantile_on_20_million_values():
         lo = math.floor(pos)
         textbook = float(s[lo]) + (pos - lo) * (float(s[lo + 1]) - float(s[lo]))
         assert t == pytest.approx(textbook, rel=1e-12, abs=0)
-        if q != 0.5:  # here the neighbours differ, so an order statistic off by one would show
-            assert s[lo - 1] < s[lo] < s[lo + 1]
-            assert float(s[lo]) <= t <= float(s[lo + 1])
+        assert float(s[lo]) <= t <= float(s[lo + 1])
     k = torch.randint(0, 1000, (20_000_000,), generator=g)
     ties, s = k.float(), counting_sort(k, 1000, 1.0)
     n = ties.numel()
