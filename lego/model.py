@@ -134,38 +134,50 @@ class Layer(nn.Module):
         """
         B, T, C = x.shape
         nh, hd = self.num_heads, C // self.num_heads
-        # Pack the hard tokens of each sequence to the left: slot j of row b holds its j-th hard token.
+        flat = x.reshape(B * T, C)
+        idx = hard.reshape(-1).nonzero().squeeze(1)  # (N,) row-major flat positions of the hard tokens
+        N = idx.numel()
+        if N == 0:
+            return x
+        tpos = idx % T  # (N,) position of each hard token in its sequence
+        # Dense parts (projections, MLP) run on the N hard tokens, unpadded. Only attention needs a
+        # per-sequence layout: slot j of row b holds that row's j-th hard token, rows padded to H.
         n_hard = hard.sum(1)  # (B,)
-        H = max(int(n_hard.max()), 1)
-        pos = torch.arange(T, device=x.device).expand(B, T)
-        order = torch.sort(torch.where(hard, pos, pos + T), dim=1, stable=True).indices[:, :H]
-        qpos = order  # (B, H) positions of the packed slots
-        valid = torch.arange(H, device=x.device)[None, :] < n_hard[:, None]  # (B, H)
-        gather = qpos.unsqueeze(-1).expand(B, H, C)
-        xh = torch.gather(x, 1, gather)  # (B, H, C)
-        hn = self.norm1(xh)
-        w_q, w_k, w_v = self.qkv.weight.split(C, 0)
-        b_q, b_k, b_v = self.qkv.bias.split(C, 0)
-        q = F.linear(hn, w_q, b_q).view(B, H, nh, hd).transpose(1, 2)
+        H = int(n_hard.max())
+        slot = (idx // T) * H + hard.cumsum(1).reshape(-1)[idx] - 1  # (N,) flat index into (B * H)
+        w_q, w_kv = self.qkv.weight.split([C, 2 * C], 0)
+        b_q, b_kv = self.qkv.bias.split([C, 2 * C], 0)
+        xh = flat.index_select(0, idx)  # (N, C)
         if policy == "propagate":
-            kv_src, kpos, kvalid = self.norm1(x), pos, torch.ones(B, T, dtype=torch.bool, device=x.device)
-        else:  # skip: keys and values from hard tokens only
-            kv_src, kpos, kvalid = hn, qpos, valid
-        k = F.linear(kv_src, w_k, b_k).view(B, -1, nh, hd).transpose(1, 2)
-        v = F.linear(kv_src, w_v, b_v).view(B, -1, nh, hd).transpose(1, 2)
+            normed = self.norm1(x)  # (B, T, C): every token gives keys/values
+            hn = normed.reshape(B * T, C).index_select(0, idx)  # (N, C)
+            kv = F.linear(normed, w_kv, b_kv)  # (B, T, 2C)
+            k, v = (t.view(B, T, nh, hd).transpose(1, 2) for t in kv.split(C, 2))  # (B, nh, T, hd)
+            if rope is not None:
+                k = apply_rope(k, rope[0][:T], rope[1][:T])
+        else:  # skip: keys and values from hard tokens only, packed like the queries
+            hn = self.norm1(xh)
+            kv = F.linear(hn, w_kv, b_kv)  # (N, 2C)
+            if rope is not None:
+                k_, v_ = kv.view(N, 2, nh, hd).unbind(1)
+                kv = torch.cat((apply_rope(k_, rope[0][tpos, None], rope[1][tpos, None]), v_), 1).view(N, 2 * C)
+            kv = kv.new_zeros(B * H, 2 * C).index_copy(0, slot, kv)
+            k, v = (t.view(B, H, nh, hd).transpose(1, 2) for t in kv.split(C, 1))  # (B, nh, H, hd)
+        q = F.linear(hn, w_q, b_q)  # (N, C)
         if rope is not None:
-            cos, sin = rope
-            q = apply_rope(q, cos[qpos].unsqueeze(1), sin[qpos].unsqueeze(1))
-            k = apply_rope(k, cos[kpos].unsqueeze(1), sin[kpos].unsqueeze(1))
-        mask = (kpos[:, None, :] <= qpos[:, :, None]) & kvalid[:, None, :]  # (B, H, Tk)
-        mask = mask | ~valid[:, :, None]  # padding slots attend anywhere; discarded below
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
-        xh = xh + self.attn_out(y.transpose(1, 2).reshape(B, H, C))
+            q = apply_rope(q.view(N, nh, hd), rope[0][tpos, None], rope[1][tpos, None]).view(N, C)
+        q = q.new_zeros(B * H, C).index_copy(0, slot, q).view(B, H, nh, hd).transpose(1, 2)  # (B, nh, H, hd)
+        if policy == "propagate":
+            # padding slots sit at position T - 1, so they attend to every key and never yield NaN
+            qpos = idx.new_full((B * H,), T - 1).index_copy(0, slot, tpos).view(B, 1, H, 1)
+            mask = torch.arange(T, device=x.device).view(1, 1, 1, T) <= qpos  # (B, 1, H, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # packed order is sequence order, so causal over slots is causal over positions
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(B * H, C).index_select(0, slot)  # (N, C)
+        xh = xh + self.attn_out(y)
         xh = xh + self.mlp(self.norm2(xh))
-        out = x.clone()
-        flat = (torch.arange(B, device=x.device)[:, None] * T + qpos)[valid]
-        out.view(B * T, C)[flat] = xh[valid]
-        return out
+        return flat.index_copy(0, idx, xh).view(B, T, C)
 
 
 class DeepSupervisionTransformer(nn.Module):
@@ -337,11 +349,4 @@ class DeepSupervisionTransformer(nn.Module):
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-
-def layer_flops(dim: int, ffn_mult: int, ffn: str, seq_len: int) -> dict:
-    """Multiply-accumulates per token of one layer's parts (attention scores at average context)."""
-    mlp = (3 if ffn == "swiglu" else 2) * ffn_mult * dim * dim
-    return {"q": dim * dim, "kv": 2 * dim * dim, "attn": dim * (seq_len + 1), "out": dim * dim, "mlp": mlp}
-
 
