@@ -37,15 +37,28 @@ def confidence_from_logits(logits: torch.Tensor, measure: str = "max_prob") -> t
     max_prob: max softmax probability (the specification's); margin: top-1 minus top-2
     probability; entropy: negated entropy of the softmax, in nats.
     """
+    if measure not in CONFIDENCE_MEASURES:
+        raise ValueError(f"confidence={measure!r} is not allowed; choose one of {', '.join(CONFIDENCE_MEASURES)}")
+    rows = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
+    if logits.device.type != "cpu" or logits.numel() <= rows * logits.shape[-1]:
+        return _confidence(logits, measure)
+    # On CPU a whole (B, T, V) softmax temporary costs more than the softmax (page faults, cache
+    # misses); row chunks give bit-identical values, since every measure is computed row by row.
+    flat = logits.reshape(-1, logits.shape[-1])
+    return torch.cat([_confidence(chunk, measure) for chunk in flat.split(rows)]).view(logits.shape[:-1])
+
+
+_CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32 logits per chunk
+
+
+def _confidence(logits: torch.Tensor, measure: str) -> torch.Tensor:
     if measure == "max_prob":
         return F.softmax(logits, dim=-1).max(dim=-1).values
     if measure == "margin":
         top = F.softmax(logits, dim=-1).topk(2, dim=-1).values
         return top[..., 0] - top[..., 1]
-    if measure == "entropy":
-        logp = F.log_softmax(logits, dim=-1)
-        return (logp.exp() * logp).sum(-1)
-    raise ValueError(f"confidence={measure!r} is not allowed; choose one of {', '.join(CONFIDENCE_MEASURES)}")
+    logp = F.log_softmax(logits, dim=-1)  # entropy
+    return (logp.exp() * logp).sum(-1)
 
 
 def compute_confidence(model, hidden_state: torch.Tensor, measure: Optional[str] = None) -> torch.Tensor:
