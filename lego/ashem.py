@@ -120,11 +120,11 @@ def gather_confidences(model, batches: Iterable, device, *, exit_layer: Optional
     """Confidences at the exit layer of every counted token, flattened (float32, on CPU)."""
     model.eval()
     layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
-    out = []
+    out = RowBuffer()
     for inputs, targets in _batches(batches, name):
         _, conf = exit_states(model, inputs.to(device), layer, measure)
-        out.append(conf[targets.to(device) != ignore_index].cpu())
-    return torch.cat(out)
+        out.append(conf[targets.to(device) != ignore_index])
+    return out.tensor(torch.empty(0))
 
 
 def compute_confidence_threshold(model, val_batches: Iterable, target_ratio: float, device="cpu", *,
@@ -163,7 +163,7 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
         raise ValueError("store='disk' needs store_dir")
     model.eval()
     layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
-    inputs_l, targets_l, conf_l, hidden_l = [], [], [], []
+    inputs_b, targets_b, conf_b, hidden_b = RowBuffer(), RowBuffer(), RowBuffer(), RowBuffer()
     disk, rows, n_tok, n_hard = None, 0, 0, 0
     for inputs, targets in tqdm(_batches(batches, "batches"), desc="hard examples", leave=False, disable=None):
         inputs, targets = inputs.to(device), targets.to(device)
@@ -175,32 +175,74 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
         keep = hard.any(dim=1)
         if not keep.any():
             continue
-        inputs_l.append(inputs[keep].cpu())
-        targets_l.append(torch.where(hard, targets, torch.full_like(targets, ignore_index))[keep].cpu())
-        conf_l.append(conf[keep].cpu())
+        inputs_b.append(inputs[keep])
+        targets_b.append(torch.where(hard, targets, torch.full_like(targets, ignore_index))[keep])
+        conf_b.append(conf[keep])
         if store == "memory":
-            hidden_l.append(h[keep].float().cpu())
+            hidden_b.append(h[keep].float())
         elif store == "disk":
             part = h[keep].to(torch.float16).cpu().numpy()
             disk = _append_rows(disk, part, store_dir, rows)
             rows += part.shape[0]
-    if not inputs_l:
+    if not inputs_b.rows:
         log.warning("collect_hard_examples: no token fell below threshold %.6g", threshold)
-    inputs_t = torch.cat(inputs_l) if inputs_l else torch.empty(0, 0, dtype=torch.long)
     hidden = None
-    if store == "memory" and hidden_l:
-        hidden = torch.cat(hidden_l)
+    if store == "memory" and hidden_b.rows:
+        hidden = hidden_b.tensor(None)
     elif store == "disk" and disk is not None:
         disk.flush()
         hidden = np.memmap(disk.filename, dtype=np.float16, mode="r", shape=(rows, *disk.shape[1:]))
     return {
-        "inputs": inputs_t,
+        "inputs": inputs_b.tensor(torch.empty(0, 0, dtype=torch.long)),
         "hidden_states": hidden,
-        "targets": torch.cat(targets_l) if targets_l else torch.empty(0, 0, dtype=torch.long),
-        "confidences": torch.cat(conf_l) if conf_l else torch.empty(0, 0),
+        "targets": targets_b.tensor(torch.empty(0, 0, dtype=torch.long)),
+        "confidences": conf_b.tensor(torch.empty(0, 0)),
         "num_tokens": n_tok,
         "num_hard": n_hard,
     }
+
+
+class RowBuffer:
+    """Rows appended batch after batch, kept in a few large CPU slabs; `tensor()` joins them.
+
+    Keeping every batch's small piece in a list (`pieces.append(t[keep])`) interleaves
+    long-lived small blocks with the loop's large temporaries on glibc's heap, whose gaps
+    then go unused: mining 24 M training tokens grew by ~2 MB per batch (9.5 GB RSS) while
+    keeping 0.5 GB. Slabs of `SLAB_BYTES` are mmap-allocated, off that heap; pieces are
+    copied in (from any device) and freed at once.
+    """
+
+    SLAB_BYTES = 64 << 20
+
+    def __init__(self):
+        self.slabs, self.fill, self.rows = [], 0, 0  # fill: rows used in the last slab
+
+    def append(self, part: torch.Tensor) -> None:
+        while part.shape[0]:
+            if not self.slabs or self.fill == self.slabs[-1].shape[0]:
+                row_bytes = max(part[0].numel() * part.element_size(), 1)
+                cap = max(1, self.SLAB_BYTES // row_bytes)
+                self.slabs.append(torch.empty((cap, *part.shape[1:]), dtype=part.dtype))
+                self.fill = 0
+            n = min(part.shape[0], self.slabs[-1].shape[0] - self.fill)
+            self.slabs[-1][self.fill:self.fill + n].copy_(part[:n])
+            part, self.fill, self.rows = part[n:], self.fill + n, self.rows + n
+
+    def tensor(self, empty: torch.Tensor) -> torch.Tensor:
+        """Every row in order as one tensor (`empty` if there is none); releases the slabs."""
+        if not self.slabs:
+            return empty
+        first = self.slabs[0]
+        out = torch.empty((self.rows, *first.shape[1:]), dtype=first.dtype)
+        i = 0
+        while self.slabs:  # peak: the result plus one slab
+            slab = self.slabs.pop(0)
+            n = self.fill if not self.slabs else slab.shape[0]
+            out[i:i + n] = slab[:n]
+            i += n
+            del slab
+        self.fill = self.rows = 0
+        return out
 
 
 def _append_rows(mm: Optional[np.memmap], part: np.ndarray, store_dir: str, rows: int) -> np.memmap:

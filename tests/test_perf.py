@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lego.ashem import (_CHUNK_ELEMENTS, CONFIDENCE_MEASURES, _confidence, collect_hard_examples,
+from lego.ashem import (_CHUNK_ELEMENTS, CONFIDENCE_MEASURES, RowBuffer, _confidence, collect_hard_examples,
                         compute_confidence_threshold, confidence_from_logits, upper_logits)
 from lego.cost import layer_macs, phase2_step_macs, routed_macs
 from lego.training import StageConfig, Trainer, TrainingConfig
@@ -157,6 +157,36 @@ def test_chunked_confidences_are_bit_identical(measure):
     assert torch.equal(out.view(-1), _confidence(logits, measure))
     if measure == "max_prob":
         assert torch.equal(out.view(-1), F.softmax(logits, -1).max(-1).values)
+
+
+# -- mining keeps its rows in a few large slabs ---------------------------------------------------
+
+def test_row_buffer_joins_pieces_across_slabs_in_order(monkeypatch):
+    monkeypatch.setattr(RowBuffer, "SLAB_BYTES", 5 * 8 * 4)  # 5 rows of 4 int64 per slab
+    buf = RowBuffer()
+    pieces = [torch.arange(k * 4, dtype=torch.long).view(k, 4) + 100 * i for i, k in enumerate([3, 0, 7, 1, 5])]
+    for p in pieces:
+        buf.append(p)
+    assert buf.rows == 16 and len(buf.slabs) == 4
+    assert torch.equal(buf.tensor(torch.empty(0)), torch.cat(pieces))
+    assert buf.slabs == [] and buf.rows == 0
+    empty = torch.empty(0, 0, dtype=torch.long)
+    assert RowBuffer().tensor(empty) is empty
+
+
+@pytest.mark.parametrize("store", ["memory", "disk", "recompute"])
+def test_mining_with_small_slabs_gives_the_same_examples(make_tiny_model, token_batches, tmp_path, monkeypatch,
+                                                         store):
+    model = make_tiny_model(num_layers=2)
+    t = compute_confidence_threshold(model, token_batches, 0.5)
+    ref = collect_hard_examples(model, token_batches, t, store=store, store_dir=str(tmp_path / "a"))
+    monkeypatch.setattr(RowBuffer, "SLAB_BYTES", 1)  # one row per slab
+    out = collect_hard_examples(model, token_batches, t, store=store, store_dir=str(tmp_path / "b"))
+    for key in ("inputs", "targets", "confidences"):
+        assert torch.equal(out[key], ref[key]) and out[key].dtype == ref[key].dtype
+    if store == "memory":
+        assert torch.equal(out["hidden_states"], ref["hidden_states"])
+    assert compute_confidence_threshold(model, token_batches, 0.5) == t
 
 
 # -- the FLOP model --------------------------------------------------------------------------------
