@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 
 from lego import __version__
+from lego.analysis import analyze
 from lego.artifacts import (file_lock, load_checkpoint, read_json, save_checkpoint, write_json, write_jsonl,
                             write_text)
 from lego.ashem import (collect_hard_examples, create_hard_example_loader, evaluate_on_hard_examples,
@@ -417,8 +419,29 @@ def stage_eval(cfg, corpus, model1, model2, threshold_info, loaders, run_dir: Pa
     if cfg.eval.standard_baseline:
         std = cached_standard(cfg, corpus, loaders, L2, run_dir / "baseline", device, "baseline")
         metrics["standard"] = Trainer(create_standard_config(L2), V, device).evaluate(std, loader)
+    if cfg.eval.analysis:
+        metrics["analysis"] = run_analysis(cfg, corpus, model2, metrics, loader, out, device)
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def run_analysis(cfg, corpus, model2, metrics: Dict[str, Any], loader, out: Path, device) -> Dict[str, Any]:
+    """Trade-off curve, oracle, confidence diagnostics and pictures (lego.analysis) in eval/;
+    returns the headline numbers kept in metrics.json (the rest is in eval/analysis.json)."""
+    L1, L2 = cfg.phase1.layers, cfg.phase2.layers
+    baselines = {"ashem (routed, measured)": metrics["ashem"],
+                 f"phase-1 model ({L1} layers)": {**metrics["phase1_only"], "shallow_ratio": 1.0,
+                                                  "compute_cost": L1 / L2},
+                 "ashem, no routing": metrics["no_routing"]}
+    if "standard" in metrics:
+        baselines[f"standard {L2}-layer model"] = metrics["standard"]
+    s = analyze(out, model=model2, loader=loader, device=device, threshold=metrics["threshold"],
+                measure=cfg.hard_examples.confidence, exit_layer=L1, baselines=baselines,
+                tokenizer=corpus.tokenizer, train_tokens=np.asarray(corpus.train), vocab_size=corpus.vocab_size,
+                html_tokens=cfg.eval.html_tokens)
+    keep = ("ppl_compute_auc", "ppl_compute_auc_per_unit", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio",
+            "auroc", "ece_exit")
+    return {k: s[k] for k in keep if k in s}
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -501,6 +524,9 @@ def summarize_run(cfg, run_dir: Path, corpus: Corpus, metrics: Optional[dict], t
             summary["standard_ppl"] = metrics["standard"]["ppl"]
         summary["hard_ppl_phase1"] = metrics["hard_tokens"]["phase1"]["ppl"]
         summary["hard_ppl_ashem"] = metrics["hard_tokens"]["ashem"]["ppl"]
+        for k in ("ppl_compute_auc", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio"):
+            if k in metrics.get("analysis", {}):
+                summary[k] = metrics["analysis"][k]
     return summary
 
 
@@ -517,6 +543,9 @@ def format_table(summary: dict) -> str:
             rows.append(("standard baseline ppl", f"{summary['standard_ppl']:.2f}"))
         rows.append(("hard-token ppl phase1 -> ashem",
                      f"{summary['hard_ppl_phase1']:.2f} -> {summary['hard_ppl_ashem']:.2f}"))
+        if "oracle_shallow_ratio" in summary:
+            rows += [("oracle exit share", f"{summary['oracle_shallow_ratio']:.3f}"),
+                     ("compute saved at <=1% ppl loss", f"{summary['compute_saved_at_1pct_ppl']:.3f}")]
     rows.append(("wall time", ", ".join(f"{k} {v:.1f}s" for k, v in summary["wall_s"].items())))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

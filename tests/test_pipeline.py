@@ -35,7 +35,7 @@ def tiny_config(cache_dir, **overrides) -> ASHEMConfig:
 
 
 def test_run_writes_every_artifact(tmp_path):
-    cfg = tiny_config(tmp_path / "cache")
+    cfg = tiny_config(tmp_path / "cache", **{"eval.analysis": True, "eval.html_tokens": 50})
     summary = run(cfg, tmp_path / "run")
     d = tmp_path / "run"
     for f in ["config_resolved.yaml", "run.json", "metrics.json", "tokenizer", "phase1/model.pt",
@@ -53,6 +53,20 @@ def test_run_writes_every_artifact(tmp_path):
     assert ev["ashem"]["compute_cost"] == pytest.approx(1 - ev["ashem"]["shallow_ratio"] / 2)
     assert ev["no_routing"]["shallow_ratio"] == 0 and ev["no_routing"]["compute_cost"] == 1
     assert summary["ppl"] == ev["ashem"]["ppl"]
+    # the analysis: files, and its one-pass calibrated router is the routed evaluation itself
+    for f in ["tradeoff.csv", "report.md", "tokens.html", "analysis.json"]:
+        assert (d / "eval" / f).stat().st_size > 0, f
+    pytest.importorskip("matplotlib")
+    assert (d / "eval/tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    an = json.loads((d / "eval/analysis.json").read_text())
+    for k in ("acc", "ppl", "shallow_ratio", "compute_cost"):
+        assert an["calibrated"][k] == pytest.approx(ev["ashem"][k], rel=1e-6, abs=1e-9), k
+    assert an["full_depth"]["ppl"] == pytest.approx(ev["no_routing"]["ppl"], rel=1e-6)
+    assert an["oracle"]["acc"] == ev["no_routing"]["acc"]
+    assert summary["oracle_shallow_ratio"] == ev["analysis"]["oracle_shallow_ratio"] == an["oracle_shallow_ratio"]
+    report = (d / "eval/report.md").read_text()
+    for name in ("phase-1 model (2 layers)", "ashem, no routing", "standard 4-layer model", "oracle"):
+        assert name in report, name
     hist = [json.loads(line) for line in (d / "phase1/history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     # checkpoints: plain tensors and values only, with the config they were trained with
