@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lego import distributed
+
 log = logging.getLogger(__name__)
 
 CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
@@ -117,14 +119,18 @@ def exit_states(model, inputs: torch.Tensor, exit_layer: int, measure: str):
 def gather_confidences(model, batches: Iterable, device, *, exit_layer: Optional[int] = None,
                        measure: Optional[str] = None, ignore_index: int = IGNORE_INDEX,
                        name: str = "val_batches") -> torch.Tensor:
-    """Confidences at the exit layer of every counted token, flattened (float32, on CPU)."""
+    """Confidences at the exit layer of every counted token, flattened (float32, on CPU).
+
+    Under torch.distributed each rank passes its shard of the batches and gets every rank's
+    confidences (in rank order), so a quantile of them is the global one.
+    """
     model.eval()
     layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
     out = RowBuffer()
     for inputs, targets in _batches(batches, name):
         _, conf = exit_states(model, inputs.to(device), layer, measure)
         out.append(conf[targets.to(device) != ignore_index])
-    return out.tensor(torch.empty(0))
+    return distributed.all_gather_varlen(out.tensor(torch.empty(0)))
 
 
 def compute_confidence_threshold(model, val_batches: Iterable, target_ratio: float, device="cpu", *,
@@ -325,7 +331,9 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
 
     The loss is cross-entropy at the last layer over hard positions only (easy positions
     carry `ignore_index`). Warns when the early exit's head is trainable, since training it
-    would move the exit's confidences away from the calibrated threshold.
+    would move the exit's confidences away from the calibrated threshold. Under
+    torch.distributed every rank must pass the same number of batches; gradients are averaged
+    over ranks (DDP) and the returned loss is over every rank's hard tokens.
     """
     model = model_extended
     if model.output_head.proj.weight.requires_grad and model.deep_head is None and model.exit_layer is not None:
@@ -334,21 +342,30 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, count = torch.zeros((), device=device), 0
+    loss_fn = distributed.data_parallel(
+        model, lambda m, x, t: _upper_loss(m, x, t, num_lower_layers, ignore_index, policy), device)
     for x, targets in _batches(hard_batches, "hard_batches"):
         x, targets = x.to(device), targets.to(device)
-        h = upper_states(model, x, num_lower_layers)
-        logits, y = upper_logits(model, h, targets, num_lower_layers, ignore_index, policy)
-        if y.numel() == 0:
+        loss, n = loss_fn(x, targets)
+        if n == 0 and not distributed.is_distributed():  # (every rank must step together under DDP)
             continue
-        loss = F.cross_entropy(logits, y, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
-        (loss / y.numel()).backward()
+        (loss / max(n, 1)).backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         loss_sum += loss.detach()
-        count += y.numel()
-    return float(loss_sum) / max(count, 1)
+        count += n
+    loss_sum, count = distributed.all_reduce_sum([float(loss_sum), count])
+    return loss_sum / max(count, 1)
+
+
+def _upper_loss(model, x: torch.Tensor, targets: torch.Tensor, num_lower_layers: int, ignore_index: int,
+                policy: Optional[str]):
+    """Summed cross-entropy at the last layer over the hard positions of one batch, and their count."""
+    h = upper_states(model, x, num_lower_layers)
+    logits, y = upper_logits(model, h, targets, num_lower_layers, ignore_index, policy)
+    return F.cross_entropy(logits, y, reduction="sum"), y.numel()
 
 
 @torch.no_grad()
@@ -358,6 +375,7 @@ def evaluate_on_hard_examples(model, hard_batches: Iterable, vocab_size: int = N
     """Perplexity and accuracy at the model's last layer on the hard positions alone.
 
     With `num_lower_layers == model.num_layers` this scores a phase-1 model on the same tokens.
+    Under torch.distributed each rank passes its own hard examples and gets the totals of all.
     """
     model.eval()
     nll, correct, count = 0.0, 0, 0
@@ -368,6 +386,9 @@ def evaluate_on_hard_examples(model, hard_batches: Iterable, vocab_size: int = N
         nll += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
         count += y.numel()
+    if distributed.is_distributed():
+        nll, correct, count = distributed.all_reduce_sum([nll, correct, count])
+        correct, count = int(correct), int(count)
     if count == 0:
         raise ValueError("hard_batches: no hard positions to evaluate")
     return {"loss": nll / count, "ppl": math.exp(nll / count), "acc": correct / count, "n_tokens": count}

@@ -20,6 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from lego import distributed
 from lego.config import ASHEMConfig, register_configs, rewrite_alias_overrides
 
 log = logging.getLogger("lego")
@@ -76,7 +77,9 @@ def hydra_main(cfg: DictConfig) -> float:
     from lego.pipeline import StageError, run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    distributed.quiet_logging()  # under torchrun, ranks above 0 log warnings only
     try:
+        distributed.agree_run_dir(run_dir)
         config = to_config(cfg)
         summary = run(config, run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     except (ValueError, StageError, FileNotFoundError) as e:
@@ -93,7 +96,8 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *rewrite_alias_overrides(sys.argv[1:])]
+    distributed.setup()  # under torchrun with several processes; no-op otherwise
+    sys.argv = [sys.argv[0], *distributed.hydra_args(rewrite_alias_overrides(sys.argv[1:]))]
     os.environ[SWEPT_ENV] = "\n".join(swept_keys(sys.argv[1:]))  # read by job_dirname, also in launcher workers
     try:
         hydra_main()
@@ -101,6 +105,8 @@ def main() -> None:
         print("lego-run: interrupted; finished stages and the last epoch checkpoint are kept; "
               "rerun the same command with hydra.run.dir=<run dir> to resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

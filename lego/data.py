@@ -511,18 +511,22 @@ class _Windows(torch.utils.data.Dataset):
 class _Batches(torch.utils.data.Sampler):
     """Lists of sequence indices, one list per batch. Shuffled, epoch e is a permutation
     drawn from a torch.Generator seeded by (seed, e): each pass over the loader gives a new
-    order, the same one in every run; `set_epoch(e)` replays epoch e after a resume."""
+    order, the same one in every run; `set_epoch(e)` replays epoch e after a resume. With
+    `world_size` > 1, rank r takes batches r, r + world_size, ... of that same epoch, so the
+    ranks share out exactly the batches of a single process (DistributedSampler, by batch)."""
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int = 0,
+                 world_size: int = 1):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.stop = n - n % batch_size if drop_last else n
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(self.stop / self.batch_size)
+        return len(range(self.rank, math.ceil(self.stop / self.batch_size), self.world_size))
 
     def __iter__(self) -> Iterator[List[int]]:
         order = list(range(self.n))
@@ -532,7 +536,8 @@ class _Batches(torch.utils.data.Sampler):
             g = torch.Generator().manual_seed(int.from_bytes(mixed, "little"))
             order = torch.randperm(self.n, generator=g).tolist()
         self.epoch += 1
-        return iter([order[i:i + self.batch_size] for i in range(0, self.stop, self.batch_size)])
+        batches = [order[i:i + self.batch_size] for i in range(0, self.stop, self.batch_size)]
+        return iter(batches[self.rank::self.world_size])
 
 
 def _as_is(batch):
@@ -540,11 +545,12 @@ def _as_is(batch):
 
 
 def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: bool, seed: int,
-                drop_last: bool = False) -> torch.utils.data.DataLoader:
+                drop_last: bool = False, rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
     """Batches of (inputs, targets), LongTensors of shape (B, seq_len), targets = inputs
     shifted by one token. The stream is cut into non-overlapping windows of seq_len + 1
     tokens. Same seed, same batches; each new pass (epoch) reshuffles deterministically;
-    `loader.sampler.set_epoch(e)` selects epoch e's order."""
+    `loader.sampler.set_epoch(e)` selects epoch e's order. `rank`/`world_size`: this rank's
+    share of every epoch's batches (see `_Batches`); ranks may differ by one batch."""
     if seq_len < 2:
         _fail("seq_len", f"{seq_len} is too small", "an integer >= 2")
     if batch_size < 1:
@@ -553,7 +559,7 @@ def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: b
     if len(windows) == 0:
         _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
               f"{len(tokens)}", f"an integer in [2, {max(len(tokens) - 1, 2)}]")
-    sampler = _Batches(len(windows), batch_size, shuffle, seed, drop_last)
+    sampler = _Batches(len(windows), batch_size, shuffle, seed, drop_last, rank, world_size)
     return torch.utils.data.DataLoader(windows, batch_size=None, sampler=sampler, collate_fn=_as_is)
 
 

@@ -11,6 +11,7 @@ epoch checkpoint, so rerunning the same command in the same run directory finish
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -24,7 +25,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from lego import __version__
+from lego import __version__, distributed
 from lego.analysis import analyze
 from lego.artifacts import (file_lock, load_checkpoint, read_json, save_checkpoint, write_json, write_jsonl,
                             write_text)
@@ -64,7 +65,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup_torch(cfg: ASHEMConfig) -> torch.device:
-    device = resolve_device(cfg.device)
+    device = distributed.device_for_rank(resolve_device(cfg.device))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if device.type == "cuda":
@@ -171,10 +172,14 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device) 
 
 
 class EpochSteps:
-    """At most `steps` batches of `loader` per epoch; the epoch's seeded order picks which."""
+    """At most `steps` batches of `loader` per epoch; the epoch's seeded order picks which.
+
+    Under torch.distributed `steps` still counts the epoch's batches over all ranks, and every
+    rank takes the same number (`distributed.common_steps`).
+    """
 
     def __init__(self, loader, steps: Optional[int]):
-        self.loader, self.steps = loader, steps
+        self.loader, self.steps = loader, distributed.common_steps(len(loader), steps)
 
     def set_epoch(self, epoch: int) -> None:
         set_loader_epoch(self.loader, epoch)
@@ -188,19 +193,23 @@ class EpochSteps:
 
 @dataclass
 class Loaders:
+    """Under torch.distributed each loader holds this rank's share of the batches."""
+
     train: Any  # shuffled by (seed, epoch), for training
     train_ordered: Any  # the same windows in corpus order, for mining and calibration
     validation: Any
     test: Any
 
 
-def make_loaders(cfg: ASHEMConfig, corpus: Corpus) -> Loaders:
+def make_loaders(cfg: ASHEMConfig, corpus: Corpus, *, shard: bool = True) -> Loaders:
     d = cfg.data
+    ranks = dict(rank=distributed.rank(), world_size=distributed.world_size()) if shard else {}
     return Loaders(
-        train=make_loader(corpus.train, d.seq_len, d.batch_size, shuffle=True, seed=cfg.seed),
-        train_ordered=make_loader(corpus.train, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed),
-        validation=make_loader(corpus.validation, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed),
-        test=make_loader(corpus.test, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed),
+        train=make_loader(corpus.train, d.seq_len, d.batch_size, shuffle=True, seed=cfg.seed, **ranks),
+        train_ordered=make_loader(corpus.train, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed, **ranks),
+        validation=make_loader(corpus.validation, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed,
+                               **ranks),
+        test=make_loader(corpus.test, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed, **ranks),
     )
 
 
@@ -214,7 +223,7 @@ def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layer
     """
     final = work_dir / "model.pt"
     model = build_model(cfg, corpus.vocab_size, num_layers).to(device)
-    if final.exists():
+    if distributed.broadcast(final.exists()):  # rank 0 decides: it may be writing this file soon
         return load_model(final, model_args(model), device, f"{name} checkpoint")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, corpus.vocab_size, num_layers).to(device)
@@ -230,14 +239,17 @@ def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layer
         max_epochs=p1.max_epochs, patience=p1.patience, name=name, resume=resume,
         on_epoch_end=lambda state: _save_resume(work_dir, state),
     )
-    write_jsonl(work_dir / "history.jsonl", result["history"])
-    write_json(work_dir / "result.json", {k: v for k, v in result.items() if k != "history"})
-    save_model(final, model, cfg, stage=name, result={k: v for k, v in result.items() if k != "history"})
-    (work_dir / "last.pt").unlink(missing_ok=True)
+    if distributed.is_main():
+        write_jsonl(work_dir / "history.jsonl", result["history"])
+        write_json(work_dir / "result.json", {k: v for k, v in result.items() if k != "history"})
+        save_model(final, model, cfg, stage=name, result={k: v for k, v in result.items() if k != "history"})
+        (work_dir / "last.pt").unlink(missing_ok=True)
     return model
 
 
 def _save_resume(work_dir: Path, state: dict) -> None:
+    if not distributed.is_main():  # the ranks hold the same state; one copy on disk
+        return
     save_checkpoint(work_dir / "last.pt", {"resume": state})
     write_jsonl(work_dir / "history.jsonl", state["history"])
 
@@ -263,20 +275,23 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
     depth, seed, corpus content and device type. Concurrent jobs with one key train it once
     (a file lock); the result is copied into the run directory.
     """
-    if not cfg.phase1.cache:
-        return train_standard(cfg, corpus, loaders, num_layers, run_sub, device, name)
-    if (run_sub / "model.pt").exists():
+    if not cfg.phase1.cache or distributed.broadcast((run_sub / "model.pt").exists()):
         return train_standard(cfg, corpus, loaders, num_layers, run_sub, device, name)
     key_src = {"model": science_config(cfg)["model"], "data": science_config(cfg)["data"],
                "phase1": {k: v for k, v in to_dict(cfg)["phase1"].items() if k not in ("cache", "layers")},
                "num_layers": num_layers, "seed": cfg.seed, "corpus": corpus.cache_key, "device": device.type,
                "lego": __version__}
+    if distributed.world_size() > 1:  # more ranks = larger batches: another model (1 keeps old keys)
+        key_src["world_size"] = distributed.world_size()
     key = fingerprint(key_src)
     entry = cache_root(cfg.data) / "models" / f"{name}-{key}"
-    with file_lock(entry.parent / f"{name}-{key}.lock"):
+    # Rank 0 holds the lock for all ranks (they train together and only rank 0 writes).
+    with file_lock(entry.parent / f"{name}-{key}.lock") if distributed.is_main() else contextlib.nullcontext():
         hit = (entry / "model.pt").exists()
         log.info("%s: %s cache entry %s", name, "reusing" if hit else "training into", entry)
         model = train_standard(cfg, corpus, loaders, num_layers, entry, device, name)
+        if not distributed.is_main():
+            return model
         run_sub.mkdir(parents=True, exist_ok=True)
         for fname in ("model.pt", "history.jsonl", "result.json"):
             shutil.copy2(entry / fname, run_sub / f".{fname}.tmp")
@@ -301,11 +316,11 @@ def require_phase1(cfg, corpus, run_dir: Path, device) -> DeepSupervisionTransfo
 def stage_hard_examples(cfg, model1, loaders, run_dir: Path, device) -> Dict[str, Any]:
     """Calibrate the threshold on the calibration split; write hard_examples/threshold.json."""
     path = run_dir / "hard_examples" / "threshold.json"
-    if path.exists():
+    if distributed.broadcast(path.exists()):
         return read_json(path)
     split = cfg.hard_examples.calibration_split
     loader = loaders.validation if split == "validation" else loaders.train_ordered
-    conf = gather_confidences(model1, loader, device, measure=cfg.hard_examples.confidence)
+    conf = gather_confidences(model1, loader, device, measure=cfg.hard_examples.confidence)  # every rank's tokens
     threshold = exact_quantile(conf, cfg.hard_example_ratio)
     hard = int((conf < threshold).sum())
     qs = [0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99]
@@ -323,7 +338,8 @@ def stage_hard_examples(cfg, model1, loaders, run_dir: Path, device) -> Dict[str
                              "min": float(conf.min()), "max": float(conf.max()),
                              **{f"q{int(q * 100):02d}": exact_quantile(conf, q) for q in qs}},
     }
-    write_json(path, info)
+    if distributed.is_main():
+        write_json(path, info)
     log.info("threshold %.6g on %s: %d of %d tokens hard (%.3f, target %.3f)", threshold, split, hard,
              conf.numel(), info["achieved_ratio"], cfg.hard_example_ratio)
     return info
@@ -337,10 +353,13 @@ def require_threshold(cfg, run_dir: Path) -> Dict[str, Any]:
 
 
 def hard_loader(cfg, model1, loader, threshold: float, device, store_dir: Path, *, shuffle: bool, what: str):
+    """Hard examples of `loader` (this rank's shard under torch.distributed) and a loader over them."""
+    if distributed.is_distributed():
+        store_dir = store_dir / f"rank{distributed.rank()}"  # scratch; removed with its stage's scratch dir
     hard = collect_hard_examples(model1, loader, threshold, device, measure=cfg.hard_examples.confidence,
                                  store=cfg.hard_examples.store, store_dir=str(store_dir))
-    log.info("%s: %d hard tokens of %d in %d sequences", what, hard["num_hard"], hard["num_tokens"],
-             len(hard["targets"]))
+    counts = distributed.all_reduce_sum([hard["num_hard"], hard["num_tokens"], len(hard["targets"])])
+    log.info("%s: %d hard tokens of %d in %d sequences", what, *map(int, counts))
     return create_hard_example_loader(hard, cfg.phase2.batch_size, shuffle=shuffle, seed=cfg.seed), hard
 
 
@@ -350,7 +369,7 @@ def stage_phase2(cfg, corpus, model1, threshold: float, loaders, run_dir: Path, 
     L1, L2 = cfg.phase1.layers, cfg.phase2.layers
     grown = lambda: model1.grow(L2, routing_threshold=threshold, deep_head=cfg.phase2.deep_head,  # noqa: E731
                                 upper_context=cfg.phase2.upper_context)
-    if (out / "model.pt").exists():
+    if distributed.broadcast((out / "model.pt").exists()):
         return load_model(out / "model.pt", model_args(grown()), device, "phase2 checkpoint")
     scratch = out / "scratch"
     train_hard, _ = hard_loader(cfg, model1, loaders.train_ordered, threshold, device, scratch / "train", shuffle=True,
@@ -376,10 +395,11 @@ def stage_phase2(cfg, corpus, model1, threshold: float, loaders, run_dir: Path, 
         on_epoch_end=lambda state: _save_resume(out, state),
     )
     summary = {k: v for k, v in result.items() if k != "history"}
-    write_jsonl(out / "history.jsonl", result["history"])
-    write_json(out / "result.json", summary)
-    save_model(out / "model.pt", model2, cfg, stage="phase2", result=summary, threshold=threshold)
-    (out / "last.pt").unlink(missing_ok=True)
+    if distributed.is_main():
+        write_jsonl(out / "history.jsonl", result["history"])
+        write_json(out / "result.json", summary)
+        save_model(out / "model.pt", model2, cfg, stage="phase2", result=summary, threshold=threshold)
+        (out / "last.pt").unlink(missing_ok=True)
     shutil.rmtree(scratch, ignore_errors=True)
     return model2
 
@@ -419,9 +439,12 @@ def stage_eval(cfg, corpus, model1, model2, threshold_info, loaders, run_dir: Pa
     if cfg.eval.standard_baseline:
         std = cached_standard(cfg, corpus, loaders, L2, run_dir / "baseline", device, "baseline")
         metrics["standard"] = Trainer(create_standard_config(L2), V, device).evaluate(std, loader)
-    if cfg.eval.analysis:
-        metrics["analysis"] = run_analysis(cfg, corpus, model2, metrics, loader, out, device)
-    write_json(out / "metrics.json", metrics)
+    if cfg.eval.analysis and distributed.is_main():  # per-token analysis of the whole split, on rank 0 alone
+        whole = make_loaders(cfg, corpus, shard=False) if distributed.is_distributed() else loaders
+        metrics["analysis"] = run_analysis(cfg, corpus, model2, metrics,
+                                           whole.test if cfg.eval.split == "test" else whole.validation, out, device)
+    if distributed.is_main():
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -449,10 +472,14 @@ def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None) ->
     """Run the configured stages in `run_dir`; return the summary also written to metrics.json.
 
     `resolved_yaml` is the composed config as Hydra printed it (written as config_resolved.yaml);
-    without it the dataclass is written as YAML.
+    without it the dataclass is written as YAML. Under torchrun (WORLD_SIZE > 1) every rank
+    calls this with the same `run_dir`: the ranks train together and rank 0 alone writes.
     """
     validate(config)
+    distributed.setup()
     run_dir = Path(run_dir)
+    if not distributed.is_main():  # rank 0 holds the lock and claims the directory for all ranks
+        return _run_locked(config, run_dir, resolved_yaml)
     run_dir.mkdir(parents=True, exist_ok=True)
     busy = f"run dir {run_dir} is in use by another lego-run process; wait for it or pick another hydra.run.dir"
     with file_lock(run_dir / ".lock", blocking=False, busy_message=busy):
@@ -460,17 +487,20 @@ def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None) ->
 
 
 def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str]) -> Dict[str, Any]:
-    claim_run_dir(run_dir, cfg)
-    if resolved_yaml is None:
-        from omegaconf import OmegaConf
+    if distributed.is_main():
+        claim_run_dir(run_dir, cfg)
+        if resolved_yaml is None:
+            from omegaconf import OmegaConf
 
-        resolved_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    write_text(run_dir / "config_resolved.yaml", resolved_yaml)
+            resolved_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        write_text(run_dir / "config_resolved.yaml", resolved_yaml)
     device = setup_torch(cfg)
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
-    corpus = load_corpus(cfg.data)
-    corpus.tokenizer.save(run_dir / "tokenizer")
+    with distributed.main_first():  # rank 0 tokenizes into the cache; the others then read it
+        corpus = load_corpus(cfg.data)
+    if distributed.is_main():
+        corpus.tokenizer.save(run_dir / "tokenizer")
     loaders = make_loaders(cfg, corpus)
     timings["data"] = time.perf_counter() - t0
     log.info("corpus %s: %d / %d / %d tokens (train/validation/test), vocabulary %d", cfg.data.name,
@@ -505,8 +535,10 @@ def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str]) -
     if "eval" in stages:
         metrics = timed("eval", lambda: stage_eval(cfg, corpus, model1, model2, thr, loaders, run_dir, device))
     summary = summarize_run(cfg, run_dir, corpus, metrics, timings)
-    write_json(run_dir / "metrics.json", summary)
+    if distributed.is_main():
+        write_json(run_dir / "metrics.json", summary)
     log.info("\n%s", format_table(summary))
+    distributed.barrier()  # no rank returns before rank 0 has written everything
     return summary
 
 
@@ -514,6 +546,8 @@ def summarize_run(cfg, run_dir: Path, corpus: Corpus, metrics: Optional[dict], t
     summary: Dict[str, Any] = {"run_dir": str(run_dir), "stages": list(cfg.stages),
                                "hard_example_ratio": cfg.hard_example_ratio, "seed": cfg.seed,
                                "data": cfg.data.name, "vocab_size": corpus.vocab_size, "wall_s": timings}
+    if distributed.is_distributed():
+        summary["world_size"] = distributed.world_size()
     if metrics is not None:
         a = metrics["ashem"]
         summary.update({k: a[k] for k in ("acc", "ppl", "shallow_ratio", "compute_cost", "flop_cost", "wall_cost")})

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lego import distributed
 from lego.ashem import confidence_from_logits
 
 log = logging.getLogger(__name__)
@@ -213,14 +214,20 @@ class Trainer:
         return total / max(n, 1)
 
     def train_epoch(self, model, loader, optimizer, epoch: int = 1) -> float:
+        """One pass over `loader`; mean stage loss per counted token.
+
+        Under torch.distributed each rank passes its shard of the batches, gradients are
+        averaged over ranks (DDP) and the returned loss is over every rank's tokens.
+        """
         self._check_layers(model)
         model.train()
         set_loader_epoch(loader, epoch)
         loss_sum, count = torch.zeros((), device=self.device), 0
         params = [p for p in model.parameters() if p.requires_grad]
+        loss_fn = distributed.data_parallel(model, self.stage_loss_sum, self.device)
         for inputs, targets in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if self.progress else True):
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            total, n = self.stage_loss_sum(model, inputs, targets)
+            total, n = loss_fn(inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             (total / max(n, 1)).backward()
             if self.config.grad_clip:
@@ -228,12 +235,14 @@ class Trainer:
             optimizer.step()
             loss_sum += total.detach()  # stays on device: no host sync per step
             count += n
+        loss_sum, count = distributed.all_reduce_sum([float(loss_sum), count])
         if count == 0:
             raise ValueError("train_loader: empty (no batches or no counted tokens)")
-        return float(loss_sum) / count
+        return loss_sum / count
 
     @torch.no_grad()
     def validation_loss(self, model, loader) -> float:
+        """Mean stage loss per counted token; under torch.distributed, over every rank's shard."""
         self._check_layers(model)
         model.eval()
         loss_sum, count = torch.zeros((), device=self.device), 0
@@ -241,9 +250,11 @@ class Trainer:
             total, n = self.stage_loss_sum(model, inputs.to(self.device), targets.to(self.device))
             loss_sum += total
             count += n
+        # Summed over ranks, so validation loss and early stopping are the same on every rank.
+        loss_sum, count = distributed.all_reduce_sum([float(loss_sum), count])
         if count == 0:
             raise ValueError("val_loader: empty (no batches or no counted tokens)")
-        return float(loss_sum) / count
+        return loss_sum / count
 
     def train_with_early_stopping(self, model, train_loader, val_loader, optimizer, max_epochs: int = 50,
                                   patience: int = 1, *, on_epoch_end=None, resume=None, name="train") -> dict:
@@ -268,6 +279,7 @@ class Trainer:
         With `routing_threshold` and `exit_layer`: a token whose confidence at `exit_layer` is
         >= the threshold is predicted there, the others at the last layer; deep logits are
         computed only for those. Without routing: plain metrics at the last stage layer.
+        Under torch.distributed each rank passes its shard and gets the metrics of all shards.
         """
         cfg = self.config
         model.eval()
@@ -310,6 +322,9 @@ class Trainer:
             nll_hard_deep += float(d_nll)
             n_tok += int(valid.sum())
             n_easy += int(easy.sum())
+        if distributed.is_distributed():
+            nll, correct, n_tok, n_easy, nll_exit, correct_exit, nll_hard_deep = distributed.all_reduce_sum(
+                [nll, correct, n_tok, n_easy, nll_exit, correct_exit, nll_hard_deep])
         out = summarize(nll, correct, int(n_tok), int(n_easy), exit_layer if routed else None, deep)
         if routed:
             n_hard = int(n_tok) - int(n_easy)

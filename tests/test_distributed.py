@@ -1,0 +1,177 @@
+"""Several processes, one run: lego.distributed's collectives in a 2-process gloo group, and a
+whole `torchrun --nproc_per_node=2 -m lego` run on CPU checked against a single process."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lego import distributed
+from lego.ashem import exact_quantile
+
+
+# -- collectives, in a 2-process gloo group ----------------------------------------------------------
+def _rows(rank: int) -> torch.Tensor:
+    """Uneven per-rank data: 7 values on rank 0, 12 on rank 1."""
+    return torch.rand(7 + 5 * rank, generator=torch.Generator().manual_seed(rank))
+
+
+def _batches(seed: int, n: int = 4, b: int = 3, t: int = 8, vocab: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, vocab, (n, b, t + 1), generator=g)
+    return [(s[:, :-1].clone(), s[:, 1:].clone()) for s in seq]
+
+
+def _worker(rank: int, init_file: str) -> None:
+    from lego.data import make_loader
+    from lego.model import DeepSupervisionTransformer
+    from lego.training import Trainer, create_standard_config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        assert distributed.is_distributed() and distributed.world_size() == 2 and distributed.rank() == rank
+
+        # uneven lengths come back whole, in rank order; the quantile is the single-process one
+        full = torch.cat([_rows(0), _rows(1)])
+        gathered = distributed.all_gather_varlen(_rows(rank))
+        assert torch.equal(gathered, full)
+        for q in (0.1, 0.5, 0.73):
+            assert exact_quantile(gathered, q) == exact_quantile(full, q) == float(torch.quantile(full, q))
+        rows2d = distributed.all_gather_varlen(torch.full((rank, 3), rank, dtype=torch.long))  # 0 rows on rank 0
+        assert rows2d.tolist() == [[1, 1, 1]]
+        assert distributed.all_reduce_sum([1.5, rank]) == [3.0, 1.0]
+        assert distributed.broadcast({"rank": rank}) == {"rank": 0}
+        assert distributed.common_steps(5 + rank, 8) == 4 and distributed.common_steps(5 + rank, None) == 5
+
+        # training batches: rank r takes batches r, r+2, ... of the very epoch a single process sees
+        tokens = torch.arange(1000).numpy()
+        for shuffle in (True, False):
+            whole = make_loader(tokens, 8, 5, shuffle=shuffle, seed=3)
+            mine = make_loader(tokens, 8, 5, shuffle=shuffle, seed=3, rank=rank, world_size=2)
+            for epoch in (1, 2):
+                whole.sampler.set_epoch(epoch)
+                mine.sampler.set_epoch(epoch)
+                expect = [x for x, _ in whole][rank::2]
+                got = [x for x, _ in mine]
+                assert len(got) == len(mine) == len(expect) and all(torch.equal(a, b) for a, b in zip(got, expect))
+
+        # DDP: two epochs (a fresh wrapper each) equal one process stepping on the mean of both ranks' losses
+        torch.manual_seed(0)
+        model = DeepSupervisionTransformer(16, 16, 2, 2, max_seq_len=8)
+        reference = copy.deepcopy(model)
+        trainer = Trainer(create_standard_config(2), 16, "cpu", progress=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        shards = [_batches(0), _batches(1)]
+        for epoch in (1, 2):
+            loss = trainer.train_epoch(model, shards[rank], opt, epoch)
+            ref_sum = ref_n = 0.0
+            for both in zip(*shards):
+                ref_opt.zero_grad()
+                parts = [trainer.stage_loss_sum(reference, x, y) for x, y in both]
+                sum(total / n for total, n in parts).div(2).backward()
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+                ref_opt.step()
+                ref_sum += sum(float(total) for total, _ in parts)
+                ref_n += sum(n for _, n in parts)
+            assert loss == pytest.approx(ref_sum / ref_n, rel=1e-5)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+        # ... and every rank holds bit-identical weights
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        assert torch.equal(distributed.broadcast(flat), flat)
+
+        # Hydra's ${now:...} reads rank 0's clock, even when rank 1's runs 3 s ahead
+        import hydra.core.utils as hydra_utils
+        from omegaconf import OmegaConf
+
+        real_time = time.time
+        if rank == 1:
+            time.time = lambda: real_time() + 3.0
+        try:
+            extra = distributed.hydra_args(["seed=1"])
+        finally:
+            time.time = real_time
+        assert extra == (["seed=1"] if rank == 0 else ["seed=1", "++hydra.output_subdir=null",
+                                                       "++hydra.job_logging.root=null"])
+        hydra_utils.setup_globals()
+        stamp = OmegaConf.create({"d": "${now:%Y-%m-%d_%H-%M-%S.%f}"}).d
+        assert distributed.broadcast(stamp) == stamp
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_sharding_and_ddp_in_two_processes(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
+
+
+def test_single_process_helpers_are_identity():
+    assert not distributed.is_distributed() and distributed.rank() == 0 and distributed.world_size() == 1
+    t = torch.rand(5)
+    assert distributed.all_gather_varlen(t) is t
+    assert distributed.all_reduce_sum([1, 2.5]) == [1, 2.5]
+    assert distributed.common_steps(10, 3) == 3 and distributed.common_steps(10, None) is None
+    assert distributed.hydra_args(["a=1"]) == ["a=1"]
+    distributed.barrier()
+    assert distributed.setup() is False  # no WORLD_SIZE > 1 in this process
+
+
+# -- a whole run under torchrun ------------------------------------------------------------------
+TINY = [
+    "data.tokenizer=bytes", "data.seq_len=16", "data.batch_size=16", "data.eval_batch_size=32",
+    "data.max_train_tokens=20000", "data.max_eval_tokens=6000", "model.dim=16", "model.num_heads=2",
+    "model.max_seq_len=16", "phase1.max_epochs=2", "phase1.epoch_steps=6", "phase2.max_epochs=2",
+    "phase2.epoch_steps=6", "eval.standard_baseline=false", "eval.analysis=false", "device=cpu",
+]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_writes_one_run_with_the_global_threshold(tmp_path):
+    from lego.ashem import compute_confidence_threshold
+    from lego.data import DataConfig, load_corpus, make_loader
+    from lego.pipeline import load_model
+
+    env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "lego", *TINY,
+           "hydra.run.dir=run"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    d = tmp_path / "run"
+    assert res.stdout.count(f"run dir: {d}") == 2  # both ranks ran in the same directory
+
+    # one set of files: what a single-process run writes, once, nothing per rank
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()
+                   and "cache" not in p.relative_to(tmp_path).parts)
+    assert files == sorted(f"run/{f}" for f in [
+        ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", ".lock", "config_resolved.yaml",
+        "eval/metrics.json", "hard_examples/threshold.json", "lego.log", "metrics.json", "phase1/cache.json",
+        "phase1/history.jsonl", "phase1/model.pt", "phase1/result.json", "phase2/history.jsonl",
+        "phase2/model.pt", "phase2/result.json", "run.json", "tokenizer/tokenizer.json"]), files
+    log_text = (d / "lego.log").read_text()
+    assert log_text.count("phase1 epoch 1:") == 1 and log_text.count("phase2 epoch 2:") == 1
+    for phase in ("phase1", "phase2"):
+        assert [json.loads(r)["epoch"] for r in (d / phase / "history.jsonl").read_text().splitlines()] == [1, 2]
+    summary = json.loads((d / "metrics.json").read_text())
+    assert summary["world_size"] == 2
+
+    # the threshold is the exact quantile over every rank's validation tokens: a single process
+    # computing it with the saved phase-1 model over the same tokens gets the same number
+    info = json.loads((d / "hard_examples/threshold.json").read_text())
+    state = torch.load(d / "phase1/model.pt", weights_only=True)
+    model = load_model(d / "phase1/model.pt", state["model_args"], "cpu", "phase1")
+    data = DataConfig(**state["config"]["data"])
+    data.cache_dir = str(tmp_path / "cache")
+    corpus = load_corpus(data)
+    loader = make_loader(corpus.validation, data.seq_len, data.eval_batch_size, shuffle=False, seed=42)
+    single = compute_confidence_threshold(model, loader, 0.5, "cpu")
+    assert info["threshold"] == single
+    assert info["num_tokens"] == (len(corpus.validation) // (data.seq_len + 1)) * data.seq_len
+    assert summary["threshold"] == single
