@@ -29,11 +29,10 @@ from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lego.artifacts import atomic_write, write_json
-from lego.ashem import CONFIDENCE_MEASURES, IGNORE_INDEX, confidence_from_logits, exact_quantile
+from lego.ashem import CONFIDENCE_MEASURES, IGNORE_INDEX, confidence_from_logits, exact_quantile, token_stats
 from lego.training import summarize
 
 log = logging.getLogger(__name__)
@@ -67,6 +66,7 @@ def token_outputs(model, loader: Iterable, device, *, exit_layer: int, measures:
         if m not in CONFIDENCE_MEASURES:
             raise ValueError(f"measure={m!r} is not allowed; choose one of {', '.join(CONFIDENCE_MEASURES)}")
     model.eval()
+    first = measures[0] if measures else None
     parts: Dict[str, list] = {}
     rows = 0
     for inputs, targets in tqdm(loader, desc="analysis", leave=False, disable=None):
@@ -76,16 +76,17 @@ def token_outputs(model, loader: Iterable, device, *, exit_layer: int, measures:
         h = model.run_layers(model.embed(inputs), 0, exit_layer)  # (B, T, C)
         exit_logits = model.output_head(h).float()  # (B, T, V), as Trainer.evaluate computes it
         h_deep = model.run_layers(h, exit_layer, L)
-        deep_logits = model.logits_at(h_deep[valid], L).float()  # (N, V)
-        e_logits, y = exit_logits[valid], targets[valid]
+        y = targets[valid]
+        ex = token_stats(exit_logits, targets, first, ignore_index)  # as Trainer.evaluate routes
+        deep = token_stats(model.logits_at(h_deep[valid], L).float(), y, None)  # (N,)
         grid = torch.stack(torch.meshgrid(torch.arange(rows, rows + B, device=device),
                                           torch.arange(T, device=device), indexing="ij"))  # (2, B, T)
         batch = {
             "input": inputs[valid], "target": y, "sequence": grid[0][valid], "position": grid[1][valid],
-            **{f"conf_{m}": confidence_from_logits(exit_logits, m)[valid] for m in measures},
-            "nll_exit": F.cross_entropy(e_logits, y, reduction="none"),
-            "nll_deep": F.cross_entropy(deep_logits, y, reduction="none"),
-            "pred_exit": e_logits.argmax(-1), "pred_deep": deep_logits.argmax(-1),
+            **({f"conf_{first}": ex["conf"][valid]} if first else {}),
+            **{f"conf_{m}": confidence_from_logits(exit_logits, m)[valid] for m in measures[1:]},
+            "nll_exit": ex["nll"][valid], "nll_deep": deep["nll"],
+            "pred_exit": ex["pred"][valid], "pred_deep": deep["pred"],
         }
         for key, value in batch.items():
             parts.setdefault(key, []).append(value.cpu())

@@ -37,30 +37,59 @@ def confidence_from_logits(logits: torch.Tensor, measure: str = "max_prob") -> t
     """Per-token confidence (..., V) -> (...); higher means more confident for every measure.
 
     max_prob: max softmax probability (the specification's); margin: top-1 minus top-2
-    probability; entropy: negated entropy of the softmax, in nats.
+    probability; entropy: negated entropy of the softmax, in nats. Computed from one
+    log-softmax, exactly as `token_stats` computes it (calibration, mining and routing agree
+    to the bit).
     """
-    if measure not in CONFIDENCE_MEASURES:
+    return token_stats(logits, None, measure)["conf"]
+
+
+def token_stats(logits: torch.Tensor, targets: Optional[torch.Tensor], measure: Optional[str] = "max_prob",
+                ignore_index: int = IGNORE_INDEX) -> Dict[str, torch.Tensor]:
+    """What routing and scoring need per token, from one log-softmax of (..., V) logits.
+
+    Returns (...)-shaped tensors: 'conf' (float32, `measure`; absent when measure is None) and,
+    with `targets`, 'nll' (the target's negative log-likelihood; 0 where the target is
+    ignore_index) and 'pred' (the top-1 token). On CPU the rows go in chunks of 4 MB: a whole
+    (B, T, V) temporary costs more than the arithmetic (page faults, cache misses), and every
+    value is computed row by row, so chunks change no bit. Replaces separate softmax, cross
+    entropy, argmax and boolean-index passes over the logits (each a full read of them).
+    """
+    if measure is not None and measure not in CONFIDENCE_MEASURES:
         raise ValueError(f"confidence={measure!r} is not allowed; choose one of {', '.join(CONFIDENCE_MEASURES)}")
-    rows = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
-    if logits.device.type != "cpu" or logits.numel() <= rows * logits.shape[-1]:
-        return _confidence(logits, measure)
-    # On CPU a whole (B, T, V) softmax temporary costs more than the softmax (page faults, cache
-    # misses); row chunks give bit-identical values, since every measure is computed row by row.
-    flat = logits.reshape(-1, logits.shape[-1])
-    return torch.cat([_confidence(chunk, measure) for chunk in flat.split(rows)]).view(logits.shape[:-1])
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    flat_t = None if targets is None else targets.reshape(-1)
+    rows = max(1, _CHUNK_ELEMENTS // V) if logits.device.type == "cpu" else max(1, flat.shape[0])
+    starts = range(0, flat.shape[0], rows) if flat.shape[0] else [0]
+    parts = [_row_stats(flat[i:i + rows], None if flat_t is None else flat_t[i:i + rows], measure, ignore_index)
+             for i in starts]
+    return {k: torch.cat([p[k] for p in parts]).view(logits.shape[:-1]) for k in parts[0]}
 
 
 _CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32 logits per chunk
 
 
-def _confidence(logits: torch.Tensor, measure: str) -> torch.Tensor:
-    if measure == "max_prob":
-        return F.softmax(logits, dim=-1).max(dim=-1).values
+def _row_stats(logits: torch.Tensor, targets: Optional[torch.Tensor], measure: Optional[str],
+               ignore_index: int) -> Dict[str, torch.Tensor]:
+    logp = F.log_softmax(logits, dim=-1)
+    out = {}
     if measure == "margin":
-        top = F.softmax(logits, dim=-1).topk(2, dim=-1).values
-        return top[..., 0] - top[..., 1]
-    logp = F.log_softmax(logits, dim=-1)  # entropy
-    return (logp.exp() * logp).sum(-1)
+        top2 = logp.topk(2, dim=-1)
+        out["conf"] = top2.values[:, 0].exp() - top2.values[:, 1].exp()
+        top_idx = top2.indices[:, 0]
+    else:
+        top_val, top_idx = logp.max(dim=-1)
+        if measure == "max_prob":
+            out["conf"] = top_val.exp()
+        elif measure == "entropy":
+            out["conf"] = (logp.exp() * logp).sum(-1)
+    if targets is not None:
+        keep = targets != ignore_index
+        nll = -logp.gather(1, torch.where(keep, targets, 0).unsqueeze(1)).squeeze(1)
+        out["nll"] = torch.where(keep, nll, torch.zeros_like(nll))
+        out["pred"] = top_idx
+    return out
 
 
 def compute_confidence(model, hidden_state: torch.Tensor, measure: Optional[str] = None) -> torch.Tensor:

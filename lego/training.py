@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lego import distributed
-from lego.ashem import confidence_from_logits
+from lego.ashem import token_stats
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -298,26 +298,24 @@ class Trainer:
             valid = targets != cfg.ignore_index
             h = model.run_layers(model.embed(inputs), 0, exit_layer)
             if not routed:
-                logits = model.logits_at(h, exit_layer)[valid].float()
-                y = targets[valid]
-                nll += float(F.cross_entropy(logits, y, reduction="sum"))
-                correct += float((logits.argmax(-1) == y).sum())
+                st = token_stats(model.logits_at(h, exit_layer).float(), targets, None, cfg.ignore_index)
+                nll += float(st["nll"].sum())  # 0 at ignored targets
+                correct += float(((st["pred"] == targets) & valid).sum())
                 n_tok += int(valid.sum())
                 continue
-            exit_logits = model.logits_at(h, exit_layer).float()  # (B, T, V)
-            easy = (confidence_from_logits(exit_logits, cfg.confidence) >= cfg.routing_threshold) & valid
+            # One log-softmax of the exit logits gives the routing confidence (bit-identical to
+            # calibration's), the exit's NLL and its top-1.
+            ex = token_stats(model.logits_at(h, exit_layer).float(), targets, cfg.confidence, cfg.ignore_index)
+            easy = (ex["conf"] >= cfg.routing_threshold) & valid
             hard = ~easy & valid
             h_deep = model.run_layers(h, exit_layer, deep, hard=hard, policy=policy)
-            deep_logits = model.logits_at(h_deep[hard], deep).float()  # (N_hard, V): hard positions only
-            e_logits, e_y, d_y = exit_logits[valid], targets[valid], targets[hard]
-            e_nll = F.cross_entropy(e_logits, e_y, reduction="none")
-            e_ok = e_logits.argmax(-1) == e_y
-            d_nll = F.cross_entropy(deep_logits, d_y, reduction="sum")
-            d_ok = (deep_logits.argmax(-1) == d_y).sum()
-            easy_v = easy[valid]
-            nll += float(e_nll[easy_v].sum() + d_nll)
-            correct += float(e_ok[easy_v].sum() + d_ok)
-            nll_exit += float(e_nll.sum())
+            d_y = targets[hard]
+            dp = token_stats(model.logits_at(h_deep[hard], deep).float(), d_y, None)  # hard positions only
+            e_ok = (ex["pred"] == targets) & valid
+            d_nll, d_ok = dp["nll"].sum(), (dp["pred"] == d_y).sum()
+            nll += float(ex["nll"][easy].sum() + d_nll)
+            correct += float(e_ok[easy].sum() + d_ok)
+            nll_exit += float(ex["nll"].sum())
             correct_exit += float(e_ok.sum())
             nll_hard_deep += float(d_nll)
             n_tok += int(valid.sum())

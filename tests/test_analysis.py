@@ -30,7 +30,7 @@ from lego.analysis import (
     token_outputs,
     tradeoff_curve,
 )
-from lego.ashem import CONFIDENCE_MEASURES, exact_quantile
+from lego.ashem import CONFIDENCE_MEASURES, confidence_from_logits, exact_quantile
 from lego.training import StageConfig, Trainer, TrainingConfig, create_standard_config
 
 KEYS = ("acc", "ppl", "shallow_ratio", "compute_cost")
@@ -124,7 +124,7 @@ def test_token_outputs_match_the_model(grown, token_batches, tok):
     assert torch.equal(tok["target"], y[valid]) and torch.equal(tok["input"], x[valid])
     assert torch.equal(tok["pred_deep"], deep.argmax(-1)) and torch.equal(tok["pred_exit"], exit_.argmax(-1))
     torch.testing.assert_close(tok["nll_deep"], torch.nn.functional.cross_entropy(deep, y[valid], reduction="none"))
-    assert torch.equal(tok["conf_max_prob"], exit_.softmax(-1).max(-1).values)
+    assert torch.equal(tok["conf_max_prob"], confidence_from_logits(exit_))  # what routing compares
     seq = torch.arange(len(x))[:, None].expand_as(x)[valid]
     assert torch.equal(tok["sequence"], seq)
     with pytest.raises(ValueError, match="exit_layer"):

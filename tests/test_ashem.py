@@ -59,9 +59,11 @@ def test_max_prob_is_the_softmax_max(make_tiny_model, token_batches):
     model = make_tiny_model(num_layers=2)
     x, _ = token_batches[0]
     h = model.hidden_states(x)[2]
-    expected = F.softmax(model.output_head(h), dim=-1).max(dim=-1).values
-    assert torch.equal(compute_confidence(model, h), expected)
-    assert torch.equal(confidence_from_logits(model(x)), expected)
+    expected = F.softmax(model.output_head(h).double(), dim=-1).max(dim=-1).values
+    conf = compute_confidence(model, h)
+    assert conf.dtype == torch.float32
+    torch.testing.assert_close(conf.double(), expected, rtol=1e-6, atol=1e-7)  # exp(max log-softmax)
+    assert torch.equal(confidence_from_logits(model(x)), conf)
 
 
 def test_margin_and_entropy_on_a_hand_made_vector():

@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lego.ashem import (_CHUNK_ELEMENTS, CONFIDENCE_MEASURES, RowBuffer, _confidence, collect_hard_examples,
-                        compute_confidence_threshold, confidence_from_logits, upper_logits)
+from lego.ashem import (_CHUNK_ELEMENTS, CONFIDENCE_MEASURES, RowBuffer, _row_stats, collect_hard_examples,
+                        IGNORE_INDEX, compute_confidence_threshold, confidence_from_logits, token_stats,
+                        upper_logits)
 from lego.cost import layer_macs, phase2_step_macs, routed_macs
 from lego.training import StageConfig, Trainer, TrainingConfig
 
@@ -152,11 +153,24 @@ def test_chunked_confidences_are_bit_identical(measure):
     vocab = 300
     rows = 3 * (_CHUNK_ELEMENTS // vocab) + 7  # several chunks and a ragged last one
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 4
+    targets = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(1))
+    targets[::5] = IGNORE_INDEX
     out = confidence_from_logits(logits.view(-1, 1, vocab), measure)
     assert out.shape == (rows, 1)
-    assert torch.equal(out.view(-1), _confidence(logits, measure))
-    if measure == "max_prob":
-        assert torch.equal(out.view(-1), F.softmax(logits, -1).max(-1).values)
+    whole = _row_stats(logits, targets, measure, IGNORE_INDEX)  # one pass, no chunks
+    assert torch.equal(out.view(-1), whole["conf"])
+    stats = token_stats(logits.view(-1, 1, vocab), targets.view(-1, 1), measure)
+    for key in ("conf", "nll", "pred"):
+        assert torch.equal(stats[key].view(-1), whole[key]), key
+    # the textbook definitions, and what cross_entropy / argmax give
+    p = F.softmax(logits.double(), -1)
+    ref = {"max_prob": p.max(-1).values, "margin": p.topk(2, -1).values @ torch.tensor([1.0, -1.0]).double(),
+           "entropy": (p * p.log()).sum(-1)}[measure]
+    torch.testing.assert_close(out.view(-1).double(), ref, atol=1e-6, rtol=1e-5)
+    keep = targets != IGNORE_INDEX
+    assert torch.equal(stats["nll"].view(-1)[keep], F.cross_entropy(logits[keep], targets[keep], reduction="none"))
+    assert (stats["nll"].view(-1)[~keep] == 0).all()
+    assert torch.equal(stats["pred"].view(-1), logits.argmax(-1))
 
 
 # -- mining keeps its rows in a few large slabs ---------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lego.ashem import confidence_from_logits
 from lego.training import (
     EpochShuffleSampler,
     StageConfig,
@@ -259,7 +260,7 @@ def test_evaluate_mixed_threshold_matches_a_hand_computation(make_tiny_model, pe
     valid = y != -100
     with torch.no_grad():
         exit_logits, deep_logits = model(x, layer=2), model(x)  # full policy: every token through every layer
-    conf = exit_logits.softmax(-1).max(-1).values
+    conf = confidence_from_logits(exit_logits)  # max softmax probability (tested in test_ashem)
     threshold = float(conf[valid].median())
     easy = (conf >= threshold) & valid
     used = torch.where(easy[..., None], exit_logits, deep_logits)[valid]
