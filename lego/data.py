@@ -196,6 +196,8 @@ def _check_files(cfg: DataConfig) -> None:
                       ", ".join(FILE_BUILDERS))
             if not Path(f).expanduser().is_file():
                 _fail(f"{split}_files", f"no such file {f!r}", "paths of existing files")
+            if Path(f).expanduser().stat().st_size == 0:
+                _fail(f"{split}_files", f"{f!r} is empty", "files that hold text")
             builders.add(FILE_BUILDERS[suffix])
     if len(builders) > 1:
         _fail("train_files", f"files of different formats ({', '.join(sorted(builders))})",
@@ -300,6 +302,11 @@ def _load_split(cfg: DataConfig, split: str):
         where = f"{args['path']} ({args['name']})" if args["name"] else args["path"]
     try:
         ds = datasets.load_dataset(**args, split=spec)
+    except datasets.exceptions.DatasetGenerationError as e:
+        # The reader's own error (bad JSON line, unreadable parquet) is the cause; name the key.
+        cause = e.__cause__ or e
+        raise ValueError(f"{where}: cannot read the data ({type(cause).__name__}: "
+                         f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
     except ValueError as e:
         # datasets names the allowed values itself: 'Unknown split "x". Should be one of [...]',
         # "BuilderConfig 'x' not found. Available: [...]"; prefix the key they belong to.
