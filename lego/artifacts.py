@@ -11,6 +11,7 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional
@@ -18,6 +19,10 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import torch
 
 CHECKPOINT_FORMAT = "lego-checkpoint-v1"
+
+
+class LockBusy(RuntimeError):
+    """A non-blocking `file_lock` found the lock held by another live process."""
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> Path:
@@ -36,6 +41,15 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> P
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_partial_writes(directory: Path) -> int:
+    """Delete the temporaries (`.<name>.<random>.tmp`) of `atomic_write`s that a killed process
+    left under `directory`; returns how many. Only while holding the lock of whoever writes there."""
+    stale = [p for p in Path(directory).rglob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _jsonable(obj):
@@ -81,7 +95,14 @@ def load_checkpoint(path: Path, *, what: str = "checkpoint") -> Dict[str, Any]:
         raise FileNotFoundError(f"{what}: no file at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, wrong pickle, not a torch file at all
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise ValueError(f"{what} {path} is corrupt or truncated (UnpicklingError); "
+                             "delete it to recompute that stage") from None
+        # Loading it would run arbitrary code from the file: never fall back to weights_only=False.
+        raise ValueError(f"{what} {path} holds pickled Python objects, which weights_only=True refuses to "
+                         "load; LEGO checkpoints hold tensors and plain values only") from None
+    except Exception as e:  # truncated zip, not a torch file at all
         raise ValueError(f"{what} {path} is corrupt or truncated ({type(e).__name__}); "
                          "delete it to recompute that stage") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -91,7 +112,10 @@ def load_checkpoint(path: Path, *, what: str = "checkpoint") -> Dict[str, Any]:
 
 @contextlib.contextmanager
 def file_lock(path: Path, *, blocking: bool = True, busy_message: Optional[str] = None):
-    """Exclusive advisory lock (fcntl.flock) held for the `with` block; released if the process dies."""
+    """Exclusive advisory lock (fcntl.flock) held for the `with` block; released if the process dies.
+
+    With blocking=False a lock held elsewhere raises `LockBusy(busy_message)` at once.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
@@ -99,7 +123,7 @@ def file_lock(path: Path, *, blocking: bool = True, busy_message: Optional[str] 
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise RuntimeError(busy_message or f"{path} is locked by another process") from None
+            raise LockBusy(busy_message or f"{path} is locked by another process") from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

@@ -5,8 +5,9 @@
     lego-run -m hard_example_ratio=0.3,0.5,0.7    # a sweep; phase 1 is trained once
     lego-run --help                               # groups, options and the composed config
 
-Bad input ends with exit status 2 and one line naming the key; the run directory is printed
-even when a stage fails.
+Bad input ends with exit status 2 and one line naming the key, a diverged loss with exit status 1
+and one line naming the stage, Ctrl-C with 130; the run directory is printed even when a stage
+fails, and rerunning the same command with hydra.run.dir=<run dir> resumes.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lego import distributed
@@ -65,6 +69,11 @@ def job_dirname(num, task_overrides) -> str:
 
 OmegaConf.register_new_resolver("lego_job_dir", job_dirname, replace=True)
 
+# conf/hydra/launcher/joblib.yaml keeps the plugin's name so that `hydra/launcher=joblib` picks our
+# settings; Hydra then checks it against the plugin's schema of that name and warns that this
+# matching is deprecated, in the parent and again in each worker (which imports this module).
+warnings.filterwarnings("ignore", message=r"(?s).*'hydra/launcher/joblib' is validated against ConfigStore schema")
+
 
 def to_config(cfg: DictConfig) -> ASHEMConfig:
     obj = OmegaConf.to_object(cfg)
@@ -74,7 +83,9 @@ def to_config(cfg: DictConfig) -> ASHEMConfig:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
+    from lego.artifacts import LockBusy
     from lego.pipeline import StageError, run
+    from lego.training import TrainingDiverged
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     distributed.quiet_logging()  # under torchrun, ranks above 0 log warnings only
@@ -82,17 +93,29 @@ def hydra_main(cfg: DictConfig) -> float:
         distributed.agree_run_dir(run_dir)
         config = to_config(cfg)
         summary = run(config, run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True))
-    except (ValueError, StageError, FileNotFoundError) as e:
-        # Bad input: one line naming the key, exit status 2, no traceback (Hydra would print one).
+    except (ValueError, StageError, FileNotFoundError, LockBusy, TrainingDiverged) as e:
+        # Bad input (exit 2) or a diverged loss (exit 1): one line naming the key or the stage, no
+        # traceback (Hydra would print one).
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
         logging.getLogger("lego").debug("usage error", exc_info=True)  # full trace in the run's log file only
         print(f"lego-run: error: {line}\nrun dir: {run_dir}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, TrainingDiverged) else 2)
+    except KeyboardInterrupt:
+        hc = HydraConfig.get()
+        exit_interrupted(f"hydra.sweep.dir={hc.sweep.dir}" if hc.mode == RunMode.MULTIRUN
+                         else f"hydra.run.dir={run_dir}")
     except Exception:
         log.exception("lego-run failed; run dir: %s", run_dir)
         raise
     print(f"run dir: {run_dir}")
     return summary.get("ppl", float("nan"))
+
+
+def exit_interrupted(resume_override: str) -> NoReturn:
+    """Ctrl-C: exit status 130 and the override that resumes (finished stages and epochs are on disk)."""
+    print(f"lego-run: interrupted; finished stages and the last epoch checkpoint are kept; "
+          f"rerun the same command with {resume_override} to resume", file=sys.stderr)
+    sys.exit(130)
 
 
 def main() -> None:
@@ -101,10 +124,8 @@ def main() -> None:
     os.environ[SWEPT_ENV] = "\n".join(swept_keys(sys.argv[1:]))  # read by job_dirname, also in launcher workers
     try:
         hydra_main()
-    except KeyboardInterrupt:
-        print("lego-run: interrupted; finished stages and the last epoch checkpoint are kept; "
-              "rerun the same command with hydra.run.dir=<run dir> to resume", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt:  # before a run directory exists, e.g. while composing
+        exit_interrupted("hydra.run.dir=<run dir>")
     finally:
         distributed.teardown()
 

@@ -27,8 +27,8 @@ import torch
 
 from lego import __version__, distributed
 from lego.analysis import analyze
-from lego.artifacts import (file_lock, load_checkpoint, read_json, save_checkpoint, write_json, write_jsonl,
-                            write_text)
+from lego.artifacts import (file_lock, load_checkpoint, read_json, remove_partial_writes, save_checkpoint,
+                            write_json, write_jsonl, write_text)
 from lego.ashem import (collect_hard_examples, create_hard_example_loader, evaluate_on_hard_examples,
                         exact_quantile, gather_confidences, train_upper_layers)
 from lego.config import ASHEMConfig, to_dict, validate
@@ -483,6 +483,7 @@ def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     busy = f"run dir {run_dir} is in use by another lego-run process; wait for it or pick another hydra.run.dir"
     with file_lock(run_dir / ".lock", blocking=False, busy_message=busy):
+        remove_partial_writes(run_dir)  # litter of a killed run; nobody else writes here while we hold the lock
         return _run_locked(config, run_dir, resolved_yaml)
 
 
