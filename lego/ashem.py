@@ -189,8 +189,8 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
     Returns {'inputs' (N, T) long, 'hidden_states' (N, T, C) exit-layer states or None,
     'targets' (N, T) with every easy position set to `ignore_index`, 'confidences' (N, T),
     'num_tokens', 'num_hard'}. `store`: "memory" keeps float32 states in RAM, "disk" writes
-    float16 states to a memory-mapped file in `store_dir`, "recompute" keeps no states (the
-    loader recomputes them through the frozen lower Block).
+    float16 states to a file in `store_dir` and reads rows back on demand (`HalfRows`),
+    "recompute" keeps no states (the loader recomputes them through the frozen lower Block).
     """
     if store not in STORES:
         raise ValueError(f"store={store!r} is not allowed; choose one of {', '.join(STORES)}")
@@ -199,7 +199,7 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
     model.eval()
     layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
     inputs_b, targets_b, conf_b, hidden_b = RowBuffer(), RowBuffer(), RowBuffer(), RowBuffer()
-    disk, rows, n_tok, n_hard = None, 0, 0, 0
+    disk, n_tok, n_hard = None, 0, 0
     for inputs, targets in tqdm(_batches(batches, "batches"), desc="hard examples", leave=False, disable=None):
         inputs, targets = inputs.to(device), targets.to(device)
         h, conf = exit_states(model, inputs, layer, measure)
@@ -216,17 +216,16 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
         if store == "memory":
             hidden_b.append(h[keep].float())
         elif store == "disk":
-            part = h[keep].to(torch.float16).cpu().numpy()
-            disk = _append_rows(disk, part, store_dir, rows)
-            rows += part.shape[0]
+            if disk is None:
+                disk = HalfRowWriter(os.path.join(store_dir, "hidden_states.f16"), h.shape[1:])
+            disk.append(h[keep])
     if not inputs_b.rows:
         log.warning("collect_hard_examples: no token fell below threshold %.6g", threshold)
     hidden = None
     if store == "memory" and hidden_b.rows:
         hidden = hidden_b.tensor(None)
     elif store == "disk" and disk is not None:
-        disk.flush()
-        hidden = np.memmap(disk.filename, dtype=np.float16, mode="r", shape=(rows, *disk.shape[1:]))
+        hidden = disk.close()
     return {
         "inputs": inputs_b.tensor(torch.empty(0, 0, dtype=torch.long)),
         "hidden_states": hidden,
@@ -280,21 +279,77 @@ class RowBuffer:
         return out
 
 
-def _append_rows(mm: Optional[np.memmap], part: np.ndarray, store_dir: str, rows: int) -> np.memmap:
-    """Grow a float16 memmap by doubling, so appends stay amortised O(1)."""
-    need = rows + part.shape[0]
-    if mm is None or need > mm.shape[0]:
-        os.makedirs(store_dir, exist_ok=True)
-        path = os.path.join(store_dir, "hidden_states.f16")
-        cap = max(need, 2 * (0 if mm is None else mm.shape[0]), 64)
-        if mm is not None:
-            mm.flush()
-            del mm
-        with open(path, "ab" if rows else "wb") as f:
-            f.truncate(cap * int(np.prod(part.shape[1:])) * 2)
-        mm = np.memmap(path, dtype=np.float16, mode="r+", shape=(cap, *part.shape[1:]))
-    mm[rows:need] = part
-    return mm
+class HalfRowWriter:
+    """Appends float16 rows to a file with plain sequential writes.
+
+    Not a writable memmap: every page written through a shared mapping stays resident, and
+    counted in the process's RSS, until the mapping goes; 20 M tokens of 128-wide states
+    would hold 5 GB. `close()` returns the rows as a `HalfRows` reader.
+    """
+
+    def __init__(self, path: str, row_shape):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path, self.row_shape, self.rows = path, tuple(row_shape), 0
+        self.file = open(path, "wb")
+
+    def append(self, part: torch.Tensor) -> None:
+        self.file.write(part.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+        self.rows += part.shape[0]
+
+    def close(self) -> "HalfRows":
+        self.file.close()
+        return HalfRows(self.path, self.rows, self.row_shape)
+
+
+class HalfRows:
+    """Read-only (N, *row_shape) float16 rows in a file; `rows[i]` reads one row with pread.
+
+    Nothing stays mapped, so reading every row of a large store over many epochs keeps memory
+    flat (the kernel's page cache holds what it likes, outside the process). `np.asarray(rows)`
+    reads them all.
+    """
+
+    def __init__(self, path: str, rows: int, row_shape):
+        self.path, self.rows, self.row_shape = path, rows, tuple(row_shape)
+        self.row_bytes = int(np.prod(self.row_shape)) * 2
+        self.dtype = np.dtype(np.float16)
+        self._fd, self._pid = None, None
+
+    @property
+    def shape(self):
+        return (self.rows, *self.row_shape)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def _read(self, offset: int, size: int) -> bytes:
+        if self._fd is None or self._pid != os.getpid():  # a forked DataLoader worker opens its own
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise ValueError(f"hard-example store {self.path} is truncated: wanted {size} bytes at {offset}")
+        return data
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if not -self.rows <= i < self.rows:
+            raise IndexError(f"row {i} out of range for {self.rows} rows")
+        i %= self.rows
+        return np.frombuffer(self._read(i * self.row_bytes, self.row_bytes), np.float16).reshape(self.row_shape)
+
+    def __array__(self, dtype=None, copy=None):
+        a = np.frombuffer(bytearray(self._read(0, self.rows * self.row_bytes)), np.float16).reshape(self.shape)
+        return a if dtype is None else a.astype(dtype)
+
+    def __getstate__(self):  # picklable for DataLoader workers: no descriptor travels
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_pid")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _fd=None, _pid=None)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            os.close(self._fd)
 
 
 class HardExampleDataset(torch.utils.data.Dataset):

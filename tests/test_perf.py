@@ -11,12 +11,13 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lego.ashem import (_CHUNK_ELEMENTS, CONFIDENCE_MEASURES, RowBuffer, _row_stats, collect_hard_examples,
-                        IGNORE_INDEX, compute_confidence_threshold, confidence_from_logits, token_stats,
+from lego.ashem import (_CHUNK_ELEMENTS, CONFIDENCE_MEASURES, IGNORE_INDEX, HalfRowWriter, RowBuffer, _row_stats,
+                        collect_hard_examples, compute_confidence_threshold, confidence_from_logits, token_stats,
                         upper_logits)
 from lego.cost import layer_macs, phase2_step_macs, routed_macs
 from lego.training import StageConfig, Trainer, TrainingConfig
@@ -186,6 +187,28 @@ def test_row_buffer_joins_pieces_across_slabs_in_order(monkeypatch):
     assert buf.slabs == [] and buf.rows == 0
     empty = torch.empty(0, 0, dtype=torch.long)
     assert RowBuffer().tensor(empty) is empty
+
+
+def test_half_rows_round_trip_pickle_and_truncation(tmp_path):
+    import pickle
+
+    rows = torch.randn(7, 3, 4)
+    w = HalfRowWriter(str(tmp_path / "s" / "h.f16"), (3, 4))
+    w.append(rows[:2])
+    w.append(rows[2:])
+    store = w.close()
+    assert store.shape == (7, 3, 4) and len(store) == 7
+    assert (tmp_path / "s" / "h.f16").stat().st_size == 7 * 3 * 4 * 2  # float16, nothing else
+    assert np.array_equal(store[5], rows[5].half().numpy()) and np.array_equal(store[-1], rows[6].half().numpy())
+    assert np.array_equal(np.asarray(store), rows.half().numpy())
+    again = pickle.loads(pickle.dumps(store))  # what a DataLoader worker receives
+    assert np.array_equal(again[3], rows[3].half().numpy())
+    with pytest.raises(IndexError):
+        store[7]
+    with open(tmp_path / "s" / "h.f16", "r+b") as f:
+        f.truncate(6 * 3 * 4 * 2)
+    with pytest.raises(ValueError, match="truncated"):
+        again[6]
 
 
 @pytest.mark.parametrize("store", ["memory", "disk", "recompute"])
