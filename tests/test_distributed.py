@@ -175,3 +175,16 @@ def test_torchrun_two_processes_writes_one_run_with_the_global_threshold(tmp_pat
     assert info["threshold"] == single
     assert info["num_tokens"] == (len(corpus.validation) // (data.seq_len + 1)) * data.seq_len
     assert summary["threshold"] == single
+
+    # the same command again finishes from the files (every rank skips what rank 0 finds on disk)
+    before = (d / "phase2/model.pt").stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert (d / "phase2/model.pt").stat().st_mtime_ns == before
+    assert json.loads((d / "metrics.json").read_text())["ppl"] == summary["ppl"]
+    # another config in that directory: refused with the key named, and no rank hangs (torchrun
+    # stops the others once one has failed, so their own error line may or may not get printed)
+    other = subprocess.run([*cmd, "phase1.lr=5e-3"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode != 0
+    assert "holds a run with another config (phase1.lr" in other.stderr
