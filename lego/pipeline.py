@@ -34,7 +34,7 @@ from lego.ashem import (collect_hard_examples, create_hard_example_loader, evalu
 from lego.config import ASHEMConfig, to_dict, validate
 from lego.cost import routed_macs
 from lego.data import Corpus, cache_root, load_corpus, make_loader
-from lego.model import DeepSupervisionTransformer, resolve_precision
+from lego.model import DeepSupervisionTransformer
 from lego.training import (StageConfig, Trainer, TrainingConfig, create_standard_config, early_stopping_loop,
                            set_loader_epoch)
 
@@ -89,19 +89,7 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
         d.pop(k, None)
     d["data"].pop("cache_dir", None)
     d["model"].pop("compile", None)
-    # The precision that runs, not "auto" (that depends on the GPU). fp32 is what every run did
-    # before the key existed, so it is left out: older run dirs and phase-1 cache keys stay valid.
-    precision = run_precision(cfg)
-    if precision == "fp32":
-        d["model"].pop("precision", None)
-    else:
-        d["model"]["precision"] = precision
     return d
-
-
-def run_precision(cfg: ASHEMConfig) -> str:
-    """model.precision with "auto" resolved for the run's device."""
-    return resolve_precision(cfg.model.precision, resolve_device(cfg.device))
 
 
 def _diff(a: Dict, b: Dict, prefix: str = "") -> list:
@@ -136,7 +124,7 @@ def model_args(model: DeepSupervisionTransformer) -> Dict[str, Any]:
     """Constructor arguments that rebuild `model` exactly (stored in every checkpoint)."""
     return dict(model.shape, exit_layer=model.exit_layer, routing_threshold=model.routing_threshold,
                 deep_head=model.deep_head is not None, upper_context=model.upper_context,
-                confidence=model.confidence, precision=model.precision)
+                confidence=model.confidence)
 
 
 def build_model(cfg: ASHEMConfig, vocab_size: int, num_layers: int) -> DeepSupervisionTransformer:
@@ -144,7 +132,7 @@ def build_model(cfg: ASHEMConfig, vocab_size: int, num_layers: int) -> DeepSuper
     return DeepSupervisionTransformer(
         vocab_size, m.dim, num_layers, m.num_heads, max_seq_len=m.max_seq_len, dropout=m.dropout,
         norm=m.norm, pos=m.pos, ffn=m.ffn, ffn_mult=m.ffn_mult, confidence=cfg.hard_examples.confidence,
-        upper_context=cfg.phase2.upper_context, precision=run_precision(cfg),
+        upper_context=cfg.phase2.upper_context,
     )
 
 
@@ -159,7 +147,7 @@ def save_model(path: Path, model: DeepSupervisionTransformer, cfg: ASHEMConfig, 
 def load_model(path: Path, expect_args: Dict[str, Any], device, what: str) -> DeepSupervisionTransformer:
     """Rebuild the model stored at `path`; refuse one whose shape differs from what the config asks."""
     state = load_checkpoint(path, what=what)
-    args = {"precision": "fp32", **state["model_args"]}  # checkpoints older than the key ran in fp32
+    args = state["model_args"]
     diff = [f"{k}: {args.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in expect_args.items()
             if k not in _ROUTING_ATTRS and args.get(k) != v]
     if diff:
@@ -213,17 +201,15 @@ class Loaders:
     test: Any
 
 
-def make_loaders(cfg: ASHEMConfig, corpus: Corpus, *, shard: bool = True, device=None) -> Loaders:
-    """The four loaders; pinned batches when `device` is a GPU."""
+def make_loaders(cfg: ASHEMConfig, corpus: Corpus, *, shard: bool = True) -> Loaders:
     d = cfg.data
-    kw = dict(rank=distributed.rank(), world_size=distributed.world_size()) if shard else {}
-    kw["device"] = device
+    ranks = dict(rank=distributed.rank(), world_size=distributed.world_size()) if shard else {}
     return Loaders(
-        train=make_loader(corpus.train, d.seq_len, d.batch_size, shuffle=True, seed=cfg.seed, **kw),
-        train_ordered=make_loader(corpus.train, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed, **kw),
+        train=make_loader(corpus.train, d.seq_len, d.batch_size, shuffle=True, seed=cfg.seed, **ranks),
+        train_ordered=make_loader(corpus.train, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed, **ranks),
         validation=make_loader(corpus.validation, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed,
-                               **kw),
-        test=make_loader(corpus.test, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed, **kw),
+                               **ranks),
+        test=make_loader(corpus.test, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed, **ranks),
     )
 
 
@@ -374,8 +360,7 @@ def hard_loader(cfg, model1, loader, threshold: float, device, store_dir: Path, 
                                  store=cfg.hard_examples.store, store_dir=str(store_dir))
     counts = distributed.all_reduce_sum([hard["num_hard"], hard["num_tokens"], len(hard["targets"])])
     log.info("%s: %d hard tokens of %d in %d sequences", what, *map(int, counts))
-    return create_hard_example_loader(hard, cfg.phase2.batch_size, shuffle=shuffle, seed=cfg.seed,
-                                      device=device), hard
+    return create_hard_example_loader(hard, cfg.phase2.batch_size, shuffle=shuffle, seed=cfg.seed), hard
 
 
 def stage_phase2(cfg, corpus, model1, threshold: float, loaders, run_dir: Path, device) -> DeepSupervisionTransformer:
@@ -455,7 +440,7 @@ def stage_eval(cfg, corpus, model1, model2, threshold_info, loaders, run_dir: Pa
         std = cached_standard(cfg, corpus, loaders, L2, run_dir / "baseline", device, "baseline")
         metrics["standard"] = Trainer(create_standard_config(L2), V, device).evaluate(std, loader)
     if cfg.eval.analysis and distributed.is_main():  # per-token analysis of the whole split, on rank 0 alone
-        whole = make_loaders(cfg, corpus, shard=False, device=device) if distributed.is_distributed() else loaders
+        whole = make_loaders(cfg, corpus, shard=False) if distributed.is_distributed() else loaders
         metrics["analysis"] = run_analysis(cfg, corpus, model2, metrics,
                                            whole.test if cfg.eval.split == "test" else whole.validation, out, device)
     if distributed.is_main():
@@ -517,7 +502,7 @@ def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str]) -
         corpus = load_corpus(cfg.data)
     if distributed.is_main():
         corpus.tokenizer.save(run_dir / "tokenizer")
-    loaders = make_loaders(cfg, corpus, device=device)
+    loaders = make_loaders(cfg, corpus)
     timings["data"] = time.perf_counter() - t0
     log.info("corpus %s: %d / %d / %d tokens (train/validation/test), vocabulary %d", cfg.data.name,
              len(corpus.train), len(corpus.validation), len(corpus.test), corpus.vocab_size)
