@@ -22,6 +22,7 @@ TINY = [
     "data.max_eval_tokens=6000", "model.dim=16", "model.num_heads=2", "model.max_seq_len=16",
     "phase1.max_epochs=2", "phase1.epoch_steps=6", "phase2.max_epochs=2", "phase2.epoch_steps=6",
     "eval.standard_baseline=false", "eval.analysis=false", "device=cpu",
+    "num_threads=1",  # two threads on two busy cores can be 100x slower than one
 ]
 
 
@@ -85,15 +86,20 @@ def test_installed_lego_run_from_another_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_trains_phase1_once(tmp_path):
-    res = _lego_run(["-m", "hard_example_ratio=0.3,0.7", *TINY, "hydra.sweep.dir=sweep"], cwd=tmp_path,
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_sweep_trains_phase1_once(tmp_path, launcher):
+    """Sequential (basic) or two jobs at once (conf/hydra/launcher/joblib.yaml): phase 1 is trained
+    by one job; the other finds it in the cache (with joblib, after waiting on the cache lock)."""
+    args = ["hydra/launcher=joblib"] if launcher == "joblib" else []
+    res = _lego_run(["-m", "hard_example_ratio=0.3,0.7", *TINY, *args, "hydra.sweep.dir=sweep"], cwd=tmp_path,
                     env_extra={"LEGO_CACHE_DIR": str(tmp_path / "c")})
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "is validated against ConfigStore schema" not in res.stderr  # our joblib.yaml, warning filtered
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and (p / "metrics.json").exists())
     assert len(jobs) == 2
     assert "hard_example_ratio=0.3" in jobs[0].name and "hard_example_ratio=0.7" in jobs[1].name
     caches = [json.loads((j / "phase1/cache.json").read_text()) for j in jobs]
-    assert caches[0]["key"] == caches[1]["key"] and [c["hit"] for c in caches] == [False, True]
+    assert caches[0]["key"] == caches[1]["key"] and sorted(c["hit"] for c in caches) == [False, True]
     lo, hi = (json.loads((j / "metrics.json").read_text()) for j in jobs)
     assert hi["shallow_ratio"] < lo["shallow_ratio"]
 
@@ -105,43 +111,17 @@ def test_help_lists_groups_and_description(tmp_path):
         assert word in res.stdout, word
 
 
-BAD_INPUTS = [
-    (["phase1.layers=4"], "phase1.layers"),
-    (["hard_example_ratio=1.5"], "hard_example_ratio"),
-    (["hard_example_ratio=0"], "hard_example_ratio"),
-    (["model.dim=30", "model.num_heads=4"], "model.dim"),
-    (["data.seq_len=512"], "data.seq_len"),
-    (["phase1.lr=-1e-3"], "phase1.lr"),
-    (["phase2.lr=0"], "phase2.lr"),
-    (["data.batch_size=0"], "data.batch_size"),
-    (["data=text_files", "data.train_files=[/nonexistent/x.txt]"], "data.train_files"),
-    (["stages=[phase2]"], "phase1"),
-    (["device=cuda"], "device"),
-    (["hard_examples.confidence=vibes"], "hard_examples.confidence"),
-    (["phase2.upper_context=some"], "phase2.upper_context"),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("args,key", BAD_INPUTS, ids=[k for _, k in BAD_INPUTS])
-def test_bad_input_is_one_clear_line(args, key, tmp_path):
-    if args == ["device=cuda"]:
-        import torch
-
-        if torch.cuda.is_available():
-            pytest.skip("this machine has CUDA")
-    res = _lego_run([*TINY, *args, "hydra.run.dir=run"], cwd=tmp_path, env_extra={"LEGO_CACHE_DIR": str(tmp_path / "c")})
-    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
-    assert key in res.stderr
-    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
-
-
-@pytest.mark.slow
-def test_unknown_group_option_and_typo_fail_at_compose(tmp_path):
-    for args, word in ((["model=huge"], "model"), (["phase1.lrr=1"], "lrr")):
-        res = _lego_run(args, cwd=tmp_path)
-        assert res.returncode != 0 and word in res.stderr
-        assert "Traceback" not in res.stderr
+@pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/joblib' is validated against ConfigStore schema")
+def test_launcher_configs():
+    """hydra/launcher=joblib selects conf/hydra/launcher/joblib.yaml over the plugin's defaults;
+    slurm.yaml (hydra-submitit-launcher, not installed here) is only checked to parse."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=joblib"], return_hydra_config=True)
+    assert cfg.hydra.launcher.n_jobs == 2
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    slurm = OmegaConf.load(Path(CONF_DIR) / "hydra/launcher/slurm.yaml")
+    assert list(slurm.defaults) == ["submitit_slurm", "_self_"]
+    assert {"partition", "timeout_min", "cpus_per_task", "gpus_per_node"} <= set(slurm)
 
 
 def test_summarize_sweep_writes_csv_and_markdown(tmp_path):
