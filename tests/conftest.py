@@ -5,6 +5,11 @@ import torch
 
 from lego.model import DeepSupervisionTransformer
 
+# Tiny models gain nothing from a second thread, and on a shared 2-core machine an OpenMP team
+# that waits for a busy core makes each step up to 100x slower. Subprocess runs pass
+# num_threads=1 themselves.
+torch.set_num_threads(1)
+
 # ---- core library (tests/test_model.py, test_training.py, test_ashem.py) -------------------------
 # Tiny sizes: a 2-layer model has about 9k parameters and every test runs in well under a second.
 VOCAB, DIM, HEADS, SEQ = 16, 16, 2, 8
