@@ -70,15 +70,17 @@ def token_outputs(model, loader: Iterable, device, *, exit_layer: int, measures:
     parts: Dict[str, list] = {}
     rows = 0
     for inputs, targets in tqdm(loader, desc="analysis", leave=False, disable=None):
-        inputs, targets = inputs.to(device), targets.to(device)
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         B, T = targets.shape
         valid = targets != ignore_index
-        h = model.run_layers(model.embed(inputs), 0, exit_layer)  # (B, T, C)
-        exit_logits = model.output_head(h).float()  # (B, T, V), as Trainer.evaluate computes it
-        h_deep = model.run_layers(h, exit_layer, L)
+        with model.autocast():  # the model's precision, as calibration and Trainer.evaluate run it
+            h = model.run_layers(model.embed(inputs), 0, exit_layer)  # (B, T, C)
+            exit_logits = model.output_head(h).float()  # (B, T, V), as Trainer.evaluate computes it
+            h_deep = model.run_layers(h, exit_layer, L)
+            deep_logits = model.logits_at(h_deep[valid], L).float()  # (N, V)
         y = targets[valid]
         ex = token_stats(exit_logits, targets, first, ignore_index)  # as Trainer.evaluate routes
-        deep = token_stats(model.logits_at(h_deep[valid], L).float(), y, None)  # (N,)
+        deep = token_stats(deep_logits, y, None)  # (N,)
         grid = torch.stack(torch.meshgrid(torch.arange(rows, rows + B, device=device),
                                           torch.arange(T, device=device), indexing="ij"))  # (2, B, T)
         batch = {

@@ -94,7 +94,9 @@ def _row_stats(logits: torch.Tensor, targets: Optional[torch.Tensor], measure: O
 
 def compute_confidence(model, hidden_state: torch.Tensor, measure: Optional[str] = None) -> torch.Tensor:
     """Confidence of the early exit's prediction: the exit head (`output_head`) on `hidden_state`."""
-    return confidence_from_logits(model.output_head(hidden_state).float(), measure or model.confidence)
+    with model.autocast():
+        logits = model.output_head(hidden_state).float()
+    return confidence_from_logits(logits, measure or model.confidence)
 
 
 def exact_quantile(values: torch.Tensor, q: float) -> float:
@@ -139,9 +141,11 @@ def _batches(batches: Iterable, name: str):
 
 @torch.no_grad()
 def exit_states(model, inputs: torch.Tensor, exit_layer: int, measure: str):
-    """(hidden state after `exit_layer` (B, T, C), confidence there (B, T))."""
-    h = model.run_layers(model.embed(inputs), 0, exit_layer)
-    return h, confidence_from_logits(model.output_head(h).float(), measure)
+    """(hidden state after `exit_layer` (B, T, C), confidence there (B, T)), under the model's precision."""
+    with model.autocast():
+        h = model.run_layers(model.embed(inputs), 0, exit_layer)
+        logits = model.output_head(h).float()
+    return h, confidence_from_logits(logits, measure)
 
 
 @torch.no_grad()
@@ -157,8 +161,8 @@ def gather_confidences(model, batches: Iterable, device, *, exit_layer: Optional
     layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
     out = RowBuffer()
     for inputs, targets in _batches(batches, name):
-        _, conf = exit_states(model, inputs.to(device), layer, measure)
-        out.append(conf[targets.to(device) != ignore_index])
+        _, conf = exit_states(model, inputs.to(device, non_blocking=True), layer, measure)
+        out.append(conf[targets.to(device, non_blocking=True) != ignore_index])
     return distributed.all_gather_varlen(out.tensor(torch.empty(0)))
 
 
@@ -201,7 +205,7 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
     inputs_b, targets_b, conf_b, hidden_b = RowBuffer(), RowBuffer(), RowBuffer(), RowBuffer()
     disk, n_tok, n_hard = None, 0, 0
     for inputs, targets in tqdm(_batches(batches, "batches"), desc="hard examples", leave=False, disable=None):
-        inputs, targets = inputs.to(device), targets.to(device)
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         h, conf = exit_states(model, inputs, layer, measure)
         valid = targets != ignore_index
         hard = (conf < threshold) & valid
@@ -386,9 +390,10 @@ def create_hard_example_loader(hard_examples: Dict[str, object], batch_size: int
 
 
 def upper_states(model, batch_x: torch.Tensor, num_lower_layers: int) -> torch.Tensor:
-    """States after the lower Block: stored ones as they are, or recomputed from token ids."""
+    """States after the lower Block: stored ones as they are, or recomputed from token ids
+    (under the model's precision, as mining computed the stored ones)."""
     if batch_x.dtype in (torch.int64, torch.int32):
-        with torch.no_grad():
+        with torch.no_grad(), model.autocast():
             was = [m.training for m in model.layers[:num_lower_layers]]
             model.embedding.eval()
             for m in model.layers[:num_lower_layers]:
@@ -402,10 +407,13 @@ def upper_states(model, batch_x: torch.Tensor, num_lower_layers: int) -> torch.T
 
 def upper_logits(model, h: torch.Tensor, targets: torch.Tensor, num_lower_layers: int,
                  ignore_index: int = IGNORE_INDEX, policy: Optional[str] = None):
-    """Deep-exit logits at the hard positions only (N_hard, V), and their targets (N_hard,)."""
+    """Deep-exit logits at the hard positions only (N_hard, V) float32, under the model's
+    precision, and their targets (N_hard,)."""
     hard = targets != ignore_index
-    h = model.run_layers(h, num_lower_layers, model.num_layers, hard=hard, policy=policy)
-    return model.logits_at(h[hard], model.num_layers).float(), targets[hard]
+    with model.autocast():
+        h = model.run_layers(h, num_lower_layers, model.num_layers, hard=hard, policy=policy)
+        logits = model.logits_at(h[hard], model.num_layers).float()
+    return logits, targets[hard]
 
 
 def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_size: int, device="cpu",
@@ -429,7 +437,8 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
     loss_fn = distributed.data_parallel(
         model, lambda m, x, t: _upper_loss(m, x, t, num_lower_layers, ignore_index, policy), device)
     for x, targets in _batches(hard_batches, "hard_batches"):
-        x, targets = x.to(device), targets.to(device)
+        x, targets = x.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        # n is a host int: the boolean index that picks the hard positions has synced already
         loss, n = loss_fn(x, targets)
         if n == 0 and not distributed.is_distributed():  # (every rank must step together under DDP)
             continue
@@ -464,7 +473,7 @@ def evaluate_on_hard_examples(model, hard_batches: Iterable, vocab_size: int = N
     model.eval()
     nll, correct, count = 0.0, 0, 0
     for x, targets in _batches(hard_batches, "hard_batches"):
-        x, targets = x.to(device), targets.to(device)
+        x, targets = x.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         h = upper_states(model, x, num_lower_layers)
         logits, y = upper_logits(model, h, targets, num_lower_layers, ignore_index, policy)
         nll += float(F.cross_entropy(logits, y, reduction="sum"))

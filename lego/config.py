@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from lego.ashem import CONFIDENCE_MEASURES, STORES, check_ratio
 from lego.data import DataConfig, validate_data_config
-from lego.model import FFNS, NORMS, POSITIONS, UPPER_CONTEXTS, check_choice
+from lego.model import FFNS, NORMS, POSITIONS, PRECISIONS, UPPER_CONTEXTS, check_choice
 
 STAGES = ("phase1", "hard_examples", "phase2", "eval")
 CALIBRATION_SPLITS = ("validation", "train")
@@ -38,6 +38,9 @@ class ModelConfig:
     ffn: str = "gelu"  # gelu | swiglu
     ffn_mult: int = 4  # FFN hidden width = ffn_mult * dim
     compile: bool = False  # torch.compile the model for training
+    # auto | fp32 | bf16: autocast for every forward (training, calibration, mining, eval, analysis
+    # alike); auto = bf16 on a CUDA GPU that has it, else fp32. Weights, losses, confidences stay float32.
+    precision: str = "auto"
 
 
 @dataclass
@@ -158,6 +161,7 @@ def validate(cfg: ASHEMConfig) -> None:
     check_choice("model.norm", m.norm, NORMS)
     check_choice("model.pos", m.pos, POSITIONS)
     check_choice("model.ffn", m.ffn, FFNS)
+    check_choice("model.precision", m.precision, ("auto", *PRECISIONS))
     if m.pos == "rope" and (m.dim // m.num_heads) % 2:
         raise ValueError(f"model.pos=rope needs an even head dim; model.dim/model.num_heads = {m.dim // m.num_heads}")
     validate_data_config(d)

@@ -25,12 +25,27 @@ NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 FFNS = ("gelu", "swiglu")
 UPPER_CONTEXTS = ("full", "propagate", "skip")
+PRECISIONS = ("fp32", "bf16")
 
 
 def check_choice(key: str, value, allowed) -> None:
     """Raise a one-line ValueError naming `key` when `value` is not one of `allowed`."""
     if value not in allowed:
         raise ValueError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"auto" -> "bf16" on a CUDA device that supports it, else "fp32"; fp32/bf16 as given.
+
+    Fails early when bf16 is asked of a CUDA device without it (autocast would refuse mid-run).
+    """
+    check_choice("model.precision", precision, ("auto", *PRECISIONS))
+    cuda = torch.device(device).type == "cuda"
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError("model.precision=bf16 but this CUDA device has no bfloat16; use model.precision=fp32 or auto")
+    return precision
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:
@@ -194,6 +209,9 @@ class DeepSupervisionTransformer(nn.Module):
             "full" (run every token), "propagate" (easy tokens' exit states give keys/values
             only) or "skip" (easy tokens take no part).
         confidence: confidence measure for routing ("max_prob", "margin", "entropy").
+        precision: "fp32" or "bf16": the autocast every forward runs under (`autocast()`), in
+            training, calibration, mining and routed evaluation alike, so that routing sees the
+            confidences the threshold was calibrated on. Weights stay float32.
     """
 
     def __init__(
@@ -214,6 +232,7 @@ class DeepSupervisionTransformer(nn.Module):
         deep_head: bool = False,
         upper_context: str = "full",
         confidence: str = "max_prob",
+        precision: str = "fp32",
     ):
         super().__init__()
         for key, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers),
@@ -233,6 +252,7 @@ class DeepSupervisionTransformer(nn.Module):
         from lego.ashem import CONFIDENCE_MEASURES  # ashem imports this module
 
         check_choice("confidence", confidence, CONFIDENCE_MEASURES)
+        check_choice("precision", precision, PRECISIONS)
         if pos == "rope" and (dim // num_heads) % 2:
             raise ValueError(f"pos='rope' needs an even head dim; dim/num_heads = {dim // num_heads}")
         if deep_head and exit_layer is None:
@@ -246,6 +266,7 @@ class DeepSupervisionTransformer(nn.Module):
         self.routing_threshold = routing_threshold
         self.upper_context = upper_context
         self.confidence = confidence
+        self.precision = precision
         self.embedding = Embedding(vocab_size, dim, max_seq_len, pos, dropout)
         self.layers = nn.ModuleList(Layer(dim, num_heads, norm, ffn, ffn_mult, dropout) for _ in range(num_layers))
         self.output_head = OutputHead(dim, vocab_size, norm)
@@ -266,6 +287,13 @@ class DeepSupervisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
+
+    def autocast(self) -> torch.autocast:
+        """The context every forward of this model runs in: bf16 autocast on the parameters'
+        device when `precision == "bf16"`, else disabled (plain float32). Wrap the forward, not
+        the backward; cast logits `.float()` before softmax or cross entropy."""
+        device = next(self.parameters()).device.type
+        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # -- pieces ----------------------------------------------------------------------------
     @property
@@ -306,22 +334,25 @@ class DeepSupervisionTransformer(nn.Module):
     def hidden_states(self, idx: torch.Tensor, upto: Optional[int] = None) -> List[torch.Tensor]:
         """[state after layer 0 (embedding), after layer 1, ..., after layer `upto`]."""
         upto = self.num_layers if upto is None else upto
-        states = [self.embed(idx)]
-        for i in range(upto):
-            states.append(self.run_layers(states[-1], i, i + 1))
+        with self.autocast():
+            states = [self.embed(idx)]
+            for i in range(upto):
+                states.append(self.run_layers(states[-1], i, i + 1))
         return states
 
     def forward(self, idx: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
         """Logits (B, T, V) at `layer` (default: the last), every token through every layer."""
         layer = self.num_layers if layer is None else layer
-        return self.logits_at(self.run_layers(self.embed(idx), 0, layer), layer)
+        with self.autocast():
+            return self.logits_at(self.run_layers(self.embed(idx), 0, layer), layer)
 
     # -- growing ---------------------------------------------------------------------------
     def grow(self, num_layers: int, *, exit_layer: Optional[int] = None, routing_threshold: Optional[float] = None,
              deep_head: bool = True, upper_context: Optional[str] = None) -> "DeepSupervisionTransformer":
         """Build a `num_layers`-layer model on top of this one (phase 2 of ASHEM).
 
-        Copies embedding, every layer and the output head; new layers are freshly initialised.
+        Copies embedding, every layer and the output head (and keeps `precision`); new layers
+        are freshly initialised.
         Freezes the embedding, the copied layers and `output_head` (the head read at the exit
         layer), so the exit's logits stay bit-identical to this model's. With `deep_head` the
         deep exit gets a trainable copy of the head; without it, the deep exit reads the frozen
@@ -336,6 +367,7 @@ class DeepSupervisionTransformer(nn.Module):
         big = DeepSupervisionTransformer(
             **shape, exit_layer=exit_layer, routing_threshold=routing_threshold, deep_head=deep_head,
             upper_context=upper_context or self.upper_context, confidence=self.confidence,
+            precision=self.precision,
         ).to(next(self.parameters()).device)
         big.embedding.load_state_dict(self.embedding.state_dict())
         for i in range(self.num_layers):

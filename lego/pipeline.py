@@ -34,7 +34,7 @@ from lego.ashem import (collect_hard_examples, create_hard_example_loader, evalu
 from lego.config import ASHEMConfig, to_dict, validate
 from lego.cost import routed_macs
 from lego.data import Corpus, cache_root, load_corpus, make_loader
-from lego.model import DeepSupervisionTransformer
+from lego.model import DeepSupervisionTransformer, resolve_precision
 from lego.training import (StageConfig, Trainer, TrainingConfig, create_standard_config, early_stopping_loop,
                            set_loader_epoch)
 
@@ -89,7 +89,19 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
         d.pop(k, None)
     d["data"].pop("cache_dir", None)
     d["model"].pop("compile", None)
+    # The precision that runs, not "auto" (that depends on the GPU). fp32 is what every run did
+    # before the key existed, so it is left out: older run dirs and phase-1 cache keys stay valid.
+    precision = run_precision(cfg)
+    if precision == "fp32":
+        d["model"].pop("precision", None)
+    else:
+        d["model"]["precision"] = precision
     return d
+
+
+def run_precision(cfg: ASHEMConfig) -> str:
+    """model.precision with "auto" resolved for the run's device."""
+    return resolve_precision(cfg.model.precision, resolve_device(cfg.device))
 
 
 def _diff(a: Dict, b: Dict, prefix: str = "") -> list:
@@ -124,7 +136,7 @@ def model_args(model: DeepSupervisionTransformer) -> Dict[str, Any]:
     """Constructor arguments that rebuild `model` exactly (stored in every checkpoint)."""
     return dict(model.shape, exit_layer=model.exit_layer, routing_threshold=model.routing_threshold,
                 deep_head=model.deep_head is not None, upper_context=model.upper_context,
-                confidence=model.confidence)
+                confidence=model.confidence, precision=model.precision)
 
 
 def build_model(cfg: ASHEMConfig, vocab_size: int, num_layers: int) -> DeepSupervisionTransformer:
@@ -132,7 +144,7 @@ def build_model(cfg: ASHEMConfig, vocab_size: int, num_layers: int) -> DeepSuper
     return DeepSupervisionTransformer(
         vocab_size, m.dim, num_layers, m.num_heads, max_seq_len=m.max_seq_len, dropout=m.dropout,
         norm=m.norm, pos=m.pos, ffn=m.ffn, ffn_mult=m.ffn_mult, confidence=cfg.hard_examples.confidence,
-        upper_context=cfg.phase2.upper_context,
+        upper_context=cfg.phase2.upper_context, precision=run_precision(cfg),
     )
 
 
@@ -147,7 +159,7 @@ def save_model(path: Path, model: DeepSupervisionTransformer, cfg: ASHEMConfig, 
 def load_model(path: Path, expect_args: Dict[str, Any], device, what: str) -> DeepSupervisionTransformer:
     """Rebuild the model stored at `path`; refuse one whose shape differs from what the config asks."""
     state = load_checkpoint(path, what=what)
-    args = state["model_args"]
+    args = {"precision": "fp32", **state["model_args"]}  # checkpoints older than the key ran in fp32
     diff = [f"{k}: {args.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in expect_args.items()
             if k not in _ROUTING_ATTRS and args.get(k) != v]
     if diff:

@@ -187,31 +187,34 @@ class Trainer:
         if self.config.last_layer > model.num_layers:
             raise ValueError(f"stage layer {self.config.last_layer} exceeds the model's {model.num_layers} layers")
 
-    def stage_loss_sum(self, model, inputs: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        """Sum over tokens of sum_s w_s * mean_{l in s} CE_l, and the number of counted tokens.
+    def stage_loss_sum(self, model, inputs: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sum over tokens of sum_s w_s * mean_{l in s} CE_l (float32), and the number of counted
+        tokens (a 0-d long tensor on the batch's device: reading it would sync the host).
 
-        One forward pass: each layer runs once, and every stage reading it reuses it.
+        One forward pass, under the model's precision: each layer runs once, and every stage
+        reading it reuses it.
         """
         ignore = self.config.ignore_index
-        n = int((targets != ignore).sum())
-        h = model.embed(inputs)
-        total = h.new_zeros(())
+        n = (targets != ignore).sum()
         flat_t = targets.reshape(-1)
-        for layer in range(1, self.config.last_layer + 1):
-            h = model.run_layers(h, layer - 1, layer)
-            weight = sum(s.loss_weight / (s.layers[1] - s.layers[0] + 1)
-                         for s in self.config.stages if s.layers[0] <= layer <= s.layers[1])
-            if weight:
-                logits = model.logits_at(h, layer)
-                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_t,
-                                     ignore_index=ignore, reduction="sum")
-                total = total + weight * ce
+        with model.autocast():
+            h = model.embed(inputs)
+            total = h.new_zeros((), dtype=torch.float32)
+            for layer in range(1, self.config.last_layer + 1):
+                h = model.run_layers(h, layer - 1, layer)
+                weight = sum(s.loss_weight / (s.layers[1] - s.layers[0] + 1)
+                             for s in self.config.stages if s.layers[0] <= layer <= s.layers[1])
+                if weight:
+                    logits = model.logits_at(h, layer)
+                    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_t,
+                                         ignore_index=ignore, reduction="sum")
+                    total = total + weight * ce
         return total, n
 
     def compute_loss(self, model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean (per token) weighted stage loss of one batch."""
         total, n = self.stage_loss_sum(model, inputs, targets)
-        return total / max(n, 1)
+        return total / n.clamp(min=1)
 
     def train_epoch(self, model, loader, optimizer, epoch: int = 1) -> float:
         """One pass over `loader`; mean stage loss per counted token.
@@ -222,20 +225,23 @@ class Trainer:
         self._check_layers(model)
         model.train()
         set_loader_epoch(loader, epoch)
-        loss_sum, count = torch.zeros((), device=self.device), 0
+        # Loss and token count stay on the device and are read once per epoch: no host sync per
+        # step (a NaN shows up in the epoch's loss, which early_stopping_loop checks).
+        loss_sum = torch.zeros((), device=self.device)
+        count = torch.zeros((), dtype=torch.long, device=self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         loss_fn = distributed.data_parallel(model, self.stage_loss_sum, self.device)
         for inputs, targets in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if self.progress else True):
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             total, n = loss_fn(inputs, targets)
             optimizer.zero_grad(set_to_none=True)
-            (total / max(n, 1)).backward()
+            (total / n.clamp(min=1)).backward()
             if self.config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
             optimizer.step()
-            loss_sum += total.detach()  # stays on device: no host sync per step
+            loss_sum += total.detach()
             count += n
-        loss_sum, count = distributed.all_reduce_sum([float(loss_sum), count])
+        loss_sum, count = distributed.all_reduce_sum([float(loss_sum), int(count)])
         if count == 0:
             raise ValueError("train_loader: empty (no batches or no counted tokens)")
         return loss_sum / count
@@ -245,13 +251,15 @@ class Trainer:
         """Mean stage loss per counted token; under torch.distributed, over every rank's shard."""
         self._check_layers(model)
         model.eval()
-        loss_sum, count = torch.zeros((), device=self.device), 0
+        loss_sum = torch.zeros((), device=self.device)
+        count = torch.zeros((), dtype=torch.long, device=self.device)
         for inputs, targets in loader:
-            total, n = self.stage_loss_sum(model, inputs.to(self.device), targets.to(self.device))
+            total, n = self.stage_loss_sum(model, inputs.to(self.device, non_blocking=True),
+                                           targets.to(self.device, non_blocking=True))
             loss_sum += total
             count += n
         # Summed over ranks, so validation loss and early stopping are the same on every rank.
-        loss_sum, count = distributed.all_reduce_sum([float(loss_sum), count])
+        loss_sum, count = distributed.all_reduce_sum([float(loss_sum), int(count)])
         if count == 0:
             raise ValueError("val_loader: empty (no batches or no counted tokens)")
         return loss_sum / count
@@ -294,23 +302,27 @@ class Trainer:
         nll = correct = n_tok = n_easy = 0.0
         nll_exit = correct_exit = nll_hard_deep = 0.0
         for inputs, targets in tqdm(loader, desc="evaluate", leave=False, disable=None if self.progress else True):
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             valid = targets != cfg.ignore_index
-            h = model.run_layers(model.embed(inputs), 0, exit_layer)
+            with model.autocast():  # the precision calibration and mining ran under
+                h = model.run_layers(model.embed(inputs), 0, exit_layer)
+                exit_logits = model.logits_at(h, exit_layer).float()
             if not routed:
-                st = token_stats(model.logits_at(h, exit_layer).float(), targets, None, cfg.ignore_index)
+                st = token_stats(exit_logits, targets, None, cfg.ignore_index)
                 nll += float(st["nll"].sum())  # 0 at ignored targets
                 correct += float(((st["pred"] == targets) & valid).sum())
                 n_tok += int(valid.sum())
                 continue
             # One log-softmax of the exit logits gives the routing confidence (bit-identical to
             # calibration's), the exit's NLL and its top-1.
-            ex = token_stats(model.logits_at(h, exit_layer).float(), targets, cfg.confidence, cfg.ignore_index)
+            ex = token_stats(exit_logits, targets, cfg.confidence, cfg.ignore_index)
             easy = (ex["conf"] >= cfg.routing_threshold) & valid
             hard = ~easy & valid
-            h_deep = model.run_layers(h, exit_layer, deep, hard=hard, policy=policy)
+            with model.autocast():
+                h_deep = model.run_layers(h, exit_layer, deep, hard=hard, policy=policy)
+                deep_logits = model.logits_at(h_deep[hard], deep).float()  # hard positions only
             d_y = targets[hard]
-            dp = token_stats(model.logits_at(h_deep[hard], deep).float(), d_y, None)  # hard positions only
+            dp = token_stats(deep_logits, d_y, None)
             e_ok = (ex["pred"] == targets) & valid
             d_nll, d_ok = dp["nll"].sum(), (dp["pred"] == d_y).sum()
             nll += float(ex["nll"][easy].sum() + d_nll)
