@@ -376,8 +376,11 @@ class HardExampleDataset(torch.utils.data.Dataset):
 
 
 def create_hard_example_loader(hard_examples: Dict[str, object], batch_size: int = 64, *, shuffle: bool = True,
-                               seed: int = 0) -> torch.utils.data.DataLoader:
-    """Batches of (states or inputs, targets) over whole hard sequences; order set by (seed, epoch)."""
+                               seed: int = 0, device=None) -> torch.utils.data.DataLoader:
+    """Batches of (states or inputs, targets) over whole hard sequences; order set by (seed, epoch).
+
+    With a CUDA `device` the batches come in pinned memory (asynchronous host-to-device copies).
+    """
     from lego.training import EpochShuffleSampler
 
     if batch_size < 1:
@@ -385,7 +388,8 @@ def create_hard_example_loader(hard_examples: Dict[str, object], batch_size: int
     ds = HardExampleDataset(hard_examples)
     if len(ds) == 0:
         raise ValueError("hard_examples: no hard sequences to batch (is the threshold too low?)")
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size,
+    pin = device is not None and torch.device(device).type == "cuda"
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, pin_memory=pin,
                                        sampler=EpochShuffleSampler(len(ds), seed, shuffle=shuffle))
 
 

@@ -552,12 +552,14 @@ def _as_is(batch):
 
 
 def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: bool, seed: int,
-                drop_last: bool = False, rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+                drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                device=None) -> torch.utils.data.DataLoader:
     """Batches of (inputs, targets), LongTensors of shape (B, seq_len), targets = inputs
     shifted by one token. The stream is cut into non-overlapping windows of seq_len + 1
     tokens. Same seed, same batches; each new pass (epoch) reshuffles deterministically;
     `loader.sampler.set_epoch(e)` selects epoch e's order. `rank`/`world_size`: this rank's
-    share of every epoch's batches (see `_Batches`); ranks may differ by one batch."""
+    share of every epoch's batches (see `_Batches`); ranks may differ by one batch. With a
+    CUDA `device` the batches come in pinned memory, for asynchronous copies to it."""
     if seq_len < 2:
         _fail("seq_len", f"{seq_len} is too small", "an integer >= 2")
     if batch_size < 1:
@@ -567,7 +569,8 @@ def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: b
         _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
               f"{len(tokens)}", f"an integer in [2, {max(len(tokens) - 1, 2)}]")
     sampler = _Batches(len(windows), batch_size, shuffle, seed, drop_last, rank, world_size)
-    return torch.utils.data.DataLoader(windows, batch_size=None, sampler=sampler, collate_fn=_as_is)
+    pin = device is not None and torch.device(device).type == "cuda"
+    return torch.utils.data.DataLoader(windows, batch_size=None, sampler=sampler, collate_fn=_as_is, pin_memory=pin)
 
 
 def unigram_perplexity(train_tokens: np.ndarray, test_tokens: np.ndarray, vocab_size: int) -> float:

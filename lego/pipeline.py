@@ -213,15 +213,17 @@ class Loaders:
     test: Any
 
 
-def make_loaders(cfg: ASHEMConfig, corpus: Corpus, *, shard: bool = True) -> Loaders:
+def make_loaders(cfg: ASHEMConfig, corpus: Corpus, *, shard: bool = True, device=None) -> Loaders:
+    """The four loaders; pinned batches when `device` is a GPU."""
     d = cfg.data
-    ranks = dict(rank=distributed.rank(), world_size=distributed.world_size()) if shard else {}
+    kw = dict(rank=distributed.rank(), world_size=distributed.world_size()) if shard else {}
+    kw["device"] = device
     return Loaders(
-        train=make_loader(corpus.train, d.seq_len, d.batch_size, shuffle=True, seed=cfg.seed, **ranks),
-        train_ordered=make_loader(corpus.train, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed, **ranks),
+        train=make_loader(corpus.train, d.seq_len, d.batch_size, shuffle=True, seed=cfg.seed, **kw),
+        train_ordered=make_loader(corpus.train, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed, **kw),
         validation=make_loader(corpus.validation, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed,
-                               **ranks),
-        test=make_loader(corpus.test, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed, **ranks),
+                               **kw),
+        test=make_loader(corpus.test, d.seq_len, d.eval_batch_size, shuffle=False, seed=cfg.seed, **kw),
     )
 
 
@@ -372,7 +374,8 @@ def hard_loader(cfg, model1, loader, threshold: float, device, store_dir: Path, 
                                  store=cfg.hard_examples.store, store_dir=str(store_dir))
     counts = distributed.all_reduce_sum([hard["num_hard"], hard["num_tokens"], len(hard["targets"])])
     log.info("%s: %d hard tokens of %d in %d sequences", what, *map(int, counts))
-    return create_hard_example_loader(hard, cfg.phase2.batch_size, shuffle=shuffle, seed=cfg.seed), hard
+    return create_hard_example_loader(hard, cfg.phase2.batch_size, shuffle=shuffle, seed=cfg.seed,
+                                      device=device), hard
 
 
 def stage_phase2(cfg, corpus, model1, threshold: float, loaders, run_dir: Path, device) -> DeepSupervisionTransformer:
@@ -452,7 +455,7 @@ def stage_eval(cfg, corpus, model1, model2, threshold_info, loaders, run_dir: Pa
         std = cached_standard(cfg, corpus, loaders, L2, run_dir / "baseline", device, "baseline")
         metrics["standard"] = Trainer(create_standard_config(L2), V, device).evaluate(std, loader)
     if cfg.eval.analysis and distributed.is_main():  # per-token analysis of the whole split, on rank 0 alone
-        whole = make_loaders(cfg, corpus, shard=False) if distributed.is_distributed() else loaders
+        whole = make_loaders(cfg, corpus, shard=False, device=device) if distributed.is_distributed() else loaders
         metrics["analysis"] = run_analysis(cfg, corpus, model2, metrics,
                                            whole.test if cfg.eval.split == "test" else whole.validation, out, device)
     if distributed.is_main():
@@ -514,7 +517,7 @@ def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str]) -
         corpus = load_corpus(cfg.data)
     if distributed.is_main():
         corpus.tokenizer.save(run_dir / "tokenizer")
-    loaders = make_loaders(cfg, corpus)
+    loaders = make_loaders(cfg, corpus, device=device)
     timings["data"] = time.perf_counter() - t0
     log.info("corpus %s: %d / %d / %d tokens (train/validation/test), vocabulary %d", cfg.data.name,
              len(corpus.train), len(corpus.validation), len(corpus.test), corpus.vocab_size)

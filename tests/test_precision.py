@@ -1,4 +1,5 @@
-"""Throughput basics: bf16 autocast everywhere the model runs, no host reads per training step.
+"""Throughput basics: bf16 autocast everywhere the model runs, no host reads per training step,
+pinned batches for a GPU.
 
 bf16 is tested through CPU autocast (`torch.autocast("cpu", dtype=torch.bfloat16)`): the same
 code path a CUDA run takes, minus the kernels. fp32 stays bit-identical to before (the other
@@ -16,6 +17,7 @@ from lego.analysis import token_outputs
 from lego.ashem import (collect_hard_examples, compute_confidence_threshold, create_hard_example_loader,
                         evaluate_on_hard_examples, gather_confidences, train_upper_layers)
 from lego.config import ASHEMConfig, validate
+from lego.data import make_loader
 from lego.model import resolve_precision
 from lego.training import StageConfig, Trainer, TrainingConfig, create_standard_config
 
@@ -198,6 +200,20 @@ def test_epoch_loss_is_the_hand_computed_mean(make_tiny_model, make_token_batche
     assert loss == float(acc) / count
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
+
+
+# -- pinned memory --------------------------------------------------------------------------------
+def test_batches_are_pinned_only_for_a_gpu(token_batches):
+    import numpy as np
+
+    tokens = np.arange(200) % 16
+    assert make_loader(tokens, 8, 4, shuffle=False, seed=0, device="cuda").pin_memory
+    assert make_loader(tokens, 8, 4, shuffle=False, seed=0, device=torch.device("cuda:0")).pin_memory
+    assert not make_loader(tokens, 8, 4, shuffle=False, seed=0, device="cpu").pin_memory
+    assert not make_loader(tokens, 8, 4, shuffle=False, seed=0).pin_memory
+    hard = {"hidden_states": None, "inputs": token_batches[0][0], "targets": token_batches[0][1]}
+    assert create_hard_example_loader(hard, 2, device="cuda").pin_memory
+    assert not create_hard_example_loader(hard, 2, device="cpu").pin_memory
 
 
 # -- a whole run ----------------------------------------------------------------------------------
