@@ -37,7 +37,7 @@ class ModelConfig:
     pos: str = "learned"  # learned | rope
     ffn: str = "gelu"  # gelu | swiglu
     ffn_mult: int = 4  # FFN hidden width = ffn_mult * dim
-    compile: bool = False  # torch.compile the model for training
+    compile: bool = False  # torch.compile each layer, the embedding and the heads (model.compile_blocks)
     # auto | fp32 | bf16: autocast for every forward (training, calibration, mining, eval, analysis
     # alike); auto = bf16 on a CUDA GPU that has it, else fp32. Weights, losses, confidences stay float32.
     precision: str = "auto"

@@ -346,6 +346,19 @@ class DeepSupervisionTransformer(nn.Module):
         with self.autocast():
             return self.logits_at(self.run_layers(self.embed(idx), 0, layer), layer)
 
+    def compile_blocks(self, **compile_kwargs) -> "DeepSupervisionTransformer":
+        """torch.compile each layer, the embedding and the heads in place; returns self.
+
+        Not `torch.compile(model)`: training, calibration and routing call `embed`,
+        `run_layers` and `logits_at`, never the model's `forward`, so a compiled wrapper would
+        run nothing compiled. Compiled parts keep their parameters and state-dict keys, so
+        checkpoints are the same as eager ones. `forward_routed` (dynamic token counts) stays eager.
+        """
+        for module in (self.embedding, *self.layers, self.output_head, self.deep_head):
+            if module is not None:
+                module.compile(**compile_kwargs)
+        return self
+
     # -- growing ---------------------------------------------------------------------------
     def grow(self, num_layers: int, *, exit_layer: Optional[int] = None, routing_threshold: Optional[float] = None,
              deep_head: bool = True, upper_context: Optional[str] = None) -> "DeepSupervisionTransformer":

@@ -247,9 +247,10 @@ def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layer
     tc.grad_clip = p1.grad_clip
     trainer = Trainer(tc, corpus.vocab_size, device)
     resume = _load_resume(work_dir / "last.pt", model, name)
-    train_model = torch.compile(model) if cfg.model.compile else model
+    if cfg.model.compile:
+        model.compile_blocks()
     result = trainer.train_with_early_stopping(
-        train_model, EpochSteps(loaders.train, p1.epoch_steps), loaders.validation, optimizer,
+        model, EpochSteps(loaders.train, p1.epoch_steps), loaders.validation, optimizer,
         max_epochs=p1.max_epochs, patience=p1.patience, name=name, resume=resume,
         on_epoch_end=lambda state: _save_resume(work_dir, state),
     )
@@ -393,6 +394,8 @@ def stage_phase2(cfg, corpus, model1, threshold: float, loaders, run_dir: Path, 
                               shuffle=False, what="phase2 validation")
     torch.manual_seed(cfg.seed + 1)
     model2 = grown()
+    if cfg.model.compile:
+        model2.compile_blocks()
     p2 = cfg.phase2
     optimizer = make_optimizer(model2, p2.lr, p2.weight_decay, device)
     train_batches = EpochSteps(train_hard, p2.epoch_steps)

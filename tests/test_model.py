@@ -199,3 +199,20 @@ def test_bad_policy_and_layer_range_in_run_layers(make_tiny_model):
         model.run_layers(h, 0, 2, hard=hard, policy="partial")
     with pytest.raises(ValueError, match="layer range"):
         model.run_layers(h, 1, 3)
+
+
+@pytest.mark.slow
+def test_compile_blocks_compiles_what_training_calls(make_tiny_model):
+    """model.compile=true: the parts training calls (embed, layers, heads) run compiled, with the
+    same results, parameters and checkpoint keys as eager (torch.compile(model) would compile
+    only `forward`, which no stage calls)."""
+    model = make_tiny_model(num_layers=2).grow(3)
+    x = random_tokens((2, 8), model.vocab_size)
+    keys = list(model.state_dict())
+    ref = model.logits_at(model.run_layers(model.embed(x), 0, 3), 3)
+    assert model.compile_blocks() is model
+    assert all(m._compiled_call_impl is not None
+               for m in (model.embedding, *model.layers, model.output_head, model.deep_head))
+    out = model.logits_at(model.run_layers(model.embed(x), 0, 3), 3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert list(model.state_dict()) == keys
