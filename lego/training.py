@@ -121,6 +121,8 @@ def early_stopping_loop(
         if optimizer is not None and resume.get("optimizer") is not None:
             optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"])
+        if resume.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])  # dropout on a GPU resumes exactly too
         best_state, best_loss, best_epoch = resume["best_state"], resume["best_val_loss"], resume["best_epoch"]
         bad, history, start = resume["bad_epochs"], list(resume["history"]), resume["epoch"] + 1
         stopped = resume.get("stopped_early", False)
@@ -134,9 +136,11 @@ def early_stopping_loop(
         train_loss = train_epoch(epoch)
         val_loss = validate()
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            kept = (f"epoch {epoch - 1}'s checkpoint is kept" if epoch > 1
+                    else "nothing was saved (it diverged in the first epoch)")
             raise TrainingDiverged(
                 f"{name}: loss became {train_loss if not math.isfinite(train_loss) else val_loss} at epoch {epoch}; "
-                "lower the learning rate (the last good checkpoint is kept)"
+                f"{kept}; lower the learning rate and use a new run dir"
             )
         improved = val_loss < best_loss
         if improved:
@@ -156,6 +160,7 @@ def early_stopping_loop(
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "best_state": best_state, "best_val_loss": best_loss, "best_epoch": best_epoch,
                 "bad_epochs": bad, "history": history, "rng": torch.get_rng_state(), "stopped_early": stopped,
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             })
         if stopped:
             break
