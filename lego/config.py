@@ -50,10 +50,10 @@ class Phase1Config:
     layers: int = 2
     lr: float = 1e-3
     patience: int = 1
-    max_epochs: int = 8
+    max_epochs: int = 6
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    epoch_steps: Optional[int] = 100  # batches per epoch, between validations (seeded subset); None = whole split
+    epoch_steps: Optional[int] = 50  # batches per epoch, between validations (seeded subset); None = whole split
     cache: bool = True  # share the trained phase 1 across runs/sweep jobs with identical settings
 
 
@@ -73,11 +73,11 @@ class Phase2Config:
     layers: int = 4  # total depth after growing
     lr: float = 1e-4
     patience: int = 3
-    max_epochs: int = 6
+    max_epochs: int = 4
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     batch_size: int = 32  # hard sequences per batch
-    epoch_steps: Optional[int] = 100  # batches per epoch, between validations; None = every hard sequence
+    epoch_steps: Optional[int] = 50  # batches per epoch, between validations; None = every hard sequence
     deep_head: bool = True  # the deep exit trains its own copy of the head (the exit's stays frozen)
     upper_context: str = "full"  # full | propagate | skip: what upper layers see of easy tokens
 
