@@ -81,7 +81,7 @@ def _worker(rank: int, init_file: str) -> None:
                 torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
                 ref_opt.step()
                 ref_sum += sum(float(total) for total, _ in parts)
-                ref_n += sum(n for _, n in parts)
+                ref_n += sum(float(n) for _, n in parts)  # stage_loss_sum's count is a 0-d tensor
             assert loss == pytest.approx(ref_sum / ref_n, rel=1e-5)
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

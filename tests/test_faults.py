@@ -53,7 +53,15 @@ def lego_run(args, cwd: Path, cache: Path, timeout: float = 300) -> subprocess.C
 def start(args, cwd: Path, cache: Path, log_name: str) -> subprocess.Popen:
     """`lego-run` in the background; output to files (a full pipe would stall it)."""
     out = open(cwd / f"{log_name}.out", "w")
-    return subprocess.Popen([_exe(), *args], cwd=cwd, env=_env(cache), stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen([_exe(), *args], cwd=cwd, env=_env(cache), stdout=out, stderr=subprocess.STDOUT,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """A shell without job control starts background commands (`pytest &`, CI runners) with
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler; the SIGINT test needs
+    the child to take Ctrl-C as a terminal user's run would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(proc: subprocess.Popen, path: Path, timeout: float = 240, *, nonempty: bool = False) -> None:
