@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -84,7 +85,7 @@ def to_config(cfg: DictConfig) -> ASHEMConfig:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
     from lego.artifacts import LockBusy
-    from lego.pipeline import StageError, run
+    from lego.pipeline import RunDirTaken, StageError, run
     from lego.training import TrainingDiverged
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -92,8 +93,11 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         distributed.agree_run_dir(run_dir)
         config = to_config(cfg)
+        keep_hydra_record(run_dir)
         summary = run(config, run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     except (ValueError, StageError, FileNotFoundError, LockBusy, TrainingDiverged) as e:
+        if isinstance(e, RunDirTaken):
+            keep_hydra_record(run_dir, restore=True)
         # Bad input (exit 2) or a diverged loss (exit 1): one line naming the key or the stage, no
         # traceback (Hydra would print one).
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -109,6 +113,25 @@ def hydra_main(cfg: DictConfig) -> float:
         raise
     print(f"run dir: {run_dir}")
     return summary.get("ppl", float("nan"))
+
+
+def keep_hydra_record(run_dir: Path, *, restore: bool = False) -> None:
+    """Keep the run's first `.hydra/` record in `.lego/hydra/`; with `restore`, put it back.
+
+    Hydra rewrites `.hydra/config.yaml` and `overrides.yaml` before the task starts, so a rerun
+    that we then refuse (another config in this run directory) would leave the directory
+    describing a run it does not hold.
+    """
+    output_subdir = HydraConfig.get().output_subdir
+    if output_subdir is None or not distributed.is_main():
+        return
+    live, kept = run_dir / output_subdir, run_dir / ".lego" / "hydra"
+    src, dst = (kept, live) if restore else (live, kept)
+    if not src.is_dir() or (not restore and (run_dir / "run.json").exists()):
+        return  # nothing to restore, or the record of the run's first invocation is already kept
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.glob("*.yaml"):
+        shutil.copy2(f, dst / f.name)
 
 
 def exit_interrupted(resume_override: str) -> NoReturn:

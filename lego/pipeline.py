@@ -45,6 +45,10 @@ class StageError(RuntimeError):
     """A stage cannot run (missing prerequisite, foreign run directory); the message says why."""
 
 
+class RunDirTaken(StageError):
+    """The run directory holds a run of another config."""
+
+
 # -- setup ---------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -124,7 +128,7 @@ def claim_run_dir(run_dir: Path, cfg: ASHEMConfig) -> None:
         old = read_json(record)["science_config"]
         diff = _diff(old, new)
         if diff:
-            raise StageError(f"run dir {run_dir} holds a run with another config ({'; '.join(diff[:5])}); "
+            raise RunDirTaken(f"run dir {run_dir} holds a run with another config ({'; '.join(diff[:5])}); "
                              "use a new hydra.run.dir or the same overrides")
     elif distributed.is_main():  # every rank checks (and refuses alike); rank 0 writes
         write_json(record, {"science_config": new, "lego_version": __version__, "torch": torch.__version__,

@@ -160,6 +160,8 @@ def test_bad_input_is_one_clear_line(workspace, name, args, setup, statuses, wor
     for word in words:
         assert word in res.stderr, (word, res.stderr[-2000:])
     assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    if name == "run_dir_of_other_config":  # the refused rerun leaves the run's own Hydra record
+        assert (d / ".hydra/overrides.yaml").read_text() == (workspace["ref"] / ".hydra/overrides.yaml").read_text()
     if statuses != (1,) or name == "diverged_loss":  # ours, not Hydra's: the error line and the run dir
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert len(lines) == 2 and lines[0].startswith("lego-run: error: ") and lines[1].startswith("run dir: "), lines
