@@ -27,7 +27,7 @@ import torch
 
 from lego import __version__, distributed
 from lego.analysis import analyze
-from lego.artifacts import (file_lock, load_checkpoint, read_json, remove_partial_writes, save_checkpoint,
+from lego.artifacts import (LockBusy, file_lock, load_checkpoint, read_json, remove_partial_writes, save_checkpoint,
                             write_json, write_jsonl, write_text)
 from lego.ashem import (collect_hard_examples, create_hard_example_loader, evaluate_on_hard_examples,
                         exact_quantile, gather_confidences, train_upper_layers)
@@ -500,11 +500,19 @@ def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None) ->
     validate(config)
     distributed.setup()
     run_dir = Path(run_dir)
+    busy = f"run dir {run_dir} is in use by another lego-run process; wait for it or pick another hydra.run.dir"
     if not distributed.is_main():  # rank 0 holds the lock and claims the directory for all ranks
+        if not distributed.broadcast(None):  # ...and says whether it got it: every rank stops alike
+            raise LockBusy(busy)
         return _run_locked(config, run_dir, resolved_yaml)
     run_dir.mkdir(parents=True, exist_ok=True)
-    busy = f"run dir {run_dir} is in use by another lego-run process; wait for it or pick another hydra.run.dir"
-    with file_lock(run_dir / ".lock", blocking=False, busy_message=busy):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(run_dir / ".lock", blocking=False, busy_message=busy))
+        except LockBusy:
+            distributed.broadcast(False)
+            raise
+        distributed.broadcast(True)
         remove_partial_writes(run_dir)  # litter of a killed run; nobody else writes here while we hold the lock
         return _run_locked(config, run_dir, resolved_yaml)
 

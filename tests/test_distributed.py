@@ -151,7 +151,8 @@ def test_torchrun_two_processes_writes_one_run_with_the_global_threshold(tmp_pat
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()
                    and "cache" not in p.relative_to(tmp_path).parts)
     assert files == sorted(f"run/{f}" for f in [
-        ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", ".lock", "config_resolved.yaml",
+        ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", ".lego/hydra/config.yaml",
+        ".lego/hydra/hydra.yaml", ".lego/hydra/overrides.yaml", ".lock", "config_resolved.yaml",
         "eval/metrics.json", "hard_examples/threshold.json", "lego.log", "metrics.json", "phase1/cache.json",
         "phase1/history.jsonl", "phase1/model.pt", "phase1/result.json", "phase2/history.jsonl",
         "phase2/model.pt", "phase2/result.json", "run.json", "tokenizer/tokenizer.json"]), files
@@ -188,3 +189,14 @@ def test_torchrun_two_processes_writes_one_run_with_the_global_threshold(tmp_pat
                            timeout=300)
     assert other.returncode != 0
     assert "holds a run with another config (phase1.lr" in other.stderr
+    # a run dir in use: rank 0 cannot take the lock and every rank stops with the same line; no
+    # rank waits on a peer that has gone (that ended in a gloo "Connection closed" traceback).
+    # torchrun's own launcher still prints its ChildFailedError traceback: that one is not ours.
+    from lego.artifacts import file_lock
+
+    with file_lock(d / ".lock"):
+        busy = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert busy.returncode != 0
+    assert f"lego-run: error: run dir {d} is in use by another lego-run process" in busy.stderr, busy.stderr[-3000:]
+    assert "Connection closed" not in busy.stderr and "lego/" not in busy.stderr.split("ChildFailedError")[0], \
+        busy.stderr[-3000:]
