@@ -307,6 +307,8 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
     # Rank 0 holds the lock for all ranks (they train together and only rank 0 writes).
     with file_lock(entry.parent / f"{name}-{key}.lock") if distributed.is_main() else contextlib.nullcontext():
         hit = (entry / "model.pt").exists()
+        if distributed.is_main() and entry.is_dir():
+            remove_partial_writes(entry)  # a killed trainer's litter; we hold this entry's lock
         log.info("%s: %s cache entry %s", name, "reusing" if hit else "training into", entry)
         model = train_standard(cfg, corpus, loaders, num_layers, entry, device, name)
         if not distributed.is_main():

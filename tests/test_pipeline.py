@@ -1,6 +1,7 @@
 """The stage pipeline called directly: files written, resume, cache sharing, refusals."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +137,9 @@ def test_later_stage_without_earlier_result_is_refused(tmp_path):
 def test_phase1_cache_is_shared_across_ratios(tmp_path):
     lo = run(tiny_config(tmp_path / "cache", hard_example_ratio=0.3, **{"eval.standard_baseline": False}),
              tmp_path / "r03")
+    entry = Path(json.loads((tmp_path / "r03/phase1/cache.json").read_text())["entry"])
+    litter = entry / ".model.pt.k1ll3d.tmp"  # what a trainer killed inside a checkpoint write leaves
+    litter.write_bytes(b"half a checkpoint")
     hi = run(tiny_config(tmp_path / "cache", hard_example_ratio=0.7, **{"eval.standard_baseline": False}),
              tmp_path / "r07")
     c1 = json.loads((tmp_path / "r03/phase1/cache.json").read_text())
@@ -143,6 +147,7 @@ def test_phase1_cache_is_shared_across_ratios(tmp_path):
     assert c1["key"] == c2["key"] and not c1["hit"] and c2["hit"]
     assert hi["shallow_ratio"] < lo["shallow_ratio"]
     assert hi["phase1_ppl"] == lo["phase1_ppl"]
+    assert not litter.exists() and (entry / "model.pt").exists()
 
 
 def test_flat_names_read_and_write_the_groups():
