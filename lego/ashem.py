@@ -297,7 +297,7 @@ class HalfRowWriter:
         self.file = open(path, "wb")
 
     def append(self, part: torch.Tensor) -> None:
-        self.file.write(part.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+        self.file.write(part.detach().to("cpu", torch.float16).contiguous().numpy())  # its buffer, no copy
         self.rows += part.shape[0]
 
     def close(self) -> "HalfRows":
@@ -381,6 +381,7 @@ def create_hard_example_loader(hard_examples: Dict[str, object], batch_size: int
 
     With a CUDA `device` the batches come in pinned memory (asynchronous host-to-device copies).
     """
+    from lego.data import pin_memory_for
     from lego.training import EpochShuffleSampler
 
     if batch_size < 1:
@@ -388,8 +389,7 @@ def create_hard_example_loader(hard_examples: Dict[str, object], batch_size: int
     ds = HardExampleDataset(hard_examples)
     if len(ds) == 0:
         raise ValueError("hard_examples: no hard sequences to batch (is the threshold too low?)")
-    pin = device is not None and torch.device(device).type == "cuda"
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, pin_memory=pin,
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, pin_memory=pin_memory_for(device),
                                        sampler=EpochShuffleSampler(len(ds), seed, shuffle=shuffle))
 
 

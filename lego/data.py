@@ -569,8 +569,14 @@ def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: b
         _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
               f"{len(tokens)}", f"an integer in [2, {max(len(tokens) - 1, 2)}]")
     sampler = _Batches(len(windows), batch_size, shuffle, seed, drop_last, rank, world_size)
-    pin = device is not None and torch.device(device).type == "cuda"
-    return torch.utils.data.DataLoader(windows, batch_size=None, sampler=sampler, collate_fn=_as_is, pin_memory=pin)
+    return torch.utils.data.DataLoader(windows, batch_size=None, sampler=sampler, collate_fn=_as_is,
+                                       pin_memory=pin_memory_for(device))
+
+
+def pin_memory_for(device) -> bool:
+    """Whether a loader feeding `device` should pin its batches: only for a CUDA device, where
+    pinned host memory makes the `non_blocking` copies asynchronous."""
+    return device is not None and torch.device(device).type == "cuda"
 
 
 def unigram_perplexity(train_tokens: np.ndarray, test_tokens: np.ndarray, vocab_size: int) -> float:
