@@ -7,22 +7,16 @@ grow the model and train the upper Block with `train_upper_layers`, evaluate wit
 
 __version__ = "0.1.0"
 
-from lego.ashem import (
-    CONFIDENCE_MEASURES,
-    collect_hard_examples,
-    compute_confidence,
-    compute_confidence_threshold,
-    confidence_from_logits,
-    create_hard_example_loader,
-    evaluate_on_hard_examples,
-    exact_quantile,
-    train_upper_layers,
-)
+from lego.ashem import (collect_hard_examples, compute_confidence_threshold, evaluate_on_hard_examples,
+                        train_upper_layers)
+from lego.confidence import compute_confidence, confidence_from_logits, exact_quantile
+from lego.config import CONFIDENCE_MEASURES, ASHEMConfig, ConfigError, StageConfig, TrainingConfig, create_standard_config
 from lego.model import DeepSupervisionTransformer
-from lego.training import StageConfig, Trainer, TrainingConfig, create_standard_config
+from lego.store import create_hard_example_loader
+from lego.training import Trainer
 
 __all__ = [
-    "CONFIDENCE_MEASURES", "DeepSupervisionTransformer", "StageConfig", "Trainer", "TrainingConfig",
+    "ASHEMConfig", "CONFIDENCE_MEASURES", "ConfigError", "DeepSupervisionTransformer", "StageConfig", "Trainer", "TrainingConfig",
     "collect_hard_examples", "compute_confidence", "compute_confidence_threshold", "confidence_from_logits",
     "create_hard_example_loader", "create_standard_config", "evaluate_on_hard_examples", "exact_quantile",
     "train_upper_layers",

@@ -18,7 +18,17 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
+from lego.config import ConfigError
+
 CHECKPOINT_FORMAT = "lego-checkpoint-v1"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (missing prerequisite, foreign run directory); the message says why."""
+
+
+class RunDirTaken(StageError):
+    """The run directory holds a run of another config."""
 
 
 class LockBusy(RuntimeError):
@@ -97,16 +107,16 @@ def load_checkpoint(path: Path, *, what: str = "checkpoint") -> Dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
-            raise ValueError(f"{what} {path} is corrupt or truncated (UnpicklingError); "
+            raise ConfigError(f"{what} {path} is corrupt or truncated (UnpicklingError); "
                              "delete it to recompute that stage") from None
         # Loading it would run arbitrary code from the file: never fall back to weights_only=False.
-        raise ValueError(f"{what} {path} holds pickled Python objects, which weights_only=True refuses to "
+        raise ConfigError(f"{what} {path} holds pickled Python objects, which weights_only=True refuses to "
                          "load; LEGO checkpoints hold tensors and plain values only") from None
     except Exception as e:  # truncated zip, not a torch file at all
-        raise ValueError(f"{what} {path} is corrupt or truncated ({type(e).__name__}); "
+        raise ConfigError(f"{what} {path} is corrupt or truncated ({type(e).__name__}); "
                          "delete it to recompute that stage") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{what} {path} is not a LEGO checkpoint ({CHECKPOINT_FORMAT})")
+        raise ConfigError(f"{what} {path} is not a LEGO checkpoint ({CHECKPOINT_FORMAT})")
     return state
 
 

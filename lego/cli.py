@@ -1,4 +1,4 @@
-"""`lego-run`: compose the config with Hydra, then hand it to `lego.pipeline.run`.
+"""`lego-run`: compose the config with Hydra, then hand it to `lego.run.run`.
 
     lego-run                                      # the default run (offline Shakespeare, tiny model)
     lego-run hard_example_ratio=0.3 model=small   # override any key
@@ -26,13 +26,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lego import distributed
-from lego.config import ASHEMConfig, register_configs, rewrite_alias_overrides
+from lego.artifacts import LockBusy, RunDirTaken, StageError
+from lego.config import ASHEMConfig, ConfigError, register_configs, rewrite_alias_overrides
+from lego.run import run
+from lego.training import TrainingDiverged
 
 log = logging.getLogger("lego")
 
-# conf/ lives beside the package in the source tree (the README installs with `pip install -e`);
-# an absolute path keeps the installed console script working from any working directory.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The config groups ship inside the package (lego/conf/; the checkout's top-level conf/ is a link to
+# it), so an installed console script finds them from any directory, editable install or not.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 register_configs()
 
@@ -84,10 +87,6 @@ def to_config(cfg: DictConfig) -> ASHEMConfig:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
-    from lego.artifacts import LockBusy
-    from lego.pipeline import RunDirTaken, StageError, run
-    from lego.training import TrainingDiverged
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     distributed.quiet_logging()  # under torchrun, ranks above 0 log warnings only
     try:
@@ -95,11 +94,11 @@ def hydra_main(cfg: DictConfig) -> float:
         config = to_config(cfg)
         keep_hydra_record(run_dir)
         summary = run(config, run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True))
-    except (ValueError, StageError, FileNotFoundError, LockBusy, TrainingDiverged) as e:
+    except (ConfigError, StageError, LockBusy, TrainingDiverged) as e:
         if isinstance(e, RunDirTaken):
             keep_hydra_record(run_dir, restore=True)
         # Bad input (exit 2) or a diverged loss (exit 1): one line naming the key or the stage, no
-        # traceback (Hydra would print one).
+        # traceback (Hydra would print one). Any other exception is a bug and keeps its traceback.
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
         logging.getLogger("lego").debug("usage error", exc_info=True)  # full trace in the run's log file only
         print(f"lego-run: error: {line}\nrun dir: {run_dir}", file=sys.stderr)

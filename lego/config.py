@@ -1,9 +1,10 @@
-"""The typed schema of a LEGO run: `ASHEMConfig` and its groups.
+"""The typed schema of a LEGO run: `ASHEMConfig` and its groups, the allowed values, the checks.
 
 The dataclasses are registered in Hydra's ConfigStore as the schema of `conf/config.yaml`, so a
 mistyped key or a wrong type fails at compose time; the YAML files under `conf/` only hold
 values. `validate(cfg)` checks what types cannot (ranges, choices, cross-group constraints) and
-fails with one line naming the key.
+raises `ConfigError` with one line naming the key. This module imports nothing from `lego`:
+the schema does not depend on the code it configures.
 
 The original specification's flat names (`phase1_layers`, `phase1_lr`, `phase1_patience`,
 `hard_example_ratio`, `phase2_layers`, `phase2_lr`, `phase2_patience`) are properties of
@@ -14,16 +15,222 @@ The original specification's flat names (`phase1_layers`, `phase1_lr`, `phase1_p
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
-from lego.ashem import CONFIDENCE_MEASURES, STORES, check_ratio
-from lego.data import DataConfig, validate_data_config
-from lego.model import FFNS, NORMS, POSITIONS, PRECISIONS, UPPER_CONTEXTS, check_choice
 
+class ConfigError(ValueError):
+    """Bad input from the user (a config value, a file it names): `lego-run` prints its one line and exits 2."""
+
+
+# -- allowed values --------------------------------------------------------------------------------
 STAGES = ("phase1", "hard_examples", "phase2", "eval")
 CALIBRATION_SPLITS = ("validation", "train")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+FFNS = ("gelu", "swiglu")
+UPPER_CONTEXTS = ("full", "propagate", "skip")  # what layers above an exit do with easy tokens
+PRECISIONS = ("fp32", "bf16")
+CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
+STORES = ("memory", "disk", "recompute")  # where hard-example states live
+DATA_NAMES = ("shakespeare", "kjv", "wikitext2", "wikitext103", "hf", "text_files")
+TOKENIZERS = ("bpe", "bytes", "pretrained")
+SPLITS = ("train", "validation", "test")
+DEFAULT_CACHE_DIR = "~/.cache/lego"
+# Hub datasets behind the named presets; data.path / data.config_name override them.
+HF_PRESETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1"),
+    "wikitext103": ("wikitext", "wikitext-103-raw-v1"),
+}
+IGNORE_INDEX = -100  # target value that no loss or metric counts
+# File extension -> `datasets` builder for data=text_files.
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
+def check_choice(key: str, value, allowed) -> None:
+    """Raise a one-line ConfigError naming `key` when `value` is not one of `allowed`."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def check_ratio(key: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise ConfigError(f"{key}={value!r} must be strictly between 0 and 1")
+
+
+def check_positive(key: str, value, kind=int) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key}={value!r} must be a positive {'integer' if kind is int else 'number'}")
+
+
+@dataclass
+class DataConfig:
+    """Which text, which tokenizer, how it is cut into batches (Hydra group `data`)."""
+
+    name: str = "shakespeare"
+    """Corpus: shakespeare | kjv | wikitext2 | wikitext103 | hf | text_files."""
+    tokenizer: str = "bpe"
+    """bpe (byte-level, trained on the train split) | bytes (vocab 256) | pretrained."""
+    vocab_size: int = 2048
+    """BPE vocabulary size, at least 257 (ignored for bytes and pretrained)."""
+    pretrained_name: Optional[str] = None
+    """Hub tokenizer name for tokenizer=pretrained, e.g. 'gpt2'."""
+    seq_len: int = 128
+    """Tokens per training sequence (the model's context), at least 2."""
+    batch_size: int = 32
+    """Sequences per training batch."""
+    eval_batch_size: int = 64
+    """Sequences per evaluation batch."""
+    cache_dir: str = DEFAULT_CACHE_DIR
+    """Tokenized corpora and tokenizers; env LEGO_CACHE_DIR replaces the default."""
+    path: Optional[str] = None
+    """data=hf: `datasets.load_dataset` path, e.g. 'wikitext' or a local directory."""
+    config_name: Optional[str] = None
+    """data=hf: dataset configuration, e.g. 'wikitext-2-raw-v1'."""
+    text_column: str = "text"
+    """Column holding the text (hf, text_files with .jsonl/.parquet)."""
+    train_split: str = "train"
+    """Split (or slice, e.g. 'train[:90%]') used for training."""
+    validation_split: str = "validation"
+    """Split (or slice, e.g. 'train[90%:95%]') used for validation."""
+    test_split: str = "test"
+    """Split (or slice, e.g. 'train[95%:]') used for the final test."""
+    train_files: List[str] = field(default_factory=list)
+    """data=text_files: training files (.txt: one row per line; .jsonl; .parquet)."""
+    validation_files: List[str] = field(default_factory=list)
+    """data=text_files: validation files (may be empty if validation_split slices train)."""
+    test_files: List[str] = field(default_factory=list)
+    """data=text_files: test files (may be empty if test_split slices train)."""
+    max_train_tokens: Optional[int] = None
+    """Use only the first this-many training tokens (quick runs); None uses all."""
+    max_eval_tokens: Optional[int] = None
+    """Use only the first this-many validation and test tokens (quick runs); None uses all."""
+
+    def __post_init__(self):
+        validate_data_config(self)
+
+
+def _fail(key: str, problem: str, allowed: str) -> NoReturn:
+    raise ConfigError(f"data.{key}: {problem}; allowed: {allowed}")
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Raise ConfigError('data.<key>: <problem>; allowed: <values>') for the first bad key.
+    Checks values and that data=text_files names existing files; the text itself is
+    checked by `load_corpus`."""
+    if cfg.name not in DATA_NAMES:
+        _fail("name", f"unknown corpus {cfg.name!r}", ", ".join(DATA_NAMES))
+    if cfg.tokenizer not in TOKENIZERS:
+        _fail("tokenizer", f"unknown tokenizer {cfg.tokenizer!r}", ", ".join(TOKENIZERS))
+    if cfg.tokenizer == "bpe" and cfg.vocab_size < 257:
+        _fail("vocab_size", f"{cfg.vocab_size} leaves no room for merges over 256 bytes",
+              "an integer >= 257")
+    if cfg.tokenizer == "pretrained" and not cfg.pretrained_name:
+        _fail("pretrained_name", "tokenizer=pretrained needs a hub tokenizer name",
+              "a name such as 'gpt2'")
+    for key in ("seq_len", "batch_size", "eval_batch_size"):
+        least = 2 if key == "seq_len" else 1
+        if getattr(cfg, key) < least:
+            _fail(key, f"{getattr(cfg, key)} is too small", f"an integer >= {least}")
+    if cfg.max_eval_tokens is not None and cfg.max_eval_tokens < cfg.seq_len + 1:
+        _fail("max_eval_tokens", f"{cfg.max_eval_tokens} holds no sequence of {cfg.seq_len + 1} tokens",
+              f"an integer >= {cfg.seq_len + 1}, or null")
+    if cfg.max_train_tokens is not None and cfg.max_train_tokens < cfg.seq_len + 1:
+        _fail("max_train_tokens", f"{cfg.max_train_tokens} holds no sequence of "
+              f"seq_len + 1 = {cfg.seq_len + 1} tokens", f"None or >= {cfg.seq_len + 1}")
+    if not cfg.cache_dir:
+        _fail("cache_dir", "empty", "a directory path")
+    if cfg.name == "hf" and not cfg.path:
+        _fail("path", "data=hf needs a dataset path", "a hub name such as 'wikitext' or a directory")
+    if cfg.name in ("hf", "text_files", *HF_PRESETS):
+        _check_split_specs(cfg)
+    if cfg.name == "text_files":
+        _check_files(cfg)
+
+
+def _split_base(spec: str) -> str:
+    """'train[:90%]' -> 'train'."""
+    return spec.split("[", 1)[0].strip()
+
+
+def _check_split_specs(cfg: DataConfig) -> None:
+    # Two splits slicing the same source split must both be slices; a bare 'train' next to
+    # 'train[90%:]' would put the validation rows into training.
+    specs = {s: getattr(cfg, f"{s}_split") for s in SPLITS}
+    for split, spec in specs.items():
+        if not spec or not _split_base(spec):
+            _fail(f"{split}_split", "empty", "a split name or slice such as 'train[:90%]'")
+        for other, other_spec in specs.items():
+            if other != split and _split_base(other_spec) == spec:
+                _fail(f"{split}_split", f"{spec!r} also feeds data.{other}_split={other_spec!r}",
+                      f"a slice that does not overlap it, e.g. '{spec}[:90%]'")
+
+
+def _check_files(cfg: DataConfig) -> None:
+    if not cfg.train_files:
+        _fail("train_files", "data=text_files needs at least one training file",
+              "a list of .txt/.jsonl/.parquet paths")
+    builders = set()
+    for split in SPLITS:
+        for f in getattr(cfg, f"{split}_files"):
+            suffix = Path(f).suffix.lower()
+            if suffix not in FILE_BUILDERS:
+                _fail(f"{split}_files", f"{f!r} has an unsupported extension",
+                      ", ".join(FILE_BUILDERS))
+            if not Path(f).expanduser().is_file():
+                _fail(f"{split}_files", f"no such file {f!r}", "paths of existing files")
+            if Path(f).expanduser().stat().st_size == 0:
+                _fail(f"{split}_files", f"{f!r} is empty", "files that hold text")
+            builders.add(FILE_BUILDERS[suffix])
+    if len(builders) > 1:
+        _fail("train_files", f"files of different formats ({', '.join(sorted(builders))})",
+              "one format across all splits")
+    with_files = [s for s in SPLITS if getattr(cfg, f"{s}_files")]
+    for split in SPLITS:
+        spec = getattr(cfg, f"{split}_split")
+        if _split_base(spec) not in with_files:
+            _fail(f"{split}_files", f"no files, and data.{split}_split={spec!r} names no split "
+                  "that has files", f"files, or a slice of {', '.join(with_files)} such as "
+                  f"'{with_files[0]}[90%:95%]' (with data.train_split sliced too)")
+
+
+# -- the library's training controls (SPEC section 2) ---------------------------------------------
+@dataclass
+class StageConfig:
+    """Loss at every layer in the inclusive range `layers` (mean over them), times `loss_weight`."""
+
+    layers: Tuple[int, int]
+    loss_weight: float = 1.0
+
+    def __post_init__(self):
+        a, b = self.layers
+        if not 1 <= a <= b:
+            raise ValueError(f"StageConfig.layers={self.layers} must satisfy 1 <= start <= end")
+
+
+@dataclass
+class TrainingConfig:
+    """Stages whose weighted losses add up, plus the inference-time routing controls."""
+
+    stages: List[StageConfig] = field(default_factory=list)
+    routing_threshold: Optional[float] = None
+    exit_layer: Optional[int] = None
+    confidence: str = "max_prob"  # measure used by routing: one of CONFIDENCE_MEASURES
+    upper_context: Optional[str] = None  # None: the model's own policy
+    grad_clip: Optional[float] = 1.0
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def last_layer(self) -> Optional[int]:
+        return max(s.layers[1] for s in self.stages) if self.stages else None
+
+
+def create_standard_config(num_layers: int) -> TrainingConfig:
+    """A standard LM: one stage, loss at the last layer."""
+    return TrainingConfig(stages=[StageConfig(layers=(num_layers, num_layers), loss_weight=1.0)])
+
+
+# -- the run (Hydra groups) --------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
     """Shape of the network (shared by phase 1, phase 2 and the baselines)."""
@@ -128,7 +335,7 @@ def flat_config(**flat: Any) -> ASHEMConfig:
     cfg = ASHEMConfig()
     for key, value in flat.items():
         if key not in FLAT_ALIASES and key != "hard_example_ratio":
-            raise ValueError(f"{key} is not a flat ASHEMConfig name; allowed: hard_example_ratio, "
+            raise ConfigError(f"{key} is not a flat ASHEMConfig name; allowed: hard_example_ratio, "
                              + ", ".join(FLAT_ALIASES))
         setattr(cfg, key, value)
     return cfg
@@ -144,41 +351,42 @@ def rewrite_alias_overrides(args: List[str]) -> List[str]:
     return out
 
 
-def _positive(key: str, value, kind=int) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{key}={value!r} must be a positive {'integer' if kind is int else 'number'}")
+def check_model(m: "ModelConfig", prefix: str = "") -> None:
+    """The shape checks shared by `validate` (prefix "model.") and the model's constructor (no prefix)."""
+    for key in ("dim", "num_heads", "max_seq_len", "ffn_mult"):
+        check_positive(f"{prefix}{key}", getattr(m, key))
+    if m.dim % m.num_heads:
+        raise ConfigError(f"{prefix}dim={m.dim} must be divisible by {prefix}num_heads={m.num_heads}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"{prefix}dropout={m.dropout} must be in [0, 1)")
+    check_choice(f"{prefix}norm", m.norm, NORMS)
+    check_choice(f"{prefix}pos", m.pos, POSITIONS)
+    check_choice(f"{prefix}ffn", m.ffn, FFNS)
+    if m.pos == "rope" and (m.dim // m.num_heads) % 2:
+        raise ConfigError(f"{prefix}pos=rope needs an even head dim; {prefix}dim/{prefix}num_heads = "
+                          f"{m.dim // m.num_heads}")
 
 
 def validate(cfg: ASHEMConfig) -> None:
-    """Check ranges and cross-key constraints; raise ValueError("<key>=...: ...") on the first problem."""
+    """Check ranges and cross-key constraints; raise ConfigError("<key>=...: ...") on the first problem."""
     m, p1, p2, he, d = cfg.model, cfg.phase1, cfg.phase2, cfg.hard_examples, cfg.data
-    for key in ("dim", "num_heads", "max_seq_len", "ffn_mult"):
-        _positive(f"model.{key}", getattr(m, key))
-    if m.dim % m.num_heads:
-        raise ValueError(f"model.dim={m.dim} must be divisible by model.num_heads={m.num_heads}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ValueError(f"model.dropout={m.dropout} must be in [0, 1)")
-    check_choice("model.norm", m.norm, NORMS)
-    check_choice("model.pos", m.pos, POSITIONS)
-    check_choice("model.ffn", m.ffn, FFNS)
+    check_model(m, "model.")
     check_choice("model.precision", m.precision, ("auto", *PRECISIONS))
-    if m.pos == "rope" and (m.dim // m.num_heads) % 2:
-        raise ValueError(f"model.pos=rope needs an even head dim; model.dim/model.num_heads = {m.dim // m.num_heads}")
     validate_data_config(d)
     if d.seq_len > m.max_seq_len:
-        raise ValueError(f"data.seq_len={d.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
+        raise ConfigError(f"data.seq_len={d.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
     for grp, name in ((p1, "phase1"), (p2, "phase2")):
-        _positive(f"{name}.layers", grp.layers)
-        _positive(f"{name}.lr", grp.lr, float)
-        _positive(f"{name}.patience", grp.patience)
-        _positive(f"{name}.max_epochs", grp.max_epochs)
+        check_positive(f"{name}.layers", grp.layers)
+        check_positive(f"{name}.lr", grp.lr, float)
+        check_positive(f"{name}.patience", grp.patience)
+        check_positive(f"{name}.max_epochs", grp.max_epochs)
         if grp.epoch_steps is not None:
-            _positive(f"{name}.epoch_steps", grp.epoch_steps)
+            check_positive(f"{name}.epoch_steps", grp.epoch_steps)
         if grp.weight_decay < 0:
-            raise ValueError(f"{name}.weight_decay={grp.weight_decay} must be >= 0")
-    _positive("phase2.batch_size", p2.batch_size)
+            raise ConfigError(f"{name}.weight_decay={grp.weight_decay} must be >= 0")
+    check_positive("phase2.batch_size", p2.batch_size)
     if p1.layers >= p2.layers:
-        raise ValueError(f"phase1.layers={p1.layers} must be smaller than phase2.layers={p2.layers}")
+        raise ConfigError(f"phase1.layers={p1.layers} must be smaller than phase2.layers={p2.layers}")
     check_choice("phase2.upper_context", p2.upper_context, UPPER_CONTEXTS)
     check_choice("hard_examples.confidence", he.confidence, CONFIDENCE_MEASURES)
     check_choice("hard_examples.store", he.store, STORES)
@@ -186,11 +394,11 @@ def validate(cfg: ASHEMConfig) -> None:
     check_choice("eval.split", cfg.eval.split, ("test", "validation"))
     check_ratio("hard_example_ratio", cfg.hard_example_ratio)
     if not cfg.stages:
-        raise ValueError(f"stages is empty; choose from {', '.join(STAGES)}")
+        raise ConfigError(f"stages is empty; choose from {', '.join(STAGES)}")
     for s in cfg.stages:
         check_choice("stages", s, STAGES)
     if cfg.num_threads < 0:
-        raise ValueError(f"num_threads={cfg.num_threads} must be >= 0")
+        raise ConfigError(f"num_threads={cfg.num_threads} must be >= 0")
 
 
 def to_dict(cfg: ASHEMConfig) -> Dict[str, Any]:
@@ -204,25 +412,6 @@ def to_dict(cfg: ASHEMConfig) -> Dict[str, Any]:
         return obj
 
     return conv(cfg)
-
-
-def from_dict(data: Dict[str, Any]) -> ASHEMConfig:
-    """Inverse of `to_dict`; unknown keys fail with the key named."""
-    groups = {"model": ModelConfig, "data": DataConfig, "phase1": Phase1Config,
-              "hard_examples": HardExamplesConfig, "phase2": Phase2Config, "eval": EvalConfig}
-    kwargs = {}
-    for key, value in data.items():
-        if key in groups:
-            known = {f.name for f in fields(groups[key])}
-            bad = set(value) - known
-            if bad:
-                raise ValueError(f"{key}.{sorted(bad)[0]} is not a config key; allowed: {', '.join(sorted(known))}")
-            kwargs[key] = groups[key](**value)
-        elif key in {f.name for f in fields(ASHEMConfig)}:
-            kwargs[key] = list(value) if isinstance(value, (list, tuple)) else value
-        else:
-            raise ValueError(f"{key} is not a config key")
-    return ASHEMConfig(**kwargs)
 
 
 def register_configs() -> None:

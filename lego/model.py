@@ -21,18 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "rope")
-FFNS = ("gelu", "swiglu")
-UPPER_CONTEXTS = ("full", "propagate", "skip")
-PRECISIONS = ("fp32", "bf16")
-
-
-def check_choice(key: str, value, allowed) -> None:
-    """Raise a one-line ValueError naming `key` when `value` is not one of `allowed`."""
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
-
+from lego.config import (CONFIDENCE_MEASURES, PRECISIONS, UPPER_CONTEXTS, ConfigError, ModelConfig, check_choice,
+                         check_model, check_positive)
 
 def resolve_precision(precision: str, device) -> str:
     """"auto" -> "bf16" on a CUDA device that supports it, else "fp32"; fp32/bf16 as given.
@@ -44,7 +34,7 @@ def resolve_precision(precision: str, device) -> str:
     if precision == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ValueError("model.precision=bf16 but this CUDA device has no bfloat16; use model.precision=fp32 or auto")
+        raise ConfigError("model.precision=bf16 but this CUDA device has no bfloat16; use model.precision=fp32 or auto")
     return precision
 
 
@@ -235,31 +225,18 @@ class DeepSupervisionTransformer(nn.Module):
         precision: str = "fp32",
     ):
         super().__init__()
-        for key, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers),
-                           ("num_heads", num_heads), ("max_seq_len", max_seq_len)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key}={value!r} must be a positive integer")
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        for key, value in (("vocab_size", vocab_size), ("num_layers", num_layers)):
+            check_positive(key, value)
+        self.config = ModelConfig(dim=dim, num_heads=num_heads, max_seq_len=max_seq_len, dropout=dropout, norm=norm,
+                                  pos=pos, ffn=ffn, ffn_mult=ffn_mult, precision=precision)
+        check_model(self.config)
         if exit_layer is not None and not 1 <= exit_layer < num_layers:
-            raise ValueError(f"exit_layer={exit_layer} must be in [1, num_layers) = [1, {num_layers})")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout} must be in [0, 1)")
-        check_choice("norm", norm, NORMS)
-        check_choice("pos", pos, POSITIONS)
-        check_choice("ffn", ffn, FFNS)
+            raise ConfigError(f"exit_layer={exit_layer} must be in [1, num_layers) = [1, {num_layers})")
         check_choice("upper_context", upper_context, UPPER_CONTEXTS)
-        from lego.ashem import CONFIDENCE_MEASURES  # ashem imports this module
-
         check_choice("confidence", confidence, CONFIDENCE_MEASURES)
         check_choice("precision", precision, PRECISIONS)
-        if pos == "rope" and (dim // num_heads) % 2:
-            raise ValueError(f"pos='rope' needs an even head dim; dim/num_heads = {dim // num_heads}")
         if deep_head and exit_layer is None:
-            raise ValueError("deep_head=True needs exit_layer")
-        self.shape = dict(vocab_size=vocab_size, dim=dim, num_layers=num_layers, num_heads=num_heads,
-                          max_seq_len=max_seq_len, dropout=dropout, norm=norm, pos=pos, ffn=ffn,
-                          ffn_mult=ffn_mult)
+            raise ConfigError("deep_head=True needs exit_layer")
         self.vocab_size, self.dim, self.num_layers, self.num_heads = vocab_size, dim, num_layers, num_heads
         self.max_seq_len = max_seq_len
         self.exit_layer = exit_layer
@@ -278,6 +255,21 @@ class DeepSupervisionTransformer(nn.Module):
         else:
             self.rope_cos = self.rope_sin = None
         self.apply(self._init_weights)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, vocab_size: int, num_layers: int, **routing) -> "DeepSupervisionTransformer":
+        """A model of `config`'s shape (`config.precision` already resolved to fp32 or bf16)."""
+        return cls(vocab_size, config.dim, num_layers, config.num_heads, max_seq_len=config.max_seq_len,
+                   dropout=config.dropout, norm=config.norm, pos=config.pos, ffn=config.ffn,
+                   ffn_mult=config.ffn_mult, precision=config.precision, **routing)
+
+    @property
+    def shape(self) -> dict:
+        """The constructor arguments that fix the weights' shapes and meaning (stored in checkpoints)."""
+        c = self.config
+        return dict(vocab_size=self.vocab_size, dim=c.dim, num_layers=self.num_layers, num_heads=c.num_heads,
+                    max_seq_len=c.max_seq_len, dropout=c.dropout, norm=c.norm, pos=c.pos, ffn=c.ffn,
+                    ffn_mult=c.ffn_mult)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -303,7 +295,7 @@ class DeepSupervisionTransformer(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> layer-0 state (B, T, C)."""
         if idx.shape[1] > self.max_seq_len:
-            raise ValueError(f"sequence length {idx.shape[1]} exceeds max_seq_len={self.max_seq_len}")
+            raise ConfigError(f"sequence length {idx.shape[1]} exceeds max_seq_len={self.max_seq_len}")
         return self.embedding(idx)
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, hard: Optional[torch.Tensor] = None,
@@ -391,7 +383,3 @@ class DeepSupervisionTransformer(nn.Module):
         for module in [big.embedding, big.output_head, *big.layers[: self.num_layers]]:
             module.requires_grad_(False)
         return big
-
-    def num_params(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-

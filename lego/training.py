@@ -15,82 +15,26 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lego import distributed
-from lego.ashem import token_stats
+from lego.artifacts import load_checkpoint, save_checkpoint, write_json, write_jsonl
+from lego.batches import set_loader_epoch
+from lego.config import StageConfig, TrainingConfig, create_standard_config  # noqa: F401  (the API lives here)
+from lego.evaluation import evaluate
+
+LossSumFn = Callable[..., Tuple[torch.Tensor, object]]  # (model, inputs, targets) -> (summed loss, count)
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
-
-
-@dataclass
-class StageConfig:
-    """Loss at every layer in the inclusive range `layers` (mean over them), times `loss_weight`."""
-
-    layers: Tuple[int, int]
-    loss_weight: float = 1.0
-
-    def __post_init__(self):
-        a, b = self.layers
-        if not 1 <= a <= b:
-            raise ValueError(f"StageConfig.layers={self.layers} must satisfy 1 <= start <= end")
-
-
-@dataclass
-class TrainingConfig:
-    """Stages whose weighted losses add up, plus the inference-time routing controls."""
-
-    stages: List[StageConfig] = field(default_factory=list)
-    routing_threshold: Optional[float] = None
-    exit_layer: Optional[int] = None
-    confidence: str = "max_prob"  # measure used by routing; see lego.ashem.CONFIDENCE_MEASURES
-    upper_context: Optional[str] = None  # None: the model's own policy
-    grad_clip: Optional[float] = 1.0
-    ignore_index: int = IGNORE_INDEX
-
-    @property
-    def last_layer(self) -> Optional[int]:
-        return max(s.layers[1] for s in self.stages) if self.stages else None
-
-
-def create_standard_config(num_layers: int) -> TrainingConfig:
-    """A standard LM: one stage, loss at the last layer."""
-    return TrainingConfig(stages=[StageConfig(layers=(num_layers, num_layers), loss_weight=1.0)])
 
 
 class TrainingDiverged(RuntimeError):
     """Raised when a loss becomes NaN or infinite."""
-
-
-def set_loader_epoch(loader, epoch: int) -> None:
-    """Make epoch `epoch`'s order a function of (seed, epoch) alone, so resumed runs match."""
-    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        if obj is not None and hasattr(obj, "set_epoch"):
-            obj.set_epoch(epoch)
-            return
-
-
-def summarize(nll_sum: float, correct: float, n_tokens: int, n_easy: int, exit_layer: Optional[int],
-              num_layers: int) -> Dict[str, float]:
-    """The specification's four numbers from token totals (SPEC section 3)."""
-    if n_tokens == 0:
-        raise ValueError("loader: no tokens to evaluate (empty loader or all targets ignored)")
-    n_hard = n_tokens - n_easy
-    exit_layer = num_layers if exit_layer is None else exit_layer
-    return {
-        "acc": correct / n_tokens,
-        "ppl": math.exp(nll_sum / n_tokens),
-        "loss": nll_sum / n_tokens,
-        "shallow_ratio": n_easy / n_tokens,
-        "compute_cost": (n_easy * exit_layer + n_hard * num_layers) / (n_tokens * num_layers),
-        "n_tokens": n_tokens,
-    }
 
 
 def early_stopping_loop(
@@ -176,12 +120,88 @@ def early_stopping_loop(
     }
 
 
+def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, device, *, epoch: Optional[int] = None,
+                grad_clip: Optional[float] = None, progress: bool = True, name: str = "train_loader") -> float:
+    """One pass of optimizer steps over `batches`; the mean loss per counted token. Every stage trains here.
+
+    `loss_sum_fn(model, inputs, targets)` returns (summed loss, counted tokens). A count read on
+    the device stays there (no host sync per step; a NaN shows up in the epoch's loss, which
+    `early_stopping_loop` checks); a host int count of 0 skips the batch. With `epoch`, the
+    batches' seeded order is that epoch's. Under torch.distributed each rank passes its shard,
+    gradients are averaged over ranks (DDP) and the loss is over every rank's tokens.
+    """
+    device = torch.device(device)
+    model.train()
+    if epoch is not None:
+        set_loader_epoch(batches, epoch)
+    loss_sum = torch.zeros((), device=device)
+    count = 0  # a host int, or a 0-d device tensor once a device count is added (read once, at the end)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = distributed.data_parallel(model, loss_sum_fn, device)
+    for inputs, targets in tqdm(batches, desc=f"epoch {epoch or ''}", leave=False, disable=None if progress else True):
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        total, n = step(inputs, targets)
+        if not torch.is_tensor(n) and n == 0 and not distributed.is_distributed():  # ranks step together
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        (total / (n.clamp(min=1) if torch.is_tensor(n) else max(n, 1))).backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        loss_sum += total.detach()
+        count = count + n
+    loss_sum, count = distributed.all_reduce_sum([float(loss_sum), int(count)])
+    if count == 0:
+        raise ValueError(f"{name}: empty (no batches or no counted tokens)")
+    return loss_sum / count
+
+
+def fit(model, train_one_epoch: Callable[[int], float], validate: Callable[[], float], *, optimizer, work_dir: Path,
+        max_epochs: int, patience: int, name: str, save: Callable[[Path, dict], None]) -> dict:
+    """`early_stopping_loop` with a stage directory: resume from `work_dir/last.pt` (written after
+    every epoch), then history.jsonl, result.json and `save(work_dir / "model.pt", result)` (rank 0).
+    Returns the result without the history. Phase 1, phase 2 and every baseline train here."""
+    resume = load_resume(work_dir / "last.pt", model, name)
+    result = early_stopping_loop(model, train_one_epoch, validate, max_epochs=max_epochs, patience=patience,
+                                 optimizer=optimizer, resume=resume, name=name,
+                                 on_epoch_end=lambda state: save_resume(work_dir, state))
+    summary = {k: v for k, v in result.items() if k != "history"}
+    if distributed.is_main():
+        write_jsonl(work_dir / "history.jsonl", result["history"])
+        write_json(work_dir / "result.json", summary)
+        save(work_dir / "model.pt", summary)
+        (work_dir / "last.pt").unlink(missing_ok=True)
+    return summary
+
+
+def save_resume(work_dir: Path, state: dict) -> None:
+    if not distributed.is_main():  # the ranks hold the same state; one copy on disk
+        return
+    save_checkpoint(work_dir / "last.pt", {"resume": state})
+    write_jsonl(work_dir / "history.jsonl", state["history"])
+
+
+def load_resume(path: Path, model, name: str) -> Optional[dict]:
+    """The resume state at `path` if it exists and fits `model`; an unusable one is ignored with a warning."""
+    if not path.exists():
+        return None
+    try:
+        state = load_checkpoint(path, what=f"{name} resume checkpoint")["resume"]
+        model.load_state_dict(state["model"])  # shape check before trusting it
+    except (ValueError, RuntimeError, KeyError) as e:
+        log.warning("%s: ignoring unusable resume checkpoint %s (%s); starting this phase over", name, path,
+                    str(e).splitlines()[0])
+        return None
+    return state
+
+
 class Trainer:
     """Trains with the stage losses of `config` and evaluates with its routing controls."""
 
-    def __init__(self, config: TrainingConfig, vocab_size: int, device="cpu", *, progress: bool = True):
+    def __init__(self, config: TrainingConfig, vocab_size: Optional[int] = None, device="cpu", *,
+                 progress: bool = True):
+        # vocab_size: the specification's signature; the model knows its vocabulary
         self.config = config
-        self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.progress = progress
 
@@ -222,34 +242,10 @@ class Trainer:
         return total / n.clamp(min=1)
 
     def train_epoch(self, model, loader, optimizer, epoch: int = 1) -> float:
-        """One pass over `loader`; mean stage loss per counted token.
-
-        Under torch.distributed each rank passes its shard of the batches, gradients are
-        averaged over ranks (DDP) and the returned loss is over every rank's tokens.
-        """
+        """One pass over `loader` (see `train_epoch`); mean stage loss per counted token."""
         self._check_layers(model)
-        model.train()
-        set_loader_epoch(loader, epoch)
-        # Loss and token count stay on the device and are read once per epoch: no host sync per
-        # step (a NaN shows up in the epoch's loss, which early_stopping_loop checks).
-        loss_sum = torch.zeros((), device=self.device)
-        count = torch.zeros((), dtype=torch.long, device=self.device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        loss_fn = distributed.data_parallel(model, self.stage_loss_sum, self.device)
-        for inputs, targets in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if self.progress else True):
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            total, n = loss_fn(inputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            (total / n.clamp(min=1)).backward()
-            if self.config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-            optimizer.step()
-            loss_sum += total.detach()
-            count += n
-        loss_sum, count = distributed.all_reduce_sum([float(loss_sum), int(count)])
-        if count == 0:
-            raise ValueError("train_loader: empty (no batches or no counted tokens)")
-        return loss_sum / count
+        return train_epoch(model, loader, optimizer, self.stage_loss_sum, self.device, epoch=epoch,
+                           grad_clip=self.config.grad_clip, progress=self.progress)
 
     @torch.no_grad()
     def validation_loss(self, model, loader) -> float:
@@ -284,98 +280,7 @@ class Trainer:
             on_epoch_end=on_epoch_end, resume=resume, name=name,
         )
 
-    # -- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, model, loader: Iterable) -> Dict[str, float]:
-        """acc, ppl, shallow_ratio, compute_cost (+ per-exit extras) in one pass per batch.
-
-        With `routing_threshold` and `exit_layer`: a token whose confidence at `exit_layer` is
-        >= the threshold is predicted there, the others at the last layer; deep logits are
-        computed only for those. Without routing: plain metrics at the last stage layer.
-        Under torch.distributed each rank passes its shard and gets the metrics of all shards.
-        """
-        cfg = self.config
-        model.eval()
-        deep = cfg.last_layer or model.num_layers
-        if deep > model.num_layers:
-            raise ValueError(f"stage layer {deep} exceeds the model's {model.num_layers} layers")
-        routed = cfg.exit_layer is not None and cfg.routing_threshold is not None
-        if cfg.exit_layer is not None and not 1 <= cfg.exit_layer < deep:
-            raise ValueError(f"exit_layer={cfg.exit_layer} must be in [1, {deep})")
-        exit_layer = cfg.exit_layer if routed else deep
-        policy = cfg.upper_context or getattr(model, "upper_context", "full")
-        nll = correct = n_tok = n_easy = 0.0
-        nll_exit = correct_exit = nll_hard_deep = 0.0
-        for inputs, targets in tqdm(loader, desc="evaluate", leave=False, disable=None if self.progress else True):
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            valid = targets != cfg.ignore_index
-            with model.autocast():  # the precision calibration and mining ran under
-                h = model.run_layers(model.embed(inputs), 0, exit_layer)
-                exit_logits = model.logits_at(h, exit_layer).float()
-            if not routed:
-                st = token_stats(exit_logits, targets, None, cfg.ignore_index)
-                nll += float(st["nll"].sum())  # 0 at ignored targets
-                correct += float(((st["pred"] == targets) & valid).sum())
-                n_tok += int(valid.sum())
-                continue
-            # One log-softmax of the exit logits gives the routing confidence (bit-identical to
-            # calibration's), the exit's NLL and its top-1.
-            ex = token_stats(exit_logits, targets, cfg.confidence, cfg.ignore_index)
-            easy = (ex["conf"] >= cfg.routing_threshold) & valid
-            hard = ~easy & valid
-            with model.autocast():
-                h_deep = model.run_layers(h, exit_layer, deep, hard=hard, policy=policy)
-                deep_logits = model.logits_at(h_deep[hard], deep).float()  # hard positions only
-            d_y = targets[hard]
-            dp = token_stats(deep_logits, d_y, None)
-            e_ok = (ex["pred"] == targets) & valid
-            d_nll, d_ok = dp["nll"].sum(), (dp["pred"] == d_y).sum()
-            nll += float(ex["nll"][easy].sum() + d_nll)
-            correct += float(e_ok[easy].sum() + d_ok)
-            nll_exit += float(ex["nll"].sum())
-            correct_exit += float(e_ok.sum())
-            nll_hard_deep += float(d_nll)
-            n_tok += int(valid.sum())
-            n_easy += int(easy.sum())
-        if distributed.is_distributed():
-            nll, correct, n_tok, n_easy, nll_exit, correct_exit, nll_hard_deep = distributed.all_reduce_sum(
-                [nll, correct, n_tok, n_easy, nll_exit, correct_exit, nll_hard_deep])
-        out = summarize(nll, correct, int(n_tok), int(n_easy), exit_layer if routed else None, deep)
-        if routed:
-            n_hard = int(n_tok) - int(n_easy)
-            out.update({
-                "exit_acc": correct_exit / n_tok,
-                "exit_ppl": math.exp(nll_exit / n_tok),
-                "hard_deep_ppl": math.exp(nll_hard_deep / n_hard) if n_hard else float("nan"),
-                "threshold": float(cfg.routing_threshold),
-                "exit_layer": exit_layer,
-                "num_layers": deep,
-            })
-        return out
-
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """Random order that depends only on (seed, epoch): resumed runs see the same batches.
-
-    Like `DistributedSampler`, call `set_epoch(e)` before each epoch (the training loops do).
-    With `rank`/`world_size`, each rank takes its stride of the same permutation.
-    """
-
-    def __init__(self, n: int, seed: int, *, shuffle: bool = True, rank: int = 0, world_size: int = 1):
-        self.n, self.seed, self.shuffle, self.rank, self.world_size = n, seed, shuffle, rank, world_size
-        self.epoch = 1
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        return iter(order[self.rank::self.world_size])
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
+        """acc, ppl, shallow_ratio, compute_cost (+ per-exit extras) with this config's routing
+        controls; see `lego.evaluation.evaluate`."""
+        return evaluate(self.config, model, loader, self.device, progress=self.progress)

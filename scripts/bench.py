@@ -35,10 +35,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from lego.ashem import IGNORE_INDEX, confidence_from_logits, exact_quantile, train_upper_layers
+from lego.config import IGNORE_INDEX
+from lego.confidence import confidence_from_logits, exact_quantile
+from lego.ashem import train_upper_layers
 from lego.cost import phase2_step_macs, routed_macs
-from lego.model import UPPER_CONTEXTS, DeepSupervisionTransformer
-from lego.training import StageConfig, Trainer, TrainingConfig, create_standard_config
+from lego.config import UPPER_CONTEXTS
+from lego.model import DeepSupervisionTransformer
+from lego.config import StageConfig, TrainingConfig, create_standard_config
+from lego.training import Trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 EXIT_LAYER, NUM_LAYERS = 2, 4

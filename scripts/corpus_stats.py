@@ -17,7 +17,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lego.data import SPLITS, DataConfig, load_corpus, unigram_perplexity
+from lego.config import SPLITS, DataConfig
+from lego.data import load_corpus, unigram_perplexity
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 

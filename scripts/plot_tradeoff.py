@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lego.analysis import plot_points, plot_title, plot_tradeoff, read_csv
+from lego.report import plot_points, plot_title, plot_tradeoff, read_csv
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,10 @@
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from lego.cli import CONF_DIR, to_config
+from lego.config import ASHEMConfig
 from lego.model import DeepSupervisionTransformer
 
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine an OpenMP team
@@ -74,3 +77,26 @@ def token_batches(make_token_batches):
     """Three fixed batches of 4 x 8 random tokens, two ignored targets each."""
     return make_token_batches()
 # ---- end core library ------------------------------------------------------------------------------
+
+
+# ---- whole runs (tests/test_pipeline.py, test_cli.py, test_faults.py, test_precision.py, ...) -------
+# `debug=tiny` (lego/conf/debug/tiny.yaml) is the tiny run every test uses: seconds per run.
+TINY = ["debug=tiny", "num_threads=1"]  # one thread: two on two busy cores can be 100x slower
+
+
+def compose_config(overrides=()):
+    """The composed Hydra config for `lego-run <overrides>` (nothing runs)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def tiny_config(cache_dir, **overrides) -> ASHEMConfig:
+    """`lego-run debug=tiny data.cache_dir=<cache_dir>` as the typed config; `overrides` set dotted keys."""
+    cfg = to_config(compose_config(["debug=tiny", f"data.cache_dir={cache_dir}"]))
+    for key, value in overrides.items():
+        obj = cfg
+        *path, last = key.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        setattr(obj, last, value)
+    return cfg

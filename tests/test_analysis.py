@@ -16,22 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from lego import analysis
-from lego.analysis import (
-    CSV_COLUMNS,
-    analyze,
-    auroc,
-    compute_saved_at,
-    expected_calibration_error,
-    exit_share_by_bucket,
-    frequency_buckets,
-    oracle_router,
-    routed_from_tokens,
-    token_outputs,
-    tradeoff_curve,
-)
-from lego.ashem import CONFIDENCE_MEASURES, confidence_from_logits, exact_quantile
-from lego.training import StageConfig, Trainer, TrainingConfig, create_standard_config
+from lego import report
+from lego.analysis import (CSV_COLUMNS, auroc, compute_saved_at, expected_calibration_error, exit_share_by_bucket, frequency_buckets, oracle_router, routed_from_tokens, token_outputs, tradeoff_curve)
+from lego.report import analyze
+from lego.config import CONFIDENCE_MEASURES
+from lego.confidence import confidence_from_logits, exact_quantile
+from lego.config import StageConfig, TrainingConfig, create_standard_config
+from lego.training import Trainer
 
 KEYS = ("acc", "ppl", "shallow_ratio", "compute_cost")
 
@@ -280,7 +271,7 @@ def test_plot_script_redraws_from_the_eval_dir(tmp_path, grown, token_batches):
 def test_analyze_without_matplotlib(tmp_path, grown, token_batches, monkeypatch, caplog):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib...` now raises ImportError
-    caplog.set_level(logging.INFO, logger=analysis.__name__)
+    caplog.set_level(logging.INFO, logger=report.__name__)
     summary, _, _ = run_analyze(tmp_path, grown, token_batches)
     for name in ("tradeoff.csv", "report.md", "tokens.html", "analysis.json"):
         assert (tmp_path / name).exists(), name

@@ -11,24 +11,21 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import TINY as TINY_RUN
+from conftest import compose_config
 from lego.cli import CONF_DIR, to_config
 from lego.config import ASHEMConfig, rewrite_alias_overrides, validate
 
 GROUPS = ["model", "data", "phase1", "hard_examples", "phase2", "eval"]
 
-# Every run here: byte tokens, a 16-wide model, two short epochs per phase, capped eval splits.
-TINY = [
-    "data.tokenizer=bytes", "data.seq_len=16", "data.batch_size=16", "data.max_train_tokens=20000",
-    "data.max_eval_tokens=6000", "model.dim=16", "model.num_heads=2", "model.max_seq_len=16",
-    "phase1.max_epochs=2", "phase1.epoch_steps=6", "phase2.max_epochs=2", "phase2.epoch_steps=6",
-    "eval.standard_baseline=false", "eval.analysis=false", "device=cpu",
-    "num_threads=1",  # two threads on two busy cores can be 100x slower than one
-]
+TINY = [*TINY_RUN, "eval.standard_baseline=false"]
 
 
-def _compose(overrides=()):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+@pytest.mark.parametrize("option", [p.stem for p in sorted(Path(CONF_DIR, "debug").glob("*.yaml"))])
+def test_debug_presets_compose_validate_and_stay_small(option):
+    config = to_config(compose_config([f"debug={option}"]))
+    validate(config)
+    assert config.device == "cpu" and config.model.dim == 16 and config.data.max_train_tokens <= 20000
 
 
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted(Path(CONF_DIR, g).glob("*.yaml"))])
@@ -40,10 +37,10 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
         extra = [f"data.{s}_files=[{f}]" for s in ("train", "validation", "test")]
     if (group, option) == ("data", "hf"):  # needs a dataset path
         extra = ["data.path=wikitext", "data.config_name=wikitext-2-raw-v1"]
-    config = to_config(_compose([f"{group}={option}", *extra]))
+    config = to_config(compose_config([f"{group}={option}", *extra]))
     assert isinstance(config, ASHEMConfig)
     assert getattr(config, group) == getattr(config, group).__class__(**{
-        k: v for k, v in OmegaConf.to_container(_compose([f"{group}={option}", *extra])[group]).items()})
+        k: v for k, v in OmegaConf.to_container(compose_config([f"{group}={option}", *extra])[group]).items()})
     validate(config)
 
 
@@ -51,15 +48,15 @@ def test_schema_rejects_typos_and_wrong_types():
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException):
-        _compose(["phase1.lrr=1e-3"])
+        compose_config(["phase1.lrr=1e-3"])
     with pytest.raises(ConfigCompositionException):
-        _compose(["phase1.layers=two"])
+        compose_config(["phase1.layers=two"])
 
 
 def test_flat_alias_overrides_are_rewritten():
     assert rewrite_alias_overrides(["phase2_lr=3e-4", "hard_example_ratio=0.3", "+phase1_layers=3"]) == [
         "phase2.lr=3e-4", "hard_example_ratio=0.3", "+phase1.layers=3"]
-    cfg = to_config(_compose(rewrite_alias_overrides(["phase2_lr=3e-4", "model=small", "seed=1"])))
+    cfg = to_config(compose_config(rewrite_alias_overrides(["phase2_lr=3e-4", "model=small", "seed=1"])))
     assert cfg.phase2_lr == 3e-4 and cfg.model.name == "small" and cfg.seed == 1
 
 

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import TINY as TINY_RUN
 from lego import distributed
-from lego.ashem import exact_quantile
+from lego.confidence import exact_quantile
 
 
 # -- collectives, in a 2-process gloo group ----------------------------------------------------------
@@ -30,9 +31,10 @@ def _batches(seed: int, n: int = 4, b: int = 3, t: int = 8, vocab: int = 16):
 
 
 def _worker(rank: int, init_file: str) -> None:
-    from lego.data import make_loader
+    from lego.batches import make_loader
     from lego.model import DeepSupervisionTransformer
-    from lego.training import Trainer, create_standard_config
+    from lego.training import Trainer
+    from lego.config import create_standard_config
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -125,19 +127,16 @@ def test_single_process_helpers_are_identity():
 
 
 # -- a whole run under torchrun ------------------------------------------------------------------
-TINY = [
-    "data.tokenizer=bytes", "data.seq_len=16", "data.batch_size=16", "data.eval_batch_size=32",
-    "data.max_train_tokens=20000", "data.max_eval_tokens=6000", "model.dim=16", "model.num_heads=2",
-    "model.max_seq_len=16", "phase1.max_epochs=2", "phase1.epoch_steps=6", "phase2.max_epochs=2",
-    "phase2.epoch_steps=6", "eval.standard_baseline=false", "eval.analysis=false", "device=cpu",
-]
+TINY = [*TINY_RUN, "data.eval_batch_size=32", "phase1.max_epochs=2", "phase2.max_epochs=2", "eval.standard_baseline=false"]
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_writes_one_run_with_the_global_threshold(tmp_path):
     from lego.ashem import compute_confidence_threshold
-    from lego.data import DataConfig, load_corpus, make_loader
-    from lego.pipeline import load_model
+    from lego.config import DataConfig
+    from lego.data import load_corpus
+    from lego.batches import make_loader
+    from lego.checkpoint import load_model
 
     env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "lego", *TINY,

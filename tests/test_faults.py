@@ -21,19 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY
 from lego.artifacts import load_checkpoint
 
-# Byte tokens, a 16-wide model, three epochs of 30 batches per phase, one thread (two threads on
-# two busy cores can be 100x slower). 200k training tokens make phase 2's hard-example collection
+# debug=tiny with three epochs of 30 batches per phase. 200k training tokens make phase 2's hard-example collection
 # (a pass over the whole training split) last half a second or more: time enough to be killed inside it.
 # phase1.cache=false keeps phase 1 in the run directory, so runs share only the token cache.
-FAULT = [
-    "data.tokenizer=bytes", "data.seq_len=16", "data.batch_size=16", "data.max_train_tokens=200000",
-    "data.max_eval_tokens=6000", "model.dim=16", "model.num_heads=2", "model.max_seq_len=16",
-    "phase1.max_epochs=3", "phase1.epoch_steps=30", "phase1.patience=5", "phase1.cache=false",
-    "phase2.max_epochs=3", "phase2.epoch_steps=30", "phase2.patience=5", "phase2.lr=1e-3",
-    "eval.standard_baseline=false", "eval.analysis=false", "device=cpu", "num_threads=1",
-]
+FAULT = [*TINY, "data.max_train_tokens=200000", "data.max_eval_tokens=6000", "phase1.epoch_steps=30",
+         "phase1.cache=false", "phase2.epoch_steps=30", "eval.standard_baseline=false"]
 HEADLINE = ("acc", "ppl", "shallow_ratio", "compute_cost", "threshold")
 
 
@@ -259,9 +254,10 @@ def test_diverged_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatc
 
     import numpy as np
 
-    from lego.pipeline import make_loaders, train_standard
+    from lego.stages.setup import make_loaders
+    from lego.stages.standard import train_standard
     from lego.training import Trainer, TrainingDiverged
-    from test_pipeline import tiny_config
+    from conftest import tiny_config
 
     real = Trainer.train_epoch
 

@@ -16,11 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lego.ashem import (_CHUNK_ELEMENTS, CONFIDENCE_MEASURES, IGNORE_INDEX, HalfRowWriter, RowBuffer, _row_stats,
-                        collect_hard_examples, compute_confidence_threshold, confidence_from_logits, token_stats,
-                        upper_logits)
+from lego.confidence import _CHUNK_ELEMENTS, _row_stats, confidence_from_logits, token_stats
+from lego.config import CONFIDENCE_MEASURES, IGNORE_INDEX
+from lego.store import HalfRowWriter, RowBuffer
+from lego.ashem import collect_hard_examples, compute_confidence_threshold, upper_logits
 from lego.cost import layer_macs, phase2_step_macs, routed_macs
-from lego.training import StageConfig, Trainer, TrainingConfig
+from lego.config import StageConfig, TrainingConfig
+from lego.training import Trainer
 
 V = 16  # the conftest models' vocabulary
 

@@ -6,33 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_config
 from lego.config import ASHEMConfig, flat_config
-from lego.pipeline import StageError, run
-
-
-def tiny_config(cache_dir, **overrides) -> ASHEMConfig:
-    """A whole run in a few seconds: byte tokens, 16-wide model, short epochs, capped eval splits."""
-    cfg = ASHEMConfig()
-    cfg.data.tokenizer = "bytes"
-    cfg.data.seq_len = 16
-    cfg.data.batch_size = 16
-    cfg.data.eval_batch_size = 64
-    cfg.data.max_train_tokens = 20000
-    cfg.data.max_eval_tokens = 8000
-    cfg.data.cache_dir = str(cache_dir)
-    cfg.model.dim, cfg.model.num_heads, cfg.model.max_seq_len = 16, 2, 16
-    cfg.phase1.max_epochs, cfg.phase1.epoch_steps = 3, 8
-    cfg.phase2.max_epochs, cfg.phase2.epoch_steps, cfg.phase2.lr = 3, 8, 1e-3
-    cfg.phase1.patience = cfg.phase2.patience = 5
-    cfg.eval.analysis = False
-    cfg.device = "cpu"
-    for key, value in overrides.items():
-        obj = cfg
-        *path, last = key.split(".")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return cfg
+from lego.artifacts import StageError
+from lego.run import run
 
 
 def test_run_writes_every_artifact(tmp_path):
@@ -94,23 +71,23 @@ def test_phase1_only_then_full_equals_uninterrupted(tmp_path):
 
 def test_interrupted_phase2_resumes_from_last_epoch(tmp_path, monkeypatch):
     """Kill phase 2 after its first epoch checkpoint; the rerun continues and matches a clean run."""
-    import lego.pipeline as pipeline
+    import lego.training as training
 
     cfg = tiny_config(tmp_path / "cache", **{"eval.standard_baseline": False})
     clean = run(cfg, tmp_path / "clean")
 
-    real_save = pipeline._save_resume
+    real_save = training.save_resume
 
     def save_then_die(work_dir, state):
         real_save(work_dir, state)
         if work_dir.name == "phase2" and state["epoch"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_save_resume", save_then_die)
+    monkeypatch.setattr(training, "save_resume", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "crash")
     assert (tmp_path / "crash/phase2/last.pt").exists() and not (tmp_path / "crash/phase2/model.pt").exists()
-    monkeypatch.setattr(pipeline, "_save_resume", real_save)
+    monkeypatch.setattr(training, "save_resume", real_save)
     resumed = run(cfg, tmp_path / "crash")
     hist = [json.loads(line) for line in (tmp_path / "crash/phase2/history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [1, 2, 3]

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from lego.analysis import token_outputs
-from lego.ashem import (collect_hard_examples, compute_confidence_threshold, create_hard_example_loader,
-                        evaluate_on_hard_examples, gather_confidences, train_upper_layers)
+from lego.ashem import (collect_hard_examples, compute_confidence_threshold, evaluate_on_hard_examples, gather_confidences, train_upper_layers)
+from lego.store import create_hard_example_loader
 from lego.config import ASHEMConfig, validate
-from lego.data import make_loader
+from lego.batches import make_loader
 from lego.model import resolve_precision
-from lego.training import StageConfig, Trainer, TrainingConfig, create_standard_config
+from lego.config import StageConfig, TrainingConfig, create_standard_config
+from lego.training import Trainer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,7 +66,7 @@ def test_precision_choices_and_auto():
 
 
 def test_the_model_carries_its_precision(make_tiny_model):
-    from lego.pipeline import model_args
+    from lego.checkpoint import model_args
 
     model = make_tiny_model(num_layers=2, precision="bf16")
     big = model.grow(4)
@@ -222,8 +223,10 @@ def test_bf16_run_records_its_precision(tmp_path):
     the phase-1 cache and the run dir tell it from fp32), calibration's share holds, the one-pass
     analysis equals the routed evaluation, and an fp32 rerun in the same directory is refused."""
     from lego.artifacts import load_checkpoint
-    from lego.pipeline import StageError, run, science_config
-    from test_pipeline import tiny_config
+    from lego.artifacts import StageError
+    from lego.run import run
+    from lego.stages.setup import science_config
+    from conftest import tiny_config
 
     cfg = tiny_config(tmp_path / "cache", **{"model.precision": "bf16", "eval.standard_baseline": False,
                                              "eval.analysis": True, "eval.html_tokens": 20})

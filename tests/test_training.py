@@ -9,15 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lego.ashem import confidence_from_logits
-from lego.training import (
-    EpochShuffleSampler,
-    StageConfig,
-    Trainer,
-    TrainingConfig,
-    create_standard_config,
-    early_stopping_loop,
-)
+from lego.confidence import confidence_from_logits
+from lego.batches import EpochShuffleSampler
+from lego.config import StageConfig, TrainingConfig, create_standard_config
+from lego.training import Trainer, early_stopping_loop
 
 
 @torch.no_grad()

@@ -1,0 +1,152 @@
+"""Seeded batches: windows of a token stream, an order that depends only on (seed, epoch).
+
+    train = make_loader(corpus.train, 128, 32, shuffle=True, seed=0)   # (B, T) input/target pairs
+    train.sampler.set_epoch(3)                                         # replay epoch 3 after a resume
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from lego import distributed
+from lego.config import _fail
+
+
+class _Windows(torch.utils.data.Dataset):
+    """Sequence i is tokens[i*(T+1) : (i+1)*(T+1)]; a trailing remainder is dropped."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.width = tokens, seq_len + 1
+        self.n = len(tokens) // self.width
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        grid = self.tokens[: self.n * self.width].reshape(self.n, self.width)  # a view, no read
+        block = torch.from_numpy(grid[rows].astype(np.int64))  # (B, T+1), reads only these rows
+        return block[:, :-1].contiguous(), block[:, 1:].contiguous()  # (B, T), (B, T)
+
+
+class _Batches(torch.utils.data.Sampler):
+    """Lists of sequence indices, one list per batch. Shuffled, epoch e is a permutation
+    drawn from a torch.Generator seeded by (seed, e): each pass over the loader gives a new
+    order, the same one in every run; `set_epoch(e)` replays epoch e after a resume. With
+    `world_size` > 1, rank r takes batches r, r + world_size, ... of that same epoch, so the
+    ranks share out exactly the batches of a single process (DistributedSampler, by batch)."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int = 0,
+                 world_size: int = 1):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.stop = n - n % batch_size if drop_last else n
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(range(self.rank, math.ceil(self.stop / self.batch_size), self.world_size))
+
+    def __iter__(self) -> Iterator[List[int]]:
+        order = list(range(self.n))
+        if self.shuffle:
+            # Mixing (seed, epoch) through a hash keeps seed 1 / epoch 0 apart from seed 0 / epoch 1.
+            mixed = hashlib.sha256(f"{self.seed}:{self.epoch}".encode()).digest()[:8]
+            g = torch.Generator().manual_seed(int.from_bytes(mixed, "little"))
+            order = torch.randperm(self.n, generator=g).tolist()
+        self.epoch += 1
+        batches = [order[i:i + self.batch_size] for i in range(0, self.stop, self.batch_size)]
+        return iter(batches[self.rank::self.world_size])
+
+
+def _as_is(batch):
+    return batch
+
+
+def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: bool, seed: int,
+                drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                device=None) -> torch.utils.data.DataLoader:
+    """Batches of (inputs, targets), LongTensors of shape (B, seq_len), targets = inputs
+    shifted by one token. The stream is cut into non-overlapping windows of seq_len + 1
+    tokens. Same seed, same batches; each new pass (epoch) reshuffles deterministically;
+    `loader.sampler.set_epoch(e)` selects epoch e's order. `rank`/`world_size`: this rank's
+    share of every epoch's batches (see `_Batches`); ranks may differ by one batch. With a
+    CUDA `device` the batches come in pinned memory, for asynchronous copies to it."""
+    if seq_len < 2:
+        _fail("seq_len", f"{seq_len} is too small", "an integer >= 2")
+    if batch_size < 1:
+        _fail("batch_size", f"{batch_size} is too small", "an integer >= 1")
+    windows = _Windows(tokens, seq_len)
+    if len(windows) == 0:
+        _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
+              f"{len(tokens)}", f"an integer in [2, {max(len(tokens) - 1, 2)}]")
+    sampler = _Batches(len(windows), batch_size, shuffle, seed, drop_last, rank, world_size)
+    return torch.utils.data.DataLoader(windows, batch_size=None, sampler=sampler, collate_fn=_as_is,
+                                       pin_memory=pin_memory_for(device))
+
+
+def pin_memory_for(device) -> bool:
+    """Whether a loader feeding `device` should pin its batches: only for a CUDA device, where
+    pinned host memory makes the `non_blocking` copies asynchronous."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def set_loader_epoch(loader, epoch: int) -> None:
+    """Make epoch `epoch`'s order a function of (seed, epoch) alone, so resumed runs match."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+            return
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """Random order that depends only on (seed, epoch): resumed runs see the same batches.
+
+    Like `DistributedSampler`, call `set_epoch(e)` before each epoch (the training loops do).
+    With `rank`/`world_size`, each rank takes its stride of the same permutation.
+    """
+
+    def __init__(self, n: int, seed: int, *, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.shuffle, self.rank, self.world_size = n, seed, shuffle, rank, world_size
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        return iter(order[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+class EpochSteps:
+    """At most `steps` batches of `loader` per epoch; the epoch's seeded order picks which.
+
+    Under torch.distributed `steps` still counts the epoch's batches over all ranks, and every
+    rank takes the same number (`distributed.common_steps`).
+    """
+
+    def __init__(self, loader, steps: Optional[int]):
+        self.loader, self.steps = loader, distributed.common_steps(len(loader), steps)
+
+    def set_epoch(self, epoch: int) -> None:
+        set_loader_epoch(self.loader, epoch)
+
+    def __iter__(self):
+        return iter(self.loader) if self.steps is None else itertools.islice(self.loader, self.steps)
+
+    def __len__(self) -> int:
+        return len(self.loader) if self.steps is None else min(self.steps, len(self.loader))

@@ -1,0 +1,78 @@
+"""Models on disk: build a model from the config, save it with its constructor arguments, load it back.
+
+    model = build_model(cfg, vocab_size, num_layers)
+    save_model(run_dir / "phase1" / "model.pt", model, cfg, stage="phase1")
+    model = load_model(path, model_args(model), device, "phase1 checkpoint")
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from lego.artifacts import StageError, load_checkpoint, save_checkpoint
+from lego.config import ASHEMConfig, ConfigError, to_dict
+from lego.model import DeepSupervisionTransformer, resolve_precision
+
+_ROUTING_ATTRS = ("routing_threshold", "upper_context", "confidence")  # behaviour, not weights
+
+
+def resolve_device(name: str) -> torch.device:
+    """`device=` as a torch.device; "auto" is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available on this machine; use device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} but MPS is not available on this machine")
+    return device
+
+
+def run_precision(cfg: ASHEMConfig) -> str:
+    """model.precision with "auto" resolved for the run's device."""
+    return resolve_precision(cfg.model.precision, resolve_device(cfg.device))
+
+
+def model_args(model: DeepSupervisionTransformer) -> Dict[str, Any]:
+    """Constructor arguments that rebuild `model` exactly (stored in every checkpoint)."""
+    return dict(model.shape, exit_layer=model.exit_layer, routing_threshold=model.routing_threshold,
+                deep_head=model.deep_head is not None, upper_context=model.upper_context,
+                confidence=model.confidence, precision=model.precision)
+
+
+def build_model(cfg: ASHEMConfig, vocab_size: int, num_layers: int) -> DeepSupervisionTransformer:
+    """A freshly initialised `num_layers`-layer model of the config's shape (seed first for a given init)."""
+    shape = replace(cfg.model, precision=run_precision(cfg))
+    return DeepSupervisionTransformer.from_config(shape, vocab_size, num_layers,
+                                                  confidence=cfg.hard_examples.confidence,
+                                                  upper_context=cfg.phase2.upper_context)
+
+
+def save_model(path: Path, model: DeepSupervisionTransformer, cfg: ASHEMConfig, **meta) -> None:
+    save_checkpoint(path, {"model_args": model_args(model), "state_dict": model.state_dict(),
+                           "config": to_dict(cfg), "meta": meta})
+
+
+def load_model(path: Path, expect_args: Dict[str, Any], device, what: str) -> DeepSupervisionTransformer:
+    """Rebuild the model stored at `path`; refuse one whose shape differs from what the config asks."""
+    state = load_checkpoint(path, what=what)
+    args = {"precision": "fp32", **state["model_args"]}  # checkpoints without the key ran in fp32
+    diff = [f"{k}: {args.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in expect_args.items()
+            if k not in _ROUTING_ATTRS and args.get(k) != v]
+    if diff:
+        raise StageError(f"{what} {path} has another model shape: {'; '.join(diff[:4])}")
+    model = DeepSupervisionTransformer(**{**args, **{k: expect_args[k] for k in _ROUTING_ATTRS}})
+    model.load_state_dict(state["state_dict"])
+    if args.get("exit_layer") is not None:  # a grown model: lower Block and exit head stay frozen
+        for module in [model.embedding, model.output_head, *model.layers[: args["exit_layer"]]]:
+            module.requires_grad_(False)
+    return model.to(device)

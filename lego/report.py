@@ -1,0 +1,283 @@
+"""Writers for the evaluation analysis: tradeoff.csv, tradeoff.png, tokens.html and report.md.
+
+Formatting only: every number comes from `lego.analysis`. `scripts/plot_tradeoff.py EVAL_DIR`
+re-plots a finished run from its CSV and analysis.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence
+
+import torch
+
+from lego.analysis import (BUCKET_METHOD, COSTS, CSV_COLUMNS, ECE_BINS, METRICS, PLOT_HINT, _conf, _decode, _with_exits,
+                           auroc, compute_saved_at, exit_share_by_bucket, expected_calibration_error, oracle_router,
+                           ppl_compute_area, routed_from_tokens, token_outputs, top_tokens, tradeoff_curve)
+from lego.artifacts import atomic_write, write_json
+from lego.config import CONFIDENCE_MEASURES
+from lego.data import token_counts
+
+log = logging.getLogger(__name__)
+
+
+# -- pictures -----------------------------------------------------------------------------------
+def plot_points(summary: dict) -> Dict[str, dict]:
+    """The points `analyze` marks on the curve: every baseline and the oracle router."""
+    return {**summary["baselines"], "oracle router": summary["oracle"]}
+
+
+def plot_title(summary: dict) -> str:
+    return f"Exit at layer {summary['exit_layer']} of {summary['num_layers']}, routing on {summary['measure']}"
+
+
+def plot_tradeoff(rows: List[dict], points: Dict[str, dict], path, *, title: str = "") -> bool:
+    """Two panels (ppl, accuracy) against compute_cost: the grid curve, the calibrated row and every
+    point in `points` (name -> metrics) marked and named in the legend. False without matplotlib."""
+    path = Path(path)
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
+    except ImportError:
+        log.info("matplotlib is not installed: no %s (%s)", path.name, PLOT_HINT)
+        return False
+    grid = sorted((r for r in rows if r["kind"] == "grid"), key=lambda r: r["compute_cost"])
+    calibrated = [r for r in rows if r["kind"] == "calibrated"]
+    full_ppl = next(r["ppl"] for r in rows if r["kind"] == "grid" and r["target_share"] == 0)
+    fig = Figure(figsize=(11, 4.4))
+    axes = fig.subplots(1, 2)
+    markers = "s^vDPXph<>"
+    for ax, key, label in ((axes[0], "ppl", "perplexity"), (axes[1], "acc", "accuracy")):
+        ax.plot([r["compute_cost"] for r in grid], [r[key] for r in grid], "-o", color="tab:blue", ms=3, lw=1.2,
+                label=f"threshold sweep (exit share 0 to 1 by {1 / (len(grid) - 1):.2g})")
+        for r in grid:
+            if r["target_share"] in (0.0, 0.5, 1.0):
+                ax.annotate(f"exit {r['target_share']:.0%}", (r["compute_cost"], r[key]), xytext=(4, 5),
+                            textcoords="offset points", fontsize=7, color="tab:blue")
+        for j, (name, m) in enumerate(points.items()):
+            if m.get(key) is None or m.get("compute_cost") is None:
+                continue
+            ax.plot(m["compute_cost"], m[key], markers[j % len(markers)], ms=8, mfc="none", mew=1.6,
+                    color=f"C{(j + 1) % 10}", label=name)
+        for r in calibrated:
+            ax.plot(r["compute_cost"], r[key], "*", ms=15, color="crimson", mec="black", mew=0.6, zorder=5,
+                    label=f"calibrated threshold {r['threshold']:.4g} (exit share {r['shallow_ratio']:.0%})")
+            ax.annotate("calibrated", (r["compute_cost"], r[key]), xytext=(6, -12), textcoords="offset points",
+                        fontsize=8, color="crimson")
+        if key == "ppl":
+            ax.axhline(full_ppl * 1.01, color="gray", ls=":", lw=1, label="full depth ppl + 1%")
+        ax.set_xlabel("compute_cost (layers run / full depth)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(title or "Quality against compute")
+    fig.tight_layout(rect=(0, 0, 0.72, 1))
+    atomic_write(path, fig.savefig, mode="wb")
+    return True
+
+
+EARLY_BG, DEEP_BG = "#c6dbef", "#08306b"
+
+
+def tokens_html(tok: Dict[str, torch.Tensor], *, threshold: float, measure: str, exit_layer: int, num_layers: int,
+                tokenizer=None, max_tokens: int = 400) -> str:
+    """A self-contained page: the first `max_tokens` predicted tokens in loader order, each coloured by
+    the exit that predicted it at `threshold`, its confidence and exit on hover."""
+    n = min(max_tokens, tok["target"].numel())
+    conf = _conf(tok, measure)[:n]
+    is_early = (conf >= threshold).tolist()  # the tensor comparison routing makes, not a float64 one
+    fields = ("input", "target", "position", "pred_exit", "pred_deep")
+    inp, tgt, pos, p_exit, p_deep = (tok[f][:n].tolist() for f in fields)
+    conf = conf.tolist()
+
+    def text(i: int) -> str:
+        return html.escape(_decode(i, tokenizer) if tokenizer is not None else f"{i} ")
+
+    spans, n_early = [], 0
+    for j in range(n):
+        if pos[j] == 0:  # a row's first token: context, predicted by nothing
+            spans.append(f'<span class="ctx" title="first token of a sequence: not predicted">{text(inp[j])}</span>')
+        early = is_early[j]
+        n_early += early
+        pred = p_exit[j] if early else p_deep[j]
+        tip = (f"{'early exit' if early else 'deep exit'}: layer {exit_layer if early else num_layers} of {num_layers}"
+               f" | {measure} {conf[j]:.4f} (threshold {threshold:.4f})"
+               f" | predicted {_decode(pred, tokenizer)!r} {'(right)' if pred == tgt[j] else '(wrong)'}")
+        spans.append(f'<span class="{"early" if early else "deep"}" title="{html.escape(tip)}">{text(tgt[j])}</span>')
+    share = n_early / n if n else 0.0
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Exit per token</title>
+<style>
+body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
+.text {{ font-family: monospace; white-space: pre-wrap; line-height: 1.8; border: 1px solid #ccc; padding: 1em; }}
+.early {{ background: {EARLY_BG}; color: #000; }}
+.deep {{ background: {DEEP_BG}; color: #fff; }}
+.ctx {{ color: #888; }}
+.swatch {{ display: inline-block; padding: 0 0.6em; margin-right: 1em; }}
+</style></head><body>
+<h1>Which exit predicted each token</h1>
+<p>Routing on <b>{html.escape(measure)}</b> at threshold {threshold:.6g}: a token whose confidence at layer
+{exit_layer} is at or above the threshold is predicted there; the others go on to layer {num_layers}.
+Each token is coloured by the exit that <i>predicted</i> it; hover for its confidence.
+Early exits in this passage: {n_early} of {n} ({share:.0%}).</p>
+<p><span class="swatch early">early exit (layer {exit_layer})</span><span class="swatch deep">deep exit
+(layer {num_layers})</span><span class="swatch ctx">context only (first token of a sequence)</span></p>
+<div class="text">{"".join(spans)}</div>
+</body></html>
+"""
+
+
+# -- the report ---------------------------------------------------------------------------------
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) if not isinstance(v, str) else v.replace("|", "\\|") for v in row) + " |"
+              for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _token_rows(entries: List[dict]) -> List[list]:
+    return [[repr(e["token"]), e["id"], e["count"], e["share_of_occurrences"]] for e in entries]
+
+
+def write_csv(path, rows: List[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def read_csv(path) -> List[dict]:
+    """Rows of a tradeoff.csv with numbers as floats (target_share None on the calibrated row)."""
+    with open(path, newline="") as f:
+        return [{k: (v if k == "kind" else float(v) if v != "" else None) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+
+
+def _report(s: dict, rows: List[dict], plotted: bool, upper_context: str) -> str:
+    models = {**s["baselines"], "calibrated router (one pass)": s["calibrated"], "oracle router": s["oracle"]}
+    cost_cols = [c for c in COSTS if any(c in m for m in models.values())]
+    header = ["router / model", "acc", "ppl", "shallow_ratio", "compute_cost", *cost_cols]
+    saved, fb, (lo, hi) = s["at_1pct_ppl"], s["frequency_buckets"], s["compute_range"]
+    blocks = [
+        "# Evaluation analysis",
+        f"Exit at layer {s['exit_layer']} of {s['num_layers']}, routing on `{s['measure']}` at the calibrated "
+        f"threshold {s['threshold']:.6g}; {s['n_tokens']} tokens. Here a token is the target a position predicts.",
+    ]
+    if upper_context != "full":
+        blocks.append(f"**Note:** the model routes with upper_context='{upper_context}'. The one-pass rows "
+                      "(curve, calibrated, oracle) assume 'full' (every token runs every layer), so they can differ "
+                      "from a routed baseline measured under the model's own policy.")
+    blocks += [
+        "## Routers and baselines",
+        _table(header, ([name, *(m.get(c) for c in header[1:])] for name, m in models.items())),
+        f"Oracle router: a token exits early exactly when the early exit's top-1 equals the deep exit's, so it "
+        f"keeps every deep prediction (its accuracy is the full-depth model's). It sends "
+        f"**{s['oracle_shallow_ratio']:.1%}** of tokens out early; the calibrated router sends "
+        f"**{s['calibrated']['shallow_ratio']:.1%}**.",
+        "## Trade-off",
+        f"- Area under ppl against compute_cost over [{lo:.4g}, {hi:.4g}] (trapezoids over the grid rows; lower "
+        f"is better): {s['ppl_compute_auc']:.6g}, or {_fmt(s['ppl_compute_auc_per_unit'], 6)} "
+        "per unit of compute (the mean ppl across the range).\n"
+        f"- Compute saved at no more than 1% ppl loss against full depth (ppl {s['full_depth']['ppl']:.6g}): "
+        f"**{saved['compute_saved']:.1%}** (threshold {saved['threshold']:.6g}, exit share "
+        f"{saved['shallow_ratio']:.1%}, ppl {saved['ppl']:.6g}). Searched over every threshold on this split: it "
+        "describes the curve and is not a router.",
+        "Each row is exact for its threshold under upper_context='full' (also in tradeoff.csv); exit share 0 is "
+        "the full-depth model, 1 the exit layer alone:",
+        _table(CSV_COLUMNS, ([r[c] if r[c] is not None else "" for c in CSV_COLUMNS] for r in rows)),
+        "![quality against compute](tradeoff.png)" if plotted else
+        f"tradeoff.png was not drawn: matplotlib is not installed ({PLOT_HINT}).",
+        "## Confidence measures",
+        _table(["measure", "AUROC at predicting 'early and deep exit agree'", "routes"],
+               ([m, v, "yes" if m == s["measure"] else ""] for m, v in s["auroc"].items())),
+        f"Expected calibration error of the early exit (max_prob against its correctness, {s['ece_bins']} "
+        f"equal-width bins): {s['ece_exit']:.4f}.",
+        "## Exit share by token frequency",
+    ]
+    if fb:
+        blocks += [fb["method"],
+                   _table(["bucket", "vocabulary types", "training mass", "tokens here", "exit share (calibrated)",
+                           "exit share (oracle)"],
+                          ([b, v["n_types"], v["train_mass"], v["n_tokens"], v["exit_share"], v["oracle_exit_share"]]
+                           for b, v in fb["buckets"].items()))]
+    else:
+        blocks.append("Not computed: no training tokens were given.")
+    for kind in ("hard", "easy"):
+        blocks += [f"## The 20 most common {kind} tokens (calibrated threshold)",
+                   f"share: the share of that token's occurrences here that were {kind}.",
+                   _table(["token", "id", "count", "share"], _token_rows(s[f"{kind}_tokens"]))]
+    blocks.append("Every token of a passage, coloured by its exit: [tokens.html](tokens.html).")
+    return "\n\n".join(b.rstrip("\n") for b in blocks) + "\n"
+
+
+def analyze(out_dir, *, model, loader, device, threshold: float, measure: str, exit_layer: int,
+            baselines: Dict[str, dict], tokenizer=None, train_tokens=None, vocab_size: int,
+            html_tokens: int = 400) -> dict:
+    """One pass over `loader`, then tradeoff.csv, report.md, tokens.html, analysis.json and
+    (with matplotlib) tradeoff.png in `out_dir`. Returns the JSON-able summary (also analysis.json).
+
+    `baselines`: name -> metrics with at least acc, ppl, shallow_ratio, compute_cost (compute_cost
+    relative to this model's full depth), shown beside the calibrated and oracle routers.
+    """
+    out = Path(out_dir)
+    L = model.num_layers
+    upper_context = getattr(model, "upper_context", "full")
+    if upper_context != "full":
+        log.warning("analysis: the model routes with upper_context=%r; the one-pass curve assumes 'full'",
+                    upper_context)
+    measures = tuple(dict.fromkeys((measure, *CONFIDENCE_MEASURES)))
+    tok = token_outputs(model, loader, device, exit_layer=exit_layer, measures=measures)
+    kw = dict(exit_layer=exit_layer, num_layers=L)
+    rows = tradeoff_curve(tok, measure=measure, calibrated_threshold=threshold, **kw)
+    full = _with_exits(tok, torch.zeros_like(tok["target"], dtype=torch.bool), **kw)
+    exit_only = _with_exits(tok, torch.ones_like(tok["target"], dtype=torch.bool), **kw)
+    calibrated = routed_from_tokens(tok, threshold, measure=measure, **kw)
+    oracle = oracle_router(tok, **kw)
+    at_1pct = compute_saved_at(tok, measure=measure, **kw)
+    agree = tok["pred_exit"] == tok["pred_deep"]
+    easy = _conf(tok, measure) >= threshold
+    baselines = {name: {k: m[k] for k in METRICS + COSTS if k in m} for name, m in baselines.items()}
+    summary = {
+        "measure": measure, "threshold": float(threshold), "exit_layer": exit_layer, "num_layers": L,
+        "n_tokens": int(tok["target"].numel()),
+        "full_depth": {k: full[k] for k in ("acc", "ppl")},
+        "exit_only": {k: exit_only[k] for k in ("acc", "ppl")},
+        "calibrated": {k: calibrated[k] for k in METRICS},
+        "oracle": {k: oracle[k] for k in METRICS},
+        "oracle_shallow_ratio": oracle["shallow_ratio"],
+        **ppl_compute_area(rows),
+        "compute_saved_at_1pct_ppl": at_1pct["compute_saved"],
+        "at_1pct_ppl": at_1pct,
+        "auroc": {m: auroc(_conf(tok, m), agree) for m in measures},
+        "ece_exit": expected_calibration_error(tok["conf_max_prob"], tok["pred_exit"] == tok["target"], ECE_BINS),
+        "ece_bins": ECE_BINS,
+        "frequency_buckets": None,
+        "hard_tokens": top_tokens(tok["target"], ~easy, vocab_size, tokenizer=tokenizer),
+        "easy_tokens": top_tokens(tok["target"], easy, vocab_size, tokenizer=tokenizer),
+        "baselines": baselines,
+    }
+    if train_tokens is not None:
+        summary["frequency_buckets"] = {
+            "method": BUCKET_METHOD,
+            "buckets": exit_share_by_bucket(tok["target"], {"exit_share": easy, "oracle_exit_share": agree},
+                                            token_counts(train_tokens, vocab_size)),
+        }
+    write_csv(out / "tradeoff.csv", rows)
+    plotted = plot_tradeoff(rows, plot_points(summary), out / "tradeoff.png", title=plot_title(summary))
+    atomic_write(out / "tokens.html", lambda f: f.write(tokens_html(
+        tok, threshold=threshold, measure=measure, tokenizer=tokenizer, max_tokens=html_tokens, **kw)))
+    atomic_write(out / "report.md", lambda f: f.write(_report(summary, rows, plotted, upper_context)))
+    write_json(out / "analysis.json", summary)
+    return summary

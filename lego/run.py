@@ -1,0 +1,178 @@
+"""One LEGO run: phase1 -> hard_examples -> phase2 -> eval, in a run directory.
+
+`run(config, run_dir)` is what `lego-run` calls after Hydra has composed the config; tests call
+it directly. Splits are used as SPEC section 4 says: phase 1 trains on train and early-stops on
+validation; the threshold is calibrated on validation; phase 2 trains on the training split's
+hard examples and early-stops on the validation split's; every reported number is on test.
+
+A stage whose result file exists is skipped, and an interrupted phase resumes from its last
+epoch checkpoint, so rerunning the same command in the same run directory finishes the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from lego import __version__, distributed
+from lego.artifacts import LockBusy, RunDirTaken, file_lock, read_json, remove_partial_writes, write_json, write_text
+from lego.config import ASHEMConfig, validate
+from lego.data import Corpus, load_corpus
+from lego.stages.eval import stage_eval
+from lego.stages.hard_examples import load_threshold, stage_hard_examples
+from lego.stages.phase1 import load_phase1, stage_phase1
+from lego.stages.phase2 import load_phase2, stage_phase2
+from lego.stages.setup import make_loaders, science_config, setup_torch
+
+log = logging.getLogger(__name__)
+
+
+def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None) -> Dict[str, Any]:
+    """Run the configured stages in `run_dir`; return the summary also written to metrics.json.
+
+    `resolved_yaml` is the composed config as Hydra printed it (written as config_resolved.yaml);
+    without it the dataclass is written as YAML. Under torchrun (WORLD_SIZE > 1) every rank
+    calls this with the same `run_dir`: the ranks train together and rank 0 alone writes.
+    """
+    validate(config)
+    distributed.setup()
+    run_dir = Path(run_dir)
+    busy = f"run dir {run_dir} is in use by another lego-run process; wait for it or pick another hydra.run.dir"
+    if not distributed.is_main():  # rank 0 holds the lock and claims the directory for all ranks
+        if not distributed.broadcast(None):  # ...and says whether it got it: every rank stops alike
+            raise LockBusy(busy)
+        return _run_locked(config, run_dir, resolved_yaml)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(run_dir / ".lock", blocking=False, busy_message=busy))
+        except LockBusy:
+            distributed.broadcast(False)
+            raise
+        distributed.broadcast(True)
+        remove_partial_writes(run_dir)  # litter of a killed run; nobody else writes here while we hold the lock
+        return _run_locked(config, run_dir, resolved_yaml)
+
+
+def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str]) -> Dict[str, Any]:
+    claim_run_dir(run_dir, cfg)
+    if distributed.is_main():
+        write_text(run_dir / "config_resolved.yaml", resolved_yaml or OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    device = setup_torch(cfg)
+    timings: Dict[str, float] = {}
+
+    def timed(name: str, stage: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = stage()
+        timings[name] = time.perf_counter() - start
+        return result
+
+    def data():
+        with distributed.main_first():  # rank 0 tokenizes into the cache; the others then read it
+            corpus = load_corpus(cfg.data)
+        if distributed.is_main():
+            corpus.tokenizer.save(run_dir / "tokenizer")
+        return corpus, make_loaders(cfg, corpus, device=device)
+
+    corpus, loaders = timed("data", data)
+    log.info("corpus %s: %d / %d / %d tokens (train/validation/test), vocabulary %d", cfg.data.name,
+             len(corpus.train), len(corpus.validation), len(corpus.test), corpus.vocab_size)
+    stages = set(cfg.stages)
+    model1 = (timed("phase1", lambda: stage_phase1(cfg, corpus, loaders, run_dir, device)) if "phase1" in stages
+              else load_phase1(cfg, corpus, run_dir, device))
+    threshold_info = model2 = metrics = None
+    if "hard_examples" in stages:
+        threshold_info = timed("hard_examples", lambda: stage_hard_examples(cfg, model1, loaders, run_dir, device))
+    elif stages & {"phase2", "eval"}:
+        threshold_info = load_threshold(cfg, run_dir)
+    if "phase2" in stages:
+        model2 = timed("phase2", lambda: stage_phase2(cfg, model1, threshold_info["threshold"], loaders, run_dir,
+                                                      device))
+    elif "eval" in stages:
+        model2 = load_phase2(cfg, model1, threshold_info["threshold"], run_dir, device)
+    if "eval" in stages:
+        metrics = timed("eval", lambda: stage_eval(cfg, corpus, model1, model2, threshold_info, loaders, run_dir,
+                                                   device))
+    summary = summarize_run(cfg, run_dir, corpus, metrics, timings)
+    if distributed.is_main():
+        write_json(run_dir / "metrics.json", summary)
+    log.info("\n%s", format_table(summary))
+    distributed.barrier()  # no rank returns before rank 0 has written everything
+    return summary
+
+
+def _diff(a: Dict, b: Dict, prefix: str = "") -> list:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def claim_run_dir(run_dir: Path, cfg: ASHEMConfig) -> None:
+    """Record the config in `run_dir`, or refuse if the directory holds a run of another config."""
+    record = run_dir / "run.json"
+    new = science_config(cfg)
+    if record.exists():
+        diff = _diff(read_json(record)["science_config"], new)
+        if diff:
+            raise RunDirTaken(f"run dir {run_dir} holds a run with another config ({'; '.join(diff[:5])}); "
+                              "use a new hydra.run.dir or the same overrides")
+    elif distributed.is_main():  # every rank checks (and refuses alike); rank 0 writes
+        write_json(record, {"science_config": new, "lego_version": __version__, "torch": torch.__version__,
+                            "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Optional[dict],
+                  timings: Dict[str, float]) -> dict:
+    """The one-level summary written to metrics.json (headline numbers of eval/metrics.json)."""
+    summary: Dict[str, Any] = {"run_dir": str(run_dir), "stages": list(cfg.stages),
+                               "hard_example_ratio": cfg.hard_example_ratio, "seed": cfg.seed,
+                               "data": cfg.data.name, "vocab_size": corpus.vocab_size, "wall_s": timings}
+    if distributed.is_distributed():
+        summary["world_size"] = distributed.world_size()
+    if metrics is not None:
+        a = metrics["ashem"]
+        summary.update({k: a[k] for k in ("acc", "ppl", "shallow_ratio", "compute_cost", "flop_cost", "wall_cost")})
+        summary["threshold"] = metrics["threshold"]
+        summary["phase1_ppl"] = metrics["phase1_only"]["ppl"]
+        summary["no_routing_ppl"] = metrics["no_routing"]["ppl"]
+        if "standard" in metrics:
+            summary["standard_ppl"] = metrics["standard"]["ppl"]
+        summary["hard_ppl_phase1"] = metrics["hard_tokens"]["phase1"]["ppl"]
+        summary["hard_ppl_ashem"] = metrics["hard_tokens"]["ashem"]["ppl"]
+        for k in ("ppl_compute_auc", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio"):
+            if k in metrics.get("analysis", {}):
+                summary[k] = metrics["analysis"][k]
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The table `lego-run` prints at the end."""
+    rows = [("run dir", summary["run_dir"])]
+    if "ppl" in summary:
+        rows += [("test ppl (routed)", f"{summary['ppl']:.2f}"), ("test acc (routed)", f"{summary['acc']:.4f}"),
+                 ("shallow_ratio", f"{summary['shallow_ratio']:.3f}"),
+                 ("compute_cost (layers)", f"{summary['compute_cost']:.3f}"),
+                 ("flop_cost / wall_cost", f"{summary['flop_cost']:.3f} / {summary['wall_cost']:.3f}"),
+                 ("phase-1 model ppl", f"{summary['phase1_ppl']:.2f}"),
+                 ("no-routing ppl", f"{summary['no_routing_ppl']:.2f}")]
+        if "standard_ppl" in summary:
+            rows.append(("standard baseline ppl", f"{summary['standard_ppl']:.2f}"))
+        rows.append(("hard-token ppl phase1 -> ashem",
+                     f"{summary['hard_ppl_phase1']:.2f} -> {summary['hard_ppl_ashem']:.2f}"))
+        if "oracle_shallow_ratio" in summary:
+            rows += [("oracle exit share", f"{summary['oracle_shallow_ratio']:.3f}"),
+                     ("compute saved at <=1% ppl loss", f"{summary['compute_saved_at_1pct_ppl']:.3f}")]
+    rows.append(("wall time", ", ".join(f"{k} {v:.1f}s" for k, v in summary["wall_s"].items())))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

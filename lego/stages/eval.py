@@ -1,0 +1,95 @@
+"""Stage `eval`: every reported number, on the test split: routed ASHEM, its parts, the baselines,
+and the trade-off analysis (SPEC sections 3.4 and 6)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from lego import distributed
+from lego.artifacts import write_json
+from lego.ashem import evaluate_on_hard_examples
+from lego.config import ASHEMConfig, StageConfig, TrainingConfig, create_standard_config
+from lego.cost import routed_macs
+from lego.data import Corpus
+from lego.model import DeepSupervisionTransformer
+from lego.report import analyze
+from lego.stages.hard_examples import hard_loader
+from lego.stages.setup import Loaders, make_loaders
+from lego.stages.standard import cached_standard
+from lego.training import Trainer
+
+HEADLINES = ("ppl_compute_auc", "ppl_compute_auc_per_unit", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio",
+             "auroc", "ece_exit")  # analysis numbers kept in metrics.json (the rest is in eval/analysis.json)
+
+
+def timed_evaluate(config: TrainingConfig, model, loader, device) -> Dict[str, Any]:
+    """`Trainer.evaluate` plus its wall time in seconds (`wall_s`)."""
+    start = time.perf_counter()
+    out = Trainer(config, device=device).evaluate(model, loader)
+    out["wall_s"] = time.perf_counter() - start
+    return out
+
+
+def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransformer,
+               model2: DeepSupervisionTransformer, threshold_info: Dict[str, Any], loaders: Loaders, run_dir: Path,
+               device: torch.device) -> Dict[str, Any]:
+    """Writes run_dir/eval/metrics.json (and the analysis files); returns the metrics."""
+    out = run_dir / "eval"
+    exit_layer, depth = cfg.phase1.layers, cfg.phase2.layers
+    threshold = threshold_info["threshold"]
+    loader = loaders.test if cfg.eval.split == "test" else loaders.validation
+    routed = TrainingConfig(stages=[StageConfig((depth, depth))], routing_threshold=threshold, exit_layer=exit_layer,
+                            confidence=cfg.hard_examples.confidence, upper_context=cfg.phase2.upper_context)
+    metrics: Dict[str, Any] = {"split": cfg.eval.split, "threshold": threshold, "exit_layer": exit_layer,
+                               "num_layers": depth, "upper_context": cfg.phase2.upper_context,
+                               "confidence": cfg.hard_examples.confidence}
+    metrics["ashem"] = timed_evaluate(routed, model2, loader, device)
+    metrics["phase1_only"] = timed_evaluate(create_standard_config(exit_layer), model1, loader, device)
+    metrics["no_routing"] = timed_evaluate(create_standard_config(depth), model2, loader, device)
+    m = cfg.model
+    metrics["ashem"].update(routed_macs(
+        dim=m.dim, ffn_mult=m.ffn_mult, ffn=m.ffn, vocab_size=corpus.vocab_size, seq_len=cfg.data.seq_len,
+        exit_layer=exit_layer, num_layers=depth, shallow_ratio=metrics["ashem"]["shallow_ratio"],
+        policy=cfg.phase2.upper_context))
+    metrics["ashem"]["wall_cost"] = metrics["ashem"]["wall_s"] / metrics["no_routing"]["wall_s"]
+    split_hard = hard_loader(cfg, model1, loader, threshold, device, out / "scratch", shuffle=False,
+                             what=f"{cfg.eval.split} hard tokens")
+    metrics["hard_tokens"] = {
+        "phase1": evaluate_on_hard_examples(model1, split_hard, None, device, exit_layer),
+        "ashem": evaluate_on_hard_examples(model2, split_hard, None, device, exit_layer),
+    }
+    shutil.rmtree(out / "scratch", ignore_errors=True)
+    if cfg.eval.standard_baseline:
+        standard = cached_standard(cfg, corpus, loaders, depth, run_dir / "baseline", device, "baseline")
+        metrics["standard"] = Trainer(create_standard_config(depth), device=device).evaluate(standard, loader)
+    if cfg.eval.analysis and distributed.is_main():  # per-token analysis of the whole split, on rank 0 alone
+        whole = make_loaders(cfg, corpus, shard=False, device=device) if distributed.is_distributed() else loaders
+        metrics["analysis"] = run_analysis(cfg, corpus, model2, metrics,
+                                           whole.test if cfg.eval.split == "test" else whole.validation, out, device)
+    if distributed.is_main():
+        write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransformer, metrics: Dict[str, Any],
+                 loader, out: Path, device) -> Dict[str, Any]:
+    """Trade-off curve, oracle, confidence diagnostics and pictures (lego.report.analyze) in eval/;
+    returns the headline numbers kept in metrics.json."""
+    exit_layer, depth = cfg.phase1.layers, cfg.phase2.layers
+    baselines = {"ashem (routed, measured)": metrics["ashem"],
+                 f"phase-1 model ({exit_layer} layers)": {**metrics["phase1_only"], "shallow_ratio": 1.0,
+                                                          "compute_cost": exit_layer / depth},
+                 "ashem, no routing": metrics["no_routing"]}
+    if "standard" in metrics:
+        baselines[f"standard {depth}-layer model"] = metrics["standard"]
+    s = analyze(out, model=model2, loader=loader, device=device, threshold=metrics["threshold"],
+                measure=cfg.hard_examples.confidence, exit_layer=exit_layer, baselines=baselines,
+                tokenizer=corpus.tokenizer, train_tokens=np.asarray(corpus.train), vocab_size=corpus.vocab_size,
+                html_tokens=cfg.eval.html_tokens)
+    return {k: s[k] for k in HEADLINES if k in s}

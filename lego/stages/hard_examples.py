@@ -1,0 +1,73 @@
+"""Stage `hard_examples`: calibrate the exit threshold on the calibration split (SPEC section 3.2),
+and the mining of hard sequences that phase 2 and the evaluation use."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from lego import distributed
+from lego.artifacts import StageError, read_json, write_json
+from lego.ashem import collect_hard_examples, exact_quantile, gather_confidences
+from lego.config import ASHEMConfig
+from lego.model import DeepSupervisionTransformer
+from lego.stages.setup import Loaders
+from lego.store import create_hard_example_loader
+
+log = logging.getLogger(__name__)
+QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)  # confidence statistics kept in threshold.json
+
+
+def stage_hard_examples(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, loaders: Loaders, run_dir: Path,
+                        device: torch.device) -> Dict[str, Any]:
+    """Calibrate the threshold on the calibration split; write hard_examples/threshold.json."""
+    path = run_dir / "hard_examples" / "threshold.json"
+    if distributed.broadcast(path.exists()):
+        return read_json(path)
+    split = cfg.hard_examples.calibration_split
+    loader = loaders.validation if split == "validation" else loaders.train_ordered
+    conf = gather_confidences(model1, loader, device, measure=cfg.hard_examples.confidence)  # every rank's tokens
+    threshold = exact_quantile(conf, cfg.hard_example_ratio)
+    hard = int((conf < threshold).sum())
+    info = {
+        "threshold": threshold,
+        "target_ratio": cfg.hard_example_ratio,
+        "achieved_ratio": hard / conf.numel(),
+        "calibration_split": split,
+        "confidence": cfg.hard_examples.confidence,
+        "exit_layer": cfg.phase1.layers,
+        "num_tokens": conf.numel(),
+        "num_hard": hard,
+        "num_easy": conf.numel() - hard,
+        "confidence_stats": {"mean": float(conf.double().mean()), "std": float(conf.double().std()),
+                             "min": float(conf.min()), "max": float(conf.max()),
+                             **{f"q{int(q * 100):02d}": exact_quantile(conf, q) for q in QUANTILES}},
+    }
+    if distributed.is_main():
+        write_json(path, info)
+    log.info("threshold %.6g on %s: %d of %d tokens hard (%.3f, target %.3f)", threshold, split, hard,
+             conf.numel(), info["achieved_ratio"], cfg.hard_example_ratio)
+    return info
+
+
+def load_threshold(cfg: ASHEMConfig, run_dir: Path) -> Dict[str, Any]:
+    """threshold.json of a previous invocation, for runs whose `stages` leave hard_examples out."""
+    path = run_dir / "hard_examples" / "threshold.json"
+    if not path.exists():
+        raise StageError(f"stages={cfg.stages} needs the threshold at {path}; include hard_examples in stages")
+    return read_json(path)
+
+
+def hard_loader(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, loader, threshold: float, device,
+                store_dir: Path, *, shuffle: bool, what: str):
+    """A loader over the hard sequences of `loader` (this rank's shard under torch.distributed)."""
+    if distributed.is_distributed():
+        store_dir = store_dir / f"rank{distributed.rank()}"  # scratch; removed with its stage's scratch dir
+    hard = collect_hard_examples(model1, loader, threshold, device, measure=cfg.hard_examples.confidence,
+                                 store=cfg.hard_examples.store, store_dir=str(store_dir))
+    counts = distributed.all_reduce_sum([hard["num_hard"], hard["num_tokens"], len(hard["targets"])])
+    log.info("%s: %d hard tokens of %d in %d sequences", what, *map(int, counts))
+    return create_hard_example_loader(hard, cfg.phase2.batch_size, shuffle=shuffle, seed=cfg.seed, device=device)

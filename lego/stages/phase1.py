@@ -1,0 +1,30 @@
+"""Stage `phase1`: Block 1, a `phase1.layers`-layer LM trained on every token (SPEC section 3.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lego.artifacts import StageError
+from lego.checkpoint import build_model, load_model, model_args
+from lego.config import ASHEMConfig
+from lego.data import Corpus
+from lego.model import DeepSupervisionTransformer
+from lego.stages.setup import Loaders
+from lego.stages.standard import cached_standard
+
+
+def stage_phase1(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, run_dir: Path,
+                 device: torch.device) -> DeepSupervisionTransformer:
+    """Train (or take from the cache) the phase-1 model; writes run_dir/phase1/."""
+    return cached_standard(cfg, corpus, loaders, cfg.phase1.layers, run_dir / "phase1", device, "phase1")
+
+
+def load_phase1(cfg: ASHEMConfig, corpus: Corpus, run_dir: Path, device: torch.device) -> DeepSupervisionTransformer:
+    """The phase-1 model a previous invocation wrote, for runs whose `stages` leave phase1 out."""
+    path = run_dir / "phase1" / "model.pt"
+    if not path.exists():
+        raise StageError(f"stages={cfg.stages} needs phase 1's result at {path}; include phase1 in stages")
+    expect = model_args(build_model(cfg, corpus.vocab_size, cfg.phase1.layers))
+    return load_model(path, expect, device, "phase1 checkpoint")

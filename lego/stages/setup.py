@@ -1,0 +1,88 @@
+"""What every stage shares: the torch set-up, the config that decides results, loaders, the optimizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Dict
+
+import torch
+
+from lego import distributed
+from lego.batches import make_loader
+from lego.checkpoint import resolve_device, run_precision
+from lego.config import ASHEMConfig, to_dict
+from lego.data import Corpus
+
+# Keys that change what a run computes. Others (stages, device, threads, display) may differ on resume.
+_NON_SCIENCE = {"stages", "device", "num_threads"}
+
+
+def setup_torch(cfg: ASHEMConfig) -> torch.device:
+    device = distributed.device_for_rank(resolve_device(cfg.device))
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    return device
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
+    """The config minus what cannot change results (device, threads, stages, cache dir, compile)."""
+    d = to_dict(cfg)
+    for k in _NON_SCIENCE:
+        d.pop(k, None)
+    d["data"].pop("cache_dir", None)
+    d["model"].pop("compile", None)
+    # The precision that runs, not "auto" (that depends on the GPU); fp32 is left out, so run
+    # dirs and cache keys from before the key existed stay valid.
+    precision = run_precision(cfg)
+    if precision == "fp32":
+        d["model"].pop("precision", None)
+    else:
+        d["model"]["precision"] = precision
+    return d
+
+
+def make_optimizer(model, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (dim < 2)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # fused kernel not available for this device/dtype
+        return torch.optim.AdamW(groups, lr=lr, foreach=device.type == "cuda")
+
+
+@dataclass
+class Loaders:
+    """Under torch.distributed each loader holds this rank's share of the batches."""
+
+    train: Any  # shuffled by (seed, epoch), for training
+    train_ordered: Any  # the same windows in corpus order, for mining and calibration
+    validation: Any
+    test: Any
+
+
+def make_loaders(cfg: ASHEMConfig, corpus: Corpus, *, shard: bool = True, device=None) -> Loaders:
+    """The four loaders; pinned batches when `device` is a GPU."""
+    d = cfg.data
+    kw = dict(rank=distributed.rank(), world_size=distributed.world_size()) if shard else {}
+    kw["device"] = device
+
+    def loader(tokens, batch_size: int, shuffle: bool):
+        return make_loader(tokens, d.seq_len, batch_size, shuffle=shuffle, seed=cfg.seed, **kw)
+
+    return Loaders(train=loader(corpus.train, d.batch_size, True),
+                   train_ordered=loader(corpus.train, d.eval_batch_size, False),
+                   validation=loader(corpus.validation, d.eval_batch_size, False),
+                   test=loader(corpus.test, d.eval_batch_size, False))

@@ -1,0 +1,86 @@
+"""A standard LM on every token (phase 1 and the dense baselines), shared through a content-addressed cache."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from lego import __version__, distributed
+from lego.artifacts import file_lock, remove_partial_writes, write_json
+from lego.batches import EpochSteps
+from lego.checkpoint import build_model, load_model, model_args, save_model
+from lego.config import ASHEMConfig, create_standard_config, to_dict
+from lego.data import Corpus, cache_root
+from lego.model import DeepSupervisionTransformer
+from lego.stages.setup import Loaders, fingerprint, make_optimizer, science_config
+from lego.training import Trainer, fit
+
+log = logging.getLogger(__name__)
+
+
+def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, stage_dir: Path,
+                   device: torch.device, name: str) -> DeepSupervisionTransformer:
+    """Train a `num_layers`-layer LM on all tokens with phase 1's optimizer and early stopping.
+
+    Writes stage_dir/model.pt (best weights), history.jsonl, result.json; resumes from
+    stage_dir/last.pt. Returns the model with its best weights.
+    """
+    final = stage_dir / "model.pt"
+    model = build_model(cfg, corpus.vocab_size, num_layers).to(device)
+    if distributed.broadcast(final.exists()):  # rank 0 decides: it may be writing this file soon
+        return load_model(final, model_args(model), device, f"{name} checkpoint")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, corpus.vocab_size, num_layers).to(device)
+    p1 = cfg.phase1
+    optimizer = make_optimizer(model, p1.lr, p1.weight_decay, device)
+    tc = create_standard_config(num_layers)
+    tc.grad_clip = p1.grad_clip
+    trainer = Trainer(tc, device=device)
+    if cfg.model.compile:
+        model.compile_blocks()
+    train_batches = EpochSteps(loaders.train, p1.epoch_steps)
+    fit(model, lambda epoch: trainer.train_epoch(model, train_batches, optimizer, epoch),
+        lambda: trainer.validation_loss(model, loaders.validation), optimizer=optimizer, work_dir=stage_dir,
+        max_epochs=p1.max_epochs, patience=p1.patience, name=name,
+        save=lambda path, result: save_model(path, model, cfg, stage=name, result=result))
+    return model
+
+
+def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, stage_dir: Path,
+                    device: torch.device, name: str) -> DeepSupervisionTransformer:
+    """`train_standard`, shared through a content-addressed cache when `phase1.cache` is on.
+
+    The key hashes exactly what determines the result: model, data, phase-1 optimisation,
+    depth, seed, corpus content and device type. Concurrent jobs with one key train it once
+    (a file lock); the result is copied into `stage_dir`.
+    """
+    if not cfg.phase1.cache or distributed.broadcast((stage_dir / "model.pt").exists()):
+        return train_standard(cfg, corpus, loaders, num_layers, stage_dir, device, name)
+    science = science_config(cfg)
+    key_src = {"model": science["model"], "data": science["data"],
+               "phase1": {k: v for k, v in to_dict(cfg)["phase1"].items() if k not in ("cache", "layers")},
+               "num_layers": num_layers, "seed": cfg.seed, "corpus": corpus.cache_key, "device": device.type,
+               "lego": __version__}
+    if distributed.world_size() > 1:  # more ranks = larger batches: another model
+        key_src["world_size"] = distributed.world_size()
+    key = fingerprint(key_src)
+    entry = cache_root(cfg.data) / "models" / f"{name}-{key}"
+    # Rank 0 holds the lock for all ranks (they train together and only rank 0 writes).
+    with file_lock(entry.parent / f"{name}-{key}.lock") if distributed.is_main() else contextlib.nullcontext():
+        hit = (entry / "model.pt").exists()
+        if distributed.is_main() and entry.is_dir():
+            remove_partial_writes(entry)  # a killed trainer's litter; we hold this entry's lock
+        log.info("%s: %s cache entry %s", name, "reusing" if hit else "training into", entry)
+        model = train_standard(cfg, corpus, loaders, num_layers, entry, device, name)
+        if not distributed.is_main():
+            return model
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        for fname in ("model.pt", "history.jsonl", "result.json"):
+            shutil.copy2(entry / fname, stage_dir / f".{fname}.tmp")
+            (stage_dir / f".{fname}.tmp").replace(stage_dir / fname)
+        write_json(stage_dir / "cache.json", {"key": key, "entry": str(entry), "hit": hit, "key_source": key_src})
+    return model
