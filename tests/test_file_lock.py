@@ -48,5 +48,6 @@ def test_contender_keeps_holder_pid_and_a_killed_holder_frees_the_lock(tmp_path)
     finally:
         holder.kill()
         holder.wait(timeout=30)
+        holder.stdout.close()
     with file_lock(lock, blocking=False):  # the kernel dropped the dead holder's lock
         assert int(lock.read_text()) == os.getpid()
