@@ -7,7 +7,6 @@ run killed at any moment leaves either the old file or the new one, never half o
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional
 
+import filelock
 import torch
 
 from lego.config import ConfigError
@@ -120,26 +120,30 @@ def load_checkpoint(path: Path, *, what: str = "checkpoint") -> Dict[str, Any]:
     return state
 
 
+def _write_pid(fd: int) -> None:
+    # Through the locked descriptor, so nobody sees a half-written pid; contenders open the file
+    # without truncating it, so it names the holder for as long as the lock is held.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
 @contextlib.contextmanager
 def file_lock(path: Path, *, blocking: bool = True, busy_message: Optional[str] = None):
-    """Exclusive advisory lock (fcntl.flock) held for the `with` block; released if the process dies.
+    """Exclusive lock on `path` (filelock's flock lock) held for the `with` block; the kernel
+    releases it if the process dies, and the file, holding the holder's pid, stays in place.
 
     With blocking=False a lock held elsewhere raises `LockBusy(busy_message)` at once.
+    A filesystem without flock raises OSError: the `on_acquired` hook keeps filelock from
+    silently falling back to a marker file that a killed process would leave behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
+    lock = filelock.FileLock(path, on_acquired=_write_pid)
     try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise LockBusy(busy_message or f"{path} is locked by another process") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        lock.acquire(blocking=blocking)
+    except filelock.Timeout:
+        raise LockBusy(busy_message or f"{path} is locked by another process") from None
+    try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+        lock.release()
