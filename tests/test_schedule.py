@@ -11,7 +11,7 @@ COS = dict(schedule="cosine", warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
 
 
 def test_cosine_values_by_hand():
-    lr = lambda step: lr_at(step, base_lr=2.0, **COS)  # noqa: E731
+    lr = lambda step: lr_at(step, base_lr=2.0, **COS)
     assert lr(0) == 2.0 * 1 / 5  # warmup start: base * (0 + 1) / (4 + 1)
     assert lr(3) == 2.0 * 4 / 5  # last warmup step
     assert lr(4) == 2.0  # end of warmup: cosine starts at the base
