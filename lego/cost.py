@@ -11,13 +11,21 @@ policy runs (see `DeepSupervisionTransformer.run_layers`):
 - skip: easy tokens take no part in upper layers; hard queries attend over hard tokens only.
 
 `phase2_step_macs` counts a phase-2 training step the same way (backward = 2x forward).
+
+Training compute (SPEC section 6: a baseline gets the MACs of the whole pipeline it is compared
+with): `dense_training_macs` (phase 1, a standard LM, a matched baseline), `mining_macs`
+(calibration and hard-example mining: forward through Block 1 and its exit head),
+`phase2_training_macs`; `ComputeLedger` adds them up per stage, and `steps_for_macs` turns a
+MAC budget into optimizer steps of a dense model. Evaluation passes are not training compute.
 Counts are per token, for a causal sequence of `seq_len` (average context (T + 1) / 2);
 norms, softmax, residual adds, the embedding lookup and the optimizer are left out.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, Optional
 
 POLICIES = ("full", "propagate", "skip")
 
@@ -76,3 +84,120 @@ def phase2_step_macs(*, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_
                        num_upper_layers=num_layers - exit_layer, hard_ratio=hard_ratio, policy=policy)
     step = 3 * (upper + hard_ratio * head) + (exit_layer * full_layer if recompute else 0.0)
     return {"macs_per_token": step, "full_step_macs_per_token": full_step, "flop_ratio": step / full_step}
+
+
+def forward_macs_per_token(*, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_len: int, num_layers: int,
+                           heads: int = 1) -> float:
+    """Per-token MACs of a dense forward: `num_layers` full layers and `heads` output heads.
+
+    `heads=0` is a stack of layers alone (e.g. the frozen lower Block recomputed in phase 2);
+    `heads=2` a deep-supervision model that takes a loss at two layers.
+    """
+    if num_layers < 0 or heads < 0:
+        raise ValueError(f"num_layers={num_layers} and heads={heads} must be >= 0")
+    full_layer = sum(layer_macs(dim, ffn_mult, ffn, (seq_len + 1) / 2).values())
+    return num_layers * full_layer + heads * dim * vocab_size
+
+
+def dense_training_macs(*, tokens: float, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_len: int,
+                        num_layers: int, heads: int = 1) -> float:
+    """MACs of training every layer and head of a dense model on `tokens` tokens: 3x the forward.
+
+    `tokens` counts input positions (batch x seq_len per step), ignored targets included: the
+    model runs on them all. Phase 1 is this with `num_layers=phase1.layers`.
+    """
+    return 3 * tokens * forward_macs_per_token(dim=dim, ffn_mult=ffn_mult, ffn=ffn, vocab_size=vocab_size,
+                                               seq_len=seq_len, num_layers=num_layers, heads=heads)
+
+
+def mining_macs(*, tokens: float, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_len: int,
+                exit_layer: int) -> float:
+    """MACs of threshold calibration or hard-example mining over `tokens` tokens.
+
+    Forward only, through Block 1 (`exit_layer` layers) and its exit head, for every token scored.
+    """
+    return tokens * forward_macs_per_token(dim=dim, ffn_mult=ffn_mult, ffn=ffn, vocab_size=vocab_size,
+                                           seq_len=seq_len, num_layers=exit_layer, heads=1)
+
+
+def phase2_training_macs(*, tokens: float, hard_ratio: float, dim: int, ffn_mult: int, ffn: str, vocab_size: int,
+                         seq_len: int, exit_layer: int, num_layers: int, policy: str,
+                         recompute: bool = False) -> float:
+    """MACs of phase 2 over `tokens` tokens of hard sequences (every position, not only hard ones).
+
+    `hard_ratio` is the share of those positions that are hard (trained). Per token this is
+    `phase2_step_macs`: the upper layers under `policy` trained (3x), the deep head at hard
+    positions only, plus the frozen lower Block's forward when `recompute`
+    (`hard_examples.store=recompute`); stored states cost nothing.
+    """
+    per_token = phase2_step_macs(dim=dim, ffn_mult=ffn_mult, ffn=ffn, vocab_size=vocab_size, seq_len=seq_len,
+                                 exit_layer=exit_layer, num_layers=num_layers, hard_ratio=hard_ratio,
+                                 policy=policy, recompute=recompute)["macs_per_token"]
+    return tokens * per_token
+
+
+def steps_for_macs(target_macs: float, macs_per_step: float) -> int:
+    """Optimizer steps whose MACs come nearest `target_macs` (halves round up), at least 1.
+
+    The matched baseline: `steps_for_macs(ledger.total().macs, dense_training_macs(tokens=B * T, ...))`
+    gives a dense model the pipeline's training budget to within half a step.
+    """
+    if not macs_per_step > 0:
+        raise ValueError(f"macs_per_step={macs_per_step!r} must be positive")
+    if not target_macs >= 0:
+        raise ValueError(f"target_macs={target_macs!r} must be >= 0")
+    return max(1, math.floor(target_macs / macs_per_step + 0.5))
+
+
+@dataclass
+class StageCompute:
+    """What one training stage spent: optimizer steps, input tokens, wall seconds, MACs."""
+
+    steps: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    macs: float = 0.0
+
+    def add(self, *, steps: int = 0, tokens: int = 0, wall_s: float = 0.0, macs: float = 0.0) -> "StageCompute":
+        self.steps += steps
+        self.tokens += tokens
+        self.wall_s += wall_s
+        self.macs += macs
+        return self
+
+
+@dataclass
+class ComputeLedger:
+    """Training compute per stage (`phase1`, `mining`, `phase2`, a baseline...), JSON-ready.
+
+    A stage fills its entry (`ledger.stage("phase1").add(steps=1, tokens=B * T, macs=...)`);
+    `total()` sums the pipeline's stages; `to_dict`/`from_dict` round-trip for result files
+    and resume; `headline()` gives the flat `train_macs_<stage>` numbers for metrics.json.
+    """
+
+    stages: Dict[str, StageCompute] = field(default_factory=dict)
+
+    PIPELINE = ("phase1", "mining", "phase2")  # what the LEGO pipeline spends, in order
+
+    def stage(self, name: str) -> StageCompute:
+        return self.stages.setdefault(name, StageCompute())
+
+    def total(self, names: Optional[Iterable[str]] = None) -> StageCompute:
+        """Sum over `names` (default: the pipeline's stages phase1 + mining + phase2 that are present)."""
+        names = [n for n in self.PIPELINE if n in self.stages] if names is None else list(names)
+        out = StageCompute()
+        for n in names:
+            s = self.stages[n]
+            out.add(steps=s.steps, tokens=s.tokens, wall_s=s.wall_s, macs=s.macs)
+        return out
+
+    def to_dict(self) -> Dict[str, Dict[str, float]]:
+        return {**{n: asdict(s) for n, s in self.stages.items()}, "total": asdict(self.total())}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Dict[str, float]]) -> "ComputeLedger":
+        return cls({n: StageCompute(**v) for n, v in d.items() if n != "total"})
+
+    def headline(self) -> Dict[str, float]:
+        """`{"train_macs_<stage>": macs, ..., "train_macs_total": pipeline total}` (flat, for metrics.json)."""
+        return {**{f"train_macs_{n}": s.macs for n, s in self.stages.items()}, "train_macs_total": self.total().macs}

@@ -119,25 +119,3 @@ def test_launcher_configs():
     slurm = OmegaConf.load(Path(CONF_DIR) / "hydra/launcher/slurm.yaml")
     assert list(slurm.defaults) == ["submitit_slurm", "_self_"]
     assert {"partition", "timeout_min", "cpus_per_task", "gpus_per_node"} <= set(slurm)
-
-
-def test_summarize_sweep_writes_csv_and_markdown(tmp_path):
-    """Two fake finished jobs and one unfinished: two rows, the unfinished one skipped."""
-    import csv
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("summarize_sweep", Path(__file__).parent.parent / "scripts/summarize_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    for i, (ratio, ppl, cost) in enumerate([(0.3, 50.0, 0.65), (0.7, 45.0, 0.85)]):
-        job = tmp_path / f"{i}_hard_example_ratio={ratio}"
-        (job / ".hydra").mkdir(parents=True)
-        (job / ".hydra/overrides.yaml").write_text(f"- hard_example_ratio={ratio}\n")
-        (job / "metrics.json").write_text(json.dumps({"ppl": ppl, "acc": 0.3, "compute_cost": cost, "shallow_ratio": 0.5}))
-    (tmp_path / "2_unfinished").mkdir()
-    assert mod.main([str(tmp_path)]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert [r["overrides"] for r in rows] == ["hard_example_ratio=0.3", "hard_example_ratio=0.7"]
-    assert float(rows[1]["ppl"]) == 45.0
-    assert "| 1_hard_example_ratio=0.7 | 45 |" in (tmp_path / "summary.md").read_text()
-    assert mod.main([str(tmp_path / "nope")]) == 2

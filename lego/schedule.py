@@ -1,0 +1,79 @@
+"""Learning-rate schedules: `constant`, or linear warmup then cosine decay to a floor (nanoGPT's).
+
+    sched = make_scheduler(optimizer, schedule="cosine", warmup_steps=100, total_steps=2000, min_lr_ratio=0.1)
+    for step in range(total_steps):
+        ...; optimizer.step(); sched.step()   # the lr of step k is lr_at(k, ...)
+
+Steps count optimizer steps from 0. `cosine`: during warmup lr = base * (step + 1) / (warmup + 1)
+(never 0, reaches base at step `warmup`), then half a cosine from base at `warmup_steps` down to
+`min_lr_ratio * base` at `total_steps`, and the floor after. `constant`: base at every step
+(warmup and floor belong to `cosine`), so training is bit-identical to having no scheduler.
+The same schedule serves phase 1, phase 2 and every baseline (SPEC section 6: same schedule).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """The learning rate of optimizer step `step` over the base learning rate (exactly 1.0 for `constant`)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"schedule={schedule!r} is not allowed; choose one of {', '.join(SCHEDULES)}")
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= total_steps:  # also covers total_steps <= warmup_steps: straight to the floor
+        return min_lr_ratio
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)  # 0 -> 1
+    return min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_lr_ratio)
+
+
+def lr_at(step: int, *, base_lr: float, schedule: str, warmup_steps: int, total_steps: int,
+          min_lr_ratio: float) -> float:
+    """Learning rate of optimizer step `step` (0-based); see the module docstring for the shape."""
+    return base_lr * lr_factor(step, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps,
+                               min_lr_ratio=min_lr_ratio)
+
+
+@dataclass
+class _Factor:
+    """`lr_factor` as a callable object, so LambdaLR's state_dict keeps the schedule's settings."""
+
+    schedule: str
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, schedule=self.schedule, warmup_steps=self.warmup_steps,
+                         total_steps=self.total_steps, min_lr_ratio=self.min_lr_ratio)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup_steps: int = 0, total_steps: int = 1,
+                   min_lr_ratio: float = 0.0, prefix: str = "") -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR that sets each param group's lr to `lr_at(k, base_lr=<the group's lr>, ...)` for step k.
+
+    Call `step()` after each `optimizer.step()`. `state_dict()`/`load_state_dict()` resume the
+    sequence (load the optimizer's state too). Under `constant` every lr stays exactly as given.
+    `prefix` (e.g. "phase1") names the config group in error messages.
+    """
+    check_schedule(prefix, schedule, warmup_steps, min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Factor(schedule, warmup_steps, total_steps, min_lr_ratio))
+
+
+def check_schedule(prefix: str, schedule: str, warmup_steps: int, min_lr_ratio: float) -> None:
+    """Raise ValueError naming the key (`<prefix>.schedule`, ...) when a setting is not allowed."""
+    prefix = f"{prefix}." if prefix else ""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{prefix}schedule={schedule!r} is not allowed; choose one of {', '.join(SCHEDULES)}")
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+        raise ValueError(f"{prefix}warmup_steps={warmup_steps!r} must be a non-negative integer")
+    if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)) or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"{prefix}min_lr_ratio={min_lr_ratio!r} must be a number in [0, 1]")

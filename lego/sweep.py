@@ -1,0 +1,227 @@
+"""Summarize a `lego-run -m` sweep over seeds: mean ± std per configuration, paired gaps to baselines.
+
+Every job directory holds metrics.json and .hydra/overrides.yaml. A *configuration* is a job's
+overrides without `seed=...`; its jobs are its seeds. For every flat number at the top level of
+metrics.json (ppl, acc, flop_cost, standard_ppl, dense_ppl_<L>, train_macs_*, ...) the summary
+gives the mean and sample standard deviation over seeds; for every baseline perplexity
+`<name>_ppl` (phase1_ppl, no_routing_ppl, standard_ppl, ...) it gives the paired per-seed gap
+`ppl - <name>_ppl` (ASHEM minus the baseline of the same run, so the same seed) and that gap in
+percent of the baseline, as mean and std over seeds. Negative means ASHEM is better.
+
+Written at the sweep root by the Hydra callback (conf/config.yaml):
+
+    hydra:
+      callbacks:
+        sweep_summary:
+          _target_: lego.sweep.SweepSummary
+
+or afterwards by `python scripts/summarize_sweep.py <sweep dir>` (same functions).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
+
+EXCLUDED = ("seed",)  # override keys that do not define a configuration (and are not metrics)
+
+
+def _job_order(path: Path) -> Tuple[float, str]:
+    """Hydra job directories start with the job number: order 2_ before 10_."""
+    head = path.name.split("_", 1)[0]
+    return (int(head) if head.isdigit() else math.inf, path.name)
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def read_overrides(job: Path) -> List[str]:
+    """The job's command-line overrides from .hydra/overrides.yaml ([] if absent)."""
+    path = job / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return []
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.load(path)]
+
+
+def collect_jobs(sweep_dir: Path) -> List[Dict[str, Any]]:
+    """One dict per finished job (a subdirectory holding metrics.json), in job-number order:
+    `{"job", "overrides", "config", "config_overrides", "seed", "metrics"}` (`config`: the overrides
+    but seed, space-joined; `config_overrides`: the same as a list); unfinished jobs are skipped."""
+    jobs = []
+    for job in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir()), key=_job_order):
+        metrics_path = job / "metrics.json"
+        if not metrics_path.exists():
+            if not job.name.startswith("."):
+                log.warning("skipping %s: no metrics.json (unfinished or failed job)", job.name)
+            continue
+        metrics = json.loads(metrics_path.read_text())
+        overrides = read_overrides(job)
+        seed = metrics.get("seed")
+        if seed is None:  # fall back on the override
+            seed = next((o.split("=", 1)[1] for o in overrides if _override_key(o) == "seed"), None)
+        config = [o for o in overrides if _override_key(o) not in EXCLUDED]
+        jobs.append({"job": job.name, "overrides": overrides, "seed": seed, "metrics": metrics,
+                     "config": " ".join(config), "config_overrides": config})
+    return jobs
+
+
+def headline_metrics(metrics: Dict[str, Any]) -> Dict[str, float]:
+    """The flat numbers at the top level of metrics.json (booleans, nested values and `seed` left out)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in EXCLUDED}
+
+
+def baseline_names(metrics: Dict[str, Any]) -> List[str]:
+    """Names of the baselines whose perplexity `<name>_ppl` sits beside ASHEM's `ppl`."""
+    if not isinstance(metrics.get("ppl"), (int, float)):
+        return []
+    return [k[: -len("_ppl")] for k in headline_metrics(metrics) if re.fullmatch(r".+_ppl", k)]
+
+
+def mean_std(values: List[float]) -> Tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (n - 1); the std of a single value is None (undefined)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per configuration, in order of first job: `config`, `n`, `seeds` (and `_overrides`, the
+    configuration as a list, which the files leave out), then for each metric
+    `<m>_mean`, `<m>_std`, and for each baseline `ppl_minus_<name>_{mean,std}` and
+    `ppl_minus_<name>_pct_{mean,std}` (the per-seed gap in percent of the baseline)."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for job in jobs:
+        groups.setdefault(job["config"], []).append(job)
+    rows = []
+    for config, members in groups.items():
+        seeds = [j["seed"] for j in members]
+        if len(set(map(str, seeds))) < len(seeds):
+            log.warning("configuration %r has a seed more than once (%s): its std is not over distinct seeds",
+                        config, seeds)
+        values: Dict[str, List[float]] = {}
+        for j in members:
+            m = headline_metrics(j["metrics"])
+            for k, v in m.items():
+                values.setdefault(k, []).append(v)
+            for name in baseline_names(j["metrics"]):
+                base = m[f"{name}_ppl"]
+                gap = m["ppl"] - base  # same job, so same seed: a paired difference
+                values.setdefault(f"ppl_minus_{name}", []).append(gap)
+                values.setdefault(f"ppl_minus_{name}_pct", []).append(100.0 * gap / base)
+        row: Dict[str, Any] = {"config": config, "_overrides": members[0]["config_overrides"], "n": len(members),
+                               "seeds": " ".join("?" if s is None else str(s) for s in seeds)}
+        for k, vs in values.items():
+            if len(vs) < len(members):
+                log.warning("configuration %r: %s is in %d of %d jobs; its mean and std are over those",
+                            config, k, len(vs), len(members))
+            row[f"{k}_mean"], row[f"{k}_std"] = mean_std(vs)
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: List[Dict[str, Any]]) -> List[str]:
+    cols: List[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols and not k.startswith("_")]
+    return cols
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def to_markdown(rows: List[Dict[str, Any]]) -> str:
+    """A Markdown table: configuration, n, seeds, then `mean ± std` per metric (mean alone when n = 1).
+
+    With several configurations, overrides that all of them share are listed once above the table
+    and the config column shows only what differs.
+    """
+    names = [c[: -len("_mean")] for c in _columns(rows) if c.endswith("_mean")]
+    shared = [o for o in rows[0]["_overrides"] if all(o in r["_overrides"] for r in rows)] if len(rows) > 1 else []
+    lines = ["# Sweep summary: mean ± sample std over seeds", "",
+             ("ppl_minus_<name>: routed ppl minus the baseline's <name>_ppl of the same run (same seed), "
+              "negative = ASHEM better; _pct: in percent of the baseline."), ""]
+    if shared:
+        lines += ["Overrides shared by every configuration: `" + " ".join(shared) + "`", ""]
+    lines += ["| config | n | seeds | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
+    for r in rows:
+        config = " ".join(o for o in r["_overrides"] if o not in shared)
+        cells = [config or "(defaults)", str(r["n"]), r["seeds"]]
+        for k in names:
+            mean, std = r.get(f"{k}_mean"), r.get(f"{k}_std")
+            cells.append(_fmt(mean) + (f" ± {_fmt(std)}" if std is not None else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(sweep_dir: Path) -> List[Dict[str, Any]]:
+    """Write summary.csv and summary.md into `sweep_dir`; return the rows ([] and nothing written
+    when no job finished)."""
+    sweep_dir = Path(sweep_dir)
+    rows = summarize(collect_jobs(sweep_dir))
+    if not rows:
+        return rows
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_columns(rows), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)  # floats as repr: they read back exactly
+    (sweep_dir / "summary.md").write_text(to_markdown(rows))
+    return rows
+
+
+def plot_summary(rows: List[Dict[str, Any]], path: Path) -> bool:
+    """Test ppl and acc against compute_cost, one point per configuration with std error bars
+    (needs matplotlib: pip install -e '.[plots]'); False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no %s (pip install -e '.[plots]')", path.name)
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "ppl", "test perplexity"), (axes[1], "acc", "test accuracy")):
+        pts = [r for r in rows if r.get(f"{key}_mean") is not None and r.get("compute_cost_mean") is not None]
+        ax.errorbar([r["compute_cost_mean"] for r in pts], [r[f"{key}_mean"] for r in pts],
+                    yerr=[r[f"{key}_std"] or 0.0 for r in pts], fmt="o", capsize=3)
+        for r in pts:
+            ax.annotate(r["config"] or "(defaults)", (r["compute_cost_mean"], r[f"{key}_mean"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("compute_cost (layers run / full depth)")
+        ax.set_ylabel(f"{label} (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("ASHEM sweep: quality against compute")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a multirun, write summary.csv and summary.md at the sweep root."""
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            log.warning("no sweep summary: %s is not a directory", sweep_dir)
+            return
+        rows = write_summary(sweep_dir)
+        if rows:
+            log.info("sweep summary (%d configurations): %s", len(rows), sweep_dir / "summary.md")
+        else:
+            log.warning("no sweep summary: no job in %s finished (no metrics.json)", sweep_dir)

@@ -1,0 +1,82 @@
+"""Training-compute accounting (lego/cost.py): hand-computed MACs for a tiny shape, the ledger, the matched baseline."""
+
+import pytest
+
+from lego.cost import (ComputeLedger, StageCompute, dense_training_macs, forward_macs_per_token, mining_macs,
+                       phase2_step_macs, phase2_training_macs, routed_macs, steps_for_macs)
+
+# dim 4, FFN 2x (gelu), vocabulary 10, sequence length 3 (average context (3 + 1) / 2 = 2).
+# One layer per token: q 4*4=16, kv 2*4*4=32, attention 2*4*2=16, out 4*4=16, mlp 2*2*4*4=64 -> 144.
+# Head: 4*10 = 40.
+SHAPE = dict(dim=4, ffn_mult=2, ffn="gelu", vocab_size=10, seq_len=3)
+LAYER, HEAD = 144, 40
+B, T = 2, 3  # a step sees 6 tokens
+
+
+def test_forward_macs_by_hand():
+    assert forward_macs_per_token(**SHAPE, num_layers=2) == 2 * 144 + 40 == 328
+    assert forward_macs_per_token(**SHAPE, num_layers=4) == 4 * 144 + 40 == 616
+    assert forward_macs_per_token(**SHAPE, num_layers=2, heads=0) == 288
+    assert forward_macs_per_token(**SHAPE, num_layers=4, heads=2) == 4 * 144 + 2 * 40 == 656
+    # the same count routed_macs and phase2_step_macs use for the full model
+    assert routed_macs(**SHAPE, exit_layer=2, num_layers=4, shallow_ratio=0.5,
+                       policy="full")["full_depth_macs_per_token"] == 616
+    assert phase2_step_macs(**SHAPE, exit_layer=2, num_layers=4, hard_ratio=0.5,
+                            policy="full")["full_step_macs_per_token"] == 3 * 616
+    with pytest.raises(ValueError, match="num_layers"):
+        forward_macs_per_token(**SHAPE, num_layers=-1)
+
+
+def test_dense_training_and_mining_by_hand():
+    assert dense_training_macs(tokens=B * T, **SHAPE, num_layers=4) == 3 * 6 * 616 == 11088
+    assert mining_macs(tokens=B * T, **SHAPE, exit_layer=2) == 6 * 328 == 1968  # forward only, with exit head
+
+
+def test_phase2_by_hand_and_policies():
+    kw = dict(tokens=B * T, hard_ratio=0.5, **SHAPE, exit_layer=2, num_layers=4)
+    # full: 2 upper layers for every token 2*144 = 288, deep head at half the positions 0.5*40 = 20;
+    # trained: 3 * (288 + 20) = 924 per token, 6 tokens -> 5544
+    assert phase2_training_macs(**kw, policy="full") == 6 * 3 * (288 + 20) == 5544
+    # propagate: per layer 0.5*144 + 0.5*kv(32) = 88; 3 * (2*88 + 20) = 588 per token
+    assert phase2_training_macs(**kw, policy="propagate") == 6 * 588
+    # skip: a hard query sees context 0.5*2 = 1 (attention 2*4*1 = 8, layer 136), half the tokens:
+    # per layer 68; 3 * (2*68 + 20) = 468 per token
+    assert phase2_training_macs(**kw, policy="skip") == 6 * 468 == 2808
+    assert phase2_training_macs(**kw, policy="full") > phase2_training_macs(**kw, policy="propagate") \
+        > phase2_training_macs(**kw, policy="skip")
+    for policy in ("full", "propagate", "skip"):  # recompute adds exactly the lower Block's forward, no head
+        extra = phase2_training_macs(**kw, policy=policy, recompute=True) - phase2_training_macs(**kw, policy=policy)
+        assert extra == B * T * forward_macs_per_token(**SHAPE, num_layers=2, heads=0) == 6 * 288
+
+
+def test_steps_for_macs_rounds_to_nearest_at_least_one():
+    assert steps_for_macs(14.9, 10) == 1
+    assert steps_for_macs(15, 10) == 2  # halves round up
+    assert steps_for_macs(25, 10) == 3  # Python round(2.5) would give 2
+    assert steps_for_macs(0, 10) == 1
+    with pytest.raises(ValueError, match="macs_per_step"):
+        steps_for_macs(10, 0)
+
+
+def test_ledger_sums_the_pipeline_and_matches_a_baseline():
+    ledger = ComputeLedger()
+    for _ in range(3):  # phase 1: 3 steps of a 2-layer LM: 3 * 6 tokens * 328 * 3 = 17712
+        ledger.stage("phase1").add(steps=1, tokens=B * T, wall_s=0.5,
+                                   macs=dense_training_macs(tokens=B * T, **SHAPE, num_layers=2))
+    # calibration on 12 tokens + mining 18 tokens: 30 * 328 = 9840
+    ledger.stage("mining").add(tokens=30, wall_s=0.25, macs=mining_macs(tokens=30, **SHAPE, exit_layer=2))
+    # phase 2: 4 steps of 6 tokens under full: 24 * 924 = 22176
+    ledger.stage("phase2").add(steps=4, tokens=24, wall_s=1.0, macs=phase2_training_macs(
+        tokens=24, hard_ratio=0.5, **SHAPE, exit_layer=2, num_layers=4, policy="full"))
+    ledger.stage("standard").add(steps=5, macs=1e9)  # a baseline: not part of the pipeline total
+    total = ledger.total()
+    assert total == StageCompute(steps=7, tokens=18 + 30 + 24, wall_s=3 * 0.5 + 0.25 + 1.0, macs=17712 + 9840 + 22176)
+    assert total.macs == 49728
+    assert ledger.headline() == {"train_macs_phase1": 17712, "train_macs_mining": 9840, "train_macs_phase2": 22176,
+                                 "train_macs_standard": 1e9, "train_macs_total": 49728}
+    assert ComputeLedger.from_dict(ledger.to_dict()) == ledger
+    # the matched 4-layer baseline: 49728 / 11088 = 4.48 -> 4 steps, within one step of the target
+    per_step = dense_training_macs(tokens=B * T, **SHAPE, num_layers=4)
+    steps = steps_for_macs(total.macs, per_step)
+    assert steps == 4
+    assert abs(steps * per_step - total.macs) <= per_step / 2

@@ -1,0 +1,139 @@
+"""Sweep summaries (lego/sweep.py, scripts/summarize_sweep.py): mean ± std over seeds, paired gaps to baselines."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lego.sweep import SweepSummary, write_summary
+
+ROOT = Path(__file__).parent.parent
+
+# 2 configurations x 2 seeds; numbers chosen so that a per-seed pairing and an unpaired one differ.
+JOBS = [  # (job dir, ratio, seed, ppl, standard_ppl, phase1_ppl, acc)
+    ("0_hard_example_ratio=0.3,seed=0", 0.3, 0, 50.0, 40.0, 60.0, 0.25),
+    ("1_hard_example_ratio=0.3,seed=1", 0.3, 1, 52.0, 44.0, 64.0, 0.375),
+    ("2_hard_example_ratio=0.7,seed=0", 0.7, 0, 45.0, 50.0, 60.0, 0.5),
+    ("3_hard_example_ratio=0.7,seed=1", 0.7, 1, 47.5, 48.0, 64.0, 0.5),
+]
+
+
+def _read_csv(path: Path) -> list:
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _std(xs):  # sample standard deviation, written out
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _fake_sweep(root: Path) -> Path:
+    for name, ratio, seed, ppl, std_ppl, p1_ppl, acc in JOBS:
+        job = root / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra/overrides.yaml").write_text(f"- hard_example_ratio={ratio}\n- seed={seed}\n- device=cpu\n")
+        (job / "metrics.json").write_text(json.dumps({
+            "ppl": ppl, "standard_ppl": std_ppl, "phase1_ppl": p1_ppl, "acc": acc, "seed": seed,
+            "hard_ppl_ashem": 100.0,  # not a baseline of `ppl` (hard tokens only): no paired gap
+            "train_macs_total": 1e9 * (1 + seed), "stages": ["phase1"], "wall_s": {"phase1": 1.0}, "ok": True}))
+    (root / "4_unfinished").mkdir()
+    return root
+
+
+def test_summary_means_stds_and_paired_gaps(tmp_path):
+    sweep = _fake_sweep(tmp_path)
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    rows = _read_csv(sweep / "summary.csv")
+    assert [r["config"] for r in rows] == ["hard_example_ratio=0.3 device=cpu", "hard_example_ratio=0.7 device=cpu"]
+    assert [r["n"] for r in rows] == ["2", "2"] and [r["seeds"] for r in rows] == ["0 1", "0 1"]
+    for row, jobs in zip(rows, (JOBS[:2], JOBS[2:])):
+        ppl, std_ppl, p1, acc = ([j[k] for j in jobs] for k in (3, 4, 5, 6))
+        got = {k: float(v) for k, v in row.items() if k not in ("config", "n", "seeds")}
+        expect = {"ppl": ppl, "standard_ppl": std_ppl, "phase1_ppl": p1, "acc": acc, "hard_ppl_ashem": [100.0] * 2,
+                  "train_macs_total": [1e9, 2e9],
+                  # paired by seed: (ppl - baseline) of the same job, and in percent of that baseline
+                  "ppl_minus_standard": [a - b for a, b in zip(ppl, std_ppl)],
+                  "ppl_minus_standard_pct": [100 * (a - b) / b for a, b in zip(ppl, std_ppl)],
+                  "ppl_minus_phase1": [a - b for a, b in zip(ppl, p1)],
+                  "ppl_minus_phase1_pct": [100 * (a - b) / b for a, b in zip(ppl, p1)]}
+        assert set(got) == {f"{k}_{s}" for k in expect for s in ("mean", "std")}  # no seed, no dicts/bools
+        for k, xs in expect.items():
+            assert got[f"{k}_mean"] == pytest.approx(_mean(xs), rel=1e-12, abs=1e-12), k
+            assert got[f"{k}_std"] == pytest.approx(_std(xs), rel=1e-12, abs=1e-12), k
+    # the first configuration by hand: gaps 10 and 8 -> mean 9, std sqrt(2); 25% and 18.18...%
+    assert float(rows[0]["ppl_minus_standard_mean"]) == 9.0
+    assert float(rows[0]["ppl_minus_standard_std"]) == math.sqrt(2)
+    assert float(rows[0]["ppl_minus_standard_pct_mean"]) == pytest.approx((25 + 800 / 44) / 2, rel=1e-12)
+    # pairing matters: unpaired (mean of ppl minus mean of baseline) agrees on the mean, not on the std
+    assert float(rows[1]["ppl_minus_standard_std"]) == pytest.approx(_std([45 - 50, 47.5 - 48]))
+    assert float(rows[1]["ppl_minus_standard_std"]) != pytest.approx(math.hypot(_std([45, 47.5]), _std([50, 48])))
+    md = (sweep / "summary.md").read_text()
+    assert "| hard_example_ratio=0.3 | 2 | 0 1 | 51 ± 1.414 |" in md  # the shared override is listed once
+    assert "Overrides shared by every configuration: `device=cpu`" in md
+
+
+def test_one_seed_has_no_std_and_nothing_finished_writes_nothing(tmp_path):
+    assert write_summary(tmp_path) == [] and not (tmp_path / "summary.csv").exists()
+    job = tmp_path / "0_x=1"
+    job.mkdir()
+    (job / "metrics.json").write_text(json.dumps({"ppl": 3.0}))
+    (row,) = write_summary(tmp_path)
+    assert row == {"config": "", "_overrides": [], "n": 1, "seeds": "?", "ppl_mean": 3.0, "ppl_std": None}  # no seed
+    assert "| (defaults) | 1 | ? | 3 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_summarize_sweep_script_keeps_its_command_line(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("summarize_sweep", ROOT / "scripts/summarize_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sweep = _fake_sweep(tmp_path / "s")
+    assert mod.main([str(sweep)]) == 0
+    assert "51 ± 1.414" in capsys.readouterr().out
+    assert len(_read_csv(sweep / "summary.csv")) == 2
+    assert mod.main([str(tmp_path / "nope")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert mod.main([str(tmp_path / "empty")]) == 2
+
+
+TINY = [  # as tests/test_cli.py: byte tokens, a 16-wide model, two short epochs per phase
+    "data.tokenizer=bytes", "data.seq_len=16", "data.batch_size=16", "data.max_train_tokens=20000",
+    "data.max_eval_tokens=6000", "model.dim=16", "model.num_heads=2", "model.max_seq_len=16",
+    "phase1.max_epochs=2", "phase1.epoch_steps=6", "phase2.max_epochs=2", "phase2.epoch_steps=6",
+    "eval.standard_baseline=false", "eval.analysis=false", "device=cpu", "num_threads=1",
+]
+
+
+@pytest.mark.slow
+def test_multirun_writes_summary_at_the_sweep_root(tmp_path):
+    env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # microseconds in the sweep dir: the callback must see the very directory the jobs were written to
+    args = ["-m", "seed=0,1", *TINY, "hydra.sweep.dir=sweep/${now:%H-%M-%S-%f}",
+            "+hydra.callbacks.sweep_summary._target_=lego.sweep.SweepSummary"]
+    res = subprocess.run([sys.executable, "-m", "lego", *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=900, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (sweep,) = (tmp_path / "sweep").iterdir()
+    jobs = sorted(sweep.glob("*/metrics.json"))
+    assert len(jobs) == 2
+    metrics = [json.loads(p.read_text()) for p in jobs]
+    assert [m["seed"] for m in metrics] == [0, 1]
+    (row,) = _read_csv(sweep / "summary.csv")
+    assert row["n"] == "2" and row["seeds"] == "0 1" and "seed" not in row["config"]
+    for k in ("ppl", "acc", "flop_cost", "no_routing_ppl"):
+        xs = [m[k] for m in metrics]
+        assert float(row[f"{k}_mean"]) == pytest.approx(_mean(xs), rel=1e-12)
+        assert float(row[f"{k}_std"]) == pytest.approx(_std(xs), rel=1e-12, abs=1e-12)
+    gaps = [m["ppl"] - m["no_routing_ppl"] for m in metrics]
+    assert float(row["ppl_minus_no_routing_mean"]) == pytest.approx(_mean(gaps), rel=1e-12, abs=1e-12)
