@@ -22,6 +22,7 @@ from lego.model import FFNS, NORMS, POSITIONS, PRECISIONS, UPPER_CONTEXTS, check
 
 STAGES = ("phase1", "hard_examples", "phase2", "eval")
 CALIBRATION_SPLITS = ("validation", "train")
+OBJECTIVES = ("val_ppl", "val_loss")  # summary keys a sweep may optimize; never a test metric
 
 
 @dataclass
@@ -107,6 +108,7 @@ class ASHEMConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     num_threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
     stages: List[str] = field(default_factory=lambda: list(STAGES))
+    objective: str = "val_ppl"  # what lego-run returns to a sweeper: the routed model's val_ppl | val_loss
 
     # The specification's flat names, read and written through the groups.
     phase1_layers = property(lambda s: s.phase1.layers, lambda s, v: setattr(s.phase1, "layers", v))
@@ -189,6 +191,7 @@ def validate(cfg: ASHEMConfig) -> None:
         raise ValueError(f"stages is empty; choose from {', '.join(STAGES)}")
     for s in cfg.stages:
         check_choice("stages", s, STAGES)
+    check_choice("objective", cfg.objective, OBJECTIVES)
     if cfg.num_threads < 0:
         raise ValueError(f"num_threads={cfg.num_threads} must be >= 0")
 
