@@ -54,16 +54,20 @@ def swept_keys(args) -> list:
     return [o.get_key_element() for o in parsed if o.is_sweep_override()]
 
 
-def job_dirname(num, task_overrides) -> str:
+def job_dirname(num, task_overrides, *, _root_=None) -> str:
     """Sweep job directory: `<num>_<swept key=value,...>`, short enough for any file system.
 
-    Only the swept keys name the job (the fixed overrides are in .hydra/overrides.yaml);
-    without that information, all overrides are used, cut to 120 characters plus a hash.
+    Only the swept keys name the job (the fixed overrides are in .hydra/overrides.yaml): those
+    swept on the command line, and the search space of a sweeper's `hydra.sweeper.params`
+    (Optuna's, from an hparams_search preset); without that information, all overrides are
+    used, cut to 120 characters plus a hash.
     """
     import hashlib
 
     items = [str(o) for o in task_overrides]
     keys = [k for k in os.environ.get(SWEPT_ENV, "").split("\n") if k]
+    searched = OmegaConf.select(_root_, "hydra.sweeper.params", default=None) if _root_ is not None else None
+    keys += [str(k) for k in (searched or {}) if str(k) not in keys]
     chosen = [o for o in items if o.split("=", 1)[0].lstrip("+~") in keys] if keys else items
     name = ",".join(chosen).replace("/", "_")
     if len(name) > 120:
@@ -111,7 +115,7 @@ def hydra_main(cfg: DictConfig) -> float:
         log.exception("lego-run failed; run dir: %s", run_dir)
         raise
     print(f"run dir: {run_dir}")
-    return summary.get("ppl", float("nan"))
+    return summary.get(config.objective, float("nan"))  # validation only: a sweeper never selects on test
 
 
 def keep_hydra_record(run_dir: Path, *, restore: bool = False) -> None:

@@ -45,6 +45,7 @@ HF_PRESETS = {
 IGNORE_INDEX = -100  # target value that no loss or metric counts
 # File extension -> `datasets` builder for data=text_files.
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+OBJECTIVES = ("val_ppl", "val_loss")  # summary keys a sweep may optimize; never a test metric
 
 
 def check_choice(key: str, value, allowed) -> None:
@@ -314,6 +315,7 @@ class ASHEMConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     num_threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
     stages: List[str] = field(default_factory=lambda: list(STAGES))
+    objective: str = "val_ppl"  # what lego-run returns to a sweeper: the routed model's val_ppl | val_loss
 
     # The specification's flat names, read and written through the groups.
     phase1_layers = property(lambda s: s.phase1.layers, lambda s, v: setattr(s.phase1, "layers", v))
@@ -397,6 +399,7 @@ def validate(cfg: ASHEMConfig) -> None:
         raise ConfigError(f"stages is empty; choose from {', '.join(STAGES)}")
     for s in cfg.stages:
         check_choice("stages", s, STAGES)
+    check_choice("objective", cfg.objective, OBJECTIVES)
     if cfg.num_threads < 0:
         raise ConfigError(f"num_threads={cfg.num_threads} must be >= 0")
 

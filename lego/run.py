@@ -146,6 +146,8 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
         summary["threshold"] = metrics["threshold"]
         summary["phase1_ppl"] = metrics["phase1_only"]["ppl"]
         summary["no_routing_ppl"] = metrics["no_routing"]["ppl"]
+        summary["val_ppl"] = metrics["ashem_validation"]["ppl"]
+        summary["val_loss"] = metrics["ashem_validation"]["loss"]
         if "standard" in metrics:
             summary["standard_ppl"] = metrics["standard"]["ppl"]
         summary["hard_ppl_phase1"] = metrics["hard_tokens"]["phase1"]["ppl"]
@@ -165,7 +167,8 @@ def format_table(summary: dict) -> str:
                  ("compute_cost (layers)", f"{summary['compute_cost']:.3f}"),
                  ("flop_cost / wall_cost", f"{summary['flop_cost']:.3f} / {summary['wall_cost']:.3f}"),
                  ("phase-1 model ppl", f"{summary['phase1_ppl']:.2f}"),
-                 ("no-routing ppl", f"{summary['no_routing_ppl']:.2f}")]
+                 ("no-routing ppl", f"{summary['no_routing_ppl']:.2f}"),
+                 ("validation ppl (routed; sweep objective)", f"{summary['val_ppl']:.2f}")]
         if "standard_ppl" in summary:
             rows.append(("standard baseline ppl", f"{summary['standard_ppl']:.2f}"))
         rows.append(("hard-token ppl phase1 -> ashem",

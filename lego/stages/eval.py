@@ -50,6 +50,9 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
                                "num_layers": depth, "upper_context": cfg.phase2.upper_context,
                                "confidence": cfg.hard_examples.confidence}
     metrics["ashem"] = timed_evaluate(routed, model2, loader, device)
+    # A sweep's objective (SPEC 6: nothing is chosen on test): the routed model on validation.
+    metrics["ashem_validation"] = (metrics["ashem"] if cfg.eval.split == "validation"
+                                   else Trainer(routed, device=device).evaluate(model2, loaders.validation))
     metrics["phase1_only"] = timed_evaluate(create_standard_config(exit_layer), model1, loader, device)
     metrics["no_routing"] = timed_evaluate(create_standard_config(depth), model2, loader, device)
     m = cfg.model

@@ -16,7 +16,7 @@ from lego.config import ASHEMConfig, to_dict
 from lego.data import Corpus
 
 # Keys that change what a run computes. Others (stages, device, threads, display) may differ on resume.
-_NON_SCIENCE = {"stages", "device", "num_threads"}
+_NON_SCIENCE = {"stages", "device", "num_threads", "objective"}
 
 
 def setup_torch(cfg: ASHEMConfig) -> torch.device:
