@@ -141,9 +141,9 @@ def test_val_ppl_is_the_routed_model_on_validation(tmp_path):
     does not change what a run computes (a run dir made with another objective is not refused)."""
     import math
 
-    from test_pipeline import tiny_config
+    from conftest import tiny_config
 
-    from lego.pipeline import run
+    from lego.run import run
 
     kw = {"eval.standard_baseline": False}
     on_test = run(tiny_config(tmp_path / "cache", **kw), tmp_path / "a")
