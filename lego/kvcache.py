@@ -1,0 +1,217 @@
+"""Key/value cache for incremental decoding of a `DeepSupervisionTransformer`.
+
+The cache is preallocated once per generation: one (L, B, nh, S, hd) tensor each for keys and
+values, where slot s of row b holds the token at position s of that row. Rows may have
+different lengths (prompts of different lengths, different speculative acceptances): each row
+writes at its own positions, and a validity mask per layer group says which slots a query may
+attend to. Two groups share a mask: layers 1..exit_layer (group 0) and the layers above it
+(group 1), where the `skip` policy leaves exited positions out. Invariant: a slot that is not
+valid holds zeros, so a rolled-back draft leaves the cache exactly as if never written.
+
+    cache = KVCache(model, batch=2, slots=64)
+    at = Positions.aligned(start=0, length=T, span=T)       # every row at positions 0..T-1
+    cache.mark(0, at); h = run_cached(model, cache, embed_at(model, idx, at), 0, 2, at)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from lego.model import DeepSupervisionTransformer, Layer, apply_rope
+
+Mask = Union[None, str, torch.Tensor]  # None: every key below `span`; "causal": aligned from 0; else (R,1,T,span)
+
+
+@dataclass
+class Positions:
+    """Where a chunk of T new tokens goes: rows of the cache and each row's positions (= slots).
+
+    rows: (R,) cache rows the chunk belongs to, or None for every row in order.
+    start: the common first position when all R rows start there (slice writes), else None.
+    pos: (R, T) long positions; needed when `start` is None.
+    length: T. span: 1 + the largest position, so keys at or after `span` are never read.
+    """
+
+    rows: Optional[torch.Tensor]
+    start: Optional[int]
+    pos: Optional[torch.Tensor]
+    length: int
+    span: int
+
+    @staticmethod
+    def aligned(start: int, length: int, rows: Optional[torch.Tensor] = None) -> "Positions":
+        return Positions(rows, start, None, length, start + length)
+
+    @staticmethod
+    def ragged(first: list, length: int, device, rows: Optional[torch.Tensor] = None) -> "Positions":
+        """Row r holds positions first[r] .. first[r] + length - 1; aligned when all first[] agree."""
+        if len(set(first)) == 1:
+            return Positions.aligned(first[0], length, rows)
+        pos = torch.tensor(first, device=device).unsqueeze(1) + torch.arange(length, device=device)
+        return Positions(rows, None, pos, length, max(first) + length)
+
+    def positions(self, n_rows: int, device) -> torch.Tensor:
+        """(R, T) positions, materialised."""
+        if self.pos is not None:
+            return self.pos
+        return (torch.arange(self.start, self.start + self.length, device=device)).expand(n_rows, self.length)
+
+
+class KVCache:
+    """Preallocated keys/values of every layer for `batch` rows and `slots` positions."""
+
+    def __init__(self, model: DeepSupervisionTransformer, batch: int, slots: int):
+        if slots > model.max_seq_len:
+            raise ValueError(f"cache slots {slots} exceed max_seq_len={model.max_seq_len}")
+        p = next(model.parameters())
+        dtype = torch.bfloat16 if model.precision == "bf16" else p.dtype  # what autocast's projections give
+        nh, hd = model.num_heads, model.dim // model.num_heads
+        self.k = torch.zeros(model.num_layers, batch, nh, slots, hd, device=p.device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.valid = torch.zeros(2, batch, slots, dtype=torch.bool, device=p.device)  # per layer group
+        self.split = model.exit_layer or model.num_layers  # layer indices >= split are group 1
+        self.batch, self.slots = batch, slots
+
+    def group(self, layer_index: int) -> int:
+        return int(layer_index >= self.split)
+
+    def mark(self, group: int, at: Positions, flags: Optional[torch.Tensor] = None) -> None:
+        """Mark the chunk's slots attendable in `group` (where `flags` (R, T) is True, if given)."""
+        valid = self.valid[group]
+        if at.rows is None and at.start is not None:
+            view = valid[:, at.start:at.start + at.length]
+            view.copy_(flags) if flags is not None else view.fill_(True)
+            return
+        rows = self._rows(at)
+        pos = at.positions(rows.numel(), valid.device)
+        valid[rows.unsqueeze(1), pos] = True if flags is None else flags
+
+    def mask(self, group: int, at: Positions, dense: bool) -> Mask:
+        """The attention mask of the chunk's queries over slots [0, span) of `group`.
+
+        `dense`: every slot below each row's position is valid (no ragged rows, no skipped
+        keys), so a one-token aligned step needs no mask and an aligned chunk from 0 is causal.
+        A query may always see its own slot, so a query whose own key is not valid (an exited
+        position under `skip`, a padding position) gets a finite, unused output, never NaN.
+        """
+        if dense and at.rows is None and at.start is not None:
+            if at.length == 1:
+                return None
+            if at.start == 0:
+                return "causal"
+        rows = self._rows(at)
+        pos = at.positions(rows.numel(), self.valid.device)  # (R, T)
+        keys = torch.arange(at.span, device=self.valid.device)
+        valid = self.valid[group, :, :at.span].index_select(0, rows)  # (R, span)
+        causal = keys <= pos.unsqueeze(2)  # (R, T, span)
+        return ((valid.unsqueeze(1) & causal) | (keys == pos.unsqueeze(2))).unsqueeze(1)
+
+    def rollback(self, lengths: torch.Tensor, lo: int, hi: int) -> None:
+        """Forget slots >= lengths[b] of every row b within [lo, hi): zeros, not attendable."""
+        if hi <= lo:
+            return
+        keep = torch.arange(lo, hi, device=lengths.device) < lengths.unsqueeze(1)  # (B, hi - lo)
+        self.k[:, :, :, lo:hi].mul_(keep.view(1, self.batch, 1, hi - lo, 1))
+        self.v[:, :, :, lo:hi].mul_(keep.view(1, self.batch, 1, hi - lo, 1))
+        self.valid[:, :, lo:hi] &= keep
+
+    def clear_invalid(self, hi: int) -> None:
+        """Zero every slot below `hi` that is not valid (after a prefill wrote padding or skipped keys)."""
+        for g, layers in ((0, slice(0, self.split)), (1, slice(self.split, None))):
+            keep = self.valid[g, :, :hi].view(1, self.batch, 1, hi, 1)
+            self.k[layers, :, :, :hi].mul_(keep)
+            self.v[layers, :, :, :hi].mul_(keep)
+
+    def _rows(self, at: Positions) -> torch.Tensor:
+        return torch.arange(self.batch, device=self.valid.device) if at.rows is None else at.rows
+
+
+def _rope_at(rope, at: Positions, n_rows: int):
+    if rope is None:
+        return None
+    if at.start is not None:
+        return rope[0][at.start:at.start + at.length], rope[1][at.start:at.start + at.length]  # (T, hd/2)
+    pos = at.pos
+    return rope[0][pos].unsqueeze(1), rope[1][pos].unsqueeze(1)  # (R, 1, T, hd/2)
+
+
+def embed_at(model: DeepSupervisionTransformer, idx: torch.Tensor, at: Positions) -> torch.Tensor:
+    """Token ids (R, T) at positions `at` -> layer-0 state (R, T, C), as `model.embed` gives them."""
+    emb = model.embedding
+    x = emb.tok(idx)
+    if emb.pos is not None:
+        if at.start is not None:
+            x = x + emb.pos.weight[at.start:at.start + at.length]
+        else:
+            x = x + emb.pos(at.pos)
+    return emb.drop(x)
+
+
+def _write(cache: torch.Tensor, at: Positions, val: torch.Tensor) -> None:
+    """cache: (B, nh, S, hd) of one layer; val: (R, nh, T, hd) for the chunk."""
+    if at.start is not None:
+        if at.rows is None:
+            cache[:, :, at.start:at.start + at.length] = val
+        else:
+            cache[at.rows, :, at.start:at.start + at.length] = val
+        return
+    rows = torch.arange(cache.shape[0], device=cache.device) if at.rows is None else at.rows
+    cache[rows.unsqueeze(1), :, at.pos] = val.transpose(1, 2)  # index (R, T) -> (R, T, nh, hd)
+
+
+def layer_cached(layer: Layer, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, at: Positions,
+                 mask: Mask, rope=None, kv_only: bool = False) -> torch.Tensor:
+    """One layer on a chunk of new tokens whose earlier keys/values are cached.
+
+    x: (R, T, C) input states at positions `at`. Writes the chunk's keys/values into the
+    layer's caches, then (unless `kv_only`) runs attention over slots [0, span) under `mask`
+    and the MLP, returning the (R, T, C) output; with `kv_only` it returns x unchanged (an
+    exited token under `propagate`: keys/values from its copied state, nothing else).
+    """
+    R, T, C = x.shape
+    nh = layer.num_heads
+    hd = C // nh
+    h = layer.norm1(x)
+    if kv_only:
+        kv = F.linear(h, layer.qkv.weight[C:], layer.qkv.bias[C:])
+        k, v = kv.split(C, 2)
+    else:
+        q, k, v = layer.qkv(h).split(C, 2)
+    k = k.view(R, T, nh, hd).transpose(1, 2)  # (R, nh, T, hd)
+    v = v.view(R, T, nh, hd).transpose(1, 2)
+    cs = _rope_at(rope, at, R)
+    if cs is not None:
+        k = apply_rope(k, *cs)
+    _write(k_cache, at, k)
+    _write(v_cache, at, v)
+    if kv_only:
+        return x
+    q = q.view(R, T, nh, hd).transpose(1, 2)
+    if cs is not None:
+        q = apply_rope(q, *cs)
+    keys, values = k_cache[:, :, :at.span], v_cache[:, :, :at.span]
+    if at.rows is not None:
+        keys, values = keys.index_select(0, at.rows), values.index_select(0, at.rows)
+    if isinstance(mask, str):
+        y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+    else:
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    x = x + layer.attn_out(y.transpose(1, 2).reshape(R, T, C))
+    return x + layer.mlp(layer.norm2(x))
+
+
+def run_cached(model: DeepSupervisionTransformer, cache: KVCache, x: torch.Tensor, start: int, end: int,
+               at: Positions, mask: Mask, kv_only: bool = False, frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Layers start+1 .. end (1-based) on a chunk, all in one layer group, under one mask.
+
+    frozen: (R, T) bool positions that keep their input state through every layer (exited
+    tokens under `propagate`: each layer's keys/values come from the same copied state).
+    """
+    for i in range(start, end):
+        y = layer_cached(model.layers[i], x, cache.k[i], cache.v[i], at, mask, model.rope, kv_only)
+        x = y if frozen is None else torch.where(frozen.unsqueeze(-1), x, y)
+    return x
