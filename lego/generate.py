@@ -28,7 +28,7 @@ from typing import List, Optional
 import torch
 
 from lego.ashem import confidence_from_logits
-from lego.kvcache import KVCache, Positions, embed_at, run_cached
+from lego.kvcache import CachedModel, Positions
 from lego.model import DeepSupervisionTransformer
 
 DECODERS = ("dense", "routed", "speculative")
@@ -110,7 +110,7 @@ def _sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
-class _Sampler:
+class Sampler:
     def __init__(self, temperature, top_k, top_p, gen):
         self.greedy = temperature == 0
         self.temperature, self.top_k, self.top_p, self.gen = temperature, top_k, top_p, gen
@@ -120,105 +120,6 @@ class _Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1) if self.greedy else _sample(self.probs(logits), self.gen)
-
-
-# -- the forward pieces ---------------------------------------------------------------------------
-class _State:
-    """A batch being decoded: cache, per-row lengths (tokens in the cache) and routing policy."""
-
-    def __init__(self, model: DeepSupervisionTransformer, batch: int, slots: int, routed: bool):
-        self.model, self.routed = model, routed
-        self.cache = KVCache(model, batch, slots)
-        self.E = model.exit_layer or model.num_layers
-        self.L = model.num_layers
-        self.policy = model.upper_context if routed else "full"
-        self.device = self.cache.k.device
-
-    def dense_mask(self, group: int) -> bool:
-        return not (group == 1 and self.policy == "skip")
-
-    def lower(self, idx: torch.Tensor, at: Positions) -> torch.Tensor:
-        """Tokens (R, T) at `at` through layers 1..E -> exit-layer states (R, T, C)."""
-        self.cache.mark(0, at)
-        mask = self.cache.mask(0, at, True)
-        return run_cached(self.model, self.cache, embed_at(self.model, idx, at), 0, self.E, at, mask)
-
-    def upper(self, h: torch.Tensor, at: Positions, flags: Optional[torch.Tensor] = None,
-              kv_only: bool = False, frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Exit-layer states (R, T, C) at `at` through layers E+1..L; `flags` marks which
-        positions leave attendable keys (skip: the hard ones), `frozen` which keep their state."""
-        self.cache.mark(1, at, flags)
-        mask = None if kv_only else self.cache.mask(1, at, self.dense_mask(1))
-        return run_cached(self.model, self.cache, h, self.E, self.L, at, mask, kv_only=kv_only, frozen=frozen)
-
-    def exit_logits(self, h):
-        return self.model.logits_at(h, self.E).float()
-
-    def deep_logits(self, h):
-        return self.model.logits_at(h, self.L).float()
-
-    def prefill(self, idx: torch.Tensor, lengths: List[int]):
-        """Right-padded prompts (B, T) -> (logits at every position (B, T, V), exited (B, T)).
-
-        Under routing, positions follow the routed rule of the teacher-forced forward."""
-        B, T = idx.shape
-        at = Positions.aligned(0, T)
-        real = torch.arange(T, device=self.device) < torch.tensor(lengths, device=self.device).unsqueeze(1)
-        with self.model.autocast():
-            h = self.lower(idx, at)
-            self.cache.valid[0, :, :T] &= real
-            if not self.routed:
-                self.cache.mark(1, at, real)
-                mask = self.cache.mask(1, at, True)
-                logits = self.deep_logits(run_cached(self.model, self.cache, h, self.E, self.L, at, mask))
-                self.cache.clear_invalid(T)
-                return logits, torch.zeros(B, T, dtype=torch.bool, device=self.device)
-            ex = self.exit_logits(h)
-            hard = confidence_from_logits(ex, self.model.confidence) < self.model.routing_threshold
-            flags = real & hard if self.policy == "skip" else real
-            h_up = self.upper(h, at, flags, frozen=None if self.policy == "full" else ~hard)
-            deep = self.deep_logits(h_up)
-        self.cache.clear_invalid(T)
-        return torch.where(hard.unsqueeze(-1), deep, ex), ~hard
-
-    def step(self, tok: torch.Tensor, at: Positions):
-        """One new token per row (R,) at `at` -> (next-token logits (R, V), exited (R,) bool)."""
-        with self.model.autocast():
-            h = self.lower(tok.unsqueeze(1), at)  # (R, 1, C)
-            if not self.routed:
-                return self.deep_logits(self.upper(h, at))[:, 0], None
-            ex = self.exit_logits(h)[:, 0]  # (R, V)
-            hard = confidence_from_logits(ex, self.model.confidence) < self.model.routing_threshold
-            hard_rows = hard.nonzero().squeeze(1).tolist()  # the one host sync of a routed step
-            R = tok.shape[0]
-            if self.policy == "full":  # every row runs the upper layers (exact cache)
-                h_up = self.upper(h, at)
-                if len(hard_rows) == R:
-                    return self.deep_logits(h_up)[:, 0], ~hard
-                if hard_rows:
-                    ex[hard_rows] = self.deep_logits(h_up[hard_rows])[:, 0]
-                return ex, ~hard
-            easy_rows = [r for r in range(R) if not hard[r]] if len(hard_rows) < R else []
-            if easy_rows and self.policy == "propagate":
-                sub = _subset(at, easy_rows, R, self.device)
-                self.upper(h[easy_rows] if len(easy_rows) < R else h, sub, kv_only=True)
-            if not hard_rows:
-                return ex, ~hard
-            if len(hard_rows) == R:
-                return self.deep_logits(self.upper(h, at))[:, 0], ~hard
-            sub = _subset(at, hard_rows, R, self.device)
-            ex[hard_rows] = self.deep_logits(self.upper(h[hard_rows], sub))[:, 0]
-            return ex, ~hard
-
-
-def _subset(at: Positions, rows: List[int], n_rows: int, device) -> Positions:
-    """The positions of `rows` (indices into at's rows) of a chunk."""
-    if len(rows) == n_rows:
-        return at
-    idx = torch.tensor(rows, device=device)
-    cache_rows = idx if at.rows is None else at.rows.index_select(0, idx)
-    pos = None if at.pos is None else at.pos.index_select(0, idx)
-    return Positions(cache_rows, at.start, pos, at.length, at.span)
 
 
 def _pad(prompts: List[List[int]], device) -> torch.Tensor:
@@ -247,7 +148,7 @@ def generate(model: DeepSupervisionTransformer, prompts: List[List[int]], *, max
     device = next(model.parameters()).device
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    sampler = _Sampler(temperature, top_k, top_p, gen)
+    sampler = Sampler(temperature, top_k, top_p, gen)
     with torch.inference_mode():
         if decoder == "speculative":
             return _speculative(model, prompts, max_new_tokens, sampler, stop_token, k, device)
@@ -255,7 +156,7 @@ def generate(model: DeepSupervisionTransformer, prompts: List[List[int]], *, max
                                return_logits, device)
 
 
-def _prefill(state: _State, prompts, sampler, device):
+def _prefill(state: CachedModel, prompts, sampler, device):
     lengths = [len(p) for p in prompts]
     logits, exited = state.prefill(_pad(prompts, device), lengths)
     rows = torch.arange(len(prompts), device=device)
@@ -265,7 +166,7 @@ def _prefill(state: _State, prompts, sampler, device):
 
 def _autoregressive(model, prompts, N, sampler, stop_token, routed, return_logits, device) -> Generation:
     B, lengths = len(prompts), [len(p) for p in prompts]
-    state = _State(model, B, max(lengths) + N - 1, routed)  # the last new token is never fed
+    state = CachedModel(model, B, max(lengths) + N - 1, routed)  # the last new token is never fed
     t0 = time.perf_counter()
     logits, exited = _prefill(state, prompts, sampler, device)
     out = torch.empty(B, N, dtype=torch.long, device=device)
@@ -292,12 +193,7 @@ def _autoregressive(model, prompts, N, sampler, stop_token, routed, return_logit
             kept.append(logits)
     _sync(device)
     t2 = time.perf_counter()
-    tokens, exits = out[:, :n].tolist(), flags[:, :n].tolist()
-    if stop_token is not None:
-        for b, row in enumerate(tokens):
-            if stop_token in row:
-                cut = row.index(stop_token) + 1
-                tokens[b], exits[b] = row[:cut], exits[b][:cut]
+    tokens, exits = _cut_at_stop(out[:, :n].tolist(), flags[:, :n].tolist(), stop_token)
     result = Generation(tokens, exits, "routed" if routed else "dense", prefill_s=t1 - t0, decode_s=t2 - t1)
     if return_logits:
         stacked = torch.stack(kept, 1)  # (B, n, V)
@@ -307,7 +203,7 @@ def _autoregressive(model, prompts, N, sampler, stop_token, routed, return_logit
 
 def _speculative(model, prompts, N, sampler, stop_token, k, device) -> Generation:
     B, lengths = len(prompts), [len(p) for p in prompts]
-    state = _State(model, B, max(lengths) + N - 1, routed=False)
+    state = CachedModel(model, B, max(lengths) + N - 1, routed=False)
     t0 = time.perf_counter()
     logits, _ = _prefill(state, prompts, sampler, device)
     tok = sampler(logits)  # (B,) the pending token of every row: sampled, not yet in the cache
@@ -321,58 +217,74 @@ def _speculative(model, prompts, N, sampler, stop_token, k, device) -> Generatio
                                                                    and tokens[b][-1] == stop_token)]
         if not active:
             break
-        R = len(active)
-        rows = None if R == B else torch.tensor(active, device=device)
         kk = min(k, min(N - len(tokens[b]) - 1 for b in active))  # never past max_new_tokens
-        t = tok if rows is None else tok.index_select(0, rows)
-        first = [cached[b] for b in active]
-        states, drafts, qs = [], [], []
-        with model.autocast():
-            for i in range(kk + 1):  # the pending token and kk drafts through Block 1
-                h = state.lower(t.unsqueeze(1), Positions.ragged([f + i for f in first], 1, device, rows))
-                states.append(h)
-                if i < kk:
-                    ex = state.exit_logits(h)[:, 0]
-                    if sampler.greedy:
-                        t = ex.argmax(-1)
-                    else:
-                        qs.append(sampler.probs(ex))
-                        t = _sample(qs[-1], sampler.gen)
-                    drafts.append(t)
-            # verify: the upper Block over every drafted position at once, from the stored exit states
-            at = Positions.ragged(first, kk + 1, device, rows)
-            deep = state.deep_logits(state.upper(torch.cat(states, 1), at))  # (R, kk + 1, V)
-        D = torch.stack(drafts, 1) if kk else torch.empty(R, 0, dtype=torch.long, device=device)
-        a, nxt = _accept(deep, D, qs, sampler)
-        host = torch.cat([a, nxt, D.flatten()]).tolist()  # the one host sync of a round
-        a_l, nxt_l, D_l = host[:R], host[R:2 * R], host[2 * R:]
-        drafted += R * kk
-        accepted += sum(a_l)
-        for j, b in enumerate(active):
-            n_acc = a_l[j]
-            new = D_l[j * kk:j * kk + n_acc] + [nxt_l[j]]
-            tokens[b] += new
-            exits[b] += [True] * n_acc + [False]
-            cached[b] += n_acc + 1
-        # roll rejected drafts back: slots >= the new length, written this round, become zeros again
-        state.cache.rollback(torch.tensor(cached, device=device), min(cached[b] for b in active),
-                             max(first) + kk + 1)
-        if rows is None:
-            tok = nxt
-        else:
-            tok = tok.index_copy(0, rows, nxt)
+        tok, new = speculative_round(state, tok, cached, active, kk, sampler)
+        drafted += len(active) * kk
+        for b, row in zip(active, new):
+            accepted += len(row) - 1
+            tokens[b] += row
+            exits[b] += [True] * (len(row) - 1) + [False]
     _sync(device)
     t2 = time.perf_counter()
+    tokens, exits = _cut_at_stop(tokens, exits, stop_token)
+    return Generation(tokens, exits, "speculative", drafted=drafted, accepted=accepted, prefill_s=t1 - t0,
+                      decode_s=t2 - t1, extra={"k": k})
+
+
+def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], active: List[int], kk: int,
+                      sampler: Sampler):
+    """One draft-verify-accept round for the cache rows `active`; returns (pending tokens (B,),
+    the new tokens of each active row: its accepted drafts then one token from the deep model).
+
+    tok (B,): each row's pending token (not in the cache yet), fed at position cached[b].
+    Layers 1..E and the exit head draft kk tokens one by one; the upper layers verify the
+    kk + 1 positions in one pass from the drafts' exit-layer states. `cached` grows by the
+    accepted count + 1; rejected positions are rolled back from every layer's cache.
+    """
+    device = state.device
+    B, R = tok.shape[0], len(active)
+    rows = None if R == B else torch.tensor(active, device=device)
+    t = tok if rows is None else tok.index_select(0, rows)
+    first = [cached[b] for b in active]
+    states, drafts, qs = [], [], []
+    with state.model.autocast():
+        for i in range(kk + 1):  # the pending token and kk drafts through Block 1
+            h = state.lower(t.unsqueeze(1), Positions.ragged([f + i for f in first], 1, device, rows))
+            states.append(h)
+            if i < kk:
+                ex = state.exit_logits(h)[:, 0]
+                if sampler.greedy:
+                    t = ex.argmax(-1)
+                else:
+                    qs.append(sampler.probs(ex))
+                    t = _sample(qs[-1], sampler.gen)
+                drafts.append(t)
+        # verify: the upper Block over every drafted position at once, from the stored exit states
+        at = Positions.ragged(first, kk + 1, device, rows)
+        deep = state.deep_logits(state.upper(torch.cat(states, 1), at))  # (R, kk + 1, V)
+    D = torch.stack(drafts, 1) if kk else torch.empty(R, 0, dtype=torch.long, device=device)
+    a, nxt = _accept(deep, D, qs, sampler)
+    host = torch.cat([a, nxt, D.flatten()]).tolist()  # the one host sync of a round
+    a_l, nxt_l, D_l = host[:R], host[R:2 * R], host[2 * R:]
+    new = [D_l[j * kk:j * kk + a_l[j]] + [nxt_l[j]] for j in range(R)]
+    for j, b in enumerate(active):
+        cached[b] += a_l[j] + 1
+    # rejected drafts: slots >= the new length that this round wrote become zeros, not attendable
+    state.cache.rollback(torch.tensor(cached, device=device), min(cached[b] for b in active), max(first) + kk + 1)
+    return (nxt if rows is None else tok.index_copy(0, rows, nxt)), new
+
+
+def _cut_at_stop(tokens, exits, stop_token):
+    """Each row up to and including its first `stop_token`."""
     if stop_token is not None:
         for b, row in enumerate(tokens):
             if stop_token in row:
                 cut = row.index(stop_token) + 1
                 tokens[b], exits[b] = row[:cut], exits[b][:cut]
-    return Generation(tokens, exits, "speculative", drafted=drafted, accepted=accepted, prefill_s=t1 - t0,
-                      decode_s=t2 - t1, extra={"k": k})
+    return tokens, exits
 
 
-def _accept(deep: torch.Tensor, D: torch.Tensor, qs: List[torch.Tensor], sampler: _Sampler):
+def _accept(deep: torch.Tensor, D: torch.Tensor, qs: List[torch.Tensor], sampler: Sampler):
     """Accepted draft count a (R,) and the token after them (R,).
 
     Greedy: the longest prefix of drafts equal to the deep argmax, then the deep argmax.
@@ -419,3 +331,92 @@ def teacher_forced_logits(model: DeepSupervisionTransformer, idx: torch.Tensor, 
         easy = confidence_from_logits(ex, model.confidence) >= model.routing_threshold
         deep = model.logits_at(model.run_layers(h, E, L, hard=~easy, policy=model.upper_context), L).float()
     return torch.where(easy.unsqueeze(-1), ex, deep), easy
+
+
+# -- a report ----------------------------------------------------------------------------------------
+def test_prompts(tokens, n: int, prompt_len: int, seed: int) -> List[List[int]]:
+    """`n` prompts of `prompt_len` tokens from a 1-D array of test-split token ids, at start
+    offsets drawn without replacement by numpy's generator seeded with `seed` (sorted, so the
+    same (tokens, n, prompt_len, seed) always gives the same prompts in the same order)."""
+    import numpy as np
+
+    if n < 1:
+        raise ValueError(f"generate.num_prompts={n} must be >= 1")
+    if prompt_len < 1:
+        raise ValueError(f"generate.prompt_len={prompt_len} must be >= 1")
+    starts_available = len(tokens) - prompt_len + 1
+    if starts_available < n:
+        raise ValueError(f"generate.prompt_len={prompt_len}: the test split ({len(tokens)} tokens) holds fewer "
+                         f"than generate.num_prompts={n} prompts")
+    starts = np.sort(np.random.default_rng(seed).choice(starts_available, size=n, replace=False))
+    return [[int(t) for t in tokens[s:s + prompt_len]] for s in starts]
+
+
+def agreement(tokens: List[List[int]], reference: List[List[int]]) -> float:
+    """Share of the reference's tokens that `tokens` matches position by position."""
+    total = sum(len(r) for r in reference)
+    same = sum(a == b for row, ref in zip(tokens, reference) for a, b in zip(row, ref))
+    return same / total if total else 1.0
+
+
+def mark_exits(tokenizer, tokens: List[int], exited: List[bool]) -> str:
+    """Decoded continuation with every early-exited (or accepted-draft) token in [brackets]."""
+    return "".join(f"[{tokenizer.decode([t])}]" if e else tokenizer.decode([t]) for t, e in zip(tokens, exited))
+
+
+def run_generation(model: DeepSupervisionTransformer, tokenizer, prompts: List[List[int]], *,
+                   decoders=DECODERS, k_values=(2, 4), max_new_tokens: int, temperature: float = 0.0,
+                   top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+                   out_dir) -> dict:
+    """Generate with each decoder (speculative once per k), write `out_dir/samples.md` and
+    `out_dir/metrics.json`, return the metrics.
+
+    Timings are of one batch holding every prompt, after a two-token warm-up run of each
+    decoder. `agreement_with_dense` compares greedy outputs (extra greedy runs when
+    temperature > 0) with dense greedy, position by position.
+    """
+    from pathlib import Path
+
+    from lego.artifacts import write_json, write_text
+
+    for d in decoders:
+        if d not in DECODERS:
+            raise ValueError(f"generate.decoders: {d!r} is not a decoder; choose from {', '.join(DECODERS)}")
+    runs = [(d, kk) for d in decoders for kk in (k_values if d == "speculative" else (None,))]
+    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    results, greedy = {}, {}
+    for d, kk in runs:
+        name = d if kk is None else f"speculative_k{kk}"
+        kw = {} if kk is None else {"k": kk}
+        generate(model, prompts[:1], **dict(opts, max_new_tokens=min(2, max_new_tokens)), decoder=d, **kw)
+        results[name] = generate(model, prompts, decoder=d, **opts, **kw)
+        greedy[name] = results[name] if temperature == 0 else generate(model, prompts, decoder=d,
+                                                                       **dict(opts, temperature=0.0), **kw)
+    ref = greedy["dense"].tokens if "dense" in greedy else generate(
+        model, prompts, decoder="dense", **dict(opts, temperature=0.0)).tokens
+    metrics = {"settings": dict(opts, num_prompts=len(prompts), prompt_lens=[len(p) for p in prompts],
+                                exit_layer=model.exit_layer, num_layers=model.num_layers,
+                                routing_threshold=model.routing_threshold, upper_context=model.upper_context,
+                                confidence=model.confidence)}
+    dense_ms = None
+    for name, r in results.items():
+        ms = 1e3 * r.decode_s / max(1, r.n_tokens - len(prompts))  # the first token comes from the prefill
+        dense_ms = ms if name == "dense" else dense_ms
+        metrics[name] = {"tokens": r.n_tokens, "tokens_per_s": r.n_tokens / (r.prefill_s + r.decode_s),
+                         "ms_per_token": ms, "prefill_s": r.prefill_s, "decode_s": r.decode_s,
+                         "exit_share": r.exit_share, "acceptance_rate": r.acceptance_rate,
+                         "agreement_with_dense": agreement(greedy[name].tokens, ref)}
+    for name in results:
+        if dense_ms:
+            metrics[name]["time_over_dense"] = metrics[name]["ms_per_token"] / dense_ms
+    lines = ["# Samples", "", f"Decoders: {', '.join(results)}; max_new_tokens={max_new_tokens}, "
+             f"temperature={temperature}, top_k={top_k}, top_p={top_p}, seed={seed}. "
+             "[Bracketed] tokens came from the exit head (routed: exited early; speculative: accepted drafts).", ""]
+    for i, p in enumerate(prompts):
+        lines += [f"## Prompt {i + 1}", "", "```", tokenizer.decode(p), "```", ""]
+        for name, r in results.items():
+            lines += [f"**{name}**", "", "```", mark_exits(tokenizer, r.tokens[i], r.exited[i]), "```", ""]
+    out_dir = Path(out_dir)
+    write_text(out_dir / "samples.md", "\n".join(lines))
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics

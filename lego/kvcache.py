@@ -16,11 +16,12 @@ valid holds zeros, so a rolled-back draft leaves the cache exactly as if never w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from lego.ashem import confidence_from_logits
 from lego.model import DeepSupervisionTransformer, Layer, apply_rope
 
 Mask = Union[None, str, torch.Tensor]  # None: every key below `span`; "causal": aligned from 0; else (R,1,T,span)
@@ -215,3 +216,107 @@ def run_cached(model: DeepSupervisionTransformer, cache: KVCache, x: torch.Tenso
         y = layer_cached(model.layers[i], x, cache.k[i], cache.v[i], at, mask, model.rope, kv_only)
         x = y if frozen is None else torch.where(frozen.unsqueeze(-1), x, y)
     return x
+
+
+# -- a model with a cache ---------------------------------------------------------------------------
+class CachedModel:
+    """The model's forward over a `KVCache`, chunk by chunk: prefill, one-token steps, the lower
+    and upper Blocks separately (for self-speculative drafting and verification).
+
+    routed=True follows the model's routing (threshold, confidence measure, `upper_context`)
+    exactly as the teacher-forced routed forward does; routed=False is the dense model.
+    """
+
+    def __init__(self, model: DeepSupervisionTransformer, batch: int, slots: int, routed: bool):
+        self.model, self.routed = model, routed
+        self.cache = KVCache(model, batch, slots)
+        self.E = model.exit_layer or model.num_layers
+        self.L = model.num_layers
+        self.policy = model.upper_context if routed else "full"
+        self.device = self.cache.k.device
+
+    def dense_mask(self, group: int) -> bool:
+        return not (group == 1 and self.policy == "skip")
+
+    def lower(self, idx: torch.Tensor, at: Positions) -> torch.Tensor:
+        """Tokens (R, T) at `at` through layers 1..E -> exit-layer states (R, T, C)."""
+        self.cache.mark(0, at)
+        mask = self.cache.mask(0, at, True)
+        return run_cached(self.model, self.cache, embed_at(self.model, idx, at), 0, self.E, at, mask)
+
+    def upper(self, h: torch.Tensor, at: Positions, flags: Optional[torch.Tensor] = None,
+              kv_only: bool = False, frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Exit-layer states (R, T, C) at `at` through layers E+1..L; `flags` marks which
+        positions leave attendable keys (skip: the hard ones), `frozen` which keep their state."""
+        self.cache.mark(1, at, flags)
+        mask = None if kv_only else self.cache.mask(1, at, self.dense_mask(1))
+        return run_cached(self.model, self.cache, h, self.E, self.L, at, mask, kv_only=kv_only, frozen=frozen)
+
+    def exit_logits(self, h):
+        return self.model.logits_at(h, self.E).float()
+
+    def deep_logits(self, h):
+        return self.model.logits_at(h, self.L).float()
+
+    def prefill(self, idx: torch.Tensor, lengths: List[int]):
+        """Right-padded prompts (B, T) -> (logits at every position (B, T, V), exited (B, T)).
+
+        Under routing, positions follow the routed rule of the teacher-forced forward."""
+        B, T = idx.shape
+        at = Positions.aligned(0, T)
+        real = torch.arange(T, device=self.device) < torch.tensor(lengths, device=self.device).unsqueeze(1)
+        with self.model.autocast():
+            h = self.lower(idx, at)
+            self.cache.valid[0, :, :T] &= real
+            if not self.routed:
+                self.cache.mark(1, at, real)
+                mask = self.cache.mask(1, at, True)
+                logits = self.deep_logits(run_cached(self.model, self.cache, h, self.E, self.L, at, mask))
+                self.cache.clear_invalid(T)
+                return logits, torch.zeros(B, T, dtype=torch.bool, device=self.device)
+            ex = self.exit_logits(h)
+            hard = confidence_from_logits(ex, self.model.confidence) < self.model.routing_threshold
+            flags = real & hard if self.policy == "skip" else real
+            h_up = self.upper(h, at, flags, frozen=None if self.policy == "full" else ~hard)
+            deep = self.deep_logits(h_up)
+        self.cache.clear_invalid(T)
+        return torch.where(hard.unsqueeze(-1), deep, ex), ~hard
+
+    def step(self, tok: torch.Tensor, at: Positions):
+        """One new token per row (R,) at `at` -> (next-token logits (R, V), exited (R,) bool)."""
+        with self.model.autocast():
+            h = self.lower(tok.unsqueeze(1), at)  # (R, 1, C)
+            if not self.routed:
+                return self.deep_logits(self.upper(h, at))[:, 0], None
+            ex = self.exit_logits(h)[:, 0]  # (R, V)
+            hard = confidence_from_logits(ex, self.model.confidence) < self.model.routing_threshold
+            hard_rows = hard.nonzero().squeeze(1).tolist()  # the one host sync of a routed step
+            R = tok.shape[0]
+            if self.policy == "full":  # every row runs the upper layers (exact cache)
+                h_up = self.upper(h, at)
+                if len(hard_rows) == R:
+                    return self.deep_logits(h_up)[:, 0], ~hard
+                if hard_rows:
+                    ex[hard_rows] = self.deep_logits(h_up[hard_rows])[:, 0]
+                return ex, ~hard
+            easy_rows = [r for r in range(R) if not hard[r]] if len(hard_rows) < R else []
+            if easy_rows and self.policy == "propagate":
+                sub = subset(at, easy_rows, R, self.device)
+                self.upper(h[easy_rows] if len(easy_rows) < R else h, sub, kv_only=True)
+            if not hard_rows:
+                return ex, ~hard
+            if len(hard_rows) == R:
+                return self.deep_logits(self.upper(h, at))[:, 0], ~hard
+            sub = subset(at, hard_rows, R, self.device)
+            ex[hard_rows] = self.deep_logits(self.upper(h[hard_rows], sub))[:, 0]
+            return ex, ~hard
+
+
+def subset(at: Positions, rows: List[int], n_rows: int, device) -> Positions:
+    """The positions of `rows` (indices into at's rows) of a chunk."""
+    if len(rows) == n_rows:
+        return at
+    idx = torch.tensor(rows, device=device)
+    cache_rows = idx if at.rows is None else at.rows.index_select(0, idx)
+    pos = None if at.pos is None else at.pos.index_select(0, idx)
+    return Positions(cache_rows, at.start, pos, at.length, at.span)
