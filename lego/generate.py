@@ -247,7 +247,7 @@ def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], 
     t = tok if rows is None else tok.index_select(0, rows)
     first = [cached[b] for b in active]
     states, drafts, qs = [], [], []
-    with state.model.autocast():
+    with state.autocast():
         for i in range(kk + 1):  # the pending token and kk drafts through Block 1
             h = state.lower(t.unsqueeze(1), Positions.ragged([f + i for f in first], 1, device, rows))
             states.append(h)

@@ -15,6 +15,7 @@ valid holds zeros, so a rolled-back draft leaves the cache exactly as if never w
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
@@ -73,6 +74,7 @@ class KVCache:
         nh, hd = model.num_heads, model.dim // model.num_heads
         self.k = torch.zeros(model.num_layers, batch, nh, slots, hd, device=p.device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, taken once
         self.valid = torch.zeros(2, batch, slots, dtype=torch.bool, device=p.device)  # per layer group
         self.split = model.exit_layer or model.num_layers  # layer indices >= split are group 1
         self.batch, self.slots = batch, slots
@@ -131,7 +133,8 @@ class KVCache:
         return torch.arange(self.batch, device=self.valid.device) if at.rows is None else at.rows
 
 
-def _rope_at(rope, at: Positions, n_rows: int):
+def rope_at(rope, at: Positions):
+    """The rope tables (cos, sin) at the chunk's positions, shaped to broadcast over heads."""
     if rope is None:
         return None
     if at.start is not None:
@@ -168,32 +171,33 @@ def layer_cached(layer: Layer, x: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                  mask: Mask, rope=None, kv_only: bool = False) -> torch.Tensor:
     """One layer on a chunk of new tokens whose earlier keys/values are cached.
 
-    x: (R, T, C) input states at positions `at`. Writes the chunk's keys/values into the
-    layer's caches, then (unless `kv_only`) runs attention over slots [0, span) under `mask`
-    and the MLP, returning the (R, T, C) output; with `kv_only` it returns x unchanged (an
-    exited token under `propagate`: keys/values from its copied state, nothing else).
+    x: (R, T, C) input states at positions `at`; rope: (cos, sin) already taken at `at`
+    (`rope_at`). Writes the chunk's keys/values into the layer's caches, then (unless
+    `kv_only`) runs attention over slots [0, span) under `mask` and the MLP, returning the
+    (R, T, C) output; with `kv_only` it returns x unchanged (an exited token under
+    `propagate`: keys/values from its copied state, nothing else). Same arithmetic as
+    `Layer.forward`; projections are called through F.linear (a one-token step is dominated
+    by per-op overhead, and module calls add to it).
     """
     R, T, C = x.shape
     nh = layer.num_heads
     hd = C // nh
     h = layer.norm1(x)
+    w, b = layer.qkv.weight, layer.qkv.bias
     if kv_only:
-        kv = F.linear(h, layer.qkv.weight[C:], layer.qkv.bias[C:])
-        k, v = kv.split(C, 2)
+        k, v = F.linear(h, w[C:], b[C:]).view(R, T, 2, nh, hd).unbind(2)
     else:
-        q, k, v = layer.qkv(h).split(C, 2)
-    k = k.view(R, T, nh, hd).transpose(1, 2)  # (R, nh, T, hd)
-    v = v.view(R, T, nh, hd).transpose(1, 2)
-    cs = _rope_at(rope, at, R)
-    if cs is not None:
-        k = apply_rope(k, *cs)
+        q, k, v = F.linear(h, w, b).view(R, T, 3, nh, hd).unbind(2)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (R, nh, T, hd)
+    if rope is not None:
+        k = apply_rope(k, *rope)
     _write(k_cache, at, k)
     _write(v_cache, at, v)
     if kv_only:
         return x
-    q = q.view(R, T, nh, hd).transpose(1, 2)
-    if cs is not None:
-        q = apply_rope(q, *cs)
+    q = q.transpose(1, 2)
+    if rope is not None:
+        q = apply_rope(q, *rope)
     keys, values = k_cache[:, :, :at.span], v_cache[:, :, :at.span]
     if at.rows is not None:
         keys, values = keys.index_select(0, at.rows), values.index_select(0, at.rows)
@@ -201,7 +205,7 @@ def layer_cached(layer: Layer, x: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
     else:
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    x = x + layer.attn_out(y.transpose(1, 2).reshape(R, T, C))
+    x = x + F.linear(y.transpose(1, 2).reshape(R, T, C), layer.attn_out.weight, layer.attn_out.bias)
     return x + layer.mlp(layer.norm2(x))
 
 
@@ -212,8 +216,9 @@ def run_cached(model: DeepSupervisionTransformer, cache: KVCache, x: torch.Tenso
     frozen: (R, T) bool positions that keep their input state through every layer (exited
     tokens under `propagate`: each layer's keys/values come from the same copied state).
     """
+    rope = rope_at(model.rope, at)
     for i in range(start, end):
-        y = layer_cached(model.layers[i], x, cache.k[i], cache.v[i], at, mask, model.rope, kv_only)
+        y = layer_cached(model.layers[i], x, cache.k_layers[i], cache.v_layers[i], at, mask, rope, kv_only)
         x = y if frozen is None else torch.where(frozen.unsqueeze(-1), x, y)
     return x
 
@@ -234,6 +239,8 @@ class CachedModel:
         self.L = model.num_layers
         self.policy = model.upper_context if routed else "full"
         self.device = self.cache.k.device
+        # entering a disabled torch.autocast still costs a parameter walk and a context per step
+        self.autocast = model.autocast if model.precision == "bf16" else contextlib.nullcontext
 
     def dense_mask(self, group: int) -> bool:
         return not (group == 1 and self.policy == "skip")
@@ -265,7 +272,7 @@ class CachedModel:
         B, T = idx.shape
         at = Positions.aligned(0, T)
         real = torch.arange(T, device=self.device) < torch.tensor(lengths, device=self.device).unsqueeze(1)
-        with self.model.autocast():
+        with self.autocast():
             h = self.lower(idx, at)
             self.cache.valid[0, :, :T] &= real
             if not self.routed:
@@ -284,7 +291,7 @@ class CachedModel:
 
     def step(self, tok: torch.Tensor, at: Positions):
         """One new token per row (R,) at `at` -> (next-token logits (R, V), exited (R,) bool)."""
-        with self.model.autocast():
+        with self.autocast():
             h = self.lower(tok.unsqueeze(1), at)  # (R, 1, C)
             if not self.routed:
                 return self.deep_logits(self.upper(h, at))[:, 0], None
