@@ -211,7 +211,7 @@ def _speculative(model, prompts, N, sampler, stop_token, k, device) -> Generatio
     exits = [[False] for _ in range(B)]
     cached = list(lengths)  # positions in the cache; the pending token goes at position cached[b]
     t1 = time.perf_counter()
-    drafted = accepted = 0
+    drafted = accepted = fed = 0
     while True:
         active = [b for b in range(B) if len(tokens[b]) < N and not (stop_token is not None
                                                                    and tokens[b][-1] == stop_token)]
@@ -220,6 +220,7 @@ def _speculative(model, prompts, N, sampler, stop_token, k, device) -> Generatio
         kk = min(k, min(N - len(tokens[b]) - 1 for b in active))  # never past max_new_tokens
         tok, new = speculative_round(state, tok, cached, active, kk, sampler)
         drafted += len(active) * kk
+        fed += len(active) * (kk + 1)  # positions through every layer (and the deep head) this round
         for b, row in zip(active, new):
             accepted += len(row) - 1
             tokens[b] += row
@@ -228,7 +229,7 @@ def _speculative(model, prompts, N, sampler, stop_token, k, device) -> Generatio
     t2 = time.perf_counter()
     tokens, exits = _cut_at_stop(tokens, exits, stop_token)
     return Generation(tokens, exits, "speculative", drafted=drafted, accepted=accepted, prefill_s=t1 - t0,
-                      decode_s=t2 - t1, extra={"k": k})
+                      decode_s=t2 - t1, extra={"k": k, "positions_verified": fed})
 
 
 def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], active: List[int], kk: int,

@@ -8,9 +8,11 @@ attend to. Two groups share a mask: layers 1..exit_layer (group 0) and the layer
 (group 1), where the `skip` policy leaves exited positions out. Invariant: a slot that is not
 valid holds zeros, so a rolled-back draft leaves the cache exactly as if never written.
 
-    cache = KVCache(model, batch=2, slots=64)
-    at = Positions.aligned(start=0, length=T, span=T)       # every row at positions 0..T-1
-    cache.mark(0, at); h = run_cached(model, cache, embed_at(model, idx, at), 0, 2, at)
+`CachedModel` runs the model over a cache chunk by chunk (`lego.generate` drives it):
+
+    state = CachedModel(model.eval(), batch=2, slots=64, routed=True)
+    logits, exited = state.prefill(idx, lengths=[5, 3])        # (2, 5, V), (2, 5): right-padded prompts
+    logits, exited = state.step(tok, Positions.ragged([5, 3], 1, idx.device))  # one token per row
 """
 
 from __future__ import annotations
@@ -167,7 +169,45 @@ def _write(cache: torch.Tensor, at: Positions, val: torch.Tensor) -> None:
     cache[rows.unsqueeze(1), :, at.pos] = val.transpose(1, 2)  # index (R, T) -> (R, T, nh, hd)
 
 
-def layer_cached(layer: Layer, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, at: Positions,
+class LayerWeights:
+    """A `Layer`'s parameters as plain attributes, taken once per generation.
+
+    A one-token decoding step is dominated by per-op Python overhead, and every module call and
+    module attribute lookup adds to it (nn.Module.__getattr__ ran ~100 times per token).
+    `norm`/`mlp` call the same functionals as `make_norm`'s modules and `MLP.forward`, on the
+    same parameter tensors, so the arithmetic is that of `Layer.forward`.
+    """
+
+    __slots__ = ("num_heads", "n1", "n2", "qkv_w", "qkv_b", "out_w", "out_b", "fc_w", "fc_b", "gate_w", "gate_b",
+                 "proj_w", "proj_b")
+
+    def __init__(self, layer: Layer):
+        self.num_heads = layer.num_heads
+        self.n1, self.n2 = _norm_args(layer.norm1), _norm_args(layer.norm2)
+        self.qkv_w, self.qkv_b = layer.qkv.weight, layer.qkv.bias
+        self.out_w, self.out_b = layer.attn_out.weight, layer.attn_out.bias
+        mlp = layer.mlp
+        self.fc_w, self.fc_b, self.proj_w, self.proj_b = mlp.fc.weight, mlp.fc.bias, mlp.proj.weight, mlp.proj.bias
+        self.gate_w, self.gate_b = (mlp.gate.weight, mlp.gate.bias) if mlp.gate is not None else (None, None)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_w is not None:
+            return F.linear(F.silu(F.linear(x, self.gate_w, self.gate_b)) * F.linear(x, self.fc_w, self.fc_b),
+                            self.proj_w, self.proj_b)
+        return F.linear(F.gelu(F.linear(x, self.fc_w, self.fc_b)), self.proj_w, self.proj_b)
+
+
+def _norm_args(norm: torch.nn.Module):
+    if isinstance(norm, torch.nn.LayerNorm):
+        return (F.layer_norm, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return (F.rms_norm, norm.normalized_shape, norm.weight, norm.eps)
+
+
+def _norm(args, x: torch.Tensor) -> torch.Tensor:
+    return args[0](x, *args[1:])
+
+
+def layer_cached(layer: LayerWeights, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, at: Positions,
                  mask: Mask, rope=None, kv_only: bool = False) -> torch.Tensor:
     """One layer on a chunk of new tokens whose earlier keys/values are cached.
 
@@ -176,18 +216,16 @@ def layer_cached(layer: Layer, x: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     `kv_only`) runs attention over slots [0, span) under `mask` and the MLP, returning the
     (R, T, C) output; with `kv_only` it returns x unchanged (an exited token under
     `propagate`: keys/values from its copied state, nothing else). Same arithmetic as
-    `Layer.forward`; projections are called through F.linear (a one-token step is dominated
-    by per-op overhead, and module calls add to it).
+    `Layer.forward` (eval mode: no dropout).
     """
     R, T, C = x.shape
     nh = layer.num_heads
     hd = C // nh
-    h = layer.norm1(x)
-    w, b = layer.qkv.weight, layer.qkv.bias
+    h = _norm(layer.n1, x)
     if kv_only:
-        k, v = F.linear(h, w[C:], b[C:]).view(R, T, 2, nh, hd).unbind(2)
+        k, v = F.linear(h, layer.qkv_w[C:], layer.qkv_b[C:]).view(R, T, 2, nh, hd).unbind(2)
     else:
-        q, k, v = F.linear(h, w, b).view(R, T, 3, nh, hd).unbind(2)
+        q, k, v = F.linear(h, layer.qkv_w, layer.qkv_b).view(R, T, 3, nh, hd).unbind(2)
     k, v = k.transpose(1, 2), v.transpose(1, 2)  # (R, nh, T, hd)
     if rope is not None:
         k = apply_rope(k, *rope)
@@ -205,12 +243,13 @@ def layer_cached(layer: Layer, x: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
     else:
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    x = x + F.linear(y.transpose(1, 2).reshape(R, T, C), layer.attn_out.weight, layer.attn_out.bias)
-    return x + layer.mlp(layer.norm2(x))
+    x = x + F.linear(y.transpose(1, 2).reshape(R, T, C), layer.out_w, layer.out_b)
+    return x + layer.mlp(_norm(layer.n2, x))
 
 
-def run_cached(model: DeepSupervisionTransformer, cache: KVCache, x: torch.Tensor, start: int, end: int,
-               at: Positions, mask: Mask, kv_only: bool = False, frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+def run_cached(model: DeepSupervisionTransformer, layers: List[LayerWeights], cache: KVCache, x: torch.Tensor,
+               start: int, end: int, at: Positions, mask: Mask, kv_only: bool = False,
+               frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Layers start+1 .. end (1-based) on a chunk, all in one layer group, under one mask.
 
     frozen: (R, T) bool positions that keep their input state through every layer (exited
@@ -218,7 +257,7 @@ def run_cached(model: DeepSupervisionTransformer, cache: KVCache, x: torch.Tenso
     """
     rope = rope_at(model.rope, at)
     for i in range(start, end):
-        y = layer_cached(model.layers[i], x, cache.k_layers[i], cache.v_layers[i], at, mask, rope, kv_only)
+        y = layer_cached(layers[i], x, cache.k_layers[i], cache.v_layers[i], at, mask, rope, kv_only)
         x = y if frozen is None else torch.where(frozen.unsqueeze(-1), x, y)
     return x
 
@@ -239,6 +278,9 @@ class CachedModel:
         self.L = model.num_layers
         self.policy = model.upper_context if routed else "full"
         self.device = self.cache.k.device
+        if model.training:
+            raise ValueError("generation runs the model in eval mode (no dropout); call model.eval() first")
+        self.layers = [LayerWeights(layer) for layer in model.layers]
         # entering a disabled torch.autocast still costs a parameter walk and a context per step
         self.autocast = model.autocast if model.precision == "bf16" else contextlib.nullcontext
 
@@ -249,7 +291,7 @@ class CachedModel:
         """Tokens (R, T) at `at` through layers 1..E -> exit-layer states (R, T, C)."""
         self.cache.mark(0, at)
         mask = self.cache.mask(0, at, True)
-        return run_cached(self.model, self.cache, embed_at(self.model, idx, at), 0, self.E, at, mask)
+        return run_cached(self.model, self.layers, self.cache, embed_at(self.model, idx, at), 0, self.E, at, mask)
 
     def upper(self, h: torch.Tensor, at: Positions, flags: Optional[torch.Tensor] = None,
               kv_only: bool = False, frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -257,7 +299,8 @@ class CachedModel:
         positions leave attendable keys (skip: the hard ones), `frozen` which keep their state."""
         self.cache.mark(1, at, flags)
         mask = None if kv_only else self.cache.mask(1, at, self.dense_mask(1))
-        return run_cached(self.model, self.cache, h, self.E, self.L, at, mask, kv_only=kv_only, frozen=frozen)
+        return run_cached(self.model, self.layers, self.cache, h, self.E, self.L, at, mask, kv_only=kv_only,
+                          frozen=frozen)
 
     def exit_logits(self, h):
         return self.model.logits_at(h, self.E).float()
@@ -278,7 +321,7 @@ class CachedModel:
             if not self.routed:
                 self.cache.mark(1, at, real)
                 mask = self.cache.mask(1, at, True)
-                logits = self.deep_logits(run_cached(self.model, self.cache, h, self.E, self.L, at, mask))
+                logits = self.deep_logits(run_cached(self.model, self.layers, self.cache, h, self.E, self.L, at, mask))
                 self.cache.clear_invalid(T)
                 return logits, torch.zeros(B, T, dtype=torch.bool, device=self.device)
             ex = self.exit_logits(h)
