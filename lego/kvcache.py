@@ -98,12 +98,13 @@ class KVCache:
     def mask(self, group: int, at: Positions, dense: bool) -> Mask:
         """The attention mask of the chunk's queries over slots [0, span) of `group`.
 
-        `dense`: every slot below each row's position is valid (no ragged rows, no skipped
-        keys), so a one-token aligned step needs no mask and an aligned chunk from 0 is causal.
+        `dense`: every slot below each row's position is valid (no skipped keys), so when the
+        chunk's rows are aligned (one common start) a one-token step needs no mask and a chunk
+        from 0 is causal.
         A query may always see its own slot, so a query whose own key is not valid (an exited
         position under `skip`, a padding position) gets a finite, unused output, never NaN.
         """
-        if dense and at.rows is None and at.start is not None:
+        if dense and at.start is not None:
             if at.length == 1:
                 return None
             if at.start == 0:

@@ -162,7 +162,8 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threshold-n", type=float, default=1e8)
     p.add_argument("--skip-threshold", action="store_true")
-    p.add_argument("--only", choices=["train", "eval", "gen"], help="run only the training, evaluation or generation rows")
+    p.add_argument("--only", choices=["train", "eval", "gen"],
+                   help="run only the training, evaluation or generation rows")
     p.add_argument("--gen-models", nargs="+", default=["tiny", "small"])
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--gen-prompt", type=int, default=32, help="prompt tokens")
@@ -358,7 +359,9 @@ def bench_generation(args, device) -> dict:
                 if c.startswith("routed"):
                     flop = routed_macs(**cost_args, shallow_ratio=r.exit_share, policy=c.split()[1])["flop_cost"]
                 elif c.startswith("speculative"):
-                    flop = (r.extra["positions_verified"] * full_macs + r.drafted * head) / ((r.n_tokens - B) * full_macs)
+                    # every verified position runs all layers and the deep head; drafts add the exit head
+                    flop = ((r.extra["positions_verified"] * full_macs + r.drafted * head)
+                            / ((r.n_tokens - B) * full_macs))
                 else:
                     flop = 1.0
                 rows.append({"model": name, "batch": B, "case": c, "ms_per_token": 1e3 * sec, "time_ratio": ratio,
