@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lego.ashem import confidence_from_logits
 from lego.generate import (Sampler, agreement, generate, run_generation, speculative_round, teacher_forced_logits,
                            test_prompts as pick_prompts)
 from lego.kvcache import CachedModel
@@ -44,8 +45,9 @@ def uncached_greedy(model, prompt, n):
 
 def exit_confidences(model, sequences):
     with torch.no_grad(), model.autocast():
-        return torch.cat([F.softmax(model.logits_at(model.run_layers(model.embed(torch.tensor([s])), 0, 2), 2)
-                                    .float(), -1).max(-1).values.flatten() for s in sequences])
+        return torch.cat([confidence_from_logits(model.logits_at(model.run_layers(model.embed(torch.tensor([s])), 0, 2),
+                                                                 2).float(), model.confidence).flatten()
+                          for s in sequences])
 
 
 def mid_threshold(conf):
@@ -123,6 +125,19 @@ def test_routed_decoding_logits_equal_teacher_forced_routed_forward(grown, polic
         expected, easy = teacher_forced_logits(model, torch.tensor([s]))
         torch.testing.assert_close(logits[b, :len(s)], expected[0], atol=2e-5, rtol=1e-5)
         assert torch.equal(exited[b, :len(s)], easy[0])
+
+
+@pytest.mark.parametrize("measure", ["margin", "entropy"])
+def test_routed_decoding_follows_the_models_confidence_measure(grown, measure):
+    model = grown(policy="propagate", pos="rope")
+    model.confidence = measure
+    model = calibrated(model)
+    out = generate(model, PROMPTS, max_new_tokens=12, decoder="routed", return_logits=True)
+    assert 0.2 < out.exit_share < 0.8, f"test is vacuous: exit share {out.exit_share}"
+    for b, p in enumerate(PROMPTS):
+        expected, easy = teacher_forced_logits(model, torch.tensor([p + out.tokens[b]]))
+        torch.testing.assert_close(out.logits[b], expected[0, len(p) - 1:-1], atol=2e-5, rtol=1e-5)
+        assert out.exited[b] == easy[0, len(p) - 1:-1].tolist()
 
 
 @pytest.mark.parametrize("policy", ["full", "propagate", "skip"])
@@ -218,6 +233,17 @@ def test_sampling_is_reproducible_with_a_seed(grown, decoder):
     assert a.tokens != c.tokens
 
 
+@pytest.mark.parametrize("decoder", ["dense", "routed", "speculative"])
+def test_one_new_token_and_a_full_context(grown, decoder):
+    model = grown(policy="skip", threshold=0.3)
+    long_prompt = [t % 16 for t in range(MAX_LEN - 3)]
+    one = generate(model, PROMPTS, max_new_tokens=1, decoder=decoder)
+    assert [len(t) for t in one.tokens] == [1, 1, 1]
+    full = generate(model, [long_prompt, [1]], max_new_tokens=3, decoder=decoder)  # 21 + 3 = max_seq_len
+    assert full.tokens[0] == generate(model, [long_prompt], max_new_tokens=3, decoder=decoder).tokens[0]
+    assert [len(t) for t in full.tokens] == [3, 3]
+
+
 def test_stop_token_ends_a_row(grown):
     model = grown()
     full = generate(model, PROMPTS, max_new_tokens=10)
@@ -233,6 +259,7 @@ def test_stop_token_ends_a_row(grown):
 
 @pytest.mark.parametrize("kwargs,key", [
     (dict(prompts=[[1, 2], []]), "generate.prompt"),
+    (dict(prompts=[[1, 99]]), "generate.prompt"),
     (dict(max_new_tokens=0), "generate.max_new_tokens"),
     (dict(max_new_tokens=MAX_LEN), "generate.max_new_tokens"),
     (dict(k=0), "generate.k"),
