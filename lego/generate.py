@@ -100,7 +100,7 @@ def probabilities(logits: torch.Tensor, temperature: float, top_k=None, top_p=No
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         p = sorted_logits.softmax(-1)
-        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = p.cumsum(-1) - p >= top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits.softmax(-1)
 
@@ -111,6 +111,9 @@ def _sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 class Sampler:
+    """Picks next tokens from (R, V) logits: argmax at temperature 0, else a draw from
+    `probabilities(...)` with the generator `gen`."""
+
     def __init__(self, temperature, top_k, top_p, gen):
         self.greedy = temperature == 0
         self.temperature, self.top_k, self.top_p, self.gen = temperature, top_k, top_p, gen
@@ -146,17 +149,22 @@ def generate(model: DeepSupervisionTransformer, prompts: List[List[int]], *, max
     """
     check_generate_args(model, prompts, max_new_tokens, decoder, temperature, top_k, top_p, k)
     device = next(model.parameters()).device
-    model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     sampler = Sampler(temperature, top_k, top_p, gen)
-    with torch.inference_mode():
-        if decoder == "speculative":
-            return _speculative(model, prompts, max_new_tokens, sampler, stop_token, k, device)
-        return _autoregressive(model, prompts, max_new_tokens, sampler, stop_token, decoder == "routed",
-                               return_logits, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if decoder == "speculative":
+                return _speculative(model, prompts, max_new_tokens, sampler, stop_token, k, device)
+            return _autoregressive(model, prompts, max_new_tokens, sampler, stop_token, decoder == "routed",
+                                   return_logits, device)
+    finally:
+        model.train(was_training)
 
 
-def _prefill(state: CachedModel, prompts, sampler, device):
+def _prefill(state: CachedModel, prompts, device):
+    """Next-token logits (B, V) and exit flags (B,) at each prompt's last position."""
     lengths = [len(p) for p in prompts]
     logits, exited = state.prefill(_pad(prompts, device), lengths)
     rows = torch.arange(len(prompts), device=device)
@@ -168,7 +176,7 @@ def _autoregressive(model, prompts, N, sampler, stop_token, routed, return_logit
     B, lengths = len(prompts), [len(p) for p in prompts]
     state = CachedModel(model, B, max(lengths) + N - 1, routed)  # the last new token is never fed
     t0 = time.perf_counter()
-    logits, exited = _prefill(state, prompts, sampler, device)
+    logits, exited = _prefill(state, prompts, device)
     out = torch.empty(B, N, dtype=torch.long, device=device)
     flags = torch.zeros(B, N, dtype=torch.bool, device=device)
     kept = [logits] if return_logits else None
@@ -205,7 +213,7 @@ def _speculative(model, prompts, N, sampler, stop_token, k, device) -> Generatio
     B, lengths = len(prompts), [len(p) for p in prompts]
     state = CachedModel(model, B, max(lengths) + N - 1, routed=False)
     t0 = time.perf_counter()
-    logits, _ = _prefill(state, prompts, sampler, device)
+    logits, _ = _prefill(state, prompts, device)
     tok = sampler(logits)  # (B,) the pending token of every row: sampled, not yet in the cache
     tokens = [[t] for t in tok.tolist()]
     exits = [[False] for _ in range(B)]

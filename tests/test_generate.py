@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lego.ashem import confidence_from_logits
-from lego.generate import (Sampler, agreement, generate, run_generation, speculative_round, teacher_forced_logits,
+from lego.generate import (Sampler, agreement, generate, probabilities, run_generation, speculative_round, teacher_forced_logits,
                            test_prompts as pick_prompts)
 from lego.kvcache import CachedModel
 from lego.training import StageConfig, Trainer, TrainingConfig
@@ -242,6 +242,21 @@ def test_one_new_token_and_a_full_context(grown, decoder):
     full = generate(model, [long_prompt, [1]], max_new_tokens=3, decoder=decoder)  # 21 + 3 = max_seq_len
     assert full.tokens[0] == generate(model, [long_prompt], max_new_tokens=3, decoder=decoder).tokens[0]
     assert [len(t) for t in full.tokens] == [3, 3]
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)  # probabilities ~ .64 .24 .09 .03
+    assert probabilities(logits, 1.0, top_k=2)[0].nonzero().flatten().tolist() == [0, 1]
+    assert probabilities(logits, 1.0, top_p=0.5)[0].nonzero().flatten().tolist() == [0]
+    assert probabilities(logits, 1.0, top_p=0.8)[0].nonzero().flatten().tolist() == [0, 1]
+    torch.testing.assert_close(probabilities(logits, 1.0)[0], logits.exp()[0])
+    torch.testing.assert_close(probabilities(logits, 0.5)[0], (2 * logits).softmax(-1)[0])
+
+
+def test_generate_restores_training_mode(grown):
+    model = grown().train()
+    generate(model, PROMPTS, max_new_tokens=2)
+    assert model.training
 
 
 def test_stop_token_ends_a_row(grown):
