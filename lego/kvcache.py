@@ -81,9 +81,6 @@ class KVCache:
         self.split = model.exit_layer or model.num_layers  # layer indices >= split are group 1
         self.batch, self.slots = batch, slots
 
-    def group(self, layer_index: int) -> int:
-        return int(layer_index >= self.split)
-
     def mark(self, group: int, at: Positions, flags: Optional[torch.Tensor] = None) -> None:
         """Mark the chunk's slots attendable in `group` (where `flags` (R, T) is True, if given)."""
         valid = self.valid[group]
