@@ -2,6 +2,7 @@
 
     python scripts/bench.py --model small --out bench.json
     python scripts/bench.py --model tiny --repeats 30 --skip-threshold
+    python scripts/bench.py --only gen --threads 1   # generation: tiny and small, batch 1 and 8 (~1 min)
 
 Builds `conf/model/<name>.yaml` with 4 layers (exit after 2) on seeded random tokens and times,
 as median tokens/s over repeated steps after warm-up:
@@ -12,7 +13,7 @@ as median tokens/s over repeated steps after warm-up:
   - full-depth evaluation (`Trainer.evaluate`, no routing), the evaluation reference;
   - routed evaluation under full / propagate / skip at hard ratios 0.3 / 0.5 / 0.7 (the threshold
     is the exact quantile of the batch's own exit confidences, so the ratio is met);
-  - generation (--only gen, or with everything): per generated token, dense KV-cached decoding
+  - generation (only with --only gen): per generated token, dense KV-cached decoding
     against routed decoding under each upper-context policy (threshold = median exit confidence
     of the dense greedy text, so about half the tokens exit) and self-speculative decoding for
     each --gen-k (random weights give a low acceptance; the "upper=0" row zeroes the upper
@@ -252,14 +253,14 @@ def main(argv=None) -> dict:
         for name, (fr, hr) in ratio.items():
             add("eval", name, times[name], ref, fr, hard_ratio=hr)
 
-    gen = bench_generation(args, device) if args.only in (None, "gen") else None
+    gen = bench_generation(args, device) if args.only == "gen" else None
     load_after = os.getloadavg()
     result = {"model": args.model, "preset": preset, "vocab": V, "seq_len": T, "batch": B,
               "threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__,
               "machine": platform.platform(), "warmup": args.warmup, "repeats": args.repeats,
               "rounds": args.rounds, "loadavg_before": load_before, "loadavg_after": load_after,
               "rows": rows, "generation": gen}
-    if not args.skip_threshold:
+    if not args.skip_threshold and args.only != "gen":
         result["threshold"] = bench_threshold(int(args.threshold_n), 0.5, args.seed)
     print(format_table(result))
     if args.out:

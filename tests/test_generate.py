@@ -339,3 +339,27 @@ def test_test_prompts_are_deterministic():
 
 def test_agreement_counts_matching_positions():
     assert agreement([[1, 2, 3], [4]], [[1, 0, 3], [4]]) == 0.75
+
+
+def test_bench_generation_rows(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from lego.cost import routed_macs
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--only", "gen", "--gen-models", "tiny", "--gen-batches", "2", "--gen-tokens", "4",
+                         "--gen-prompt", "4", "--gen-k", "2", "--gen-rounds", "1", "--vocab", "64"])
+    assert result["rows"] == [] and "threshold" not in result
+    rows = {r["case"]: r for r in result["generation"]["rows"]}
+    assert set(rows) == {"dense", "routed full", "routed propagate", "routed skip", "speculative k=2",
+                         "speculative k=2 upper=0"}
+    assert rows["dense"]["time_ratio"] == 1.0 and rows["speculative k=2 upper=0"]["acceptance"] == 1.0
+    r = rows["routed skip"]
+    assert r["flop_ratio"] == pytest.approx(routed_macs(
+        dim=128, ffn_mult=4, ffn="gelu", vocab_size=64, seq_len=8, exit_layer=2, num_layers=4,
+        shallow_ratio=r["exit_share"], policy="skip")["flop_cost"])
+    assert all(0 <= o["outside_matmul"] < 1 for o in result["generation"]["overhead"])
