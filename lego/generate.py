@@ -185,6 +185,8 @@ def _autoregressive(model, prompts, N, sampler, stop_token, routed, return_logit
     _sync(device)
     t1 = time.perf_counter()
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    ragged = len(set(lengths)) > 1
+    last = torch.tensor(lengths, device=device).unsqueeze(1) - 1  # (B, 1) each prompt's last position
     n = N
     for i in range(1, N):
         if stop_token is not None:
@@ -192,7 +194,12 @@ def _autoregressive(model, prompts, N, sampler, stop_token, routed, return_logit
             if bool(done.all()):
                 n = i
                 break
-        logits, exited = state.step(tok, Positions.ragged([p + i - 1 for p in lengths], 1, device))
+        # the pending token goes to position len + i - 1 of each row (no host-to-device copy per step)
+        if ragged:
+            at = Positions(None, None, last + i, 1, max(lengths) + i)
+        else:
+            at = Positions.aligned(lengths[0] + i - 1, 1)
+        logits, exited = state.step(tok, at)
         tok = sampler(logits)
         out[:, i] = tok
         if exited is not None:
