@@ -27,7 +27,8 @@ from typing import List, Optional
 
 import torch
 
-from lego.ashem import confidence_from_logits
+from lego.config import ConfigError
+from lego.confidence import confidence_from_logits
 from lego.kvcache import CachedModel, Positions
 from lego.model import DeepSupervisionTransformer
 
@@ -63,31 +64,31 @@ class Generation:
 
 
 def check_generate_args(model, prompts, max_new_tokens, decoder, temperature, top_k, top_p, k) -> None:
-    """One-line ValueErrors naming the config key, before anything runs."""
+    """One-line ConfigErrors (a ValueError) naming the config key, before anything runs."""
     if decoder not in DECODERS:
-        raise ValueError(f"generate.decoders: {decoder!r} is not a decoder; choose from {', '.join(DECODERS)}")
+        raise ConfigError(f"generate.decoders: {decoder!r} is not a decoder; choose from {', '.join(DECODERS)}")
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate.prompt: every prompt needs at least one token")
+        raise ConfigError("generate.prompt: every prompt needs at least one token")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate.max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        raise ConfigError(f"generate.max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.max_seq_len:
-        raise ValueError(f"generate.max_new_tokens={max_new_tokens}: prompt ({longest} tokens) + new tokens "
+        raise ConfigError(f"generate.max_new_tokens={max_new_tokens}: prompt ({longest} tokens) + new tokens "
                          f"exceed model.max_seq_len={model.max_seq_len}")
     if any(t < 0 or t >= model.vocab_size for p in prompts for t in p):
-        raise ValueError(f"generate.prompt: token ids must be in [0, {model.vocab_size})")
+        raise ConfigError(f"generate.prompt: token ids must be in [0, {model.vocab_size})")
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"generate.k={k!r} must be an integer >= 1")
+        raise ConfigError(f"generate.k={k!r} must be an integer >= 1")
     if temperature < 0:
-        raise ValueError(f"generate.temperature={temperature} must be >= 0 (0 = greedy)")
+        raise ConfigError(f"generate.temperature={temperature} must be >= 0 (0 = greedy)")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"generate.top_k={top_k!r} must be None or an integer >= 1")
+        raise ConfigError(f"generate.top_k={top_k!r} must be None or an integer >= 1")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate.top_p={top_p!r} must be None or in (0, 1]")
+        raise ConfigError(f"generate.top_p={top_p!r} must be None or in (0, 1]")
     if decoder in ("routed", "speculative") and model.exit_layer is None:
-        raise ValueError(f"generate.decoders: {decoder} needs a model with exit_layer (a grown model)")
+        raise ConfigError(f"generate.decoders: {decoder} needs a model with exit_layer (a grown model)")
     if decoder == "routed" and model.routing_threshold is None:
-        raise ValueError("generate.decoders: routed needs model.routing_threshold")
+        raise ConfigError("generate.decoders: routed needs model.routing_threshold")
 
 
 # -- sampling ----------------------------------------------------------------------------------------
@@ -357,12 +358,12 @@ def test_prompts(tokens, n: int, prompt_len: int, seed: int) -> List[List[int]]:
     import numpy as np
 
     if n < 1:
-        raise ValueError(f"generate.num_prompts={n} must be >= 1")
+        raise ConfigError(f"generate.num_prompts={n} must be >= 1")
     if prompt_len < 1:
-        raise ValueError(f"generate.prompt_len={prompt_len} must be >= 1")
+        raise ConfigError(f"generate.prompt_len={prompt_len} must be >= 1")
     starts_available = len(tokens) - prompt_len + 1
     if starts_available < n:
-        raise ValueError(f"generate.prompt_len={prompt_len}: the test split ({len(tokens)} tokens) holds fewer "
+        raise ConfigError(f"generate.prompt_len={prompt_len}: the test split ({len(tokens)} tokens) holds fewer "
                          f"than generate.num_prompts={n} prompts")
     starts = np.sort(np.random.default_rng(seed).choice(starts_available, size=n, replace=False))
     return [[int(t) for t in tokens[s:s + prompt_len]] for s in starts]
@@ -397,7 +398,7 @@ def run_generation(model: DeepSupervisionTransformer, tokenizer, prompts: List[L
 
     for d in decoders:
         if d not in DECODERS:
-            raise ValueError(f"generate.decoders: {d!r} is not a decoder; choose from {', '.join(DECODERS)}")
+            raise ConfigError(f"generate.decoders: {d!r} is not a decoder; choose from {', '.join(DECODERS)}")
     runs = [(d, kk) for d in decoders for kk in (k_values if d == "speculative" else (None,))]
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     results, greedy = {}, {}

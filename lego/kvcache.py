@@ -24,7 +24,7 @@ from typing import List, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from lego.ashem import confidence_from_logits
+from lego.confidence import confidence_from_logits
 from lego.model import DeepSupervisionTransformer, Layer, apply_rope
 
 Mask = Union[None, str, torch.Tensor]  # None: every key below `span`; "causal": aligned from 0; else (R,1,T,span)

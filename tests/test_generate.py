@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lego.ashem import confidence_from_logits
+from lego.confidence import confidence_from_logits
+from lego.config import ConfigError
 from lego.generate import (Sampler, agreement, generate, probabilities, run_generation, speculative_round, teacher_forced_logits,
                            test_prompts as pick_prompts)
 from lego.kvcache import CachedModel
@@ -286,7 +287,7 @@ def test_stop_token_ends_a_row(grown):
 def test_bad_input_raises_naming_the_key(grown, kwargs, key):
     args = dict(prompts=PROMPTS, max_new_tokens=4, decoder="dense", k=2)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=key) as err:
+    with pytest.raises(ConfigError, match=key) as err:
         generate(grown(), args.pop("prompts"), **args)
     assert "\n" not in str(err.value)
     if key == "generate.max_new_tokens" and kwargs["max_new_tokens"] == MAX_LEN:
