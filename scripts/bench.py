@@ -2,6 +2,7 @@
 
     python scripts/bench.py --model small --out bench.json
     python scripts/bench.py --model tiny --repeats 30 --skip-threshold
+    python scripts/bench.py --only gen --threads 1   # generation: tiny and small, batch 1 and 8 (~1 min)
 
 Builds `conf/model/<name>.yaml` with 4 layers (exit after 2) on seeded random tokens and times,
 as median tokens/s over repeated steps after warm-up:
@@ -12,6 +13,14 @@ as median tokens/s over repeated steps after warm-up:
   - full-depth evaluation (`Trainer.evaluate`, no routing), the evaluation reference;
   - routed evaluation under full / propagate / skip at hard ratios 0.3 / 0.5 / 0.7 (the threshold
     is the exact quantile of the batch's own exit confidences, so the ratio is met);
+  - generation (only with --only gen): per generated token, dense KV-cached decoding
+    against routed decoding under each upper-context policy (threshold = median exit confidence
+    of the dense greedy text, so about half the tokens exit) and self-speculative decoding for
+    each --gen-k (random weights give a low acceptance; the "upper=0" row zeroes the upper
+    layers' output projections, so the deep model equals the draft: acceptance 1, the best
+    case). --gen-models x --gen-batches; FLOP ratios from `routed_macs` at the context length
+    reached. Then the share of decode time spent outside matmul/attention kernels
+    (torch.profiler self times over the unprofiled wall time): the per-token Python overhead;
   - `exact_quantile` over --threshold-n values (default 10^8) in a child process: time, peak RSS,
     and a counting check that the result is the exact order statistic.
 Each row gives time / reference time ("time ratio") next to the FLOP ratio from lego/cost.py
@@ -40,6 +49,7 @@ from lego.confidence import confidence_from_logits, exact_quantile
 from lego.ashem import train_upper_layers
 from lego.cost import phase2_step_macs, routed_macs
 from lego.config import UPPER_CONTEXTS
+from lego.generate import generate
 from lego.model import DeepSupervisionTransformer
 from lego.config import StageConfig, TrainingConfig, create_standard_config
 from lego.training import Trainer
@@ -153,7 +163,14 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threshold-n", type=float, default=1e8)
     p.add_argument("--skip-threshold", action="store_true")
-    p.add_argument("--only", choices=["train", "eval"], help="run only the training or the evaluation rows")
+    p.add_argument("--only", choices=["train", "eval", "gen"],
+                   help="run only the training, evaluation or generation rows")
+    p.add_argument("--gen-models", nargs="+", default=["tiny", "small"])
+    p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--gen-prompt", type=int, default=32, help="prompt tokens")
+    p.add_argument("--gen-tokens", type=int, default=64, help="new tokens per prompt")
+    p.add_argument("--gen-k", type=int, nargs="+", default=[2, 4], help="speculative draft lengths")
+    p.add_argument("--gen-rounds", type=int, default=3, help="timed runs of each generation case")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the table as JSON here")
     args = p.parse_args(argv)
@@ -236,13 +253,14 @@ def main(argv=None) -> dict:
         for name, (fr, hr) in ratio.items():
             add("eval", name, times[name], ref, fr, hard_ratio=hr)
 
+    gen = bench_generation(args, device) if args.only == "gen" else None
     load_after = os.getloadavg()
     result = {"model": args.model, "preset": preset, "vocab": V, "seq_len": T, "batch": B,
               "threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__,
               "machine": platform.platform(), "warmup": args.warmup, "repeats": args.repeats,
               "rounds": args.rounds, "loadavg_before": load_before, "loadavg_after": load_after,
-              "rows": rows}
-    if not args.skip_threshold:
+              "rows": rows, "generation": gen}
+    if not args.skip_threshold and args.only != "gen":
         result["threshold"] = bench_threshold(int(args.threshold_n), 0.5, args.seed)
     print(format_table(result))
     if args.out:
@@ -255,15 +273,120 @@ def format_table(result: dict) -> str:
             f"seq_len={result['seq_len']} batch={result['batch']} threads={result['threads']} "
             f"device={result['device']} torch={result['torch']} "
             f"load avg {result['loadavg_before'][0]:.2f} -> {result['loadavg_after'][0]:.2f}")
-    lines = [head, f"{'case':<30} {'ms':>9} {'tokens/s':>10} {'time ratio':>10} {'flop ratio':>10}"]
+    lines = [head]
+    if result["rows"]:
+        lines.append(f"{'case':<30} {'ms':>9} {'tokens/s':>10} {'time ratio':>10} {'flop ratio':>10}")
     for r in result["rows"]:
         lines.append(f"{r['case']:<30} {r['ms']:9.2f} {r['tokens_per_s']:10.0f} {r['time_ratio']:10.3f} "
                      f"{r['flop_ratio']:10.3f}")
+    if result.get("generation"):
+        lines.append(format_generation(result["generation"]))
     if "threshold" in result:
         t = result["threshold"]
         lines.append(f"threshold over {t['n']:.0e} values: {t['seconds']:.2f} s, peak RSS {t['peak_rss_gb']:.2f} GB "
                      f"({t['peak_over_input_gb']:.2f} GB over the {t['rss_with_input_gb']:.2f} GB holding the input), "
                      f"exact={t['exact']}")
+    return "\n".join(lines)
+
+
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+
+
+def matmul_seconds(fn) -> float:
+    """Self CPU seconds of matmul and attention kernels during `fn()` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.self_cpu_time_total for e in prof.key_averages()
+               if e.key in MATMUL_OPS or "scaled_dot_product" in e.key) / 1e6
+
+
+def bench_generation(args, device) -> dict:
+    """ms per generated token of each decoder over dense decoding, beside its FLOP ratio."""
+    V, P, N = args.vocab, args.gen_prompt, args.gen_tokens
+    rows, overhead = [], []
+    for name in args.gen_models:
+        preset = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+        base = build(preset, V, args.seed).to(device)
+        ref = grown(base, "full").eval()
+        agree = grown(base, "full").eval()  # upper layers add nothing: the deep model equals the draft
+        with torch.no_grad():
+            for layer in agree.layers[EXIT_LAYER:]:
+                for lin in (layer.attn_out, layer.mlp.proj):
+                    lin.weight.zero_()
+                    lin.bias.zero_()
+        cost_args = dict(dim=preset["dim"], ffn_mult=preset["ffn_mult"], ffn=preset["ffn"], vocab_size=V,
+                         seq_len=P + N, exit_layer=EXIT_LAYER, num_layers=NUM_LAYERS)
+        full_macs = routed_macs(**cost_args, shallow_ratio=0.0, policy="full")["full_depth_macs_per_token"]
+        head = preset["dim"] * V
+        for B in args.gen_batches:
+            g = torch.Generator().manual_seed(args.seed + B)
+            prompts = torch.randint(0, V, (B, P), generator=g).tolist()
+            dense = generate(ref, prompts, max_new_tokens=N)
+            with torch.no_grad():  # threshold: median exit confidence over the dense greedy text
+                seq = torch.tensor([p + t for p, t in zip(prompts, dense.tokens)], device=device)
+                conf = confidence_from_logits(ref.output_head(ref.run_layers(ref.embed(seq), 0, EXIT_LAYER)).float(),
+                                              "max_prob")[:, P - 1:-1]
+            thr = exact_quantile(conf, 0.5)
+            cases = {"dense": (ref, dict(decoder="dense"))}
+            for policy in UPPER_CONTEXTS:
+                cases[f"routed {policy}"] = (grown(base, policy, thr).eval(), dict(decoder="routed"))
+            for k in args.gen_k:
+                cases[f"speculative k={k}"] = (ref, dict(decoder="speculative", k=k))
+            k = max(args.gen_k)
+            cases[f"speculative k={k} upper=0"] = (agree, dict(decoder="speculative", k=k))
+            last = {}
+
+            def timed(model, kw, last_key):
+                def fn():
+                    r = generate(model, prompts, max_new_tokens=N, **kw)
+                    last[last_key] = r
+                    return r
+                return fn
+
+            fns = {c: timed(m, kw, c) for c, (m, kw) in cases.items()}
+            for fn in fns.values():  # warm-up
+                fn()
+            per_round = {c: [] for c in cases}
+            for _ in range(args.gen_rounds):
+                for c, fn in fns.items():
+                    r = fn()
+                    per_round[c].append(r.decode_s / (r.n_tokens - B))  # the first token comes from the prefill
+            for c in cases:
+                r = last[c]
+                sec = statistics.median(per_round[c])
+                ratio = statistics.median(t / d for t, d in zip(per_round[c], per_round["dense"]))
+                if c.startswith("routed"):
+                    flop = routed_macs(**cost_args, shallow_ratio=r.exit_share, policy=c.split()[1])["flop_cost"]
+                elif c.startswith("speculative"):
+                    # every verified position runs all layers and the deep head; drafts add the exit head
+                    flop = ((r.extra["positions_verified"] * full_macs + r.drafted * head)
+                            / ((r.n_tokens - B) * full_macs))
+                else:
+                    flop = 1.0
+                rows.append({"model": name, "batch": B, "case": c, "ms_per_token": 1e3 * sec, "time_ratio": ratio,
+                             "flop_ratio": flop, "exit_share": r.exit_share if c.startswith("routed") else None,
+                             "acceptance": r.acceptance_rate, "threshold": thr if c.startswith("routed") else None})
+                if c in ("dense", "routed propagate", f"speculative k={k}"):
+                    wall = r.prefill_s + r.decode_s
+                    overhead.append({"model": name, "batch": B, "case": c,
+                                     "outside_matmul": 1 - matmul_seconds(fns[c]) / wall})
+    return {"prompt_len": P, "new_tokens": N, "rows": rows, "overhead": overhead}
+
+
+def format_generation(gen: dict) -> str:
+    lines = [f"generation: prompt {gen['prompt_len']} + {gen['new_tokens']} new tokens; ms per generated token "
+             "(decode only), time and FLOP ratios over dense KV-cached decoding",
+             f"{'model':<6} {'batch':>5} {'case':<26} {'ms/token':>9} {'time ratio':>10} {'flop ratio':>10} "
+             f"{'exit':>6} {'accept':>6}"]
+    for r in gen["rows"]:
+        ex = "" if r["exit_share"] is None else f"{r['exit_share']:.2f}"
+        acc = "" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
+        lines.append(f"{r['model']:<6} {r['batch']:>5} {r['case']:<26} {r['ms_per_token']:9.3f} "
+                     f"{r['time_ratio']:10.3f} {r['flop_ratio']:10.3f} {ex:>6} {acc:>6}")
+    lines.append("share of generation time outside matmul/attention kernels (per-token overhead): " + ", ".join(
+        f"{o['model']} b{o['batch']} {o['case']} {o['outside_matmul']:.2f}" for o in gen["overhead"]))
     return "\n".join(lines)
 
 

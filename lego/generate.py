@@ -1,0 +1,439 @@
+"""Generation with early exit: dense, routed (the model's exit policy) and self-speculative decoding.
+
+    result = generate(model, [[5, 3, 9], [7]], max_new_tokens=16, decoder="routed")
+    result.tokens   # new tokens per prompt; result.exited: which came from the exit head
+
+- dense: every token through every layer, deep head at the last layer (the reference).
+- routed: at each position the exit confidence (`model.confidence`, as `Trainer.evaluate`
+  computes it) >= `model.routing_threshold` predicts the next token from the exit head;
+  other positions continue to the last layer. What an exited position leaves in the upper
+  layers' caches follows `model.upper_context` (full: everything; propagate: keys/values of its
+  exit-layer state; skip: nothing), so the logits decoding produces equal those of the
+  teacher-forced routed forward of the same sequence (`teacher_forced_logits`).
+- speculative: layers 1..exit_layer with the exit head draft k tokens; the dense model verifies
+  them in one pass over the drafted positions from the drafted exit-layer states; the longest
+  agreeing prefix plus one corrected token is kept and the rest is rolled back from every cache.
+  Greedy output equals dense greedy; sampling keeps the dense model's distribution.
+
+Rows of a batch keep their own positions (slot = position), so batched prompts of different
+lengths give the tokens each prompt gives alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from lego.config import ConfigError
+from lego.confidence import confidence_from_logits
+from lego.kvcache import CachedModel, Positions
+from lego.model import DeepSupervisionTransformer
+
+DECODERS = ("dense", "routed", "speculative")
+
+
+@dataclass
+class Generation:
+    """What `generate` returns; lists are per prompt, in the prompts' order."""
+
+    tokens: List[List[int]]  # new tokens (cut after `stop_token`, inclusive)
+    exited: List[List[bool]]  # routed: predicted by the exit head; speculative: an accepted draft
+    decoder: str
+    drafted: int = 0  # speculative: drafts proposed
+    accepted: int = 0  # speculative: drafts accepted
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    logits: Optional[List[torch.Tensor]] = None  # (n_new, V) float32 logits each new token came from
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def acceptance_rate(self) -> Optional[float]:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def exit_share(self) -> float:
+        n = self.n_tokens
+        return sum(sum(e) for e in self.exited) / n if n else 0.0
+
+
+def check_generate_args(model, prompts, max_new_tokens, decoder, temperature, top_k, top_p, k) -> None:
+    """One-line ConfigErrors (a ValueError) naming the config key, before anything runs."""
+    if decoder not in DECODERS:
+        raise ConfigError(f"generate.decoders: {decoder!r} is not a decoder; choose from {', '.join(DECODERS)}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("generate.prompt: every prompt needs at least one token")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"generate.max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.max_seq_len:
+        raise ConfigError(f"generate.max_new_tokens={max_new_tokens}: prompt ({longest} tokens) + new tokens "
+                         f"exceed model.max_seq_len={model.max_seq_len}")
+    if any(t < 0 or t >= model.vocab_size for p in prompts for t in p):
+        raise ConfigError(f"generate.prompt: token ids must be in [0, {model.vocab_size})")
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"generate.k={k!r} must be an integer >= 1")
+    if temperature < 0:
+        raise ConfigError(f"generate.temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"generate.top_k={top_k!r} must be None or an integer >= 1")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"generate.top_p={top_p!r} must be None or in (0, 1]")
+    if decoder in ("routed", "speculative") and model.exit_layer is None:
+        raise ConfigError(f"generate.decoders: {decoder} needs a model with exit_layer (a grown model)")
+    if decoder == "routed" and model.routing_threshold is None:
+        raise ConfigError("generate.decoders: routed needs model.routing_threshold")
+
+
+# -- sampling ----------------------------------------------------------------------------------------
+def probabilities(logits: torch.Tensor, temperature: float, top_k=None, top_p=None) -> torch.Tensor:
+    """(..., V) logits -> the sampling distribution: temperature, then top-k, then nucleus top-p."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+def _sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(R, V) -> (R,) one draw per row."""
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+
+
+class Sampler:
+    """Picks next tokens from (R, V) logits: argmax at temperature 0, else a draw from
+    `probabilities(...)` with the generator `gen`."""
+
+    def __init__(self, temperature, top_k, top_p, gen):
+        self.greedy = temperature == 0
+        self.temperature, self.top_k, self.top_p, self.gen = temperature, top_k, top_p, gen
+
+    def probs(self, logits):
+        return probabilities(logits, self.temperature, self.top_k, self.top_p)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1) if self.greedy else _sample(self.probs(logits), self.gen)
+
+
+def _pad(prompts: List[List[int]], device) -> torch.Tensor:
+    T = max(len(p) for p in prompts)
+    return torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- decoders -----------------------------------------------------------------------------------------
+def generate(model: DeepSupervisionTransformer, prompts: List[List[int]], *, max_new_tokens: int,
+             decoder: str = "dense", temperature: float = 0.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, seed: int = 0, stop_token: Optional[int] = None, k: int = 4,
+             return_logits: bool = False) -> Generation:
+    """Continue every prompt by `max_new_tokens` tokens (fewer after `stop_token`) with `decoder`.
+
+    temperature 0 is greedy; otherwise draws come from one `torch.Generator` seeded with `seed`,
+    so a call is reproducible. Routing (threshold, exit layer, policy, confidence measure) is the
+    model's own. `k` is the speculative draft length. `return_logits` (dense, routed) keeps the
+    (n_new, V) logits each new token was chosen from.
+    """
+    check_generate_args(model, prompts, max_new_tokens, decoder, temperature, top_k, top_p, k)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sampler = Sampler(temperature, top_k, top_p, gen)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if decoder == "speculative":
+                return _speculative(model, prompts, max_new_tokens, sampler, stop_token, k, device)
+            return _autoregressive(model, prompts, max_new_tokens, sampler, stop_token, decoder == "routed",
+                                   return_logits, device)
+    finally:
+        model.train(was_training)
+
+
+def _prefill(state: CachedModel, prompts, device):
+    """Next-token logits (B, V) and exit flags (B,) at each prompt's last position."""
+    lengths = [len(p) for p in prompts]
+    logits, exited = state.prefill(_pad(prompts, device), lengths)
+    rows = torch.arange(len(prompts), device=device)
+    last = torch.tensor(lengths, device=device) - 1
+    return logits[rows, last], exited[rows, last]
+
+
+def _autoregressive(model, prompts, N, sampler, stop_token, routed, return_logits, device) -> Generation:
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    state = CachedModel(model, B, max(lengths) + N - 1, routed)  # the last new token is never fed
+    t0 = time.perf_counter()
+    logits, exited = _prefill(state, prompts, device)
+    out = torch.empty(B, N, dtype=torch.long, device=device)
+    flags = torch.zeros(B, N, dtype=torch.bool, device=device)
+    kept = [logits] if return_logits else None
+    tok = sampler(logits)
+    out[:, 0], flags[:, 0] = tok, exited
+    _sync(device)
+    t1 = time.perf_counter()
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ragged = len(set(lengths)) > 1
+    last = torch.tensor(lengths, device=device).unsqueeze(1) - 1  # (B, 1) each prompt's last position
+    n = N
+    for i in range(1, N):
+        if stop_token is not None:
+            done |= tok == stop_token
+            if bool(done.all()):
+                n = i
+                break
+        # the pending token goes to position len + i - 1 of each row (no host-to-device copy per step)
+        if ragged:
+            at = Positions(None, None, last + i, 1, max(lengths) + i)
+        else:
+            at = Positions.aligned(lengths[0] + i - 1, 1)
+        logits, exited = state.step(tok, at)
+        tok = sampler(logits)
+        out[:, i] = tok
+        if exited is not None:
+            flags[:, i] = exited
+        if return_logits:
+            kept.append(logits)
+    _sync(device)
+    t2 = time.perf_counter()
+    tokens, exits = _cut_at_stop(out[:, :n].tolist(), flags[:, :n].tolist(), stop_token)
+    result = Generation(tokens, exits, "routed" if routed else "dense", prefill_s=t1 - t0, decode_s=t2 - t1)
+    if return_logits:
+        stacked = torch.stack(kept, 1)  # (B, n, V)
+        result.logits = [stacked[b, :len(tokens[b])].clone() for b in range(B)]
+    return result
+
+
+def _speculative(model, prompts, N, sampler, stop_token, k, device) -> Generation:
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    state = CachedModel(model, B, max(lengths) + N - 1, routed=False)
+    t0 = time.perf_counter()
+    logits, _ = _prefill(state, prompts, device)
+    tok = sampler(logits)  # (B,) the pending token of every row: sampled, not yet in the cache
+    tokens = [[t] for t in tok.tolist()]
+    exits = [[False] for _ in range(B)]
+    cached = list(lengths)  # positions in the cache; the pending token goes at position cached[b]
+    t1 = time.perf_counter()
+    drafted = accepted = fed = 0
+    while True:
+        active = [b for b in range(B) if len(tokens[b]) < N and not (stop_token is not None
+                                                                   and tokens[b][-1] == stop_token)]
+        if not active:
+            break
+        kk = min(k, min(N - len(tokens[b]) - 1 for b in active))  # never past max_new_tokens
+        tok, new = speculative_round(state, tok, cached, active, kk, sampler)
+        drafted += len(active) * kk
+        fed += len(active) * (kk + 1)  # positions through every layer (and the deep head) this round
+        for b, row in zip(active, new):
+            accepted += len(row) - 1
+            tokens[b] += row
+            exits[b] += [True] * (len(row) - 1) + [False]
+    _sync(device)
+    t2 = time.perf_counter()
+    tokens, exits = _cut_at_stop(tokens, exits, stop_token)
+    return Generation(tokens, exits, "speculative", drafted=drafted, accepted=accepted, prefill_s=t1 - t0,
+                      decode_s=t2 - t1, extra={"k": k, "positions_verified": fed})
+
+
+def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], active: List[int], kk: int,
+                      sampler: Sampler):
+    """One draft-verify-accept round for the cache rows `active`; returns (pending tokens (B,),
+    the new tokens of each active row: its accepted drafts then one token from the deep model).
+
+    tok (B,): each row's pending token (not in the cache yet), fed at position cached[b].
+    Layers 1..E and the exit head draft kk tokens one by one; the upper layers verify the
+    kk + 1 positions in one pass from the drafts' exit-layer states. `cached` grows by the
+    accepted count + 1; rejected positions are rolled back from every layer's cache.
+    """
+    device = state.device
+    B, R = tok.shape[0], len(active)
+    rows = None if R == B else torch.tensor(active, device=device)
+    t = tok if rows is None else tok.index_select(0, rows)
+    first = [cached[b] for b in active]
+    states, drafts, qs = [], [], []
+    with state.autocast():
+        for i in range(kk + 1):  # the pending token and kk drafts through Block 1
+            h = state.lower(t.unsqueeze(1), Positions.ragged([f + i for f in first], 1, device, rows))
+            states.append(h)
+            if i < kk:
+                ex = state.exit_logits(h)[:, 0]
+                if sampler.greedy:
+                    t = ex.argmax(-1)
+                else:
+                    qs.append(sampler.probs(ex))
+                    t = _sample(qs[-1], sampler.gen)
+                drafts.append(t)
+        # verify: the upper Block over every drafted position at once, from the stored exit states
+        at = Positions.ragged(first, kk + 1, device, rows)
+        deep = state.deep_logits(state.upper(torch.cat(states, 1), at))  # (R, kk + 1, V)
+    D = torch.stack(drafts, 1) if kk else torch.empty(R, 0, dtype=torch.long, device=device)
+    a, nxt = _accept(deep, D, qs, sampler)
+    host = torch.cat([a, nxt, D.flatten()]).tolist()  # the one host sync of a round
+    a_l, nxt_l, D_l = host[:R], host[R:2 * R], host[2 * R:]
+    new = [D_l[j * kk:j * kk + a_l[j]] + [nxt_l[j]] for j in range(R)]
+    for j, b in enumerate(active):
+        cached[b] += a_l[j] + 1
+    # rejected drafts: slots >= the new length that this round wrote become zeros, not attendable
+    state.cache.rollback(torch.tensor(cached, device=device), min(cached[b] for b in active), max(first) + kk + 1)
+    return (nxt if rows is None else tok.index_copy(0, rows, nxt)), new
+
+
+def _cut_at_stop(tokens, exits, stop_token):
+    """Each row up to and including its first `stop_token`."""
+    if stop_token is not None:
+        for b, row in enumerate(tokens):
+            if stop_token in row:
+                cut = row.index(stop_token) + 1
+                tokens[b], exits[b] = row[:cut], exits[b][:cut]
+    return tokens, exits
+
+
+def _accept(deep: torch.Tensor, D: torch.Tensor, qs: List[torch.Tensor], sampler: Sampler):
+    """Accepted draft count a (R,) and the token after them (R,).
+
+    Greedy: the longest prefix of drafts equal to the deep argmax, then the deep argmax.
+    Sampling (speculative sampling): draft d with draft probability q(d) is kept with
+    probability min(1, p(d) / q(d)); at the first rejection the token is drawn from
+    norm(max(0, p - q)); after k acceptances from p at the next position. The tokens are then
+    distributed as the deep model's p.
+    """
+    R, K1, V = deep.shape
+    kk = K1 - 1
+    ar = torch.arange(R, device=deep.device)
+    if sampler.greedy:
+        pred = deep.argmax(-1)  # (R, kk + 1)
+        a = (pred[:, :kk] == D).cumprod(1).sum(1)
+        return a, pred[ar, a]
+    p = sampler.probs(deep)  # (R, kk + 1, V)
+    Q = torch.cat([torch.stack(qs, 1), p.new_zeros(R, 1, V)], 1) if kk else p.new_zeros(R, 1, V)
+    if kk:
+        pd = p[:, :kk].gather(-1, D.unsqueeze(-1)).squeeze(-1)
+        qd = Q[:, :kk].gather(-1, D.unsqueeze(-1)).squeeze(-1)
+        u = torch.rand(R, kk, generator=sampler.gen, device=deep.device)
+        a = (u * qd < pd).long().cumprod(1).sum(1)
+    else:
+        a = torch.zeros(R, dtype=torch.long, device=deep.device)
+    p_a, q_a = p[ar, a], Q[ar, a]  # q is 0 after the last draft: the bonus token comes from p
+    resid = (p_a - q_a).clamp_min(0)
+    mass = resid.sum(-1, keepdim=True)
+    resid = torch.where(mass > 0, resid / mass.clamp_min(1e-30), p_a)
+    return a, _sample(resid, sampler.gen)
+
+
+def teacher_forced_logits(model: DeepSupervisionTransformer, idx: torch.Tensor, routed: bool = True):
+    """The logits the routed forward of `Trainer.evaluate` predicts each position from.
+
+    idx (B, T) -> (logits (B, T, V) float32: exit logits at exited positions, deep logits at
+    the others; exited (B, T) bool). `routed=False`: the dense model's deep logits.
+    """
+    E, L = model.exit_layer or model.num_layers, model.num_layers
+    with torch.inference_mode(), model.autocast():
+        h = model.run_layers(model.embed(idx), 0, E)
+        if not routed:
+            return model.logits_at(model.run_layers(h, E, L), L).float(), torch.zeros_like(idx, dtype=torch.bool)
+        ex = model.logits_at(h, E).float()
+        easy = confidence_from_logits(ex, model.confidence) >= model.routing_threshold
+        deep = model.logits_at(model.run_layers(h, E, L, hard=~easy, policy=model.upper_context), L).float()
+    return torch.where(easy.unsqueeze(-1), ex, deep), easy
+
+
+# -- a report ----------------------------------------------------------------------------------------
+def test_prompts(tokens, n: int, prompt_len: int, seed: int) -> List[List[int]]:
+    """`n` prompts of `prompt_len` tokens from a 1-D array of test-split token ids, at start
+    offsets drawn without replacement by numpy's generator seeded with `seed` (sorted, so the
+    same (tokens, n, prompt_len, seed) always gives the same prompts in the same order)."""
+    import numpy as np
+
+    if n < 1:
+        raise ConfigError(f"generate.num_prompts={n} must be >= 1")
+    if prompt_len < 1:
+        raise ConfigError(f"generate.prompt_len={prompt_len} must be >= 1")
+    starts_available = len(tokens) - prompt_len + 1
+    if starts_available < n:
+        raise ConfigError(f"generate.prompt_len={prompt_len}: the test split ({len(tokens)} tokens) holds fewer "
+                         f"than generate.num_prompts={n} prompts")
+    starts = np.sort(np.random.default_rng(seed).choice(starts_available, size=n, replace=False))
+    return [[int(t) for t in tokens[s:s + prompt_len]] for s in starts]
+
+
+def agreement(tokens: List[List[int]], reference: List[List[int]]) -> float:
+    """Share of the reference's tokens that `tokens` matches position by position."""
+    total = sum(len(r) for r in reference)
+    same = sum(a == b for row, ref in zip(tokens, reference) for a, b in zip(row, ref))
+    return same / total if total else 1.0
+
+
+def mark_exits(tokenizer, tokens: List[int], exited: List[bool]) -> str:
+    """Decoded continuation with every early-exited (or accepted-draft) token in [brackets]."""
+    return "".join(f"[{tokenizer.decode([t])}]" if e else tokenizer.decode([t]) for t, e in zip(tokens, exited))
+
+
+def run_generation(model: DeepSupervisionTransformer, tokenizer, prompts: List[List[int]], *,
+                   decoders=DECODERS, k_values=(2, 4), max_new_tokens: int, temperature: float = 0.0,
+                   top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+                   out_dir) -> dict:
+    """Generate with each decoder (speculative once per k), write `out_dir/samples.md` and
+    `out_dir/metrics.json`, return the metrics.
+
+    Timings are of one batch holding every prompt, after a two-token warm-up run of each
+    decoder. `agreement_with_dense` compares greedy outputs (extra greedy runs when
+    temperature > 0) with dense greedy, position by position.
+    """
+    from pathlib import Path
+
+    from lego.artifacts import write_json, write_text
+
+    for d in decoders:
+        if d not in DECODERS:
+            raise ConfigError(f"generate.decoders: {d!r} is not a decoder; choose from {', '.join(DECODERS)}")
+    runs = [(d, kk) for d in decoders for kk in (k_values if d == "speculative" else (None,))]
+    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    results, greedy = {}, {}
+    for d, kk in runs:
+        name = d if kk is None else f"speculative_k{kk}"
+        kw = {} if kk is None else {"k": kk}
+        generate(model, prompts[:1], **dict(opts, max_new_tokens=min(2, max_new_tokens)), decoder=d, **kw)
+        results[name] = generate(model, prompts, decoder=d, **opts, **kw)
+        greedy[name] = results[name] if temperature == 0 else generate(model, prompts, decoder=d,
+                                                                       **dict(opts, temperature=0.0), **kw)
+    ref = greedy["dense"].tokens if "dense" in greedy else generate(
+        model, prompts, decoder="dense", **dict(opts, temperature=0.0)).tokens
+    metrics = {"settings": dict(opts, num_prompts=len(prompts), prompt_lens=[len(p) for p in prompts],
+                                exit_layer=model.exit_layer, num_layers=model.num_layers,
+                                routing_threshold=model.routing_threshold, upper_context=model.upper_context,
+                                confidence=model.confidence)}
+    dense_ms = None
+    for name, r in results.items():
+        ms = 1e3 * r.decode_s / max(1, r.n_tokens - len(prompts))  # the first token comes from the prefill
+        dense_ms = ms if name == "dense" else dense_ms
+        metrics[name] = {"tokens": r.n_tokens, "tokens_per_s": r.n_tokens / (r.prefill_s + r.decode_s),
+                         "ms_per_token": ms, "prefill_s": r.prefill_s, "decode_s": r.decode_s,
+                         "exit_share": r.exit_share, "acceptance_rate": r.acceptance_rate,
+                         "agreement_with_dense": agreement(greedy[name].tokens, ref)}
+    for name in results:
+        if dense_ms:
+            metrics[name]["time_over_dense"] = metrics[name]["ms_per_token"] / dense_ms
+    lines = ["# Samples", "", f"Decoders: {', '.join(results)}; max_new_tokens={max_new_tokens}, "
+             f"temperature={temperature}, top_k={top_k}, top_p={top_p}, seed={seed}. "
+             "[Bracketed] tokens came from the exit head (routed: exited early; speculative: accepted drafts).", ""]
+    for i, p in enumerate(prompts):
+        lines += [f"## Prompt {i + 1}", "", "```", tokenizer.decode(p), "```", ""]
+        for name, r in results.items():
+            lines += [f"**{name}**", "", "```", mark_exits(tokenizer, r.tokens[i], r.exited[i]), "```", ""]
+    out_dir = Path(out_dir)
+    write_text(out_dir / "samples.md", "\n".join(lines))
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics

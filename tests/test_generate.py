@@ -1,0 +1,366 @@
+"""Generation: KV-cached decoding, routed decoding (train = infer per policy), self-speculative decoding.
+
+    python -m pytest tests/test_generate.py -q
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lego.confidence import confidence_from_logits
+from lego.config import ConfigError
+from lego.generate import (Sampler, agreement, generate, probabilities, run_generation, speculative_round, teacher_forced_logits,
+                           test_prompts as pick_prompts)
+from lego.kvcache import CachedModel
+from lego.training import StageConfig, Trainer, TrainingConfig
+
+PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]  # different lengths on purpose
+MAX_LEN = 24
+
+
+@pytest.fixture
+def grown(make_tiny_model, perturb):
+    """`grown(policy="full", pos="learned", threshold=None, **shape)`: a 4-layer model grown from a
+    2-layer one, its new layers and deep head perturbed so that they change the predictions."""
+
+    def make(policy="full", pos="learned", threshold=None, **shape):
+        small = make_tiny_model(num_layers=2, seed=3, max_seq_len=MAX_LEN, pos=pos, **shape)
+        big = small.grow(4, routing_threshold=threshold, upper_context=policy).eval()
+        perturb(list(big.layers[2:].parameters()), std=0.3, seed=4)
+        perturb(list(big.deep_head.parameters()), std=0.1, seed=5)
+        return big
+
+    return make
+
+
+def uncached_greedy(model, prompt, n):
+    """Greedy decoding that recomputes the whole forward for every token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def exit_confidences(model, sequences):
+    with torch.no_grad(), model.autocast():
+        return torch.cat([confidence_from_logits(model.logits_at(model.run_layers(model.embed(torch.tensor([s])), 0, 2),
+                                                                 2).float(), model.confidence).flatten()
+                          for s in sequences])
+
+
+def mid_threshold(conf):
+    """A threshold near the median confidence, in the widest gap between neighbouring values,
+    so that tiny float differences between cached and full forwards cannot flip a decision."""
+    v = conf.sort().values
+    lo, hi = int(0.35 * len(v)), int(0.65 * len(v))
+    gaps = v[lo + 1:hi + 1] - v[lo:hi]
+    i = lo + int(gaps.argmax())
+    return float((v[i] + v[i + 1]) / 2)
+
+
+def calibrated(model, n=12):
+    """Set the model's threshold so that about half of the positions of dense greedy text exit."""
+    d = generate(model, PROMPTS, max_new_tokens=n)
+    model.routing_threshold = mid_threshold(exit_confidences(model, [p + t for p, t in zip(PROMPTS, d.tokens)]))
+    return model
+
+
+# -- KV cache ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pos,norm,ffn", [("learned", "layernorm", "gelu"), ("rope", "rmsnorm", "swiglu"),
+                                          ("rope", "layernorm", "gelu"), ("learned", "rmsnorm", "swiglu")])
+def test_cached_greedy_equals_uncached(grown, pos, norm, ffn):
+    model = grown(pos=pos, norm=norm, ffn=ffn)
+    out = generate(model, PROMPTS, max_new_tokens=10)
+    expected = [uncached_greedy(model, p, 10) for p in PROMPTS]
+    assert out.tokens == expected
+    assert len({t for row in expected for t in row}) >= 3, "test is vacuous: the model repeats one token"
+    assert out.exit_share == 0 and out.decoder == "dense"
+
+
+@pytest.mark.parametrize("decoder,policy", [("dense", "full"), ("speculative", "full"), ("routed", "full"),
+                                             ("routed", "propagate"), ("routed", "skip")])
+def test_batch_of_different_lengths_equals_each_prompt_alone(grown, decoder, policy):
+    model = calibrated(grown(policy=policy, pos="rope"))
+    batch = generate(model, PROMPTS, max_new_tokens=10, decoder=decoder, k=3)
+    alone = [generate(model, [p], max_new_tokens=10, decoder=decoder, k=3) for p in PROMPTS]
+    assert batch.tokens == [a.tokens[0] for a in alone]
+    assert batch.exited == [a.exited[0] for a in alone]
+    if decoder == "routed":
+        assert 0 < batch.exit_share < 1, "test is vacuous: all or none exit"
+
+
+# -- routed decoding ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["full", "propagate", "skip"])
+def test_routed_with_threshold_above_one_equals_dense(grown, policy):
+    model = grown(policy=policy, threshold=1.01)  # max_prob <= 1: nothing exits
+    routed = generate(model, PROMPTS, max_new_tokens=10, decoder="routed", return_logits=True)
+    dense = generate(model, PROMPTS, max_new_tokens=10, return_logits=True)
+    assert routed.tokens == dense.tokens and routed.exit_share == 0.0
+    for a, b in zip(routed.logits, dense.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("policy", ["full", "propagate", "skip"])
+def test_routed_decoding_logits_equal_teacher_forced_routed_forward(grown, policy, pos):
+    model = calibrated(grown(policy=policy, pos=pos))
+    out = generate(model, PROMPTS, max_new_tokens=12, decoder="routed", return_logits=True)
+    assert 0.2 < out.exit_share < 0.8, f"test is vacuous: exit share {out.exit_share}"
+    for b, p in enumerate(PROMPTS):
+        seq = torch.tensor([p + out.tokens[b]])
+        expected, easy = teacher_forced_logits(model, seq)
+        torch.testing.assert_close(out.logits[b], expected[0, len(p) - 1:-1], atol=2e-5, rtol=1e-5)
+        assert out.exited[b] == easy[0, len(p) - 1:-1].tolist()
+    # prefill applies the same rule to the prompt's own positions (a prompt that is a whole generated text)
+    seqs = [p + t for p, t in zip(PROMPTS, out.tokens)]
+    padded = torch.tensor([s + [0] * (max(map(len, seqs)) - len(s)) for s in seqs])
+    state = CachedModel(model, len(seqs), padded.shape[1], routed=True)
+    with torch.no_grad():
+        logits, exited = state.prefill(padded, [len(s) for s in seqs])
+    for b, s in enumerate(seqs):
+        expected, easy = teacher_forced_logits(model, torch.tensor([s]))
+        torch.testing.assert_close(logits[b, :len(s)], expected[0], atol=2e-5, rtol=1e-5)
+        assert torch.equal(exited[b, :len(s)], easy[0])
+
+
+@pytest.mark.parametrize("measure", ["margin", "entropy"])
+def test_routed_decoding_follows_the_models_confidence_measure(grown, measure):
+    model = grown(policy="propagate", pos="rope")
+    model.confidence = measure
+    model = calibrated(model)
+    out = generate(model, PROMPTS, max_new_tokens=12, decoder="routed", return_logits=True)
+    assert 0.2 < out.exit_share < 0.8, f"test is vacuous: exit share {out.exit_share}"
+    for b, p in enumerate(PROMPTS):
+        expected, easy = teacher_forced_logits(model, torch.tensor([p + out.tokens[b]]))
+        torch.testing.assert_close(out.logits[b], expected[0, len(p) - 1:-1], atol=2e-5, rtol=1e-5)
+        assert out.exited[b] == easy[0, len(p) - 1:-1].tolist()
+
+
+@pytest.mark.parametrize("policy", ["full", "propagate", "skip"])
+def test_teacher_forced_logits_are_what_trainer_evaluate_scores(grown, policy):
+    model = calibrated(grown(policy=policy))
+    seq = torch.randint(0, model.vocab_size, (3, MAX_LEN + 1), generator=torch.Generator().manual_seed(0))
+    x, y = seq[:, :-1], seq[:, 1:]
+    logits, easy = teacher_forced_logits(model, x)
+    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    cfg = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=model.routing_threshold, exit_layer=2,
+                         confidence=model.confidence, upper_context=policy)
+    stats = Trainer(cfg, model.vocab_size, progress=False).evaluate(model, [(x, y)])
+    assert stats["shallow_ratio"] == pytest.approx(float(easy.float().mean()), abs=0)
+    assert stats["ppl"] == pytest.approx(float(nll.exp()), rel=1e-5)
+
+
+# -- self-speculative decoding ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_speculative_greedy_equals_dense_greedy(grown, k, pos):
+    model = grown(pos=pos)
+    dense = generate(model, PROMPTS, max_new_tokens=14)
+    spec = generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=k)
+    assert spec.tokens == dense.tokens
+    assert 0 < spec.accepted < spec.drafted, "test is vacuous: every draft accepted or none"
+    assert [sum(e) for e in spec.exited] and sum(map(sum, spec.exited)) == spec.accepted
+    assert spec.acceptance_rate == spec.accepted / spec.drafted
+
+
+def test_rejected_drafts_leave_the_cache_as_if_never_drafted(grown):
+    """After rounds with rejections, the cache equals a prefill of the kept tokens: valid slots
+    allclose, validity identical, every other slot exactly zero."""
+    model = grown()
+    prompts, k = PROMPTS, 4
+    B, slots = len(prompts), MAX_LEN
+    state = CachedModel(model, B, slots, routed=False)
+    sampler = Sampler(0.0, None, None, None)
+    padded = torch.tensor([p + [0] * (5 - len(p)) for p in prompts])
+    rejected = 0
+    with torch.no_grad():
+        logits, _ = state.prefill(padded, [len(p) for p in prompts])
+        tok = logits[torch.arange(B), torch.tensor([len(p) - 1 for p in prompts])].argmax(-1)
+        seqs, cached = [list(p) for p in prompts], [len(p) for p in prompts]
+        for b, t in enumerate(tok.tolist()):
+            seqs[b].append(t)
+        for _ in range(3):
+            tok, new = speculative_round(state, tok, cached, list(range(B)), k, sampler)
+            rejected += sum(len(row) - 1 < k for row in new)
+            for b, row in enumerate(new):
+                seqs[b] += row
+        kept = [s[:c] for s, c in zip(seqs, cached)]  # the pending token is not in the cache yet
+        ref = CachedModel(model, B, slots, routed=False)
+        ref.prefill(torch.tensor([s + [0] * (max(cached) - len(s)) for s in kept]), cached)
+    assert rejected > 0, "test is vacuous: no draft was rejected"
+    assert torch.equal(state.cache.valid, ref.cache.valid)
+    valid = ref.cache.valid[0].view(1, B, 1, slots, 1)
+    for mine, theirs in ((state.cache.k, ref.cache.k), (state.cache.v, ref.cache.v)):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        assert torch.count_nonzero(mine * ~valid) == 0
+
+
+def test_speculative_sampling_keeps_the_dense_distribution(grown):
+    """The second new token (drafted, then accepted or resampled) follows the dense model's p."""
+    model = grown()
+    n = 20000
+    out = generate(model, [[1, 2, 3]] * n, max_new_tokens=3, decoder="speculative", k=1, temperature=1.0, seed=0)
+    assert 0 < out.accepted < out.drafted
+    first = torch.tensor([t[0] for t in out.tokens])
+    t0 = int(first.mode().values)  # condition on the most common first token
+    rows = (first == t0).nonzero().flatten()
+    second = torch.tensor([out.tokens[i][1] for i in rows.tolist()])
+    freq = torch.bincount(second, minlength=model.vocab_size).float() / len(rows)
+    with torch.no_grad():
+        p = model(torch.tensor([[1, 2, 3, t0]]))[0, -1].softmax(-1)
+    assert len(rows) > 3000
+    assert 0.5 * (freq - p).abs().sum() < 0.05  # total variation (noise ~0.02); the draft alone is far off:
+    with torch.no_grad():
+        q = model(torch.tensor([[1, 2, 3, t0]]), layer=2)[0, -1].softmax(-1)
+    assert 0.5 * (q - p).abs().sum() > 0.15, float(0.5 * (q - p).abs().sum())
+
+
+# -- sampling and stopping --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("decoder", ["dense", "routed", "speculative"])
+def test_sampling_is_reproducible_with_a_seed(grown, decoder):
+    model = grown(policy="propagate", threshold=0.3)
+    opts = dict(max_new_tokens=10, decoder=decoder, temperature=1.0, top_k=8, top_p=0.9)
+    a = generate(model, PROMPTS, seed=7, **opts)
+    b = generate(model, PROMPTS, seed=7, **opts)
+    c = generate(model, PROMPTS, seed=8, **opts)
+    assert a.tokens == b.tokens and a.exited == b.exited
+    assert a.tokens != c.tokens
+
+
+@pytest.mark.parametrize("decoder", ["dense", "routed", "speculative"])
+def test_one_new_token_and_a_full_context(grown, decoder):
+    model = grown(policy="skip", threshold=0.3)
+    long_prompt = [t % 16 for t in range(MAX_LEN - 3)]
+    one = generate(model, PROMPTS, max_new_tokens=1, decoder=decoder)
+    assert [len(t) for t in one.tokens] == [1, 1, 1]
+    full = generate(model, [long_prompt, [1]], max_new_tokens=3, decoder=decoder)  # 21 + 3 = max_seq_len
+    assert full.tokens[0] == generate(model, [long_prompt], max_new_tokens=3, decoder=decoder).tokens[0]
+    assert [len(t) for t in full.tokens] == [3, 3]
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)  # probabilities ~ .64 .24 .09 .03
+    assert probabilities(logits, 1.0, top_k=2)[0].nonzero().flatten().tolist() == [0, 1]
+    assert probabilities(logits, 1.0, top_p=0.5)[0].nonzero().flatten().tolist() == [0]
+    assert probabilities(logits, 1.0, top_p=0.8)[0].nonzero().flatten().tolist() == [0, 1]
+    torch.testing.assert_close(probabilities(logits, 1.0)[0], logits.exp()[0])
+    torch.testing.assert_close(probabilities(logits, 0.5)[0], (2 * logits).softmax(-1)[0])
+
+
+def test_generate_restores_training_mode(grown):
+    model = grown().train()
+    generate(model, PROMPTS, max_new_tokens=2)
+    assert model.training
+
+
+def test_stop_token_ends_a_row(grown):
+    model = grown()
+    full = generate(model, PROMPTS, max_new_tokens=10)
+    stop = full.tokens[0][2]
+    for decoder in ("dense", "speculative"):
+        out = generate(model, PROMPTS, max_new_tokens=10, decoder=decoder, stop_token=stop)
+        for row, ref in zip(out.tokens, full.tokens):
+            cut = ref.index(stop) + 1 if stop in ref else len(ref)
+            assert row == ref[:cut]
+
+
+# -- input checks -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,key", [
+    (dict(prompts=[[1, 2], []]), "generate.prompt"),
+    (dict(prompts=[[1, 99]]), "generate.prompt"),
+    (dict(max_new_tokens=0), "generate.max_new_tokens"),
+    (dict(max_new_tokens=MAX_LEN), "generate.max_new_tokens"),
+    (dict(k=0), "generate.k"),
+    (dict(decoder="beam"), "generate.decoders"),
+    (dict(temperature=-1.0), "generate.temperature"),
+    (dict(top_k=0), "generate.top_k"),
+    (dict(top_p=0.0), "generate.top_p"),
+])
+def test_bad_input_raises_naming_the_key(grown, kwargs, key):
+    args = dict(prompts=PROMPTS, max_new_tokens=4, decoder="dense", k=2)
+    args.update(kwargs)
+    with pytest.raises(ConfigError, match=key) as err:
+        generate(grown(), args.pop("prompts"), **args)
+    assert "\n" not in str(err.value)
+    if key == "generate.max_new_tokens" and kwargs["max_new_tokens"] == MAX_LEN:
+        assert str(MAX_LEN) in str(err.value)  # names the limit
+    if key == "generate.decoders":
+        assert "dense, routed, speculative" in str(err.value)
+
+
+def test_routed_needs_a_threshold(make_tiny_model):
+    with pytest.raises(ValueError, match="generate.decoders"):
+        generate(make_tiny_model(num_layers=2, max_seq_len=MAX_LEN), PROMPTS, max_new_tokens=2, decoder="routed")
+
+
+# -- the report -----------------------------------------------------------------------------------------------
+
+class CharTokenizer:
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_run_generation_writes_samples_and_metrics(grown, tmp_path):
+    model = calibrated(grown(policy="skip"))
+    metrics = run_generation(model, CharTokenizer(), PROMPTS, k_values=(1, 3), max_new_tokens=8,
+                             temperature=0.0, top_k=None, top_p=None, seed=0, out_dir=tmp_path)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(on_disk) == {"settings", "dense", "routed", "speculative_k1", "speculative_k3"}
+    assert on_disk["dense"]["agreement_with_dense"] == 1.0
+    assert on_disk["speculative_k1"]["agreement_with_dense"] == 1.0  # greedy speculative is exact
+    assert on_disk["speculative_k3"]["agreement_with_dense"] == 1.0
+    assert 0 < on_disk["routed"]["exit_share"] < 1
+    assert 0 < on_disk["speculative_k3"]["acceptance_rate"] < 1
+    assert on_disk["dense"]["time_over_dense"] == 1.0
+    assert metrics["routed"]["tokens"] == 3 * 8
+    samples = (tmp_path / "samples.md").read_text()
+    assert samples.count("## Prompt") == 3 and "[" in samples.split("**routed**")[1]
+    assert CharTokenizer().decode(PROMPTS[1]) in samples
+
+
+def test_test_prompts_are_deterministic():
+    import numpy as np
+
+    tokens = np.arange(100, dtype=np.uint16)
+    a = pick_prompts(tokens, 5, 7, seed=1)
+    assert a == pick_prompts(tokens, 5, 7, seed=1) and a != pick_prompts(tokens, 5, 7, seed=2)
+    assert all(len(p) == 7 and p == list(range(p[0], p[0] + 7)) for p in a)
+    assert len({p[0] for p in a}) == 5
+    with pytest.raises(ValueError, match="generate.prompt_len"):
+        pick_prompts(tokens, 5, 99, seed=0)
+
+
+def test_agreement_counts_matching_positions():
+    assert agreement([[1, 2, 3], [4]], [[1, 0, 3], [4]]) == 0.75
+
+
+def test_bench_generation_rows(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from lego.cost import routed_macs
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--only", "gen", "--gen-models", "tiny", "--gen-batches", "2", "--gen-tokens", "4",
+                         "--gen-prompt", "4", "--gen-k", "2", "--gen-rounds", "1", "--vocab", "64"])
+    assert result["rows"] == [] and "threshold" not in result
+    rows = {r["case"]: r for r in result["generation"]["rows"]}
+    assert set(rows) == {"dense", "routed full", "routed propagate", "routed skip", "speculative k=2",
+                         "speculative k=2 upper=0"}
+    assert rows["dense"]["time_ratio"] == 1.0 and rows["speculative k=2 upper=0"]["acceptance"] == 1.0
+    r = rows["routed skip"]
+    assert r["flop_ratio"] == pytest.approx(routed_macs(
+        dim=128, ffn_mult=4, ffn="gelu", vocab_size=64, seq_len=8, exit_layer=2, num_layers=4,
+        shallow_ratio=r["exit_share"], policy="skip")["flop_cost"])
+    assert all(0 <= o["outside_matmul"] < 1 for o in result["generation"]["overhead"])
