@@ -175,14 +175,15 @@ def upper_logits(model, h: torch.Tensor, targets: torch.Tensor, num_lower_layers
 def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_size: int, device="cpu",
                        num_lower_layers: int = 2, *, grad_clip: Optional[float] = 1.0,
                        policy: Optional[str] = None, ignore_index: int = IGNORE_INDEX,
-                       epoch: Optional[int] = None) -> float:
+                       epoch: Optional[int] = None, lr_factor=None, totals=None) -> float:
     """One pass over `hard_batches` training the layers above `num_lower_layers`; mean loss per hard token.
 
     The loss is cross-entropy at the last layer over hard positions only (easy positions
     carry `ignore_index`). Warns when the early exit's head is trainable, since training it
     would move the exit's confidences away from the calibrated threshold. Under
     torch.distributed every rank must pass the same number of batches; gradients are averaged
-    over ranks (DDP) and the returned loss is over every rank's hard tokens.
+    over ranks (DDP) and the returned loss is over every rank's hard tokens. `epoch`,
+    `lr_factor` and `totals`: as in `lego.training.train_epoch`.
     """
     model = model_extended
     if model.output_head.proj.weight.requires_grad and model.deep_head is None and model.exit_layer is not None:
@@ -190,7 +191,7 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
                     "from the calibrated threshold (use model.grow(..., deep_head=True) or freeze it)")
     return train_epoch(model, hard_batches, optimizer,
                        lambda m, x, t: _upper_loss(m, x, t, num_lower_layers, ignore_index, policy), device,
-                       epoch=epoch, grad_clip=grad_clip, name="hard_batches")
+                       epoch=epoch, grad_clip=grad_clip, name="hard_batches", lr_factor=lr_factor, totals=totals)
 
 
 def _upper_loss(model, x: torch.Tensor, targets: torch.Tensor, num_lower_layers: int, ignore_index: int,

@@ -34,8 +34,9 @@ class _Windows(torch.utils.data.Dataset):
         return block[:, :-1].contiguous(), block[:, 1:].contiguous()  # (B, T), (B, T)
 
 
-class _Batches(torch.utils.data.Sampler):
-    """Lists of sequence indices, one list per batch. Shuffled, epoch e is a permutation
+class SeededBatches(torch.utils.data.Sampler):
+    """Lists of row indices, one list per batch: the one seeded order of every loader (token windows and
+    hard examples alike). Shuffled, epoch e is a permutation
     drawn from a torch.Generator seeded by (seed, e): each pass over the loader gives a new
     order, the same one in every run; `set_epoch(e)` replays epoch e after a resume. With
     `world_size` > 1, rank r takes batches r, r + world_size, ... of that same epoch, so the
@@ -77,7 +78,7 @@ def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: b
     shifted by one token. The stream is cut into non-overlapping windows of seq_len + 1
     tokens. Same seed, same batches; each new pass (epoch) reshuffles deterministically;
     `loader.sampler.set_epoch(e)` selects epoch e's order. `rank`/`world_size`: this rank's
-    share of every epoch's batches (see `_Batches`); ranks may differ by one batch. With a
+    share of every epoch's batches (see `SeededBatches`); ranks may differ by one batch. With a
     CUDA `device` the batches come in pinned memory, for asynchronous copies to it."""
     if seq_len < 2:
         _fail("seq_len", f"{seq_len} is too small", "an integer >= 2")
@@ -87,7 +88,7 @@ def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: b
     if len(windows) == 0:
         _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
               f"{len(tokens)}", f"an integer in [2, {max(len(tokens) - 1, 2)}]")
-    sampler = _Batches(len(windows), batch_size, shuffle, seed, drop_last, rank, world_size)
+    sampler = SeededBatches(len(windows), batch_size, shuffle, seed, drop_last, rank, world_size)
     return torch.utils.data.DataLoader(windows, batch_size=None, sampler=sampler, collate_fn=_as_is,
                                        pin_memory=pin_memory_for(device))
 
@@ -104,32 +105,6 @@ def set_loader_epoch(loader, epoch: int) -> None:
         if obj is not None and hasattr(obj, "set_epoch"):
             obj.set_epoch(epoch)
             return
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """Random order that depends only on (seed, epoch): resumed runs see the same batches.
-
-    Like `DistributedSampler`, call `set_epoch(e)` before each epoch (the training loops do).
-    With `rank`/`world_size`, each rank takes its stride of the same permutation.
-    """
-
-    def __init__(self, n: int, seed: int, *, shuffle: bool = True, rank: int = 0, world_size: int = 1):
-        self.n, self.seed, self.shuffle, self.rank, self.world_size = n, seed, shuffle, rank, world_size
-        self.epoch = 1
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        return iter(order[self.rank::self.world_size])
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
 
 
 class EpochSteps:

@@ -33,6 +33,8 @@ UPPER_CONTEXTS = ("full", "propagate", "skip")  # what layers above an exit do w
 PRECISIONS = ("fp32", "bf16")
 CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
 STORES = ("memory", "disk", "recompute")  # where hard-example states live
+SCHEDULES = ("constant", "cosine")  # learning-rate schedules (lego.schedule)
+BASELINE_BUDGETS = ("matched", "steps", "phase1")  # training budget of the dense baselines
 DATA_NAMES = ("shakespeare", "kjv", "wikitext2", "wikitext103", "hf", "text_files")
 TOKENIZERS = ("bpe", "bytes", "pretrained")
 SPLITS = ("train", "validation", "test")
@@ -262,7 +264,10 @@ class Phase1Config:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     epoch_steps: Optional[int] = 50  # batches per epoch, between validations (seeded subset); None = whole split
-    cache: bool = True  # share the trained phase 1 across runs/sweep jobs with identical settings
+    schedule: str = "constant"  # constant | cosine: linear warmup, then cosine decay to min_lr_ratio * lr
+    warmup_steps: int = 0  # cosine: optimizer steps of linear warmup
+    min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at max_epochs * epoch_steps
+    cache: bool = True  # share phase 1 and the dense baselines across runs/sweep jobs with identical settings
 
 
 @dataclass
@@ -286,6 +291,9 @@ class Phase2Config:
     grad_clip: float = 1.0
     batch_size: int = 32  # hard sequences per batch
     epoch_steps: Optional[int] = 50  # batches per epoch, between validations; None = every hard sequence
+    schedule: str = "constant"  # constant | cosine: linear warmup, then cosine decay to min_lr_ratio * lr
+    warmup_steps: int = 0  # cosine: optimizer steps of linear warmup
+    min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at max_epochs * epoch_steps
     deep_head: bool = True  # the deep exit trains its own copy of the head (the exit's stays frozen)
     upper_context: str = "full"  # full | propagate | skip: what upper layers see of easy tokens
 
@@ -294,8 +302,12 @@ class Phase2Config:
 class EvalConfig:
     """Final metrics on the test split, with baselines and the trade-off analysis."""
 
-    split: str = "test"
-    standard_baseline: bool = True  # train a phase2.layers-layer model on all tokens for comparison
+    split: str = "test"  # test; validation only with allow_validation_split (it is the calibration split)
+    allow_validation_split: bool = False  # say so explicitly to score on the split the threshold was calibrated on
+    standard_baseline: bool = True  # train the dense models below (phase1's optimizer, schedule, stopping rule)
+    baseline_budget: str = "matched"  # matched: the ASHEM pipeline's training multiply-adds | steps: its
+    #   optimizer steps (phase 1 + phase 2) | phase1: phase 1's budget (max_epochs x epoch_steps)
+    dense_depths: Optional[List[int]] = None  # the dense frontier's depths; None = phase1.layers .. phase2.layers
     analysis: bool = True  # trade-off curve, oracle, confidence measures, pictures
     html_tokens: int = 400  # tokens shown in eval/tokens.html
 
@@ -353,6 +365,16 @@ def rewrite_alias_overrides(args: List[str]) -> List[str]:
     return out
 
 
+def check_schedule(prefix: str, schedule: str, warmup_steps: int, min_lr_ratio: float) -> None:
+    """Raise ConfigError naming the key (`<prefix>.schedule`, ...) when a setting is not allowed."""
+    prefix = f"{prefix}." if prefix else ""
+    check_choice(f"{prefix}schedule", schedule, SCHEDULES)
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+        raise ConfigError(f"{prefix}warmup_steps={warmup_steps!r} must be a non-negative integer")
+    if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)) or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ConfigError(f"{prefix}min_lr_ratio={min_lr_ratio!r} must be a number in [0, 1]")
+
+
 def check_model(m: "ModelConfig", prefix: str = "") -> None:
     """The shape checks shared by `validate` (prefix "model.") and the model's constructor (no prefix)."""
     for key in ("dim", "num_heads", "max_seq_len", "ffn_mult"):
@@ -386,6 +408,7 @@ def validate(cfg: ASHEMConfig) -> None:
             check_positive(f"{name}.epoch_steps", grp.epoch_steps)
         if grp.weight_decay < 0:
             raise ConfigError(f"{name}.weight_decay={grp.weight_decay} must be >= 0")
+        check_schedule(name, grp.schedule, grp.warmup_steps, grp.min_lr_ratio)
     check_positive("phase2.batch_size", p2.batch_size)
     if p1.layers >= p2.layers:
         raise ConfigError(f"phase1.layers={p1.layers} must be smaller than phase2.layers={p2.layers}")
@@ -394,6 +417,13 @@ def validate(cfg: ASHEMConfig) -> None:
     check_choice("hard_examples.store", he.store, STORES)
     check_choice("hard_examples.calibration_split", he.calibration_split, CALIBRATION_SPLITS)
     check_choice("eval.split", cfg.eval.split, ("test", "validation"))
+    if cfg.eval.split == "validation" and not cfg.eval.allow_validation_split:
+        raise ConfigError("eval.split=validation scores on the split the threshold was calibrated on and phase 2 "
+                          "early-stopped on; add eval.allow_validation_split=true to do it anyway")
+    check_choice("eval.baseline_budget", cfg.eval.baseline_budget, BASELINE_BUDGETS)
+    for depth in cfg.eval.dense_depths or ():
+        if not isinstance(depth, int) or not 1 <= depth <= p2.layers:
+            raise ConfigError(f"eval.dense_depths contains {depth!r}; allowed: integers in [1, phase2.layers={p2.layers}]")
     check_ratio("hard_example_ratio", cfg.hard_example_ratio)
     if not cfg.stages:
         raise ConfigError(f"stages is empty; choose from {', '.join(STAGES)}")

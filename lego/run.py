@@ -150,6 +150,21 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
         summary["val_loss"] = metrics["ashem_validation"]["loss"]
         if "standard" in metrics:
             summary["standard_ppl"] = metrics["standard"]["ppl"]
+        compute = metrics["train_compute"]
+        summary.update({f"train_macs_{k}": v["train_macs"] for k, v in compute.items()})
+        for depth, dense in metrics.get("dense", {}).items():
+            summary[f"dense{depth}_ppl"] = dense["ppl"]
+            summary[f"train_macs_dense{depth}"] = dense["train_macs"]
+        if "verdict" in metrics:
+            v = metrics["verdict"]
+            summary["gap_at_inference_cost_pct"] = v["inference"]["gap_pct"]
+            if "training" in v:
+                summary["gap_at_training_compute_pct"] = v["training"]["gap_pct"]
+            summary["verdict"] = v["line"]
+        summary["not_converged"] = [name for name, rec in
+                                    [("phase1", compute["phase1"]), ("phase2", compute["phase2"]),
+                                     *((f"dense{d}", r) for d, r in metrics.get("dense", {}).items())]
+                                    if not rec.get("converged", False)]
         summary["hard_ppl_phase1"] = metrics["hard_tokens"]["phase1"]["ppl"]
         summary["hard_ppl_ashem"] = metrics["hard_tokens"]["ashem"]["ppl"]
         for k in ("ppl_compute_auc", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio"):
@@ -169,8 +184,11 @@ def format_table(summary: dict) -> str:
                  ("phase-1 model ppl", f"{summary['phase1_ppl']:.2f}"),
                  ("no-routing ppl", f"{summary['no_routing_ppl']:.2f}"),
                  ("validation ppl (routed; sweep objective)", f"{summary['val_ppl']:.2f}")]
-        if "standard_ppl" in summary:
-            rows.append(("standard baseline ppl", f"{summary['standard_ppl']:.2f}"))
+        rows += [(f"dense {k[len('dense'):-len('_ppl')]}-layer ppl (same budget)", f"{v:.2f}")
+                 for k, v in summary.items() if k.startswith("dense") and k.endswith("_ppl")]
+        rows.append(("training MACs: ashem / dense", " / ".join(
+            [f"{summary['train_macs_total']:.3g}"] + [f"{v:.3g}" for k, v in summary.items()
+                                                       if k.startswith("train_macs_dense")])))
         rows.append(("hard-token ppl phase1 -> ashem",
                      f"{summary['hard_ppl_phase1']:.2f} -> {summary['hard_ppl_ashem']:.2f}"))
         if "oracle_shallow_ratio" in summary:
@@ -178,4 +196,10 @@ def format_table(summary: dict) -> str:
                      ("compute saved at <=1% ppl loss", f"{summary['compute_saved_at_1pct_ppl']:.3f}")]
     rows.append(("wall time", ", ".join(f"{k} {v:.1f}s" for k, v in summary["wall_s"].items())))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if summary.get("not_converged"):
+        lines.append(f"not converged (validation loss still fell more than 1% in the last epoch): "
+                     f"{', '.join(summary['not_converged'])}; the comparison is preliminary")
+    if "verdict" in summary:
+        lines.append(summary["verdict"])
+    return "\n".join(lines)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-SCHEDULES = ("constant", "cosine")
+from lego.config import SCHEDULES, check_schedule
+
 
 
 def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -66,14 +67,3 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup_st
     """
     check_schedule(prefix, schedule, warmup_steps, min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _Factor(schedule, warmup_steps, total_steps, min_lr_ratio))
-
-
-def check_schedule(prefix: str, schedule: str, warmup_steps: int, min_lr_ratio: float) -> None:
-    """Raise ValueError naming the key (`<prefix>.schedule`, ...) when a setting is not allowed."""
-    prefix = f"{prefix}." if prefix else ""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"{prefix}schedule={schedule!r} is not allowed; choose one of {', '.join(SCHEDULES)}")
-    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
-        raise ValueError(f"{prefix}warmup_steps={warmup_steps!r} must be a non-negative integer")
-    if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)) or not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"{prefix}min_lr_ratio={min_lr_ratio!r} must be a number in [0, 1]")

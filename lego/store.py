@@ -8,7 +8,7 @@ from typing import Dict
 import numpy as np
 import torch
 
-from lego.batches import EpochShuffleSampler, pin_memory_for
+from lego.batches import SeededBatches, pin_memory_for
 
 
 class RowBuffer:
@@ -157,5 +157,5 @@ def create_hard_example_loader(hard_examples: Dict[str, object], batch_size: int
     ds = HardExampleDataset(hard_examples)
     if len(ds) == 0:
         raise ValueError("hard_examples: no hard sequences to batch (is the threshold too low?)")
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, pin_memory=pin_memory_for(device),
-                                       sampler=EpochShuffleSampler(len(ds), seed, shuffle=shuffle))
+    return torch.utils.data.DataLoader(ds, pin_memory=pin_memory_for(device),
+                                       batch_sampler=SeededBatches(len(ds), batch_size, shuffle, seed, drop_last=False))

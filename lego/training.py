@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +79,9 @@ def early_stopping_loop(
     for epoch in range(start, max_epochs + 1):
         if stopped:
             break
-        train_loss = train_epoch(epoch)
+        out = train_epoch(epoch)  # the mean training loss, or a dict with it and per-epoch extras
+        extra = dict(out) if isinstance(out, dict) else {"train_loss": out}
+        train_loss = extra.pop("train_loss")
         val_loss = validate()
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             kept = (f"epoch {epoch - 1}'s checkpoint is kept" if epoch > 1
@@ -94,7 +98,7 @@ def early_stopping_loop(
             bad += 1
         stopped = bad >= patience
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
-               "best": improved}
+               "best": improved, **extra}
         history.append(row)
         log.info("%s epoch %d: train %.4f  val %.4f (ppl %.2f)%s", name, epoch, train_loss, val_loss,
                  row["val_ppl"], "  *" if improved else "")
@@ -120,14 +124,30 @@ def early_stopping_loop(
     }
 
 
+@dataclass
+class StageTotals:
+    """What a stage's optimizer steps have consumed so far (kept in its history, so resume keeps it)."""
+
+    steps: int = 0  # optimizer steps
+    tokens: int = 0  # input positions the model ran on
+    counted: int = 0  # positions whose loss counted (phase 2: the hard ones)
+
+    @classmethod
+    def from_history(cls, history: List[dict]) -> "StageTotals":
+        return cls(*(sum(int(row.get(k, 0)) for row in history) for k in ("steps", "tokens", "counted")))
+
+
 def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, device, *, epoch: Optional[int] = None,
-                grad_clip: Optional[float] = None, progress: bool = True, name: str = "train_loader") -> float:
+                grad_clip: Optional[float] = None, progress: bool = True, name: str = "train_loader",
+                lr_factor: Optional[Callable[[int], float]] = None, totals: Optional[StageTotals] = None) -> float:
     """One pass of optimizer steps over `batches`; the mean loss per counted token. Every stage trains here.
 
     `loss_sum_fn(model, inputs, targets)` returns (summed loss, counted tokens). A count read on
     the device stays there (no host sync per step; a NaN shows up in the epoch's loss, which
     `early_stopping_loop` checks); a host int count of 0 skips the batch. With `epoch`, the
-    batches' seeded order is that epoch's. Under torch.distributed each rank passes its shard,
+    batches' seeded order is that epoch's. `totals` accumulates steps and tokens; with
+    `lr_factor`, step k (counted in `totals` over the whole stage) runs at each group's base lr
+    times `lr_factor(k)` (without it the lr is left alone: bit-identical to no schedule). Under torch.distributed each rank passes its shard,
     gradients are averaged over ranks (DDP) and the loss is over every rank's tokens.
     """
     device = torch.device(device)
@@ -147,31 +167,71 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
         (total / (n.clamp(min=1) if torch.is_tensor(n) else max(n, 1))).backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if lr_factor is not None:
+            factor = lr_factor(totals.steps if totals is not None else 0)
+            for group in optimizer.param_groups:
+                group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
         optimizer.step()
         loss_sum += total.detach()
         count = count + n
+        if totals is not None:
+            totals.steps += 1
+            totals.tokens += inputs.shape[0] * inputs.shape[1]
     loss_sum, count = distributed.all_reduce_sum([float(loss_sum), int(count)])
+    if totals is not None:
+        totals.counted += int(count)
     if count == 0:
         raise ValueError(f"{name}: empty (no batches or no counted tokens)")
     return loss_sum / count
 
 
-def fit(model, train_one_epoch: Callable[[int], float], validate: Callable[[], float], *, optimizer, work_dir: Path,
-        max_epochs: int, patience: int, name: str, save: Callable[[Path, dict], None]) -> dict:
+def fit(model, train_one_epoch: Callable[[int, StageTotals], float], validate: Callable[[], float], *, optimizer,
+        work_dir: Path, max_epochs: int, patience: int, name: str, save: Callable[[Path, dict], None],
+        macs: Callable[[StageTotals], float] = lambda totals: 0.0) -> dict:
     """`early_stopping_loop` with a stage directory: resume from `work_dir/last.pt` (written after
     every epoch), then history.jsonl, result.json and `save(work_dir / "model.pt", result)` (rank 0).
-    Returns the result without the history. Phase 1, phase 2 and every baseline train here."""
+
+    `train_one_epoch(epoch, totals)` trains one epoch, adding its steps and tokens to `totals`
+    (the stage's running totals, restored from the history on resume). Each history row holds
+    its epoch's steps, tokens and seconds; the result adds the stage's totals, its training
+    multiply-adds `macs(totals)`, and whether it converged (`convergence`). Returns the result
+    without the history. Phase 1, phase 2 and every baseline train here.
+    """
     resume = load_resume(work_dir / "last.pt", model, name)
-    result = early_stopping_loop(model, train_one_epoch, validate, max_epochs=max_epochs, patience=patience,
+    totals = StageTotals.from_history(resume["history"] if resume else [])
+
+    def one_epoch(epoch: int) -> dict:
+        before, start = replace(totals), time.perf_counter()
+        loss = train_one_epoch(epoch, totals)
+        return {"train_loss": loss, "steps": totals.steps - before.steps, "tokens": totals.tokens - before.tokens,
+                "counted": totals.counted - before.counted, "train_s": time.perf_counter() - start}
+
+    result = early_stopping_loop(model, one_epoch, validate, max_epochs=max_epochs, patience=patience,
                                  optimizer=optimizer, resume=resume, name=name,
                                  on_epoch_end=lambda state: save_resume(work_dir, state))
     summary = {k: v for k, v in result.items() if k != "history"}
+    summary.update(steps=totals.steps, tokens=totals.tokens, counted=totals.counted,
+                   train_s=sum(row.get("train_s", 0.0) for row in result["history"]), train_macs=macs(totals),
+                   **convergence(result["history"]))
     if distributed.is_main():
         write_jsonl(work_dir / "history.jsonl", result["history"])
         write_json(work_dir / "result.json", summary)
         save(work_dir / "model.pt", summary)
         (work_dir / "last.pt").unlink(missing_ok=True)
     return summary
+
+
+CONVERGED_BELOW = 0.01  # a last epoch that improved the best validation loss by more than 1%: not converged
+
+
+def convergence(history: List[dict]) -> dict:
+    """`last_epoch_gain`: how much the last epoch lowered the best validation loss before it (relative,
+    0 when it did not), and `converged`: that gain is at most 1% (SPEC section 6: say when it is preliminary)."""
+    if len(history) < 2:
+        return {"last_epoch_gain": float("nan"), "converged": False}
+    best_before = min(row["val_loss"] for row in history[:-1])
+    gain = max(0.0, (best_before - history[-1]["val_loss"]) / abs(best_before))
+    return {"last_epoch_gain": gain, "converged": gain <= CONVERGED_BELOW}
 
 
 def save_resume(work_dir: Path, state: dict) -> None:

@@ -147,7 +147,7 @@ def test_val_ppl_is_the_routed_model_on_validation(tmp_path):
 
     kw = {"eval.standard_baseline": False}
     on_test = run(tiny_config(tmp_path / "cache", **kw), tmp_path / "a")
-    on_val = run(tiny_config(tmp_path / "cache", **kw, **{"eval.split": "validation"}), tmp_path / "b")
+    on_val = run(tiny_config(tmp_path / "cache", **kw, **{"eval.split": "validation", "eval.allow_validation_split": True}), tmp_path / "b")
     assert on_val["val_ppl"] == pytest.approx(on_val["ppl"], rel=1e-12)
     assert on_test["val_ppl"] == pytest.approx(on_val["val_ppl"], rel=1e-9)
     assert on_test["val_ppl"] != pytest.approx(on_test["ppl"], rel=1e-6)  # another split

@@ -18,7 +18,7 @@ def test_run_writes_every_artifact(tmp_path):
     d = tmp_path / "run"
     for f in ["config_resolved.yaml", "run.json", "metrics.json", "tokenizer", "phase1/model.pt",
               "phase1/history.jsonl", "hard_examples/threshold.json", "phase2/model.pt", "phase2/history.jsonl",
-              "eval/metrics.json", "baseline/model.pt"]:
+              "eval/metrics.json", "dense2/model.pt", "dense3/model.pt", "dense4/model.pt"]:
         assert (d / f).exists(), f
     thr = json.loads((d / "hard_examples/threshold.json").read_text())
     assert thr["target_ratio"] == 0.5 and abs(thr["achieved_ratio"] - 0.5) < 0.01
@@ -43,7 +43,7 @@ def test_run_writes_every_artifact(tmp_path):
     assert an["oracle"]["acc"] == ev["no_routing"]["acc"]
     assert summary["oracle_shallow_ratio"] == ev["analysis"]["oracle_shallow_ratio"] == an["oracle_shallow_ratio"]
     report = (d / "eval/report.md").read_text()
-    for name in ("phase-1 model (2 layers)", "ashem, no routing", "standard 4-layer model", "oracle"):
+    for name in ("phase-1 model (2 layers)", "ashem, no routing", "dense 4-layer model", "oracle"):
         assert name in report, name
     hist = [json.loads(line) for line in (d / "phase1/history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [1, 2, 3]

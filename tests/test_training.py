@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lego.confidence import confidence_from_logits
-from lego.batches import EpochShuffleSampler
+from lego.batches import SeededBatches
 from lego.config import StageConfig, TrainingConfig, create_standard_config
 from lego.training import Trainer, early_stopping_loop
 
@@ -136,8 +136,8 @@ def make_loaders(make_token_batches, seed=0):
     train = make_token_batches(n_batches=4, batch_size=8, seed=seed + 1)
     inputs = torch.cat([x for x, _ in train])
     targets = torch.cat([y for _, y in train])
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets), batch_size=8,
-                                         sampler=EpochShuffleSampler(len(inputs), seed=seed))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets),
+                                         batch_sampler=SeededBatches(len(inputs), 8, True, seed, drop_last=False))
     return loader, make_token_batches(n_batches=2, batch_size=8, seed=seed + 2)
 
 
@@ -191,17 +191,17 @@ def test_empty_loaders_name_the_loader(make_tiny_model, token_batches):
         trainer.evaluate(model, [])
 
 
-def test_epoch_shuffle_sampler_depends_on_seed_and_epoch_only():
-    a, b = EpochShuffleSampler(20, seed=3), EpochShuffleSampler(20, seed=3)
+def test_seeded_batches_depend_on_seed_and_epoch_only():
+    a, b = SeededBatches(20, 4, True, 3, False), SeededBatches(20, 4, True, 3, False)
     a.set_epoch(2)
     first = list(a)
     list(b)  # b has seen another epoch first
     b.set_epoch(2)
-    assert list(b) == first and sorted(first) == list(range(20))
+    assert list(b) == first and sorted(sum(first, [])) == list(range(20)) and all(len(x) == 4 for x in first)
     a.set_epoch(3)
     assert list(a) != first
-    ranks = [list(EpochShuffleSampler(20, seed=3, rank=r, world_size=3)) for r in range(3)]
-    assert sorted(sum(ranks, [])) == list(range(20))
+    ranks = [list(SeededBatches(20, 4, True, 3, False, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(sum(sum(ranks, []), [])) == list(range(20))
 
 
 # -- routed evaluation ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from lego.data import Corpus
 from lego.model import DeepSupervisionTransformer
 from lego.report import analyze
 from lego.stages.hard_examples import hard_loader
+from lego.stages.compare import dense_depths, dense_epochs, inference_cost, pipeline_compute, stage_record, verdict
 from lego.stages.setup import Loaders, make_loaders
 from lego.stages.standard import cached_standard
 from lego.training import Trainer
@@ -68,9 +69,13 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
         "ashem": evaluate_on_hard_examples(model2, split_hard, None, device, exit_layer),
     }
     shutil.rmtree(out / "scratch", ignore_errors=True)
+    metrics["train_compute"] = pipeline_compute(cfg, corpus, run_dir)
     if cfg.eval.standard_baseline:
-        standard = cached_standard(cfg, corpus, loaders, depth, run_dir / "baseline", device, "baseline")
-        metrics["standard"] = Trainer(create_standard_config(depth), device=device).evaluate(standard, loader)
+        metrics["dense"] = train_dense_frontier(cfg, corpus, loaders, metrics["train_compute"], loader, run_dir,
+                                                device)
+        if str(depth) in metrics["dense"]:
+            metrics["standard"] = metrics["dense"][str(depth)]
+        metrics["verdict"] = verdict(metrics, cfg.eval.baseline_budget)
     if cfg.eval.analysis and distributed.is_main():  # per-token analysis of the whole split, on rank 0 alone
         whole = make_loaders(cfg, corpus, shard=False, device=device) if distributed.is_distributed() else loaders
         metrics["analysis"] = run_analysis(cfg, corpus, model2, metrics,
@@ -78,6 +83,22 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
     if distributed.is_main():
         write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def train_dense_frontier(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, compute: Dict[str, Any], loader,
+                         run_dir: Path, device: torch.device) -> Dict[str, Dict[str, Any]]:
+    """Dense models of every frontier depth, each trained on all tokens with phase 1's optimizer,
+    schedule and stopping rule for the budget `eval.baseline_budget` gives it (shared through the
+    cache), and scored on `loader`: depth -> metrics, training record and relative inference cost."""
+    out = {}
+    for depth in dense_depths(cfg):
+        epochs = dense_epochs(cfg, corpus, loaders, depth, compute)
+        model = cached_standard(cfg, corpus, loaders, depth, run_dir / f"dense{depth}", device, f"dense{depth}",
+                                max_epochs=epochs)
+        scored = Trainer(create_standard_config(depth), device=device).evaluate(model, loader)
+        out[str(depth)] = {**scored, **stage_record(run_dir / f"dense{depth}"), "max_epochs": epochs,
+                           "inference_cost": inference_cost(cfg, corpus.vocab_size, depth)}
+    return out
 
 
 def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransformer, metrics: Dict[str, Any],
@@ -89,8 +110,9 @@ def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransf
                  f"phase-1 model ({exit_layer} layers)": {**metrics["phase1_only"], "shallow_ratio": 1.0,
                                                           "compute_cost": exit_layer / depth},
                  "ashem, no routing": metrics["no_routing"]}
-    if "standard" in metrics:
-        baselines[f"standard {depth}-layer model"] = metrics["standard"]
+    for d, dense in metrics.get("dense", {}).items():
+        baselines[f"dense {d}-layer model ({cfg.eval.baseline_budget} budget)"] = {
+            **dense, "compute_cost": int(d) / depth, "flop_cost": dense["inference_cost"]}
     s = analyze(out, model=model2, loader=loader, device=device, threshold=metrics["threshold"],
                 measure=cfg.hard_examples.confidence, exit_layer=exit_layer, baselines=baselines,
                 tokenizer=corpus.tokenizer, train_tokens=np.asarray(corpus.train), vocab_size=corpus.vocab_size,

@@ -16,7 +16,8 @@ from lego.checkpoint import load_model, model_args, save_model
 from lego.config import ASHEMConfig
 from lego.model import DeepSupervisionTransformer
 from lego.stages.hard_examples import hard_loader
-from lego.stages.setup import Loaders, make_optimizer
+from lego.cost import phase2_training_macs
+from lego.stages.setup import Loaders, lr_schedule, make_optimizer, model_macs
 from lego.training import fit
 
 
@@ -45,12 +46,22 @@ def stage_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold
     p2 = cfg.phase2
     optimizer = make_optimizer(model2, p2.lr, p2.weight_decay, device)
     train_batches = EpochSteps(train_hard, p2.epoch_steps)
+    schedule = lr_schedule(p2, len(train_batches), p2.max_epochs)
+    shape = model_macs(cfg, model1.vocab_size)
+
+    def train_macs(totals) -> float:
+        return phase2_training_macs(tokens=totals.tokens, hard_ratio=totals.counted / max(totals.tokens, 1),
+                                    exit_layer=exit_layer, num_layers=p2.layers, policy=p2.upper_context,
+                                    recompute=cfg.hard_examples.store == "recompute", **shape)
+
     fit(model2,
-        lambda epoch: train_upper_layers(model2, train_batches, optimizer, None, device, exit_layer,
-                                         grad_clip=p2.grad_clip, epoch=epoch),
+        lambda epoch, totals: train_upper_layers(model2, train_batches, optimizer, None, device, exit_layer,
+                                                 grad_clip=p2.grad_clip, epoch=epoch, lr_factor=schedule,
+                                                 totals=totals),
         lambda: evaluate_on_hard_examples(model2, val_hard, None, device, exit_layer)["loss"],
         optimizer=optimizer, work_dir=out, max_epochs=p2.max_epochs, patience=p2.patience, name="phase2",
-        save=lambda path, result: save_model(path, model2, cfg, stage="phase2", result=result, threshold=threshold))
+        save=lambda path, result: save_model(path, model2, cfg, stage="phase2", result=result, threshold=threshold),
+        macs=train_macs)
     shutil.rmtree(scratch, ignore_errors=True)
     return model2
 

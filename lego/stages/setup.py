@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Dict
+from functools import partial
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -14,6 +15,7 @@ from lego.batches import make_loader
 from lego.checkpoint import resolve_device, run_precision
 from lego.config import ASHEMConfig, to_dict
 from lego.data import Corpus
+from lego.schedule import lr_factor
 
 # Keys that change what a run computes. Others (stages, device, threads, display) may differ on resume.
 _NON_SCIENCE = {"stages", "device", "num_threads", "objective"}
@@ -41,6 +43,10 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
         d.pop(k, None)
     d["data"].pop("cache_dir", None)
     d["model"].pop("compile", None)
+    for phase in ("phase1", "phase2"):  # a constant schedule ignores warmup and floor: runs from before the keys match
+        if d[phase]["schedule"] == "constant":
+            for key in ("schedule", "warmup_steps", "min_lr_ratio"):
+                d[phase].pop(key)
     # The precision that runs, not "auto" (that depends on the GPU); fp32 is left out, so run
     # dirs and cache keys from before the key existed stay valid.
     precision = run_precision(cfg)
@@ -61,6 +67,22 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device) 
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError):  # fused kernel not available for this device/dtype
         return torch.optim.AdamW(groups, lr=lr, foreach=device.type == "cuda")
+
+
+def lr_schedule(group, steps_per_epoch: int, max_epochs: int) -> Optional[Callable[[int], float]]:
+    """The lr factor of each optimizer step under `group.schedule` (phase1 / phase2 settings), over a
+    budget of `max_epochs` epochs of `steps_per_epoch` steps; None for `constant` (the lr is left alone)."""
+    if group.schedule == "constant":
+        return None
+    total = steps_per_epoch * max_epochs
+    return partial(lr_factor, schedule=group.schedule, warmup_steps=group.warmup_steps, total_steps=total,
+                   min_lr_ratio=group.min_lr_ratio)
+
+
+def model_macs(cfg: ASHEMConfig, vocab_size: int) -> Dict[str, Any]:
+    """The shape arguments of every `lego.cost` function for this run."""
+    m = cfg.model
+    return dict(dim=m.dim, ffn_mult=m.ffn_mult, ffn=m.ffn, vocab_size=vocab_size, seq_len=cfg.data.seq_len)
 
 
 @dataclass

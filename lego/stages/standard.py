@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -16,18 +18,20 @@ from lego.checkpoint import build_model, load_model, model_args, save_model
 from lego.config import ASHEMConfig, create_standard_config, to_dict
 from lego.data import Corpus, cache_root
 from lego.model import DeepSupervisionTransformer
-from lego.stages.setup import Loaders, fingerprint, make_optimizer, science_config
-from lego.training import Trainer, fit
+from lego.cost import dense_training_macs
+from lego.stages.setup import Loaders, fingerprint, lr_schedule, make_optimizer, model_macs, science_config
+from lego.training import Trainer, fit, train_epoch
 
 log = logging.getLogger(__name__)
 
 
 def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, stage_dir: Path,
-                   device: torch.device, name: str) -> DeepSupervisionTransformer:
-    """Train a `num_layers`-layer LM on all tokens with phase 1's optimizer and early stopping.
+                   device: torch.device, name: str, max_epochs: Optional[int] = None) -> DeepSupervisionTransformer:
+    """Train a `num_layers`-layer LM on all tokens with phase 1's optimizer, schedule and early stopping,
+    for at most `max_epochs` (default phase1.max_epochs) epochs of phase1.epoch_steps steps.
 
-    Writes stage_dir/model.pt (best weights), history.jsonl, result.json; resumes from
-    stage_dir/last.pt. Returns the model with its best weights.
+    Writes stage_dir/model.pt (best weights), history.jsonl, result.json (with the training
+    compute); resumes from stage_dir/last.pt. Returns the model with its best weights.
     """
     final = stage_dir / "model.pt"
     model = build_model(cfg, corpus.vocab_size, num_layers).to(device)
@@ -43,15 +47,23 @@ def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layer
     if cfg.model.compile:
         model.compile_blocks()
     train_batches = EpochSteps(loaders.train, p1.epoch_steps)
-    fit(model, lambda epoch: trainer.train_epoch(model, train_batches, optimizer, epoch),
-        lambda: trainer.validation_loss(model, loaders.validation), optimizer=optimizer, work_dir=stage_dir,
-        max_epochs=p1.max_epochs, patience=p1.patience, name=name,
-        save=lambda path, result: save_model(path, model, cfg, stage=name, result=result))
+    max_epochs = max_epochs or p1.max_epochs
+    schedule = lr_schedule(p1, len(train_batches), max_epochs)
+    step_macs = partial(dense_training_macs, num_layers=num_layers, **model_macs(cfg, corpus.vocab_size))
+
+    def one_epoch(epoch: int, totals) -> float:
+        return train_epoch(model, train_batches, optimizer, trainer.stage_loss_sum, device, epoch=epoch,
+                           grad_clip=p1.grad_clip, lr_factor=schedule, totals=totals)
+
+    fit(model, one_epoch, lambda: trainer.validation_loss(model, loaders.validation), optimizer=optimizer,
+        work_dir=stage_dir, max_epochs=max_epochs, patience=p1.patience, name=name,
+        save=lambda path, result: save_model(path, model, cfg, stage=name, result=result),
+        macs=lambda totals: step_macs(tokens=totals.tokens))
     return model
 
 
 def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, stage_dir: Path,
-                    device: torch.device, name: str) -> DeepSupervisionTransformer:
+                    device: torch.device, name: str, max_epochs: Optional[int] = None) -> DeepSupervisionTransformer:
     """`train_standard`, shared through a content-addressed cache when `phase1.cache` is on.
 
     The key hashes exactly what determines the result: model, data, phase-1 optimisation,
@@ -59,14 +71,16 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
     (a file lock); the result is copied into `stage_dir`.
     """
     if not cfg.phase1.cache or distributed.broadcast((stage_dir / "model.pt").exists()):
-        return train_standard(cfg, corpus, loaders, num_layers, stage_dir, device, name)
+        return train_standard(cfg, corpus, loaders, num_layers, stage_dir, device, name, max_epochs)
     science = science_config(cfg)
     key_src = {"model": science["model"], "data": science["data"],
                "phase1": {k: v for k, v in to_dict(cfg)["phase1"].items() if k not in ("cache", "layers")},
                "num_layers": num_layers, "seed": cfg.seed, "corpus": corpus.cache_key, "device": device.type,
-               "lego": __version__}
+               "lego": __version__, "records": "compute"}  # result.json records steps and training MACs
     if distributed.world_size() > 1:  # more ranks = larger batches: another model
         key_src["world_size"] = distributed.world_size()
+    if max_epochs is not None and max_epochs != cfg.phase1.max_epochs:  # a baseline's own budget
+        key_src["phase1"]["max_epochs"] = max_epochs
     key = fingerprint(key_src)
     entry = cache_root(cfg.data) / "models" / f"{name}-{key}"
     # Rank 0 holds the lock for all ranks (they train together and only rank 0 writes).
@@ -75,7 +89,7 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
         if distributed.is_main() and entry.is_dir():
             remove_partial_writes(entry)  # a killed trainer's litter; we hold this entry's lock
         log.info("%s: %s cache entry %s", name, "reusing" if hit else "training into", entry)
-        model = train_standard(cfg, corpus, loaders, num_layers, entry, device, name)
+        model = train_standard(cfg, corpus, loaders, num_layers, entry, device, name, max_epochs)
         if not distributed.is_main():
             return model
         stage_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,120 @@
+"""The honest comparison (SPEC section 6): what the ASHEM pipeline spent in training, dense models of
+every depth trained on the same budget, and the verdict at equal inference and training compute."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List
+
+from lego.artifacts import read_json
+from lego.batches import EpochSteps
+from lego.config import ASHEMConfig
+from lego.cost import dense_training_macs, forward_macs_per_token, mining_macs, steps_for_macs
+from lego.data import Corpus
+from lego.stages.setup import Loaders, model_macs
+
+PIPELINE = ("phase1", "mining", "phase2")
+RECORDED = ("steps", "tokens", "train_s", "train_macs", "epochs_run", "converged", "last_epoch_gain")
+
+
+def positions(tokens, seq_len: int) -> int:
+    """Input positions of a split cut into windows of seq_len + 1 tokens (what a pass over it runs on)."""
+    return (len(tokens) // (seq_len + 1)) * seq_len
+
+
+def stage_record(stage_dir: Path) -> Dict[str, Any]:
+    """Steps, tokens, seconds, training MACs and convergence from a stage's result.json."""
+    result = read_json(stage_dir / "result.json")
+    return {k: result[k] for k in RECORDED if k in result}
+
+
+def pipeline_compute(cfg: ASHEMConfig, corpus: Corpus, run_dir: Path) -> Dict[str, Dict[str, Any]]:
+    """Training compute of the ASHEM pipeline: phase 1 (forward + backward of every layer), mining
+    (forward through Block 1 and its exit head: calibration, then mining the training and validation
+    splits for phase 2) and phase 2 (the upper Block trained on hard sequences), and their total."""
+    T = cfg.data.seq_len
+    calibration = corpus.validation if cfg.hard_examples.calibration_split == "validation" else corpus.train
+    mined = positions(calibration, T) + positions(corpus.train, T) + positions(corpus.validation, T)
+    out = {"phase1": stage_record(run_dir / "phase1"),
+           "mining": {"tokens": mined, "train_macs": mining_macs(tokens=mined, exit_layer=cfg.phase1.layers,
+                                                                **model_macs(cfg, corpus.vocab_size))},
+           "phase2": stage_record(run_dir / "phase2")}
+    out["total"] = {k: sum(out[s].get(k, 0) for s in PIPELINE) for k in ("steps", "tokens", "train_s", "train_macs")}
+    return out
+
+
+def dense_depths(cfg: ASHEMConfig) -> List[int]:
+    """The dense frontier's depths: eval.dense_depths, or every depth from phase1.layers to phase2.layers."""
+    depths = cfg.eval.dense_depths or range(cfg.phase1.layers, cfg.phase2.layers + 1)
+    return sorted(set(depths))
+
+
+def dense_epochs(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, depth: int, compute: Dict[str, Any]) -> int:
+    """Epochs (of phase1.epoch_steps steps) that give a dense `depth`-layer model the budget
+    `eval.baseline_budget` asks: the pipeline's training MACs (matched), its optimizer steps
+    (steps), or phase 1's epochs (phase1). Rounded to whole epochs: within half an epoch."""
+    p1 = cfg.phase1
+    if cfg.eval.baseline_budget == "phase1":
+        return p1.max_epochs
+    per_epoch = len(EpochSteps(loaders.train, p1.epoch_steps))
+    if cfg.eval.baseline_budget == "steps":
+        steps = compute["phase1"]["steps"] + compute["phase2"]["steps"]
+    else:
+        step_macs = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len, num_layers=depth,
+                                        **model_macs(cfg, corpus.vocab_size))
+        steps = steps_for_macs(compute["total"]["train_macs"], step_macs)
+    return max(1, math.floor(steps / per_epoch + 0.5))
+
+
+def inference_cost(cfg: ASHEMConfig, vocab_size: int, depth: int) -> float:
+    """A dense `depth`-layer model's forward MACs per token over the full `phase2.layers` model's."""
+    shape = model_macs(cfg, vocab_size)
+    return (forward_macs_per_token(num_layers=depth, **shape)
+            / forward_macs_per_token(num_layers=cfg.phase2.layers, **shape))
+
+
+def interpolate(points: List[tuple], x: float) -> Dict[str, Any]:
+    """The frontier's y at `x`, linear between its (x, y) points; outside their range, the nearest end."""
+    pts = sorted(points)
+    if x <= pts[0][0]:
+        return {"ppl": pts[0][1], "where": "below the frontier's cheapest model" if x < pts[0][0] else "on it"}
+    if x >= pts[-1][0]:
+        return {"ppl": pts[-1][1], "where": "above the frontier's dearest model" if x > pts[-1][0] else "on it"}
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return {"ppl": y0 + (y1 - y0) * (x - x0) / (x1 - x0), "where": "interpolated"}
+    raise AssertionError("unreachable")
+
+
+def verdict(metrics: Dict[str, Any], budget: str) -> Dict[str, Any]:
+    """The routed model against the dense frontier at its realized inference cost (flop_cost), and
+    against the dense full-depth model at equal training compute (when the budget is matched)."""
+    routed = metrics["ashem"]
+    dense = metrics["dense"]
+    frontier = [(d["inference_cost"], d["ppl"]) for d in dense.values()]
+    at = interpolate(frontier, routed["flop_cost"])
+    out = {"inference": {"cost": routed["flop_cost"], "routed_ppl": routed["ppl"], "dense_ppl": at["ppl"],
+                         "gap_pct": 100 * (routed["ppl"] / at["ppl"] - 1), "where": at["where"]}}
+    full = dense.get(str(metrics["num_layers"]))
+    if full is not None:
+        out["training"] = {"budget": budget, "routed_ppl": routed["ppl"], "dense_ppl": full["ppl"],
+                           "gap_pct": 100 * (routed["ppl"] / full["ppl"] - 1),
+                           "ashem_train_macs": metrics["train_compute"]["total"]["train_macs"],
+                           "dense_train_macs": full.get("train_macs")}
+    out["line"] = verdict_line(out, metrics["num_layers"])
+    return out
+
+
+def verdict_line(v: Dict[str, Any], depth: int) -> str:
+    inf = v["inference"]
+    where = "" if inf["where"] in ("interpolated", "on it") else f" ({inf['where']})"
+    line = (f"At its realized inference cost ({inf['cost']:.3f} of the dense {depth}-layer model), routed test ppl "
+            f"{inf['routed_ppl']:.2f} against the dense frontier's {inf['dense_ppl']:.2f}{where}: "
+            f"{inf['gap_pct']:+.1f}%.")
+    tr = v.get("training")
+    if tr is not None:
+        what = "equal training compute" if tr["budget"] == "matched" else f"the '{tr['budget']}' budget"
+        line += (f" At {what}: routed {tr['routed_ppl']:.2f} against the dense {depth}-layer model's "
+                 f"{tr['dense_ppl']:.2f}: {tr['gap_pct']:+.1f}%.")
+    return line
