@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from lego.evaluation import routed_metrics, summarize
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("kind", "target_share", "threshold", "shallow_ratio", "compute_cost", "ppl", "acc")
+CSV_COLUMNS = ("kind", "target_share", "threshold", "shallow_ratio", "compute_cost", "flop_cost", "ppl", "acc")
 METRICS = ("acc", "ppl", "shallow_ratio", "compute_cost")  # what every router and baseline reports
 COSTS = ("flop_cost", "wall_cost")  # shown too when a baseline has them
 ECE_BINS = 15
@@ -134,21 +134,24 @@ def share_threshold(conf: torch.Tensor, share: float) -> float:
 
 
 def tradeoff_curve(tok: Dict[str, torch.Tensor], *, measure: str, exit_layer: int, num_layers: int,
-                   calibrated_threshold: float, step: float = 0.05) -> List[dict]:
+                   calibrated_threshold: float, step: float = 0.05,
+                   choose: Optional[Dict[str, torch.Tensor]] = None) -> List[dict]:
     """Rows (CSV_COLUMNS) for exit shares 0, step, ..., 1 ('grid'), then the calibrated threshold.
 
-    Share 0 is the full-depth model; share 1 the exit-layer model (compute_cost exit_layer/num_layers).
+    Each grid threshold is the one that sends that share out early on `choose` (the validation
+    split's tokens; default `tok` itself), and the row reports `tok`'s numbers at it: nothing is
+    chosen on the split the curve reports. Share 0 is the full-depth model; share 1 the exit layer.
     """
     n_steps = round(1.0 / step)
     if step <= 0 or not math.isclose(n_steps * step, 1.0, rel_tol=1e-9):
         raise ValueError(f"step={step} must divide 1 (0.05, 0.1, 0.25, ...)")
-    conf = _conf(tok, measure)
+    conf = _conf(tok if choose is None else choose, measure)
     targets = [("grid", i / n_steps, share_threshold(conf, i / n_steps)) for i in range(n_steps + 1)]
     targets.append(("calibrated", None, float(calibrated_threshold)))
     rows = []
     for kind, share, thr in targets:
         m = routed_from_tokens(tok, thr, measure=measure, exit_layer=exit_layer, num_layers=num_layers)
-        rows.append({"kind": kind, "target_share": share, **{k: m[k] for k in CSV_COLUMNS[2:]}})
+        rows.append({"kind": kind, "target_share": share, **{k: m[k] for k in CSV_COLUMNS[2:] if k in m}})
     return rows
 
 
@@ -166,26 +169,34 @@ def oracle_router(tok: Dict[str, torch.Tensor], *, exit_layer: int, num_layers: 
 
 
 def compute_saved_at(tok: Dict[str, torch.Tensor], *, measure: str, exit_layer: int, num_layers: int,
-                     max_ppl_increase: float = 0.01) -> dict:
-    """The most compute any threshold saves with ppl <= (1 + max_ppl_increase) x full depth.
+                     max_ppl_increase: float = 0.01, choose: Optional[Dict[str, torch.Tensor]] = None) -> dict:
+    """The most compute a threshold saves with ppl <= (1 + max_ppl_increase) x full depth.
 
-    Exact over every threshold (all cut points between distinct confidences), not only the grid.
-    Chosen on the evaluated split itself, so it describes the curve; it is not a router.
+    The threshold is chosen on `choose` (the validation split's tokens; default `tok` itself) by an
+    exact search over every cut point between distinct confidences, then reported on `tok`:
+    {"chosen_on": ..., "threshold", "chosen": the numbers where it was chosen, and `tok`'s numbers
+    (compute_saved, shallow_ratio, compute_cost, ppl, acc) at the top level}.
     """
-    conf = _conf(tok, measure)
+    ref = tok if choose is None else choose
+    conf = _conf(ref, measure)
     n = conf.numel()
     c, order = torch.sort(conf, descending=True, stable=True)
-    gain = (tok["nll_exit"] - tok["nll_deep"])[order].double()
-    deep_total = float(tok["nll_deep"].double().sum())
+    gain = (ref["nll_exit"] - ref["nll_deep"])[order].double()
+    deep_total = float(ref["nll_deep"].double().sum())
     nll_k = deep_total + torch.cat([gain.new_zeros(1), gain.cumsum(0)])  # (n + 1,): the k most confident exit
     cut = torch.ones(n + 1, dtype=torch.bool)
     cut[1:n] = c[:-1] != c[1:]  # a threshold can only separate distinct confidences
     ok = cut & (nll_k / n <= math.log1p(max_ppl_increase) + deep_total / n)
     k = int(ok.nonzero().max())  # k = 0 always qualifies
     thr = share_threshold(conf, 0.0) if k == 0 else float(c[k - 1])
-    m = routed_from_tokens(tok, thr, measure=measure, exit_layer=exit_layer, num_layers=num_layers)
-    return {"max_ppl_increase": max_ppl_increase, "threshold": thr, "compute_saved": 1.0 - m["compute_cost"],
-            **{key: m[key] for key in ("shallow_ratio", "compute_cost", "ppl", "acc")}}
+    kw = dict(measure=measure, exit_layer=exit_layer, num_layers=num_layers)
+    keys = ("shallow_ratio", "compute_cost", "ppl", "acc")
+    chosen = routed_from_tokens(ref, thr, **kw)
+    m = routed_from_tokens(tok, thr, **kw)
+    return {"max_ppl_increase": max_ppl_increase, "threshold": thr,
+            "chosen_on": "this split" if choose is None else "validation",
+            "chosen": {"compute_saved": 1.0 - chosen["compute_cost"], **{key: chosen[key] for key in keys}},
+            "compute_saved": 1.0 - m["compute_cost"], **{key: m[key] for key in keys}}
 
 
 def ppl_compute_area(rows: List[dict]) -> dict:

@@ -12,7 +12,7 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -37,8 +37,11 @@ def plot_title(summary: dict) -> str:
 
 
 def plot_tradeoff(rows: List[dict], points: Dict[str, dict], path, *, title: str = "") -> bool:
-    """Two panels (ppl, accuracy) against compute_cost: the grid curve, the calibrated row and every
-    point in `points` (name -> metrics) marked and named in the legend. False without matplotlib."""
+    """Three panels of perplexity: against the specification's compute_cost (layers run), against the
+    realized inference cost (flop_cost: what the upper-context policy really runs; dense models at
+    their own cost, the dense frontier drawn as a line through them), and against training compute
+    (multiply-adds) for every point that has it. The threshold curve, the calibrated row and every
+    point in `points` (name -> metrics) are marked and named in the legend. False without matplotlib."""
     path = Path(path)
     try:
         from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
@@ -48,35 +51,45 @@ def plot_tradeoff(rows: List[dict], points: Dict[str, dict], path, *, title: str
     grid = sorted((r for r in rows if r["kind"] == "grid"), key=lambda r: r["compute_cost"])
     calibrated = [r for r in rows if r["kind"] == "calibrated"]
     full_ppl = next(r["ppl"] for r in rows if r["kind"] == "grid" and r["target_share"] == 0)
-    fig = Figure(figsize=(11, 4.4))
-    axes = fig.subplots(1, 2)
+    frontier = sorted((m["inference_cost"], m["ppl"]) for m in points.values() if m.get("inference_cost") is not None)
+    fig = Figure(figsize=(15, 4.6))
+    axes = fig.subplots(1, 3)
     markers = "s^vDPXph<>"
-    for ax, key, label in ((axes[0], "ppl", "perplexity"), (axes[1], "acc", "accuracy")):
-        ax.plot([r["compute_cost"] for r in grid], [r[key] for r in grid], "-o", color="tab:blue", ms=3, lw=1.2,
-                label=f"threshold sweep (exit share 0 to 1 by {1 / (len(grid) - 1):.2g})")
-        for r in grid:
-            if r["target_share"] in (0.0, 0.5, 1.0):
-                ax.annotate(f"exit {r['target_share']:.0%}", (r["compute_cost"], r[key]), xytext=(4, 5),
-                            textcoords="offset points", fontsize=7, color="tab:blue")
+    panels = ((axes[0], "compute_cost", "compute_cost (layers run / full depth; the specification's)"),
+              (axes[1], "flop_cost", "realized inference cost (multiply-adds / dense full depth)"),
+              (axes[2], "train_macs", "training compute (multiply-adds)"))
+    for ax, xkey, xlabel in panels:
+        curve = [r for r in grid if r.get(xkey) is not None]
+        if curve:
+            ax.plot([r[xkey] for r in curve], [r["ppl"] for r in curve], "-o", color="tab:blue", ms=3, lw=1.2,
+                    label=f"threshold sweep (exit share 0 to 1 by {1 / (len(grid) - 1):.2g}, chosen on validation)")
+        if xkey == "flop_cost" and len(frontier) > 1:
+            ax.plot(*zip(*frontier), "--", color="black", lw=1.4, label="dense frontier (same training budget)")
         for j, (name, m) in enumerate(points.items()):
-            if m.get(key) is None or m.get("compute_cost") is None:
+            x = m.get("inference_cost", m.get("flop_cost")) if xkey == "flop_cost" else m.get(xkey)
+            if x is None or m.get("ppl") is None:
                 continue
-            ax.plot(m["compute_cost"], m[key], markers[j % len(markers)], ms=8, mfc="none", mew=1.6,
-                    color=f"C{(j + 1) % 10}", label=name)
+            ax.plot(x, m["ppl"], markers[j % len(markers)], ms=8, mfc="none", mew=1.6, color=f"C{(j + 1) % 10}",
+                    label=name)
         for r in calibrated:
-            ax.plot(r["compute_cost"], r[key], "*", ms=15, color="crimson", mec="black", mew=0.6, zorder=5,
-                    label=f"calibrated threshold {r['threshold']:.4g} (exit share {r['shallow_ratio']:.0%})")
-            ax.annotate("calibrated", (r["compute_cost"], r[key]), xytext=(6, -12), textcoords="offset points",
-                        fontsize=8, color="crimson")
-        if key == "ppl":
+            if r.get(xkey) is not None:
+                ax.plot(r[xkey], r["ppl"], "*", ms=15, color="crimson", mec="black", mew=0.6, zorder=5,
+                        label=f"calibrated threshold {r['threshold']:.4g} (exit share {r['shallow_ratio']:.0%})")
+        if xkey != "train_macs":
             ax.axhline(full_ppl * 1.01, color="gray", ls=":", lw=1, label="full depth ppl + 1%")
-        ax.set_xlabel("compute_cost (layers run / full depth)")
-        ax.set_ylabel(label)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("test perplexity")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    seen, handles, labels = set(), [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in seen:
+                seen.add(lab)
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
     fig.suptitle(title or "Quality against compute")
-    fig.tight_layout(rect=(0, 0, 0.72, 1))
+    fig.tight_layout(rect=(0, 0, 0.76, 1))
     atomic_write(path, fig.savefig, mode="wb")
     return True
 
@@ -172,6 +185,7 @@ def _report(s: dict, rows: List[dict], plotted: bool, upper_context: str) -> str
     saved, fb, (lo, hi) = s["at_1pct_ppl"], s["frequency_buckets"], s["compute_range"]
     blocks = [
         "# Evaluation analysis",
+        *([f"**Verdict.** {s['verdict']}"] if s.get("verdict") else []),
         f"Exit at layer {s['exit_layer']} of {s['num_layers']}, routing on `{s['measure']}` at the calibrated "
         f"threshold {s['threshold']:.6g}; {s['n_tokens']} tokens. Here a token is the target a position predicts.",
     ]
@@ -191,11 +205,13 @@ def _report(s: dict, rows: List[dict], plotted: bool, upper_context: str) -> str
         f"is better): {s['ppl_compute_auc']:.6g}, or {_fmt(s['ppl_compute_auc_per_unit'], 6)} "
         "per unit of compute (the mean ppl across the range).\n"
         f"- Compute saved at no more than 1% ppl loss against full depth (ppl {s['full_depth']['ppl']:.6g}): "
-        f"**{saved['compute_saved']:.1%}** (threshold {saved['threshold']:.6g}, exit share "
-        f"{saved['shallow_ratio']:.1%}, ppl {saved['ppl']:.6g}). Searched over every threshold on this split: it "
-        "describes the curve and is not a router.",
-        "Each row is exact for its threshold under upper_context='full' (also in tradeoff.csv); exit share 0 is "
-        "the full-depth model, 1 the exit layer alone:",
+        f"**{saved['compute_saved']:.1%}** here (threshold {saved['threshold']:.6g}, exit share "
+        f"{saved['shallow_ratio']:.1%}, ppl {saved['ppl']:.6g}). The threshold was chosen on "
+        f"**{saved.get('chosen_on', 'this split')}** (searched over every cut point there, where it saves "
+        f"{saved.get('chosen', saved)['compute_saved']:.1%}) and is reported on this split.",
+        f"Each row is exact for its threshold under upper_context='full' (also in tradeoff.csv); the grid's "
+        f"thresholds are the exit shares 0 to 1 on {s.get('operating_points_chosen_on', 'this split')}; exit share 0 "
+        "is the full-depth model, 1 the exit layer alone; flop_cost is what the model's upper-context policy runs:",
         _table(CSV_COLUMNS, ([r[c] if r[c] is not None else "" for c in CSV_COLUMNS] for r in rows)),
         "![quality against compute](tradeoff.png)" if plotted else
         f"tradeoff.png was not drawn: matplotlib is not installed ({PLOT_HINT}).",
@@ -224,12 +240,17 @@ def _report(s: dict, rows: List[dict], plotted: bool, upper_context: str) -> str
 
 def analyze(out_dir, *, model, loader, device, threshold: float, measure: str, exit_layer: int,
             baselines: Dict[str, dict], tokenizer=None, train_tokens=None, vocab_size: int,
-            html_tokens: int = 400) -> dict:
+            html_tokens: int = 400, choose_loader=None, realized_cost: Optional[Callable[[float], float]] = None,
+            verdict: Optional[str] = None) -> dict:
     """One pass over `loader`, then tradeoff.csv, report.md, tokens.html, analysis.json and
     (with matplotlib) tradeoff.png in `out_dir`. Returns the JSON-able summary (also analysis.json).
 
     `baselines`: name -> metrics with at least acc, ppl, shallow_ratio, compute_cost (compute_cost
-    relative to this model's full depth), shown beside the calibrated and oracle routers.
+    relative to this model's full depth; flop_cost, inference_cost and train_macs when known), shown
+    beside the calibrated and oracle routers. Operating points (the grid's thresholds, compute saved
+    at 1% ppl loss) are chosen on `choose_loader` (the validation split) and reported on `loader`.
+    `realized_cost(shallow_ratio)` is the flop_cost of routing at that exit share under the model's
+    upper-context policy (a column of the curve and the x axis of the realized-cost panel).
     """
     out = Path(out_dir)
     L = model.num_layers
@@ -239,18 +260,25 @@ def analyze(out_dir, *, model, loader, device, threshold: float, measure: str, e
                     upper_context)
     measures = tuple(dict.fromkeys((measure, *CONFIDENCE_MEASURES)))
     tok = token_outputs(model, loader, device, exit_layer=exit_layer, measures=measures)
+    choose = None if choose_loader is None else token_outputs(model, choose_loader, device, exit_layer=exit_layer,
+                                                              measures=(measure,))
     kw = dict(exit_layer=exit_layer, num_layers=L)
-    rows = tradeoff_curve(tok, measure=measure, calibrated_threshold=threshold, **kw)
+    rows = tradeoff_curve(tok, measure=measure, calibrated_threshold=threshold, choose=choose, **kw)
+    for row in rows:
+        row["flop_cost"] = realized_cost(row["shallow_ratio"]) if realized_cost is not None else None
     full = _with_exits(tok, torch.zeros_like(tok["target"], dtype=torch.bool), **kw)
     exit_only = _with_exits(tok, torch.ones_like(tok["target"], dtype=torch.bool), **kw)
     calibrated = routed_from_tokens(tok, threshold, measure=measure, **kw)
     oracle = oracle_router(tok, **kw)
-    at_1pct = compute_saved_at(tok, measure=measure, **kw)
+    at_1pct = compute_saved_at(tok, measure=measure, choose=choose, **kw)
     agree = tok["pred_exit"] == tok["pred_deep"]
     easy = _conf(tok, measure) >= threshold
-    baselines = {name: {k: m[k] for k in METRICS + COSTS if k in m} for name, m in baselines.items()}
+    baselines = {name: {k: m[k] for k in METRICS + COSTS + ("inference_cost", "train_macs") if k in m}
+                 for name, m in baselines.items()}
     summary = {
         "measure": measure, "threshold": float(threshold), "exit_layer": exit_layer, "num_layers": L,
+        "operating_points_chosen_on": "validation" if choose is not None else "the evaluated split",
+        "verdict": verdict,
         "n_tokens": int(tok["target"].numel()),
         "full_depth": {k: full[k] for k in ("acc", "ppl")},
         "exit_only": {k: exit_only[k] for k in ("acc", "ppl")},

@@ -204,7 +204,8 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals], float], validate: C
         before, start = replace(totals), time.perf_counter()
         loss = train_one_epoch(epoch, totals)
         return {"train_loss": loss, "steps": totals.steps - before.steps, "tokens": totals.tokens - before.tokens,
-                "counted": totals.counted - before.counted, "train_s": time.perf_counter() - start}
+                "counted": totals.counted - before.counted, "train_s": time.perf_counter() - start,
+                "lr": optimizer.param_groups[0]["lr"]}  # the last step's
 
     result = early_stopping_loop(model, one_epoch, validate, max_epochs=max_epochs, patience=patience,
                                  optimizer=optimizer, resume=resume, name=name,

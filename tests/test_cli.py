@@ -40,7 +40,7 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
     config = to_config(compose_config([f"{group}={option}", *extra]))
     assert isinstance(config, ASHEMConfig)
     assert getattr(config, group) == getattr(config, group).__class__(**{
-        k: v for k, v in OmegaConf.to_container(compose_config([f"{group}={option}", *extra])[group]).items()})
+        k: v for k, v in OmegaConf.to_container(compose_config([f"{group}={option}", *extra])[group], resolve=True).items()})
     validate(config)
 
 

@@ -256,19 +256,21 @@ def test_diverged_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatc
 
     from lego.stages.setup import make_loaders
     from lego.stages.standard import train_standard
-    from lego.training import Trainer, TrainingDiverged
+    from lego.training import TrainingDiverged
     from conftest import tiny_config
 
-    real = Trainer.train_epoch
+    import lego.stages.standard as standard
 
-    def blow_up_at_epoch_2(self, model, loader, optimizer, epoch=1):
+    real = standard.train_epoch
+
+    def blow_up_at_epoch_2(model, *args, epoch=None, **kwargs):
         if epoch == 2:
             with torch.no_grad():
                 for p in model.parameters():
                     p.fill_(float("inf"))
-        return real(self, model, loader, optimizer, epoch)
+        return real(model, *args, epoch=epoch, **kwargs)
 
-    monkeypatch.setattr(Trainer, "train_epoch", blow_up_at_epoch_2)
+    monkeypatch.setattr(standard, "train_epoch", blow_up_at_epoch_2)
     cfg = tiny_config(tmp_path / "cache")
     tokens = np.random.default_rng(0).integers(0, 64, 6000).astype(np.uint16)
     corpus = SimpleNamespace(train=tokens[:4000], validation=tokens[4000:], test=tokens[4000:], vocab_size=64)

@@ -21,7 +21,7 @@ from lego.model import DeepSupervisionTransformer
 from lego.report import analyze
 from lego.stages.hard_examples import hard_loader
 from lego.stages.compare import dense_depths, dense_epochs, inference_cost, pipeline_compute, stage_record, verdict
-from lego.stages.setup import Loaders, make_loaders
+from lego.stages.setup import Loaders, make_loaders, model_macs
 from lego.stages.standard import cached_standard
 from lego.training import Trainer
 
@@ -56,11 +56,9 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
                                    else Trainer(routed, device=device).evaluate(model2, loaders.validation))
     metrics["phase1_only"] = timed_evaluate(create_standard_config(exit_layer), model1, loader, device)
     metrics["no_routing"] = timed_evaluate(create_standard_config(depth), model2, loader, device)
-    m = cfg.model
-    metrics["ashem"].update(routed_macs(
-        dim=m.dim, ffn_mult=m.ffn_mult, ffn=m.ffn, vocab_size=corpus.vocab_size, seq_len=cfg.data.seq_len,
-        exit_layer=exit_layer, num_layers=depth, shallow_ratio=metrics["ashem"]["shallow_ratio"],
-        policy=cfg.phase2.upper_context))
+    metrics["ashem"].update(routed_macs(exit_layer=exit_layer, num_layers=depth,
+                                        shallow_ratio=metrics["ashem"]["shallow_ratio"],
+                                        policy=cfg.phase2.upper_context, **model_macs(cfg, corpus.vocab_size)))
     metrics["ashem"]["wall_cost"] = metrics["ashem"]["wall_s"] / metrics["no_routing"]["wall_s"]
     split_hard = hard_loader(cfg, model1, loader, threshold, device, out / "scratch", shuffle=False,
                              what=f"{cfg.eval.split} hard tokens")
@@ -79,7 +77,8 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
     if cfg.eval.analysis and distributed.is_main():  # per-token analysis of the whole split, on rank 0 alone
         whole = make_loaders(cfg, corpus, shard=False, device=device) if distributed.is_distributed() else loaders
         metrics["analysis"] = run_analysis(cfg, corpus, model2, metrics,
-                                           whole.test if cfg.eval.split == "test" else whole.validation, out, device)
+                                           whole.test if cfg.eval.split == "test" else whole.validation,
+                                           whole.validation, out, device)
     if distributed.is_main():
         write_json(out / "metrics.json", metrics)
     return metrics
@@ -102,11 +101,18 @@ def train_dense_frontier(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, com
 
 
 def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransformer, metrics: Dict[str, Any],
-                 loader, out: Path, device) -> Dict[str, Any]:
-    """Trade-off curve, oracle, confidence diagnostics and pictures (lego.report.analyze) in eval/;
-    returns the headline numbers kept in metrics.json."""
+                 loader, choose_loader, out: Path, device) -> Dict[str, Any]:
+    """Trade-off curve, oracle, confidence diagnostics and pictures (lego.report.analyze) in eval/, with
+    operating points chosen on `choose_loader` (validation); returns the headline numbers kept in metrics.json."""
     exit_layer, depth = cfg.phase1.layers, cfg.phase2.layers
-    baselines = {"ashem (routed, measured)": metrics["ashem"],
+    shape = model_macs(cfg, corpus.vocab_size)
+
+    def realized_cost(shallow_ratio: float) -> float:
+        return routed_macs(exit_layer=exit_layer, num_layers=depth, shallow_ratio=shallow_ratio,
+                           policy=cfg.phase2.upper_context, **shape)["flop_cost"]
+
+    baselines = {"ashem (routed, measured)": {**metrics["ashem"],
+                                              "train_macs": metrics["train_compute"]["total"]["train_macs"]},
                  f"phase-1 model ({exit_layer} layers)": {**metrics["phase1_only"], "shallow_ratio": 1.0,
                                                           "compute_cost": exit_layer / depth},
                  "ashem, no routing": metrics["no_routing"]}
@@ -116,5 +122,6 @@ def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransf
     s = analyze(out, model=model2, loader=loader, device=device, threshold=metrics["threshold"],
                 measure=cfg.hard_examples.confidence, exit_layer=exit_layer, baselines=baselines,
                 tokenizer=corpus.tokenizer, train_tokens=np.asarray(corpus.train), vocab_size=corpus.vocab_size,
-                html_tokens=cfg.eval.html_tokens)
+                html_tokens=cfg.eval.html_tokens, choose_loader=choose_loader, realized_cost=realized_cost,
+                verdict=metrics.get("verdict", {}).get("line"))
     return {k: s[k] for k in HEADLINES if k in s}
