@@ -15,8 +15,9 @@ from lego.checkpoint import resolve_device, run_precision
 from lego.config import ASHEMConfig, to_dict
 from lego.data import Corpus
 
-# Keys that change what a run computes. Others (stages, device, threads, display) may differ on resume.
-_NON_SCIENCE = {"stages", "device", "num_threads", "objective"}
+# Keys that change what a run computes. Others (stages, device, threads, display) may differ on resume;
+# generate only reads the finished models, so its keys never enter the run-dir claim or a cache key.
+_NON_SCIENCE = {"stages", "device", "num_threads", "objective", "generate"}
 
 
 def setup_torch(cfg: ASHEMConfig) -> torch.device:
