@@ -27,8 +27,8 @@ def stage_generate(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTran
                    device: torch.device) -> Optional[Dict[str, Any]]:
     """Write run_dir/generate/samples.md and metrics.json (rank 0 alone); return the metrics.
 
-    Skipped when metrics.json exists and config.json holds the same generate settings; other
-    settings regenerate (they are left out of the run-dir claim, so they may change on a rerun).
+    Skipped when config.json (written after the others) holds the same generate settings;
+    other settings regenerate (they are left out of the run-dir claim, so they may change on a rerun).
     Ranks above 0 return None.
     """
     if not distributed.is_main():
@@ -40,10 +40,11 @@ def stage_generate(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTran
         return read_json(out / "metrics.json")
     prompts = (test_prompts(corpus.test, g.num_prompts, g.prompt_len, g.seed) if g.prompt is None
                else [corpus.tokenizer.encode(g.prompt)])  # lego.generate checks lengths against max_seq_len
-    write_json(out / "config.json", settings)  # metrics.json, written last, marks the stage done
+    (out / "config.json").unlink(missing_ok=True)  # written last: it marks the files as these settings' output
     metrics = run_generation(model2.to(device), corpus.tokenizer, prompts, decoders=g.decoders,
                              k_values=g.k_values, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                              top_k=g.top_k, top_p=g.top_p, seed=g.seed, out_dir=out)
+    write_json(out / "config.json", settings)
     log.info("generate: %s in %s", ", ".join(k for k in metrics if k != "settings"), out)
     return metrics
 
