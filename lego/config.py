@@ -424,9 +424,9 @@ def validate(cfg: ASHEMConfig) -> None:
         raise ConfigError(f"num_threads={cfg.num_threads} must be >= 0")
 
 
-def validate_generate(g: GenerateConfig, m: ModelConfig, runs: bool = True) -> None:
+def validate_generate(g: GenerateConfig, m: ModelConfig, runs: bool) -> None:
     """The generate group's ranges and choices; the fit into model.max_seq_len only when the stage `runs`."""
-    if g.prompt is not None and not g.prompt.strip():
+    if g.prompt == "":
         raise ConfigError("generate.prompt is empty; give some text, or null for prompts from the test split")
     for key in ("num_prompts", "prompt_len", "max_new_tokens"):
         check_positive(f"generate.{key}", getattr(g, key))
