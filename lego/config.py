@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 # -- allowed values --------------------------------------------------------------------------------
-STAGES = ("phase1", "hard_examples", "phase2", "eval")
+STAGES = ("phase1", "hard_examples", "phase2", "eval", "generate")
 CALIBRATION_SPLITS = ("validation", "train")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -48,6 +48,7 @@ IGNORE_INDEX = -100  # target value that no loss or metric counts
 # File extension -> `datasets` builder for data=text_files.
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 OBJECTIVES = ("val_ppl", "val_loss")  # summary keys a sweep may optimize; never a test metric
+DECODERS = ("dense", "routed", "speculative")  # lego.generate: every layer; the exit policy; Block 1 drafts
 
 
 def check_choice(key: str, value, allowed) -> None:
@@ -313,6 +314,23 @@ class EvalConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Text from the finished model with each decoder, timed (lego.generate); changes no other stage's result."""
+
+    enabled: bool = True  # false: stage generate does nothing
+    prompt: Optional[str] = None  # text from the command line; None = prompts from the test split
+    num_prompts: int = 4  # test-split prompts (one batch)
+    prompt_len: int = 32  # tokens per test-split prompt
+    max_new_tokens: int = 32  # tokens generated per prompt
+    decoders: List[str] = field(default_factory=lambda: list(DECODERS))  # any of DECODERS
+    k_values: List[int] = field(default_factory=lambda: [2, 4])  # speculative draft lengths, one run each
+    temperature: float = 0.0  # 0 = greedy
+    top_k: Optional[int] = None  # sample from the k likeliest tokens; None = all
+    top_p: Optional[float] = None  # nucleus sampling mass in (0, 1]; None = all
+    seed: int = 0  # prompt offsets and sampling
+
+
+@dataclass
 class ASHEMConfig:
     """Everything one `lego-run` does; composed by Hydra from conf/."""
 
@@ -322,6 +340,7 @@ class ASHEMConfig:
     hard_examples: HardExamplesConfig = field(default_factory=HardExamplesConfig)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     hard_example_ratio: float = 0.5  # share of calibration tokens that are hard (continue past Block 1)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -430,8 +449,38 @@ def validate(cfg: ASHEMConfig) -> None:
     for s in cfg.stages:
         check_choice("stages", s, STAGES)
     check_choice("objective", cfg.objective, OBJECTIVES)
+    validate_generate(cfg.generate, m, runs="generate" in cfg.stages)
     if cfg.num_threads < 0:
         raise ConfigError(f"num_threads={cfg.num_threads} must be >= 0")
+
+
+def validate_generate(g: GenerateConfig, m: ModelConfig, runs: bool) -> None:
+    """The generate group's ranges and choices; the fit into model.max_seq_len only when the stage `runs`."""
+    if g.prompt == "":
+        raise ConfigError("generate.prompt is empty; give some text, or null for prompts from the test split")
+    for key in ("num_prompts", "prompt_len", "max_new_tokens"):
+        check_positive(f"generate.{key}", getattr(g, key))
+    if not g.decoders:
+        raise ConfigError(f"generate.decoders is empty; choose from {', '.join(DECODERS)}")
+    for d in g.decoders:
+        check_choice("generate.decoders", d, DECODERS)
+    if "speculative" in g.decoders and not g.k_values:
+        raise ConfigError("generate.k_values is empty; the speculative decoder needs draft lengths >= 1")
+    for k in g.k_values:
+        check_positive("generate.k_values", k)
+    if g.temperature < 0:
+        raise ConfigError(f"generate.temperature={g.temperature} must be >= 0 (0 = greedy)")
+    if g.top_k is not None:
+        check_positive("generate.top_k", g.top_k)
+    if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
+        raise ConfigError(f"generate.top_p={g.top_p} must be in (0, 1], or null")
+    if runs and g.enabled:
+        # a text prompt has at least one token; its real length is checked once it is tokenized
+        need, what = ((g.prompt_len, f"generate.prompt_len={g.prompt_len}") if g.prompt is None
+                      else (1, "a one-token generate.prompt"))
+        if need + g.max_new_tokens > m.max_seq_len:
+            raise ConfigError(f"generate.max_new_tokens={g.max_new_tokens}: {what} + new tokens exceed "
+                              f"model.max_seq_len={m.max_seq_len}")
 
 
 def to_dict(cfg: ASHEMConfig) -> Dict[str, Any]:

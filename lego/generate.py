@@ -27,12 +27,10 @@ from typing import List, Optional
 
 import torch
 
-from lego.config import ConfigError
+from lego.config import DECODERS, ConfigError
 from lego.confidence import confidence_from_logits
 from lego.kvcache import CachedModel, Positions
 from lego.model import DeepSupervisionTransformer
-
-DECODERS = ("dense", "routed", "speculative")
 
 
 @dataclass

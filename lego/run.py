@@ -1,4 +1,4 @@
-"""One LEGO run: phase1 -> hard_examples -> phase2 -> eval, in a run directory.
+"""One LEGO run: phase1 -> hard_examples -> phase2 -> eval -> generate, in a run directory.
 
 `run(config, run_dir)` is what `lego-run` calls after Hydra has composed the config; tests call
 it directly. Splits are used as SPEC section 4 says: phase 1 trains on train and early-stops on
@@ -25,6 +25,7 @@ from lego.artifacts import LockBusy, RunDirTaken, file_lock, read_json, remove_p
 from lego.config import ASHEMConfig, validate
 from lego.data import Corpus, load_corpus
 from lego.stages.eval import stage_eval
+from lego.stages.generate import headline, stage_generate
 from lego.stages.hard_examples import load_threshold, stage_hard_examples
 from lego.stages.phase1 import load_phase1, stage_phase1
 from lego.stages.phase2 import load_phase2, stage_phase2
@@ -84,22 +85,28 @@ def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str]) -
     log.info("corpus %s: %d / %d / %d tokens (train/validation/test), vocabulary %d", cfg.data.name,
              len(corpus.train), len(corpus.validation), len(corpus.test), corpus.vocab_size)
     stages = set(cfg.stages)
+    if not cfg.generate.enabled:
+        stages.discard("generate")
     model1 = (timed("phase1", lambda: stage_phase1(cfg, corpus, loaders, run_dir, device)) if "phase1" in stages
               else load_phase1(cfg, corpus, run_dir, device))
-    threshold_info = model2 = metrics = None
+    threshold_info = model2 = metrics = generated = None
     if "hard_examples" in stages:
         threshold_info = timed("hard_examples", lambda: stage_hard_examples(cfg, model1, loaders, run_dir, device))
-    elif stages & {"phase2", "eval"}:
+    elif stages & {"phase2", "eval", "generate"}:
         threshold_info = load_threshold(cfg, run_dir)
     if "phase2" in stages:
         model2 = timed("phase2", lambda: stage_phase2(cfg, model1, threshold_info["threshold"], loaders, run_dir,
                                                       device))
-    elif "eval" in stages:
+    elif stages & {"eval", "generate"}:
         model2 = load_phase2(cfg, model1, threshold_info["threshold"], run_dir, device)
     if "eval" in stages:
         metrics = timed("eval", lambda: stage_eval(cfg, corpus, model1, model2, threshold_info, loaders, run_dir,
                                                    device))
-    summary = summarize_run(cfg, run_dir, corpus, metrics, timings)
+    elif (run_dir / "eval" / "metrics.json").exists():  # e.g. stages=[generate]: keep the summary's numbers
+        metrics = read_json(run_dir / "eval" / "metrics.json")
+    if "generate" in stages:
+        generated = timed("generate", lambda: stage_generate(cfg, corpus, model2, run_dir, device))
+    summary = summarize_run(cfg, run_dir, corpus, metrics, timings, generated)
     if distributed.is_main():
         write_json(run_dir / "metrics.json", summary)
     log.info("\n%s", format_table(summary))
@@ -133,8 +140,8 @@ def claim_run_dir(run_dir: Path, cfg: ASHEMConfig) -> None:
 
 
 def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Optional[dict],
-                  timings: Dict[str, float]) -> dict:
-    """The one-level summary written to metrics.json (headline numbers of eval/metrics.json)."""
+                  timings: Dict[str, float], generated: Optional[dict] = None) -> dict:
+    """The one-level summary written to metrics.json (headline numbers of eval/ and generate/metrics.json)."""
     summary: Dict[str, Any] = {"run_dir": str(run_dir), "stages": list(cfg.stages),
                                "hard_example_ratio": cfg.hard_example_ratio, "seed": cfg.seed,
                                "data": cfg.data.name, "vocab_size": corpus.vocab_size, "wall_s": timings}
@@ -170,6 +177,8 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
         for k in ("ppl_compute_auc", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio"):
             if k in metrics.get("analysis", {}):
                 summary[k] = metrics["analysis"][k]
+    if generated is not None:
+        summary.update(headline(generated))
     return summary
 
 
@@ -194,6 +203,14 @@ def format_table(summary: dict) -> str:
         if "oracle_shallow_ratio" in summary:
             rows += [("oracle exit share", f"{summary['oracle_shallow_ratio']:.3f}"),
                      ("compute saved at <=1% ppl loss", f"{summary['compute_saved_at_1pct_ppl']:.3f}")]
+    if "gen_speculative_speedup" in summary:
+        rate = summary["gen_acceptance_rate"]  # None when no draft was proposed
+        rows.append((f"generation: speculative speed-up (k={summary['gen_speculative_k']})",
+                     f"{summary['gen_speculative_speedup']:.2f}x"
+                     + (f", acceptance {rate:.3f}" if rate is not None else "")))
+    if "gen_routed_wall_ratio" in summary:
+        rows.append(("generation: routed time / dense",
+                     f"{summary['gen_routed_wall_ratio']:.3f}, exit share {summary['gen_routed_exit_share']:.3f}"))
     rows.append(("wall time", ", ".join(f"{k} {v:.1f}s" for k, v in summary["wall_s"].items())))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]

@@ -16,7 +16,7 @@ from conftest import compose_config
 from lego.cli import CONF_DIR, to_config
 from lego.config import ASHEMConfig, rewrite_alias_overrides, validate
 
-GROUPS = ["model", "data", "phase1", "hard_examples", "phase2", "eval"]
+GROUPS = ["model", "data", "phase1", "hard_examples", "phase2", "eval", "generate"]
 
 TINY = [*TINY_RUN, "eval.standard_baseline=false"]
 

@@ -17,8 +17,9 @@ from lego.config import ASHEMConfig, to_dict
 from lego.data import Corpus
 from lego.schedule import lr_factor
 
-# Keys that change what a run computes. Others (stages, device, threads, display) may differ on resume.
-_NON_SCIENCE = {"stages", "device", "num_threads", "objective"}
+# Keys that change what a run computes. Others (stages, device, threads, display) may differ on resume;
+# generate only reads the finished models, so its keys never enter the run-dir claim or a cache key.
+_NON_SCIENCE = {"stages", "device", "num_threads", "objective", "generate"}
 
 
 def setup_torch(cfg: ASHEMConfig) -> torch.device:
