@@ -17,8 +17,8 @@ from lego.config import ASHEMConfig, to_dict
 from lego.data import Corpus
 from lego.schedule import lr_factor
 
-# Keys that change what a run computes. Others (stages, device, threads, display) may differ on resume.
-_NON_SCIENCE = {"stages", "device", "num_threads", "objective"}
+# Keys that change what a run computes. Others (stages, device, threads, trackers, display) may differ on resume.
+_NON_SCIENCE = {"stages", "device", "num_threads", "objective", "logger", "progress", "progress_interval_s"}
 
 
 def setup_torch(cfg: ASHEMConfig) -> torch.device:
