@@ -79,6 +79,13 @@ def lr_schedule(group, steps_per_epoch: int, max_epochs: int) -> Optional[Callab
                    min_lr_ratio=group.min_lr_ratio)
 
 
+def loop_report(cfg: ASHEMConfig, tracker, prefix: str) -> Dict[str, Any]:
+    """`lego.training.train_epoch`'s reporting keywords for the stage `prefix`: the run's tracker
+    (None: none) every `logger.log_every` optimizer steps, and the progress display."""
+    return dict(tracker=tracker, prefix=prefix, log_every=cfg.logger.log_every, progress=cfg.progress,
+                progress_interval_s=cfg.progress_interval_s)
+
+
 def model_macs(cfg: ASHEMConfig, vocab_size: int) -> Dict[str, Any]:
     """The shape arguments of every `lego.cost` function for this run."""
     m = cfg.model
