@@ -25,11 +25,11 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lego.config import CONFIDENCE_MEASURES, IGNORE_INDEX
 from lego.confidence import confidence_from_logits, exact_quantile, token_stats
 from lego.evaluation import routed_metrics, summarize
+from lego.progress import progress as show_progress
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ PLOT_HINT = "pip install -e '.[plots]'"
 # -- one pass -----------------------------------------------------------------------------------
 @torch.no_grad()
 def token_outputs(model, loader: Iterable, device, *, exit_layer: int, measures: Sequence[str] = CONFIDENCE_MEASURES,
-                  ignore_index: int = IGNORE_INDEX) -> Dict[str, torch.Tensor]:
+                  ignore_index: int = IGNORE_INDEX, progress: bool = True) -> Dict[str, torch.Tensor]:
     """Per-token numbers of one unrouted pass (every token through every layer), on CPU.
 
     Flat 1-D tensors over the counted tokens (target != ignore_index) in loader order:
@@ -65,7 +65,7 @@ def token_outputs(model, loader: Iterable, device, *, exit_layer: int, measures:
     first = measures[0] if measures else None
     parts: Dict[str, list] = {}
     rows = 0
-    for inputs, targets in tqdm(loader, desc="analysis", leave=False, disable=None):
+    for inputs, targets in show_progress(loader, desc="analysis", enabled=progress):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         B, T = targets.shape
         valid = targets != ignore_index

@@ -21,11 +21,11 @@ from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lego import distributed
 from lego.config import STORES, check_ratio
 from lego.confidence import IGNORE_INDEX, confidence_from_logits, exact_quantile
+from lego.progress import progress as show_progress
 from lego.store import HalfRowWriter, RowBuffer
 from lego.training import train_epoch
 
@@ -92,7 +92,8 @@ def compute_confidence_threshold(model, val_batches: Iterable, target_ratio: flo
 def collect_hard_examples(model, batches: Iterable, threshold: float, device="cpu", *,
                           exit_layer: Optional[int] = None, measure: Optional[str] = None,
                           store: str = "memory", store_dir: Optional[str] = None,
-                          ignore_index: int = IGNORE_INDEX) -> Dict[str, object]:
+                          ignore_index: int = IGNORE_INDEX, progress: bool = True,
+                          progress_interval_s: float = 30.0) -> Dict[str, object]:
     """The sequences that hold at least one hard token, with their context.
 
     Returns {'inputs' (N, T) long, 'hidden_states' (N, T, C) exit-layer states or None,
@@ -109,7 +110,10 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
     layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
     inputs_b, targets_b, conf_b, hidden_b = RowBuffer(), RowBuffer(), RowBuffer(), RowBuffer()
     disk, n_tok, n_hard = None, 0, 0
-    for inputs, targets in tqdm(_batches(batches, "batches"), desc="hard examples", leave=False, disable=None):
+    shown = show_progress(_batches(batches, "batches"), desc="hard examples", interval_s=progress_interval_s,
+                          total=len(batches) if hasattr(batches, "__len__") else None,
+                          enabled=progress and distributed.is_main())
+    for inputs, targets in shown:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         h, conf = exit_states(model, inputs, layer, measure)
         valid = targets != ignore_index
@@ -175,7 +179,7 @@ def upper_logits(model, h: torch.Tensor, targets: torch.Tensor, num_lower_layers
 def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_size: int, device="cpu",
                        num_lower_layers: int = 2, *, grad_clip: Optional[float] = 1.0,
                        policy: Optional[str] = None, ignore_index: int = IGNORE_INDEX,
-                       epoch: Optional[int] = None, lr_factor=None, totals=None) -> float:
+                       epoch: Optional[int] = None, lr_factor=None, totals=None, **report) -> float:
     """One pass over `hard_batches` training the layers above `num_lower_layers`; mean loss per hard token.
 
     The loss is cross-entropy at the last layer over hard positions only (easy positions
@@ -183,7 +187,7 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
     would move the exit's confidences away from the calibrated threshold. Under
     torch.distributed every rank must pass the same number of batches; gradients are averaged
     over ranks (DDP) and the returned loss is over every rank's hard tokens. `epoch`,
-    `lr_factor` and `totals`: as in `lego.training.train_epoch`.
+    `lr_factor`, `totals` and `report` (progress, tracker, prefix, ...): as in `lego.training.train_epoch`.
     """
     model = model_extended
     if model.output_head.proj.weight.requires_grad and model.deep_head is None and model.exit_layer is not None:
@@ -191,7 +195,8 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
                     "from the calibrated threshold (use model.grow(..., deep_head=True) or freeze it)")
     return train_epoch(model, hard_batches, optimizer,
                        lambda m, x, t: _upper_loss(m, x, t, num_lower_layers, ignore_index, policy), device,
-                       epoch=epoch, grad_clip=grad_clip, name="hard_batches", lr_factor=lr_factor, totals=totals)
+                       epoch=epoch, grad_clip=grad_clip, name="hard_batches", lr_factor=lr_factor, totals=totals,
+                       **report)
 
 
 def _upper_loss(model, x: torch.Tensor, targets: torch.Tensor, num_lower_layers: int, ignore_index: int,

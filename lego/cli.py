@@ -12,6 +12,7 @@ fails, and rerunning the same command with hydra.run.dir=<run dir> resumes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from lego import distributed
 from lego.artifacts import LockBusy, RunDirTaken, StageError
 from lego.config import ASHEMConfig, ConfigError, register_configs, rewrite_alias_overrides
+from lego.progress import progress_logging
 from lego.run import run
 from lego.training import TrainingDiverged
 
@@ -40,6 +42,14 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 register_configs()
 
 SWEPT_ENV = "LEGO_SWEPT_KEYS"
+ARGV_ENV = "LEGO_ARGV"  # the command line as typed, JSON; launcher workers see it too
+
+
+def typed_argv() -> list:
+    """The command line `main()` saw before rewriting it (for run.json's provenance); sys.argv
+    when lego-run was not started through `main()`."""
+    raw = os.environ.get(ARGV_ENV)
+    return json.loads(raw) if raw else list(sys.argv)
 
 
 def swept_keys(args) -> list:
@@ -97,7 +107,8 @@ def hydra_main(cfg: DictConfig) -> float:
         distributed.agree_run_dir(run_dir)
         config = to_config(cfg)
         keep_hydra_record(run_dir)
-        summary = run(config, run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+        with progress_logging():  # Hydra's console handler, set up by now, prints above progress bars
+            summary = run(config, run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True), argv=typed_argv())
     except (ConfigError, StageError, LockBusy, TrainingDiverged) as e:
         if isinstance(e, RunDirTaken):
             keep_hydra_record(run_dir, restore=True)
@@ -145,6 +156,7 @@ def exit_interrupted(resume_override: str) -> NoReturn:
 
 
 def main() -> None:
+    os.environ[ARGV_ENV] = json.dumps(list(sys.argv))  # before any rewriting: the command as typed
     distributed.setup()  # under torchrun with several processes; no-op otherwise
     sys.argv = [sys.argv[0], *distributed.hydra_args(rewrite_alias_overrides(sys.argv[1:]))]
     os.environ[SWEPT_ENV] = "\n".join(swept_keys(sys.argv[1:]))  # read by job_dirname, also in launcher workers

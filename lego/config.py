@@ -49,6 +49,8 @@ IGNORE_INDEX = -100  # target value that no loss or metric counts
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 OBJECTIVES = ("val_ppl", "val_loss")  # summary keys a sweep may optimize; never a test metric
 DECODERS = ("dense", "routed", "speculative")  # lego.generate: every layer; the exit policy; Block 1 drafts
+TRACKER_KINDS = ("csv", "tensorboard", "wandb", "mlflow", "none")  # experiment trackers (lego.trackers)
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 def check_choice(key: str, value, allowed) -> None:
@@ -328,6 +330,37 @@ class GenerateConfig:
     top_k: Optional[int] = None  # sample from the k likeliest tokens; None = all
     top_p: Optional[float] = None  # nucleus sampling mass in (0, 1]; None = all
     seed: int = 0  # prompt offsets and sampling
+class LoggerConfig:
+    """Which experiment trackers a run writes to (`lego-run logger=<option>`; lego.trackers)."""
+
+    kinds: List[str] = field(default_factory=lambda: ["csv"])  # any of csv, tensorboard, wandb, mlflow; [none] = off
+    project: str = "lego"  # wandb project / mlflow experiment name
+    wandb_mode: str = "offline"  # offline | online | disabled; online only when asked (needs network + login)
+    mlflow_uri: Optional[str] = None  # tracking uri (http://..., sqlite:///...); None = file store <run_dir>/mlruns
+    log_every: int = 1  # send train metrics every this many optimizer steps (validation: always)
+
+    def __post_init__(self) -> None:
+        check_logger(self)
+
+
+def check_tracker_kinds(kinds: List[str]) -> None:
+    for k in kinds:
+        if k not in TRACKER_KINDS:
+            raise ConfigError(f"logger.kinds: {k!r} is not allowed; choose from {', '.join(TRACKER_KINDS)}")
+    if not kinds:
+        raise ConfigError("logger.kinds is empty; use [none] to switch tracking off")
+    if "none" in kinds and len(kinds) > 1:
+        raise ConfigError(f"logger.kinds={kinds}: 'none' cannot be combined with other trackers")
+
+
+def check_logger(cfg: LoggerConfig) -> None:
+    """Raise a one-line ConfigError naming the `logger.` key that is not allowed."""
+    check_tracker_kinds(list(cfg.kinds))
+    if cfg.wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"logger.wandb_mode={cfg.wandb_mode!r} is not allowed; choose one of "
+                          f"{', '.join(WANDB_MODES)}")
+    if isinstance(cfg.log_every, bool) or int(cfg.log_every) < 1:
+        raise ConfigError(f"logger.log_every={cfg.log_every} is not allowed; it must be >= 1")
 
 
 @dataclass
@@ -341,12 +374,15 @@ class ASHEMConfig:
     phase2: Phase2Config = field(default_factory=Phase2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers; no effect on results
     hard_example_ratio: float = 0.5  # share of calibration tokens that are hard (continue past Block 1)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     num_threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
     stages: List[str] = field(default_factory=lambda: list(STAGES))
     objective: str = "val_ppl"  # what lego-run returns to a sweeper: the routed model's val_ppl | val_loss
+    progress: bool = True  # progress bars at a terminal, progress lines in a log; false = neither
+    progress_interval_s: float = 30.0  # seconds between progress lines when stderr is not a terminal
 
     # The specification's flat names, read and written through the groups.
     phase1_layers = property(lambda s: s.phase1.layers, lambda s, v: setattr(s.phase1, "layers", v))
@@ -452,6 +488,8 @@ def validate(cfg: ASHEMConfig) -> None:
     validate_generate(cfg.generate, m, runs="generate" in cfg.stages)
     if cfg.num_threads < 0:
         raise ConfigError(f"num_threads={cfg.num_threads} must be >= 0")
+    check_logger(cfg.logger)
+    check_positive("progress_interval_s", cfg.progress_interval_s, float)
 
 
 def validate_generate(g: GenerateConfig, m: ModelConfig, runs: bool) -> None:

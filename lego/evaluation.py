@@ -12,11 +12,11 @@ import math
 from typing import Dict, Iterable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from lego import distributed
 from lego.config import TrainingConfig
 from lego.confidence import token_stats
+from lego.progress import progress as show_progress
 
 
 def summarize(nll_sum: float, correct: float, n_tokens: int, n_easy: int, exit_layer: Optional[int],
@@ -54,7 +54,8 @@ def routed_metrics(nll: float, correct: float, n_tokens: int, n_easy: int, nll_e
 
 
 @torch.no_grad()
-def evaluate(config: TrainingConfig, model, loader: Iterable, device, *, progress: bool = True) -> Dict[str, float]:
+def evaluate(config: TrainingConfig, model, loader: Iterable, device, *, progress: bool = True,
+             progress_interval_s: float = 30.0) -> Dict[str, float]:
     """acc, ppl, shallow_ratio, compute_cost (+ per-exit extras) in one pass per batch.
 
     With `routing_threshold` and `exit_layer`: a token whose confidence at `exit_layer` is
@@ -74,7 +75,8 @@ def evaluate(config: TrainingConfig, model, loader: Iterable, device, *, progres
     policy = cfg.upper_context or getattr(model, "upper_context", "full")
     nll = correct = n_tok = n_easy = 0.0
     nll_exit = correct_exit = nll_hard_deep = 0.0
-    for inputs, targets in tqdm(loader, desc="evaluate", leave=False, disable=None if progress else True):
+    for inputs, targets in show_progress(loader, desc="evaluate", interval_s=progress_interval_s,
+                                         enabled=progress and distributed.is_main()):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         valid = targets != cfg.ignore_index
         with model.autocast():  # the precision calibration and mining ran under

@@ -15,30 +15,36 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
 
 from lego import __version__, distributed
 from lego.artifacts import LockBusy, RunDirTaken, file_lock, read_json, remove_partial_writes, write_json, write_text
-from lego.config import ASHEMConfig, validate
+from lego.config import ASHEMConfig, to_dict, validate
 from lego.data import Corpus, load_corpus
+from lego.provenance import provenance
 from lego.stages.eval import stage_eval
 from lego.stages.generate import headline, stage_generate
 from lego.stages.hard_examples import load_threshold, stage_hard_examples
 from lego.stages.phase1 import load_phase1, stage_phase1
 from lego.stages.phase2 import load_phase2, stage_phase2
 from lego.stages.setup import make_loaders, science_config, setup_torch
+from lego.trackers import Tracker, tracker_from_config
 
 log = logging.getLogger(__name__)
 
+TRACKED_FILES = ("tradeoff.csv", "tradeoff.png", "tokens.html")  # eval/ files a tracker receives at the end
 
-def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None) -> Dict[str, Any]:
+
+def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None,
+        argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the configured stages in `run_dir`; return the summary also written to metrics.json.
 
     `resolved_yaml` is the composed config as Hydra printed it (written as config_resolved.yaml);
-    without it the dataclass is written as YAML. Under torchrun (WORLD_SIZE > 1) every rank
+    without it the dataclass is written as YAML. `argv` is the command line as typed, recorded
+    in run.json's provenance (default: sys.argv). Under torchrun (WORLD_SIZE > 1) every rank
     calls this with the same `run_dir`: the ranks train together and rank 0 alone writes.
     """
     validate(config)
@@ -48,7 +54,7 @@ def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None) ->
     if not distributed.is_main():  # rank 0 holds the lock and claims the directory for all ranks
         if not distributed.broadcast(None):  # ...and says whether it got it: every rank stops alike
             raise LockBusy(busy)
-        return _run_locked(config, run_dir, resolved_yaml)
+        return _run_locked(config, run_dir, resolved_yaml, argv)
     run_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         try:
@@ -58,13 +64,29 @@ def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None) ->
             raise
         distributed.broadcast(True)
         remove_partial_writes(run_dir)  # litter of a killed run; nobody else writes here while we hold the lock
-        return _run_locked(config, run_dir, resolved_yaml)
+        return _run_locked(config, run_dir, resolved_yaml, argv)
 
 
-def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str]) -> Dict[str, Any]:
-    claim_run_dir(run_dir, cfg)
+def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str],
+                argv: Optional[List[str]]) -> Dict[str, Any]:
+    claim_run_dir(run_dir, cfg, argv)
     if distributed.is_main():
         write_text(run_dir / "config_resolved.yaml", resolved_yaml or OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tracker = tracker_from_config(cfg.logger, run_dir, run_name=run_dir.name, enabled=distributed.is_main())
+    try:
+        tracker.log_hparams(to_dict(cfg))
+        summary = _run_stages(cfg, run_dir, tracker)
+        tracker.log_summary(summary)
+        for name in TRACKED_FILES:
+            if (run_dir / "eval" / name).is_file():
+                tracker.log_artifact(run_dir / "eval" / name)
+    finally:
+        tracker.close()
+    distributed.barrier()  # no rank returns before rank 0 has written everything
+    return summary
+
+
+def _run_stages(cfg: ASHEMConfig, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
     device = setup_torch(cfg)
     timings: Dict[str, float] = {}
 
@@ -87,7 +109,7 @@ def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str]) -
     stages = set(cfg.stages)
     if not cfg.generate.enabled:
         stages.discard("generate")
-    model1 = (timed("phase1", lambda: stage_phase1(cfg, corpus, loaders, run_dir, device)) if "phase1" in stages
+    model1 = (timed("phase1", lambda: stage_phase1(cfg, corpus, loaders, run_dir, device, tracker)) if "phase1" in stages
               else load_phase1(cfg, corpus, run_dir, device))
     threshold_info = model2 = metrics = generated = None
     if "hard_examples" in stages:
@@ -96,12 +118,12 @@ def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str]) -
         threshold_info = load_threshold(cfg, run_dir)
     if "phase2" in stages:
         model2 = timed("phase2", lambda: stage_phase2(cfg, model1, threshold_info["threshold"], loaders, run_dir,
-                                                      device))
+                                                      device, tracker))
     elif stages & {"eval", "generate"}:
         model2 = load_phase2(cfg, model1, threshold_info["threshold"], run_dir, device)
     if "eval" in stages:
         metrics = timed("eval", lambda: stage_eval(cfg, corpus, model1, model2, threshold_info, loaders, run_dir,
-                                                   device))
+                                                   device, tracker))
     elif (run_dir / "eval" / "metrics.json").exists():  # e.g. stages=[generate]: keep the summary's numbers
         metrics = read_json(run_dir / "eval" / "metrics.json")
     if "generate" in stages:
@@ -110,7 +132,6 @@ def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str]) -
     if distributed.is_main():
         write_json(run_dir / "metrics.json", summary)
     log.info("\n%s", format_table(summary))
-    distributed.barrier()  # no rank returns before rank 0 has written everything
     return summary
 
 
@@ -125,8 +146,11 @@ def _diff(a: Dict, b: Dict, prefix: str = "") -> list:
     return out
 
 
-def claim_run_dir(run_dir: Path, cfg: ASHEMConfig) -> None:
-    """Record the config in `run_dir`, or refuse if the directory holds a run of another config."""
+def claim_run_dir(run_dir: Path, cfg: ASHEMConfig, argv: Optional[List[str]] = None) -> None:
+    """Record the config in `run_dir`, or refuse if the directory holds a run of another config.
+
+    The first claim writes run.json: the science config, and the provenance of the process that
+    started the run (command `argv`, git state, packages, torch build, hardware, threads, seeds)."""
     record = run_dir / "run.json"
     new = science_config(cfg)
     if record.exists():
@@ -136,7 +160,8 @@ def claim_run_dir(run_dir: Path, cfg: ASHEMConfig) -> None:
                               "use a new hydra.run.dir or the same overrides")
     elif distributed.is_main():  # every rank checks (and refuses alike); rank 0 writes
         write_json(record, {"science_config": new, "lego_version": __version__, "torch": torch.__version__,
-                            "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+                            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "provenance": provenance(argv, {"seed": cfg.seed})})
 
 
 def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Optional[dict],

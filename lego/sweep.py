@@ -15,17 +15,25 @@ Written at the sweep root by the Hydra callback (conf/config.yaml):
         sweep_summary:
           _target_: lego.sweep.SweepSummary
 
-or afterwards by `python scripts/summarize_sweep.py <sweep dir>` (same functions).
+or afterwards by `python -m lego.sweep <sweep dir>` (same functions; scripts/summarize_sweep.py too).
+
+After an Optuna search (`lego-run -m hparams_search=lr_ratio`, whose sweeper writes
+optimization_results.yaml) the same callback also picks the best trial by the validation
+objective (`val_ppl` or `val_loss`, the job's `objective` key) and only then reads that trial's
+test numbers, so nothing is selected on test (SPEC section 6): optuna_summary.json and
+optuna_summary.md at the sweep root.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
 import math
 import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -34,6 +42,11 @@ from hydra.experimental.callback import Callback
 log = logging.getLogger(__name__)
 
 EXCLUDED = ("seed",)  # override keys that do not define a configuration (and are not metrics)
+# The test-split numbers of metrics.json reported for an Optuna search's chosen trial.
+TEST_METRICS = ("ppl", "acc", "shallow_ratio", "compute_cost", "flop_cost", "wall_cost", "phase1_ppl",
+                "no_routing_ppl", "standard_ppl", "hard_ppl_phase1", "hard_ppl_ashem")
+VALIDATION_METRICS = ("val_ppl", "val_loss")
+OPTUNA_RESULTS = "optimization_results.yaml"  # written by Hydra's Optuna sweeper at the sweep root
 
 
 def _job_order(path: Path) -> Tuple[float, str]:
@@ -56,10 +69,21 @@ def read_overrides(job: Path) -> List[str]:
     return [str(o) for o in OmegaConf.load(path)]
 
 
+def read_objective(job: Path) -> str:
+    """The job's composed `objective` key (.hydra/config.yaml); `val_ppl` when absent."""
+    path = job / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return "val_ppl"
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.load(path).get("objective", "val_ppl"))
+
+
 def collect_jobs(sweep_dir: Path) -> List[Dict[str, Any]]:
     """One dict per finished job (a subdirectory holding metrics.json), in job-number order:
-    `{"job", "overrides", "config", "config_overrides", "seed", "metrics"}` (`config`: the overrides
-    but seed, space-joined; `config_overrides`: the same as a list); unfinished jobs are skipped."""
+    `{"job", "overrides", "config", "config_overrides", "seed", "objective", "metrics"}` (`config`:
+    the overrides but seed, space-joined; `config_overrides`: the same as a list; `objective`: see
+    `read_objective`); unfinished jobs are skipped."""
     jobs = []
     for job in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir()), key=_job_order):
         metrics_path = job / "metrics.json"
@@ -74,7 +98,7 @@ def collect_jobs(sweep_dir: Path) -> List[Dict[str, Any]]:
             seed = next((o.split("=", 1)[1] for o in overrides if _override_key(o) == "seed"), None)
         config = [o for o in overrides if _override_key(o) not in EXCLUDED]
         jobs.append({"job": job.name, "overrides": overrides, "seed": seed, "metrics": metrics,
-                     "config": " ".join(config), "config_overrides": config})
+                     "config": " ".join(config), "config_overrides": config, "objective": read_objective(job)})
     return jobs
 
 
@@ -212,8 +236,87 @@ def plot_summary(rows: List[Dict[str, Any]], path: Path) -> bool:
     return True
 
 
+# -- an Optuna search: the best trial on validation, then its test numbers ---------------------------
+def _matches(overrides: List[str], params: Dict[str, Any]) -> bool:
+    """Whether a job's overrides set every key of `params` to its value (floats to 1e-9 relative)."""
+    given = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    for key, want in params.items():
+        if key not in given:
+            return False
+        try:
+            if not math.isclose(float(given[key]), float(want), rel_tol=1e-9, abs_tol=0.0):
+                return False
+        except (TypeError, ValueError):
+            if str(given[key]) != str(want):
+                return False
+    return True
+
+
+def best_trial(sweep_dir: Path) -> Dict[str, Any]:
+    """The best trial by the validation objective and, separately, its test metrics.
+
+    The trial is the job matching optimization_results.yaml's best params (the best finished job
+    when that file is missing: an interrupted search). Raises FileNotFoundError when no job
+    finished, ValueError when the jobs disagree on the objective or no job has the best params.
+    """
+    sweep_dir = Path(sweep_dir)
+    trials = collect_jobs(sweep_dir)
+    if not trials:
+        raise FileNotFoundError(f"{sweep_dir}: no finished job (a subdirectory with metrics.json)")
+    objectives = {t["objective"] for t in trials}
+    if len(objectives) > 1:
+        raise ValueError(f"{sweep_dir}: jobs optimize different objectives ({', '.join(sorted(objectives))})")
+    objective = objectives.pop()
+    value = {t["job"]: t["metrics"].get(objective) for t in trials}
+    scored = [t for t in trials if isinstance(value[t["job"]], (int, float)) and not math.isnan(value[t["job"]])]
+    if not scored:
+        raise ValueError(f"{sweep_dir}: no job reports {objective} in metrics.json")
+    best_params: Optional[Dict[str, Any]] = None
+    reported: Optional[float] = None
+    if (sweep_dir / OPTUNA_RESULTS).is_file():
+        from omegaconf import OmegaConf
+
+        res = OmegaConf.to_container(OmegaConf.load(sweep_dir / OPTUNA_RESULTS))
+        best_params, reported = res.get("best_params") or {}, res.get("best_value")
+        scored = [t for t in scored if _matches(t["overrides"], best_params)]
+        if not scored:
+            raise ValueError(f"{sweep_dir / OPTUNA_RESULTS}: no job has the best params {best_params}")
+    best = min(scored, key=lambda t: value[t["job"]])
+    m = best["metrics"]
+    return {
+        "sweep_dir": str(sweep_dir),
+        "objective": objective,
+        "n_trials": len(trials),
+        "best": {"job": best["job"], "params": best_params if best_params is not None else best["overrides"],
+                 objective: value[best["job"]], "optuna_best_value": reported,
+                 "validation": {k: m[k] for k in VALIDATION_METRICS if k in m}},
+        "best_test": {k: m[k] for k in TEST_METRICS if k in m},
+        "trials": [{"job": t["job"], objective: value[t["job"]]} for t in trials],
+    }
+
+
+def best_trial_markdown(summary: Dict[str, Any]) -> str:
+    obj, best = summary["objective"], summary["best"]
+    lines = [f"Best of {summary['n_trials']} trials by {obj} (validation split): {best['job']}",
+             f"  params: {best['params']}", "", f"| job | {obj} |", "|---|---|"]
+    lines += [f"| {t['job']}{' (best)' if t['job'] == best['job'] else ''} | {t[obj]:.6g} |"
+              for t in summary["trials"] if isinstance(t[obj], (int, float))]
+    lines += ["", "Test split, the best trial only (not used to choose it):", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.6g} |" for k, v in summary["best_test"].items() if isinstance(v, (int, float))]
+    return "\n".join(lines) + "\n"
+
+
+def write_best_trial(sweep_dir: Path) -> Dict[str, Any]:
+    """`best_trial`, written as optuna_summary.json and optuna_summary.md into `sweep_dir`."""
+    summary = best_trial(sweep_dir)
+    (Path(sweep_dir) / "optuna_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (Path(sweep_dir) / "optuna_summary.md").write_text(best_trial_markdown(summary))
+    return summary
+
+
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a multirun, write summary.csv and summary.md at the sweep root."""
+    """Hydra callback: at the end of a multirun, write summary.csv and summary.md at the sweep root,
+    and after an Optuna search also optuna_summary.json/.md (the best trial on validation)."""
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -225,3 +328,40 @@ class SweepSummary(Callback):
             log.info("sweep summary (%d configurations): %s", len(rows), sweep_dir / "summary.md")
         else:
             log.warning("no sweep summary: no job in %s finished (no metrics.json)", sweep_dir)
+        if rows and (sweep_dir / OPTUNA_RESULTS).is_file():
+            try:
+                best = write_best_trial(sweep_dir)
+            except ValueError as e:
+                log.warning("no best-trial summary: %s", e)
+            else:
+                log.info("best trial by %s: %s (%s)", best["objective"], best["best"]["job"],
+                         sweep_dir / "optuna_summary.md")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m lego.sweep <sweep dir>`: what the callback writes, plus summary.png (with matplotlib)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = argparse.ArgumentParser(prog="python -m lego.sweep", description=__doc__.splitlines()[0])
+    ap.add_argument("sweep_dir", type=Path)
+    args = ap.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"summarize_sweep: error: sweep_dir {args.sweep_dir} is not a directory", file=sys.stderr)
+        return 2
+    rows = write_summary(args.sweep_dir)
+    if not rows:
+        print(f"summarize_sweep: error: no finished job (subdirectory with metrics.json) in {args.sweep_dir}",
+              file=sys.stderr)
+        return 2
+    plot_summary(rows, args.sweep_dir / "summary.png")
+    print(to_markdown(rows))
+    if (args.sweep_dir / OPTUNA_RESULTS).is_file():
+        try:
+            print(best_trial_markdown(write_best_trial(args.sweep_dir)), end="")
+        except ValueError as e:
+            print(f"summarize_sweep: error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

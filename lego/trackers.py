@@ -28,38 +28,18 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 from lego.artifacts import atomic_write, write_json
+from lego.config import TRACKER_KINDS, WANDB_MODES, ConfigError, LoggerConfig, check_tracker_kinds
 
 log = logging.getLogger(__name__)
 
-KINDS = ("csv", "tensorboard", "wandb", "mlflow", "none")
-WANDB_MODES = ("offline", "online", "disabled")
+KINDS = TRACKER_KINDS
 # import name and the `lego[...]` extra that installs each optional backend
 _PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
              "mlflow": ("mlflow", "mlflow")}
-
-
-@dataclass
-class LoggerConfig:
-    """Which experiment trackers a run writes to (`lego-run logger=<option>`)."""
-
-    kinds: List[str] = field(default_factory=lambda: ["csv"])  # any of csv, tensorboard, wandb, mlflow; [none] = off
-    project: str = "lego"  # wandb project / mlflow experiment name
-    wandb_mode: str = "offline"  # offline | online | disabled; online only when asked (needs network + login)
-    mlflow_uri: Optional[str] = None  # tracking uri (http://..., sqlite:///...); None = file store <run_dir>/mlruns
-    log_every: int = 1  # send train metrics every this many optimizer steps (validation: always)
-
-    def __post_init__(self) -> None:
-        _check_kinds(list(self.kinds))
-        if self.wandb_mode not in WANDB_MODES:
-            raise ValueError(f"logger.wandb_mode={self.wandb_mode!r} is not allowed; choose one of "
-                             f"{', '.join(WANDB_MODES)}")
-        if int(self.log_every) < 1:
-            raise ValueError(f"logger.log_every={self.log_every} is not allowed; it must be >= 1")
 
 
 @runtime_checkable
@@ -77,23 +57,13 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
-def _check_kinds(kinds: List[str]) -> None:
-    for k in kinds:
-        if k not in KINDS:
-            raise ValueError(f"logger.kinds: {k!r} is not allowed; choose from {', '.join(KINDS)}")
-    if not kinds:
-        raise ValueError("logger.kinds is empty; use [none] to switch tracking off")
-    if "none" in kinds and len(kinds) > 1:
-        raise ValueError(f"logger.kinds={kinds}: 'none' cannot be combined with other trackers")
-
-
 def _require(kind: str):
     """Import the optional package behind `kind`, or fail with the one line that says how to get it."""
     module, extra = _PACKAGES[kind]
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ValueError(f"logger={kind} needs the {module} package: pip install 'lego[{extra}]'") from None
+        raise ConfigError(f"logger={kind} needs the {module} package: pip install 'lego[{extra}]'") from None
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -347,9 +317,9 @@ def make_tracker(kind: Union[str, Sequence[str]], run_dir: Path, *, project: str
     optional package fails here, before any training, with one line naming the extra to install.
     """
     kinds = [kind] if isinstance(kind, str) else list(kind)
-    _check_kinds(kinds)
+    check_tracker_kinds(kinds)
     if wandb_mode not in WANDB_MODES:
-        raise ValueError(f"logger.wandb_mode={wandb_mode!r} is not allowed; choose one of {', '.join(WANDB_MODES)}")
+        raise ConfigError(f"logger.wandb_mode={wandb_mode!r} is not allowed; choose one of {', '.join(WANDB_MODES)}")
     if not enabled or kinds == ["none"]:
         return NullTracker()
     for k in kinds:  # all missing packages are reported before any backend creates files

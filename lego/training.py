@@ -22,13 +22,14 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lego import distributed
 from lego.artifacts import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from lego.batches import set_loader_epoch
 from lego.config import StageConfig, TrainingConfig, create_standard_config  # noqa: F401  (the API lives here)
 from lego.evaluation import evaluate
+from lego.progress import progress as show_progress
+from lego.trackers import Tracker
 
 LossSumFn = Callable[..., Tuple[torch.Tensor, object]]  # (model, inputs, targets) -> (summed loss, count)
 
@@ -139,7 +140,9 @@ class StageTotals:
 
 def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, device, *, epoch: Optional[int] = None,
                 grad_clip: Optional[float] = None, progress: bool = True, name: str = "train_loader",
-                lr_factor: Optional[Callable[[int], float]] = None, totals: Optional[StageTotals] = None) -> float:
+                lr_factor: Optional[Callable[[int], float]] = None, totals: Optional[StageTotals] = None,
+                tracker: Optional[Tracker] = None, prefix: str = "train", log_every: int = 1,
+                progress_interval_s: float = 30.0) -> float:
     """One pass of optimizer steps over `batches`; the mean loss per counted token. Every stage trains here.
 
     `loss_sum_fn(model, inputs, targets)` returns (summed loss, counted tokens). A count read on
@@ -149,6 +152,11 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     `lr_factor`, step k (counted in `totals` over the whole stage) runs at each group's base lr
     times `lr_factor(k)` (without it the lr is left alone: bit-identical to no schedule). Under torch.distributed each rank passes its shard,
     gradients are averaged over ranks (DDP) and the loss is over every rank's tokens.
+
+    With a `tracker` (lego.trackers), every `log_every`-th optimizer step (the stage's step count)
+    sends loss, lr, grad_norm and tokens_per_s under `prefix`; device values are read on those
+    steps only. `progress` shows `<prefix> epoch <epoch>` as a bar, or a line every
+    `progress_interval_s` seconds in a log (lego.progress).
     """
     device = torch.device(device)
     model.train()
@@ -158,15 +166,25 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     count = 0  # a host int, or a 0-d device tensor once a device count is added (read once, at the end)
     params = [p for p in model.parameters() if p.requires_grad]
     step = distributed.data_parallel(model, loss_sum_fn, device)
-    for inputs, targets in tqdm(batches, desc=f"epoch {epoch or ''}", leave=False, disable=None if progress else True):
+    steps = totals.steps if totals is not None else 0  # the stage's optimizer steps: the tracker's x axis
+    bar = show_progress(batches, desc=f"{prefix} epoch {epoch or ''}".rstrip(), interval_s=progress_interval_s,
+                        enabled=progress and distributed.is_main())
+    start = mark = time.perf_counter()
+    tokens = tokens_at_mark = 0  # tokens/s: since the epoch's start (progress), since the last logged step (tracker)
+    for inputs, targets in bar:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         total, n = step(inputs, targets)
         if not torch.is_tensor(n) and n == 0 and not distributed.is_distributed():  # ranks step together
             continue
         optimizer.zero_grad(set_to_none=True)
-        (total / (n.clamp(min=1) if torch.is_tensor(n) else max(n, 1))).backward()
+        loss = total / (n.clamp(min=1) if torch.is_tensor(n) else max(n, 1))
+        loss.backward()
+        logged = tracker is not None and (steps + 1) % log_every == 0
+        grad_norm = None
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        elif logged:  # an infinite max norm scales by exactly 1: the norm without clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
         if lr_factor is not None:
             factor = lr_factor(totals.steps if totals is not None else 0)
             for group in optimizer.param_groups:
@@ -174,9 +192,20 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
         optimizer.step()
         loss_sum += total.detach()
         count = count + n
+        steps += 1
+        tokens += inputs.shape[0] * inputs.shape[1]
         if totals is not None:
             totals.steps += 1
             totals.tokens += inputs.shape[0] * inputs.shape[1]
+        if logged:
+            loss_value = float(loss.detach())  # the one host sync of a logged step: the clock is honest after it
+            now = time.perf_counter()
+            rate = (tokens - tokens_at_mark) / max(now - mark, 1e-9)
+            mark, tokens_at_mark = now, tokens
+            tracker.log_metrics({"loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                                 "grad_norm": float(grad_norm), "tokens_per_s": rate}, steps, prefix)
+        if bar.enabled:
+            bar.update_stats(loss=loss.detach(), tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9))
     loss_sum, count = distributed.all_reduce_sum([float(loss_sum), int(count)])
     if totals is not None:
         totals.counted += int(count)
@@ -187,7 +216,7 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
 
 def fit(model, train_one_epoch: Callable[[int, StageTotals], float], validate: Callable[[], float], *, optimizer,
         work_dir: Path, max_epochs: int, patience: int, name: str, save: Callable[[Path, dict], None],
-        macs: Callable[[StageTotals], float] = lambda totals: 0.0) -> dict:
+        macs: Callable[[StageTotals], float] = lambda totals: 0.0, tracker: Optional[Tracker] = None) -> dict:
     """`early_stopping_loop` with a stage directory: resume from `work_dir/last.pt` (written after
     every epoch), then history.jsonl, result.json and `save(work_dir / "model.pt", result)` (rank 0).
 
@@ -195,7 +224,8 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals], float], validate: C
     (the stage's running totals, restored from the history on resume). Each history row holds
     its epoch's steps, tokens and seconds; the result adds the stage's totals, its training
     multiply-adds `macs(totals)`, and whether it converged (`convergence`). Returns the result
-    without the history. Phase 1, phase 2 and every baseline train here.
+    without the history. Phase 1, phase 2 and every baseline train here. With a `tracker`, each
+    validation sends val_loss and val_ppl under the prefix `name`, at the stage's optimizer step.
     """
     resume = load_resume(work_dir / "last.pt", model, name)
     totals = StageTotals.from_history(resume["history"] if resume else [])
@@ -207,7 +237,13 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals], float], validate: C
                 "counted": totals.counted - before.counted, "train_s": time.perf_counter() - start,
                 "lr": optimizer.param_groups[0]["lr"]}  # the last step's
 
-    result = early_stopping_loop(model, one_epoch, validate, max_epochs=max_epochs, patience=patience,
+    def validate_and_log() -> float:
+        val_loss = validate()
+        if tracker is not None:
+            tracker.log_metrics({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))}, totals.steps, name)
+        return val_loss
+
+    result = early_stopping_loop(model, one_epoch, validate_and_log, max_epochs=max_epochs, patience=patience,
                                  optimizer=optimizer, resume=resume, name=name,
                                  on_epoch_end=lambda state: save_resume(work_dir, state))
     summary = {k: v for k, v in result.items() if k != "history"}
@@ -260,11 +296,11 @@ class Trainer:
     """Trains with the stage losses of `config` and evaluates with its routing controls."""
 
     def __init__(self, config: TrainingConfig, vocab_size: Optional[int] = None, device="cpu", *,
-                 progress: bool = True):
+                 progress: bool = True, progress_interval_s: float = 30.0):
         # vocab_size: the specification's signature; the model knows its vocabulary
         self.config = config
         self.device = torch.device(device)
-        self.progress = progress
+        self.progress, self.progress_interval_s = progress, progress_interval_s
 
     # -- losses ------------------------------------------------------------------------------
     def _check_layers(self, model) -> None:
@@ -306,7 +342,8 @@ class Trainer:
         """One pass over `loader` (see `train_epoch`); mean stage loss per counted token."""
         self._check_layers(model)
         return train_epoch(model, loader, optimizer, self.stage_loss_sum, self.device, epoch=epoch,
-                           grad_clip=self.config.grad_clip, progress=self.progress)
+                           grad_clip=self.config.grad_clip, progress=self.progress,
+                           progress_interval_s=self.progress_interval_s)
 
     @torch.no_grad()
     def validation_loss(self, model, loader) -> float:
@@ -344,4 +381,5 @@ class Trainer:
     def evaluate(self, model, loader: Iterable) -> Dict[str, float]:
         """acc, ppl, shallow_ratio, compute_cost (+ per-exit extras) with this config's routing
         controls; see `lego.evaluation.evaluate`."""
-        return evaluate(self.config, model, loader, self.device, progress=self.progress)
+        return evaluate(self.config, model, loader, self.device, progress=self.progress,
+                        progress_interval_s=self.progress_interval_s)

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from lego.cli import job_dirname
 from lego.config import ASHEMConfig, validate
-from lego.sweep_summary import main as summary_main
-from lego.sweep_summary import summarize
+from lego.sweep import best_trial as summarize
+from lego.sweep import main as summary_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,6 +73,7 @@ def test_summary_picks_best_on_validation_then_reads_test(tmp_path):
     assert s["best"]["validation"] == {"val_ppl": 40.0, "val_loss": 0.4}
     assert summary_main([str(sweep)]) == 0
     assert json.loads((sweep / "optuna_summary.json").read_text())["best"]["job"] == "1_phase2.lr=0.0002"
+    assert "Test split, the best trial only" in (sweep / "optuna_summary.md").read_text()
 
 
 def test_summary_without_results_file_and_with_a_bad_one(tmp_path):
@@ -130,7 +131,9 @@ def test_optuna_sweep_reports_the_best_validation_trial(tmp_path):
     results = OmegaConf.load(sweep / "optimization_results.yaml")
     assert results.best_value == pytest.approx(val[best_name], rel=1e-12)  # Optuna saw val_ppl, not test ppl
     assert results.best_value != pytest.approx(metrics[best_name]["ppl"], rel=1e-9)
-    s = summarize(sweep)
+    s = json.loads((sweep / "optuna_summary.json").read_text())  # written by the default SweepSummary callback
+    s.pop("sweep_dir")  # as the sweep's config names it (relative here)
+    assert s == {k: v for k, v in summarize(sweep).items() if k != "sweep_dir"}
     assert s["best"]["job"] == best_name and s["best"]["val_ppl"] == min(val.values())
     assert s["best_test"]["ppl"] == metrics[best_name]["ppl"]
 

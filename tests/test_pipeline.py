@@ -135,3 +135,18 @@ def test_flat_names_read_and_write_the_groups():
             defaults.phase2_layers, defaults.phase2_lr, defaults.phase2_patience) == (2, 1e-3, 1, 0.5, 4, 1e-4, 3)
     with pytest.raises(ValueError, match="phase3_lr"):
         flat_config(phase3_lr=1.0)
+
+
+def test_run_json_records_provenance(tmp_path):
+    """run.json holds the science config and the provenance of the command that started the run."""
+    cfg = tiny_config(tmp_path / "cache", stages=["phase1"], seed=7)
+    argv = ["/venv/bin/lego-run", "debug=tiny", "phase1_lr=0.002", "seed=7"]
+    run(cfg, tmp_path / "run", argv=argv)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert "science_config" in record
+    p = record["provenance"]
+    assert p["command"] == "lego-run debug=tiny phase1_lr=0.002 seed=7" and p["argv"] == argv
+    assert {"commit", "dirty", "diff_sha256"} <= set(p["git"])
+    assert p["packages"]["lego"] and p["packages"]["torch"] == torch.__version__
+    assert p["torch"]["build"].split()[0] in ("cpu", "cuda", "rocm")
+    assert p["threads"]["torch"] >= 1 and p["seeds"] == {"seed": 7}

@@ -82,3 +82,37 @@ def test_bad_interval_and_durations():
     with pytest.raises(ValueError, match="interval_s=0"):
         progress([], desc="x", interval_s=0)
     assert [format_duration(s) for s in (0, 42.4, 310, 7380)] == ["0s", "42s", "5m10s", "2h03m"]
+
+
+@pytest.mark.slow
+def test_a_run_logged_to_a_file_shows_progress_lines(tmp_path):
+    """`python -m lego ... > log 2>&1`: progress lines with stage, step/total and time left, and
+    run.json records the command as typed (the flat alias not yet rewritten)."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import TINY
+
+    # Whole-split epochs (about 75 steps) and a short interval, so that even a fast machine logs lines.
+    args = [*TINY, "progress_interval_s=0.05", "phase1.epoch_steps=null", "phase1_lr=0.002",
+            "eval.standard_baseline=false", "hydra.run.dir=run"]
+    env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    with open(tmp_path / "out.log", "w") as out:
+        rc = subprocess.run([sys.executable, "-m", "lego", *args], cwd=tmp_path, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, timeout=600).returncode
+    log = (tmp_path / "out.log").read_text()
+    assert rc == 0, log[-2000:]
+    lines = re.findall(r"phase1 epoch \d: \d+/\d+ batch \(\d+%\), loss [\d.]+, tokens/s [\d,]+, .* left", log)
+    assert lines, log[-2000:]
+    assert "\r" not in log  # no carriage-return bar in a file
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["provenance"]["argv"][1:] == args
+    # progress=false: neither bars nor lines
+    quiet = subprocess.run([sys.executable, "-m", "lego", *args[:-1], "progress=false", "hydra.run.dir=quiet"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0 and "batch (" not in quiet.stdout + quiet.stderr

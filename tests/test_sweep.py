@@ -119,8 +119,7 @@ def test_multirun_writes_summary_at_the_sweep_root(tmp_path):
     env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     # microseconds in the sweep dir: the callback must see the very directory the jobs were written to
-    args = ["-m", "seed=0,1", *TINY, "hydra.sweep.dir=sweep/${now:%H-%M-%S-%f}",
-            "+hydra.callbacks.sweep_summary._target_=lego.sweep.SweepSummary"]
+    args = ["-m", "seed=0,1", *TINY, "hydra.sweep.dir=sweep/${now:%H-%M-%S-%f}"]  # the callback is on by default
     res = subprocess.run([sys.executable, "-m", "lego", *args], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=900, check=False)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -163,3 +163,73 @@ def test_every_logger_option_loads_and_says_how_to_run_it(path, tmp_path):
 
 def test_logger_group_has_every_option():
     assert {p.stem for p in CONF.glob("*.yaml")} == {"csv", "tensorboard", "wandb", "mlflow", "many", "none"}
+
+
+# ---- the tracker wired into training (lego.training.train_epoch / fit, lego.run) ----------------
+class Recorder:
+    """A Tracker that keeps every call."""
+
+    def __init__(self):
+        self.metrics, self.calls = [], []
+
+    def log_hparams(self, config):
+        self.calls.append(("hparams", config))
+
+    def log_metrics(self, metrics, step, prefix):
+        self.metrics.append((prefix, step, dict(metrics)))
+
+    def log_summary(self, metrics):
+        self.calls.append(("summary", metrics))
+
+    def log_artifact(self, path):
+        self.calls.append(("artifact", Path(path).name))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_train_epoch_logs_every_log_every_steps(make_tiny_model, make_token_batches):
+    import torch
+
+    from lego.config import create_standard_config
+    from lego.training import StageTotals, Trainer, train_epoch
+
+    model = make_tiny_model(num_layers=2)
+    trainer = Trainer(create_standard_config(2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec, totals = Recorder(), StageTotals(steps=10)  # a resumed stage: steps count on from 10
+    batches = make_token_batches(n_batches=5)
+    train_epoch(model, batches, opt, trainer.stage_loss_sum, "cpu", grad_clip=1.0, totals=totals, tracker=rec,
+                prefix="phase1", log_every=2, progress=False)
+    assert [(p, s) for p, s, _ in rec.metrics] == [("phase1", 12), ("phase1", 14)]
+    for _, _, m in rec.metrics:
+        assert set(m) == {"loss", "lr", "grad_norm", "tokens_per_s"}
+        assert m["lr"] == 0.1 and m["grad_norm"] > 0 and m["tokens_per_s"] > 0 and m["loss"] > 0
+    # no tracker: the same steps, nothing logged, the same weights
+    again = make_tiny_model(num_layers=2)
+    train_epoch(again, batches, torch.optim.SGD(again.parameters(), lr=0.1), trainer.stage_loss_sum, "cpu",
+                grad_clip=1.0, progress=False)
+    for a, b in zip(model.parameters(), again.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_run_sends_each_stage_to_the_tracker(tmp_path):
+    """A tiny run with the default csv tracker: one file per training stage (phase 1, phase 2, dense
+    baselines) with train rows every logger.log_every steps and a validation row per epoch."""
+    from conftest import tiny_config
+    from lego.run import run
+
+    cfg = tiny_config(tmp_path / "cache", **{"logger.log_every": 3, "eval.dense_depths": [2]})
+    summary = run(cfg, tmp_path / "run")
+    metrics = tmp_path / "run" / "metrics"
+    assert sorted(p.name for p in metrics.iterdir()) == ["dense2.csv", "phase1.csv", "phase2.csv", "summary.json"]
+    for stage in ("phase1", "phase2", "dense2"):
+        rows = _rows(metrics / f"{stage}.csv")
+        result = json.loads((tmp_path / "run" / stage / "result.json").read_text())
+        train = [r for r in rows if r["loss"]]
+        val = [r for r in rows if r["val_loss"]]
+        assert [int(r["step"]) for r in train] == list(range(3, result["steps"] + 1, 3)), stage
+        assert all(float(r["grad_norm"]) > 0 and float(r["tokens_per_s"]) > 0 for r in train)
+        assert len(val) == result["epochs_run"]
+        assert min(float(r["val_loss"]) for r in val) == pytest.approx(result["best_val_loss"])
+    assert json.loads((metrics / "summary.json").read_text())["ppl"] == summary["ppl"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from lego.stages.hard_examples import hard_loader
 from lego.stages.compare import dense_depths, dense_epochs, inference_cost, pipeline_compute, stage_record, verdict
 from lego.stages.setup import Loaders, make_loaders, model_macs
 from lego.stages.standard import cached_standard
+from lego.trackers import Tracker
 from lego.training import Trainer
 
 HEADLINES = ("ppl_compute_auc", "ppl_compute_auc_per_unit", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio",
@@ -39,8 +40,9 @@ def timed_evaluate(config: TrainingConfig, model, loader, device) -> Dict[str, A
 
 def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransformer,
                model2: DeepSupervisionTransformer, threshold_info: Dict[str, Any], loaders: Loaders, run_dir: Path,
-               device: torch.device) -> Dict[str, Any]:
-    """Writes run_dir/eval/metrics.json (and the analysis files); returns the metrics."""
+               device: torch.device, tracker: Optional[Tracker] = None) -> Dict[str, Any]:
+    """Writes run_dir/eval/metrics.json (and the analysis files); returns the metrics. The dense
+    baselines' curves go to `tracker`."""
     out = run_dir / "eval"
     exit_layer, depth = cfg.phase1.layers, cfg.phase2.layers
     threshold = threshold_info["threshold"]
@@ -70,7 +72,7 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
     metrics["train_compute"] = pipeline_compute(cfg, corpus, run_dir)
     if cfg.eval.standard_baseline:
         metrics["dense"] = train_dense_frontier(cfg, corpus, loaders, metrics["train_compute"], loader, run_dir,
-                                                device)
+                                                device, tracker)
         if str(depth) in metrics["dense"]:
             metrics["standard"] = metrics["dense"][str(depth)]
         metrics["verdict"] = verdict(metrics, cfg.eval.baseline_budget)
@@ -85,7 +87,8 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
 
 
 def train_dense_frontier(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, compute: Dict[str, Any], loader,
-                         run_dir: Path, device: torch.device) -> Dict[str, Dict[str, Any]]:
+                         run_dir: Path, device: torch.device,
+                         tracker: Optional[Tracker] = None) -> Dict[str, Dict[str, Any]]:
     """Dense models of every frontier depth, each trained on all tokens with phase 1's optimizer,
     schedule and stopping rule for the budget `eval.baseline_budget` gives it (shared through the
     cache), and scored on `loader`: depth -> metrics, training record and relative inference cost."""
@@ -93,7 +96,7 @@ def train_dense_frontier(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, com
     for depth in dense_depths(cfg):
         epochs = dense_epochs(cfg, corpus, loaders, depth, compute)
         model = cached_standard(cfg, corpus, loaders, depth, run_dir / f"dense{depth}", device, f"dense{depth}",
-                                max_epochs=epochs)
+                                max_epochs=epochs, tracker=tracker)
         scored = Trainer(create_standard_config(depth), device=device).evaluate(model, loader)
         out[str(depth)] = {**scored, **stage_record(run_dir / f"dense{depth}"), "max_epochs": epochs,
                            "inference_cost": inference_cost(cfg, corpus.vocab_size, depth)}

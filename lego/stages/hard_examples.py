@@ -67,7 +67,8 @@ def hard_loader(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, loader, th
     if distributed.is_distributed():
         store_dir = store_dir / f"rank{distributed.rank()}"  # scratch; removed with its stage's scratch dir
     hard = collect_hard_examples(model1, loader, threshold, device, measure=cfg.hard_examples.confidence,
-                                 store=cfg.hard_examples.store, store_dir=str(store_dir))
+                                 store=cfg.hard_examples.store, store_dir=str(store_dir), progress=cfg.progress,
+                                 progress_interval_s=cfg.progress_interval_s)
     counts = distributed.all_reduce_sum([hard["num_hard"], hard["num_tokens"], len(hard["targets"])])
     log.info("%s: %d hard tokens of %d in %d sequences", what, *map(int, counts))
     return create_hard_example_loader(hard, cfg.phase2.batch_size, shuffle=shuffle, seed=cfg.seed, device=device)

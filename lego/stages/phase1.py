@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -13,12 +14,14 @@ from lego.data import Corpus
 from lego.model import DeepSupervisionTransformer
 from lego.stages.setup import Loaders
 from lego.stages.standard import cached_standard
+from lego.trackers import Tracker
 
 
 def stage_phase1(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, run_dir: Path,
-                 device: torch.device) -> DeepSupervisionTransformer:
+                 device: torch.device, tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
     """Train (or take from the cache) the phase-1 model; writes run_dir/phase1/."""
-    return cached_standard(cfg, corpus, loaders, cfg.phase1.layers, run_dir / "phase1", device, "phase1")
+    return cached_standard(cfg, corpus, loaders, cfg.phase1.layers, run_dir / "phase1", device, "phase1",
+                           tracker=tracker)
 
 
 def load_phase1(cfg: ASHEMConfig, corpus: Corpus, run_dir: Path, device: torch.device) -> DeepSupervisionTransformer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -17,7 +18,8 @@ from lego.config import ASHEMConfig
 from lego.model import DeepSupervisionTransformer
 from lego.stages.hard_examples import hard_loader
 from lego.cost import phase2_training_macs
-from lego.stages.setup import Loaders, lr_schedule, make_optimizer, model_macs
+from lego.stages.setup import Loaders, loop_report, lr_schedule, make_optimizer, model_macs
+from lego.trackers import Tracker
 from lego.training import fit
 
 
@@ -28,8 +30,8 @@ def grown(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float
 
 
 def stage_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float, loaders: Loaders,
-                 run_dir: Path, device: torch.device) -> DeepSupervisionTransformer:
-    """Train the upper Block; writes run_dir/phase2/ (model.pt, history.jsonl, result.json)."""
+                 run_dir: Path, device: torch.device, tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
+    """Train the upper Block; writes run_dir/phase2/ (model.pt, history.jsonl, result.json); curves to `tracker`."""
     out = run_dir / "phase2"
     exit_layer = cfg.phase1.layers
     if distributed.broadcast((out / "model.pt").exists()):
@@ -57,11 +59,11 @@ def stage_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold
     fit(model2,
         lambda epoch, totals: train_upper_layers(model2, train_batches, optimizer, None, device, exit_layer,
                                                  grad_clip=p2.grad_clip, epoch=epoch, lr_factor=schedule,
-                                                 totals=totals),
+                                                 totals=totals, **loop_report(cfg, tracker, "phase2")),
         lambda: evaluate_on_hard_examples(model2, val_hard, None, device, exit_layer)["loss"],
         optimizer=optimizer, work_dir=out, max_epochs=p2.max_epochs, patience=p2.patience, name="phase2",
         save=lambda path, result: save_model(path, model2, cfg, stage="phase2", result=result, threshold=threshold),
-        macs=train_macs)
+        macs=train_macs, tracker=tracker)
     shutil.rmtree(scratch, ignore_errors=True)
     return model2
 

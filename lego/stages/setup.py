@@ -17,9 +17,9 @@ from lego.config import ASHEMConfig, to_dict
 from lego.data import Corpus
 from lego.schedule import lr_factor
 
-# Keys that change what a run computes. Others (stages, device, threads, display) may differ on resume;
-# generate only reads the finished models, so its keys never enter the run-dir claim or a cache key.
-_NON_SCIENCE = {"stages", "device", "num_threads", "objective", "generate"}
+# Keys that change what a run computes. Others (stages, device, threads, trackers, display) may differ on
+# resume; generate only reads the finished models, so its keys never enter the run-dir claim or a cache key.
+_NON_SCIENCE = {"stages", "device", "num_threads", "objective", "generate", "logger", "progress", "progress_interval_s"}
 
 
 def setup_torch(cfg: ASHEMConfig) -> torch.device:
@@ -78,6 +78,13 @@ def lr_schedule(group, steps_per_epoch: int, max_epochs: int) -> Optional[Callab
     total = steps_per_epoch * max_epochs
     return partial(lr_factor, schedule=group.schedule, warmup_steps=group.warmup_steps, total_steps=total,
                    min_lr_ratio=group.min_lr_ratio)
+
+
+def loop_report(cfg: ASHEMConfig, tracker, prefix: str) -> Dict[str, Any]:
+    """`lego.training.train_epoch`'s reporting keywords for the stage `prefix`: the run's tracker
+    (None: none) every `logger.log_every` optimizer steps, and the progress display."""
+    return dict(tracker=tracker, prefix=prefix, log_every=cfg.logger.log_every, progress=cfg.progress,
+                progress_interval_s=cfg.progress_interval_s)
 
 
 def model_macs(cfg: ASHEMConfig, vocab_size: int) -> Dict[str, Any]:

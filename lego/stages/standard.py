@@ -19,19 +19,23 @@ from lego.config import ASHEMConfig, create_standard_config, to_dict
 from lego.data import Corpus, cache_root
 from lego.model import DeepSupervisionTransformer
 from lego.cost import dense_training_macs
-from lego.stages.setup import Loaders, fingerprint, lr_schedule, make_optimizer, model_macs, science_config
+from lego.stages.setup import (Loaders, fingerprint, loop_report, lr_schedule, make_optimizer, model_macs,
+                               science_config)
+from lego.trackers import Tracker
 from lego.training import Trainer, fit, train_epoch
 
 log = logging.getLogger(__name__)
 
 
 def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, stage_dir: Path,
-                   device: torch.device, name: str, max_epochs: Optional[int] = None) -> DeepSupervisionTransformer:
+                   device: torch.device, name: str, max_epochs: Optional[int] = None,
+                   tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
     """Train a `num_layers`-layer LM on all tokens with phase 1's optimizer, schedule and early stopping,
     for at most `max_epochs` (default phase1.max_epochs) epochs of phase1.epoch_steps steps.
 
     Writes stage_dir/model.pt (best weights), history.jsonl, result.json (with the training
-    compute); resumes from stage_dir/last.pt. Returns the model with its best weights.
+    compute); resumes from stage_dir/last.pt; sends its curves to `tracker` under `name`. Returns the
+    model with its best weights.
     """
     final = stage_dir / "model.pt"
     model = build_model(cfg, corpus.vocab_size, num_layers).to(device)
@@ -53,17 +57,19 @@ def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layer
 
     def one_epoch(epoch: int, totals) -> float:
         return train_epoch(model, train_batches, optimizer, trainer.stage_loss_sum, device, epoch=epoch,
-                           grad_clip=p1.grad_clip, lr_factor=schedule, totals=totals)
+                           grad_clip=p1.grad_clip, lr_factor=schedule, totals=totals,
+                           **loop_report(cfg, tracker, name))
 
     fit(model, one_epoch, lambda: trainer.validation_loss(model, loaders.validation), optimizer=optimizer,
         work_dir=stage_dir, max_epochs=max_epochs, patience=p1.patience, name=name,
         save=lambda path, result: save_model(path, model, cfg, stage=name, result=result),
-        macs=lambda totals: step_macs(tokens=totals.tokens))
+        macs=lambda totals: step_macs(tokens=totals.tokens), tracker=tracker)
     return model
 
 
 def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, stage_dir: Path,
-                    device: torch.device, name: str, max_epochs: Optional[int] = None) -> DeepSupervisionTransformer:
+                    device: torch.device, name: str, max_epochs: Optional[int] = None,
+                    tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
     """`train_standard`, shared through a content-addressed cache when `phase1.cache` is on.
 
     The key hashes exactly what determines the result: model, data, phase-1 optimisation,
@@ -71,7 +77,7 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
     (a file lock); the result is copied into `stage_dir`.
     """
     if not cfg.phase1.cache or distributed.broadcast((stage_dir / "model.pt").exists()):
-        return train_standard(cfg, corpus, loaders, num_layers, stage_dir, device, name, max_epochs)
+        return train_standard(cfg, corpus, loaders, num_layers, stage_dir, device, name, max_epochs, tracker)
     science = science_config(cfg)
     key_src = {"model": science["model"], "data": science["data"],
                "phase1": {k: v for k, v in to_dict(cfg)["phase1"].items() if k not in ("cache", "layers")},
@@ -89,7 +95,7 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
         if distributed.is_main() and entry.is_dir():
             remove_partial_writes(entry)  # a killed trainer's litter; we hold this entry's lock
         log.info("%s: %s cache entry %s", name, "reusing" if hit else "training into", entry)
-        model = train_standard(cfg, corpus, loaders, num_layers, entry, device, name, max_epochs)
+        model = train_standard(cfg, corpus, loaders, num_layers, entry, device, name, max_epochs, tracker)
         if not distributed.is_main():
             return model
         stage_dir.mkdir(parents=True, exist_ok=True)
