@@ -93,12 +93,14 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
                           exit_layer: Optional[int] = None, measure: Optional[str] = None,
                           store: str = "memory", store_dir: Optional[str] = None,
                           ignore_index: int = IGNORE_INDEX, progress: bool = True,
-                          progress_interval_s: float = 30.0) -> Dict[str, object]:
+                          progress_interval_s: float = 30.0, keep_easy: bool = False) -> Dict[str, object]:
     """The sequences that hold at least one hard token, with their context.
 
     Returns {'inputs' (N, T) long, 'hidden_states' (N, T, C) exit-layer states or None,
     'targets' (N, T) with every easy position set to `ignore_index`, 'confidences' (N, T),
-    'num_tokens', 'num_hard'}. `store`: "memory" keeps float32 states in RAM, "disk" writes
+    'num_tokens', 'num_hard'}, and with `keep_easy` also 'all_targets' (N, T), the targets of
+    every position (for phase2.loss_tokens=all|weighted; the rest is unchanged).
+    `store`: "memory" keeps float32 states in RAM, "disk" writes
     float16 states to a file in `store_dir` and reads rows back on demand (`HalfRows`),
     "recompute" keeps no states (the loader recomputes them through the frozen lower Block).
     """
@@ -108,7 +110,7 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
         raise ValueError("store='disk' needs store_dir")
     model.eval()
     layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
-    inputs_b, targets_b, conf_b, hidden_b = RowBuffer(), RowBuffer(), RowBuffer(), RowBuffer()
+    inputs_b, targets_b, conf_b, hidden_b, all_b = RowBuffer(), RowBuffer(), RowBuffer(), RowBuffer(), RowBuffer()
     disk, n_tok, n_hard = None, 0, 0
     shown = show_progress(_batches(batches, "batches"), desc="hard examples", interval_s=progress_interval_s,
                           total=len(batches) if hasattr(batches, "__len__") else None,
@@ -126,6 +128,8 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
         inputs_b.append(inputs[keep])
         targets_b.append(torch.where(hard, targets, torch.full_like(targets, ignore_index))[keep])
         conf_b.append(conf[keep])
+        if keep_easy:
+            all_b.append(targets[keep])
         if store == "memory":
             hidden_b.append(h[keep].float())
         elif store == "disk":
@@ -139,7 +143,7 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
         hidden = hidden_b.tensor(None)
     elif store == "disk" and disk is not None:
         hidden = disk.close()
-    return {
+    out = {
         "inputs": inputs_b.tensor(torch.empty(0, 0, dtype=torch.long)),
         "hidden_states": hidden,
         "targets": targets_b.tensor(torch.empty(0, 0, dtype=torch.long)),
@@ -147,6 +151,9 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
         "num_tokens": n_tok,
         "num_hard": n_hard,
     }
+    if keep_easy:
+        out["all_targets"] = all_b.tensor(torch.empty(0, 0, dtype=torch.long))
+    return out
 
 
 def upper_states(model, batch_x: torch.Tensor, num_lower_layers: int) -> torch.Tensor:
@@ -179,11 +186,16 @@ def upper_logits(model, h: torch.Tensor, targets: torch.Tensor, num_lower_layers
 def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_size: int, device="cpu",
                        num_lower_layers: int = 2, *, grad_clip: Optional[float] = 1.0,
                        policy: Optional[str] = None, ignore_index: int = IGNORE_INDEX,
-                       epoch: Optional[int] = None, lr_factor=None, totals=None, **report) -> float:
+                       epoch: Optional[int] = None, lr_factor=None, totals=None,
+                       easy_weight: Optional[float] = None, **report) -> float:
     """One pass over `hard_batches` training the layers above `num_lower_layers`; mean loss per hard token.
 
     The loss is cross-entropy at the last layer over hard positions only (easy positions
-    carry `ignore_index`). Warns when the early exit's head is trainable, since training it
+    carry `ignore_index`). With `easy_weight` (phase2.loss_tokens=all: 1, weighted: its
+    easy_weight) it is taken at every position, an easy one weighing `easy_weight`, and
+    divided by the weights' sum; the batches then carry (B, 2, T) targets (hard-only, all),
+    mined with `keep_easy` (`create_hard_example_loader` stacks them), and the upper layers
+    must run every token (upper_context=full). Warns when the early exit's head is trainable, since training it
     would move the exit's confidences away from the calibrated threshold. Under
     torch.distributed every rank must pass the same number of batches; gradients are averaged
     over ranks (DDP) and the returned loss is over every rank's hard tokens. `epoch`,
@@ -194,17 +206,35 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
         log.warning("output_head is trainable and shared with the early exit: exit confidences will drift "
                     "from the calibrated threshold (use model.grow(..., deep_head=True) or freeze it)")
     return train_epoch(model, hard_batches, optimizer,
-                       lambda m, x, t: _upper_loss(m, x, t, num_lower_layers, ignore_index, policy), device,
-                       epoch=epoch, grad_clip=grad_clip, name="hard_batches", lr_factor=lr_factor, totals=totals,
-                       **report)
+                       lambda m, x, t: _upper_loss(m, x, t, num_lower_layers, ignore_index, policy, easy_weight),
+                       device, epoch=epoch, grad_clip=grad_clip, name="hard_batches", lr_factor=lr_factor,
+                       totals=totals, **report)
 
 
 def _upper_loss(model, x: torch.Tensor, targets: torch.Tensor, num_lower_layers: int, ignore_index: int,
-                policy: Optional[str]):
-    """Summed cross-entropy at the last layer over the hard positions of one batch, and their count."""
+                policy: Optional[str], easy_weight: Optional[float] = None):
+    """Summed cross-entropy at the last layer over the hard positions of one batch, and their count;
+    with `easy_weight`, over every position (easy ones weighted), and the weights' sum."""
+    if easy_weight is None:
+        h = upper_states(model, x, num_lower_layers)
+        logits, y = upper_logits(model, h, targets, num_lower_layers, ignore_index, policy)
+        return F.cross_entropy(logits, y, reduction="sum"), y.numel()
+    if targets.dim() != 3:
+        raise ValueError("easy_weight needs (B, 2, T) targets (hard-only, all): mine with keep_easy=True")
+    if (policy or model.upper_context) != "full":
+        raise ValueError(f"easy_weight scores easy positions at the deep exit; upper_context="
+                         f"{policy or model.upper_context} never computes them there (use full)")
+    hard_t, all_t = targets.unbind(1)  # (B, T) each
+    valid = all_t != ignore_index
     h = upper_states(model, x, num_lower_layers)
-    logits, y = upper_logits(model, h, targets, num_lower_layers, ignore_index, policy)
-    return F.cross_entropy(logits, y, reduction="sum"), y.numel()
+    with model.autocast():
+        h = model.run_layers(h, num_lower_layers, model.num_layers)  # every position
+        logits = model.logits_at(h[valid], model.num_layers).float()  # (N_valid, V)
+    ce = F.cross_entropy(logits, all_t[valid], reduction="none")
+    if easy_weight == 1.0:
+        return ce.sum(), valid.sum()
+    w = torch.where(hard_t[valid] != ignore_index, 1.0, float(easy_weight))  # (N_valid,)
+    return (w * ce).sum(), w.sum()
 
 
 @torch.no_grad()

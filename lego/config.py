@@ -35,6 +35,9 @@ CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
 STORES = ("memory", "disk", "recompute")  # where hard-example states live
 SCHEDULES = ("constant", "cosine")  # learning-rate schedules (lego.schedule)
 BASELINE_BUDGETS = ("matched", "steps", "phase1")  # training budget of the dense baselines
+PHASE2_INITS = ("random", "copy")  # how the new upper layers start (lego.model.grow)
+LOSS_TOKENS = ("hard", "all", "weighted")  # which positions phase 2's deep-exit loss counts
+LOWERS = ("frozen", "finetune")  # whether Block 1 keeps training in phase 2
 DATA_NAMES = ("shakespeare", "kjv", "wikitext2", "wikitext103", "hf", "text_files")
 TOKENIZERS = ("bpe", "bytes", "pretrained")
 SPLITS = ("train", "validation", "test")
@@ -271,6 +274,10 @@ class Phase1Config:
     warmup_steps: int = 0  # cosine: optimizer steps of linear warmup
     min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at max_epochs * epoch_steps
     cache: bool = True  # share phase 1 and the dense baselines across runs/sweep jobs with identical settings
+    # Grow earlier: phase 1 trains max(1, round(budget_fraction * max_epochs)) epochs, and phase 2's max_epochs
+    # become what phase 1 left of a budget of max_epochs * epoch_steps phase-1 steps, in training MACs
+    # (lego.stages.phase2.budget_epochs); None: each phase its own max_epochs (the specification).
+    budget_fraction: Optional[float] = None
 
 
 @dataclass
@@ -299,6 +306,13 @@ class Phase2Config:
     min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at max_epochs * epoch_steps
     deep_head: bool = True  # the deep exit trains its own copy of the head (the exit's stays frozen)
     upper_context: str = "full"  # full | propagate | skip: what upper layers see of easy tokens
+    init: str = "random"  # random | copy: new layer phase1.layers + j starts as a copy of layer j mod phase1.layers
+    loss_tokens: str = "hard"  # hard (spec) | all | weighted: deep-exit loss positions; all/weighted need full context
+    easy_weight: float = 0.1  # loss_tokens=weighted: weight of an easy position's loss (hard ones weigh 1)
+    # frozen (spec) | finetune: Block 1 keeps training with the loss at both exits on every training token
+    # (needs loss_tokens=all); the threshold is then recalibrated on validation (phase2/threshold.json)
+    lower: str = "frozen"
+    exit_loss_weight: float = 1.0  # lower=finetune: weight of the exit layer's loss (the last layer's is 1)
 
 
 @dataclass
@@ -468,6 +482,7 @@ def validate(cfg: ASHEMConfig) -> None:
     if p1.layers >= p2.layers:
         raise ConfigError(f"phase1.layers={p1.layers} must be smaller than phase2.layers={p2.layers}")
     check_choice("phase2.upper_context", p2.upper_context, UPPER_CONTEXTS)
+    check_variants(cfg)
     check_choice("hard_examples.confidence", he.confidence, CONFIDENCE_MEASURES)
     check_choice("hard_examples.store", he.store, STORES)
     check_choice("hard_examples.calibration_split", he.calibration_split, CALIBRATION_SPLITS)
@@ -519,6 +534,30 @@ def validate_generate(g: GenerateConfig, m: ModelConfig, runs: bool) -> None:
         if need + g.max_new_tokens > m.max_seq_len:
             raise ConfigError(f"generate.max_new_tokens={g.max_new_tokens}: {what} + new tokens exceed "
                               f"model.max_seq_len={m.max_seq_len}")
+
+
+def check_non_negative(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"{key}={value!r} must be a number >= 0")
+
+
+def check_variants(cfg: ASHEMConfig) -> None:
+    """The LEGO variants (phase2.init, loss_tokens, lower, phase1.budget_fraction) and how they combine."""
+    p1, p2 = cfg.phase1, cfg.phase2
+    check_choice("phase2.init", p2.init, PHASE2_INITS)
+    check_choice("phase2.loss_tokens", p2.loss_tokens, LOSS_TOKENS)
+    check_non_negative("phase2.easy_weight", p2.easy_weight)
+    check_choice("phase2.lower", p2.lower, LOWERS)
+    check_non_negative("phase2.exit_loss_weight", p2.exit_loss_weight)
+    if p1.budget_fraction is not None:
+        check_ratio("phase1.budget_fraction", p1.budget_fraction)
+    # Under propagate/skip easy positions never run above the exit, so they have no deep logits to score.
+    if p2.loss_tokens != "hard" and p2.upper_context != "full":
+        raise ConfigError(f"phase2.loss_tokens={p2.loss_tokens} scores easy positions at the deep exit, which "
+                          f"phase2.upper_context={p2.upper_context} never computes; allowed: upper_context=full")
+    if p2.lower == "finetune" and p2.loss_tokens != "all":
+        raise ConfigError(f"phase2.lower=finetune trains both exits on every training token; phase2.loss_tokens="
+                          f"{p2.loss_tokens} is not allowed with it; allowed: all")
 
 
 def to_dict(cfg: ASHEMConfig) -> Dict[str, Any]:

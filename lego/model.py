@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lego.config import (CONFIDENCE_MEASURES, PRECISIONS, UPPER_CONTEXTS, ConfigError, ModelConfig, check_choice,
-                         check_model, check_positive)
+from lego.config import (CONFIDENCE_MEASURES, PHASE2_INITS, PRECISIONS, UPPER_CONTEXTS, ConfigError, ModelConfig,
+                         check_choice, check_model, check_positive)
 
 def resolve_precision(precision: str, device) -> str:
     """"auto" -> "bf16" on a CUDA device that supports it, else "fp32"; fp32/bf16 as given.
@@ -353,16 +353,21 @@ class DeepSupervisionTransformer(nn.Module):
 
     # -- growing ---------------------------------------------------------------------------
     def grow(self, num_layers: int, *, exit_layer: Optional[int] = None, routing_threshold: Optional[float] = None,
-             deep_head: bool = True, upper_context: Optional[str] = None) -> "DeepSupervisionTransformer":
+             deep_head: bool = True, upper_context: Optional[str] = None,
+             init: str = "random") -> "DeepSupervisionTransformer":
         """Build a `num_layers`-layer model on top of this one (phase 2 of ASHEM).
 
-        Copies embedding, every layer and the output head (and keeps `precision`); new layers
-        are freshly initialised.
+        Copies embedding, every layer and the output head (and keeps `precision`). New layers
+        are freshly initialised (`init="random"`), or, with `init="copy"`, copies of the lower
+        stack in order (progressive stacking): new layer n + j (1-based, n = this depth) starts as
+        layer (j - 1) mod n + 1, e.g. 2 -> 4 layers: layers 3, 4 := 1, 2; 2 -> 5: 3, 4, 5 := 1, 2, 1.
+        Both draw the same random numbers, so what follows is seeded alike.
         Freezes the embedding, the copied layers and `output_head` (the head read at the exit
         layer), so the exit's logits stay bit-identical to this model's. With `deep_head` the
         deep exit gets a trainable copy of the head; without it, the deep exit reads the frozen
         shared head.
         """
+        check_choice("init", init, PHASE2_INITS)
         exit_layer = self.num_layers if exit_layer is None else exit_layer
         if exit_layer != self.num_layers:
             raise ValueError(f"exit_layer={exit_layer} must equal the grown model's depth {self.num_layers}")
@@ -377,6 +382,9 @@ class DeepSupervisionTransformer(nn.Module):
         big.embedding.load_state_dict(self.embedding.state_dict())
         for i in range(self.num_layers):
             big.layers[i].load_state_dict(self.layers[i].state_dict())
+        if init == "copy":
+            for i in range(self.num_layers, num_layers):
+                big.layers[i].load_state_dict(self.layers[i % self.num_layers].state_dict())
         big.output_head.load_state_dict(self.output_head.state_dict())
         if deep_head:
             big.deep_head.load_state_dict(self.output_head.state_dict())

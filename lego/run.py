@@ -29,7 +29,7 @@ from lego.stages.eval import stage_eval
 from lego.stages.generate import headline, stage_generate
 from lego.stages.hard_examples import load_threshold, stage_hard_examples
 from lego.stages.phase1 import load_phase1, stage_phase1
-from lego.stages.phase2 import load_phase2, stage_phase2
+from lego.stages.phase2 import load_phase2, routing_threshold_info, stage_phase2
 from lego.stages.setup import make_loaders, science_config, setup_torch
 from lego.trackers import Tracker, tracker_from_config
 
@@ -121,6 +121,8 @@ def _run_stages(cfg: ASHEMConfig, run_dir: Path, tracker: Tracker) -> Dict[str, 
                                                       device, tracker))
     elif stages & {"eval", "generate"}:
         model2 = load_phase2(cfg, model1, threshold_info["threshold"], run_dir, device)
+    if model2 is not None:  # phase2.lower=finetune recalibrated the threshold after phase 2
+        threshold_info = routing_threshold_info(cfg, run_dir, threshold_info)
     if "eval" in stages:
         metrics = timed("eval", lambda: stage_eval(cfg, corpus, model1, model2, threshold_info, loaders, run_dir,
                                                    device, tracker))

@@ -134,6 +134,8 @@ class HardExampleDataset(torch.utils.data.Dataset):
         self.hidden = hard_examples["hidden_states"]
         self.inputs = hard_examples["inputs"]
         self.targets = hard_examples["targets"]
+        if hard_examples.get("all_targets") is not None:  # mined with keep_easy: (N, 2, T) = (hard-only, all)
+            self.targets = torch.stack((self.targets, hard_examples["all_targets"]), 1)
 
     def __len__(self) -> int:
         return len(self.targets)

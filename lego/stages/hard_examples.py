@@ -27,9 +27,18 @@ def stage_hard_examples(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, lo
     path = run_dir / "hard_examples" / "threshold.json"
     if distributed.broadcast(path.exists()):
         return read_json(path)
+    info = calibrate(cfg, model1, loaders, device)
+    if distributed.is_main():
+        write_json(path, info)
+    return info
+
+
+def calibrate(cfg: ASHEMConfig, model: DeepSupervisionTransformer, loaders: Loaders, device) -> Dict[str, Any]:
+    """The exact `hard_example_ratio` quantile of `model`'s exit confidences on the calibration split,
+    with the statistics threshold.json records (phase 1's exit, or phase 2's under phase2.lower=finetune)."""
     split = cfg.hard_examples.calibration_split
     loader = loaders.validation if split == "validation" else loaders.train_ordered
-    conf = gather_confidences(model1, loader, device, measure=cfg.hard_examples.confidence)  # every rank's tokens
+    conf = gather_confidences(model, loader, device, measure=cfg.hard_examples.confidence)  # every rank's tokens
     threshold = exact_quantile(conf, cfg.hard_example_ratio)
     hard = int((conf < threshold).sum())
     info = {
@@ -46,8 +55,6 @@ def stage_hard_examples(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, lo
                              "min": float(conf.min()), "max": float(conf.max()),
                              **{f"q{int(q * 100):02d}": exact_quantile(conf, q) for q in QUANTILES}},
     }
-    if distributed.is_main():
-        write_json(path, info)
     log.info("threshold %.6g on %s: %d of %d tokens hard (%.3f, target %.3f)", threshold, split, hard,
              conf.numel(), info["achieved_ratio"], cfg.hard_example_ratio)
     return info
@@ -62,13 +69,14 @@ def load_threshold(cfg: ASHEMConfig, run_dir: Path) -> Dict[str, Any]:
 
 
 def hard_loader(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, loader, threshold: float, device,
-                store_dir: Path, *, shuffle: bool, what: str):
-    """A loader over the hard sequences of `loader` (this rank's shard under torch.distributed)."""
+                store_dir: Path, *, shuffle: bool, what: str, keep_easy: bool = False):
+    """A loader over the hard sequences of `loader` (this rank's shard under torch.distributed); with
+    `keep_easy` its targets are (B, 2, T): hard-only and every position (see `collect_hard_examples`)."""
     if distributed.is_distributed():
         store_dir = store_dir / f"rank{distributed.rank()}"  # scratch; removed with its stage's scratch dir
     hard = collect_hard_examples(model1, loader, threshold, device, measure=cfg.hard_examples.confidence,
                                  store=cfg.hard_examples.store, store_dir=str(store_dir), progress=cfg.progress,
-                                 progress_interval_s=cfg.progress_interval_s)
+                                 progress_interval_s=cfg.progress_interval_s, keep_easy=keep_easy)
     counts = distributed.all_reduce_sum([hard["num_hard"], hard["num_tokens"], len(hard["targets"])])
     log.info("%s: %d hard tokens of %d in %d sequences", what, *map(int, counts))
     return create_hard_example_loader(hard, cfg.phase2.batch_size, shuffle=shuffle, seed=cfg.seed, device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +22,14 @@ def stage_phase1(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, run_dir: Pa
                  device: torch.device, tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
     """Train (or take from the cache) the phase-1 model; writes run_dir/phase1/."""
     return cached_standard(cfg, corpus, loaders, cfg.phase1.layers, run_dir / "phase1", device, "phase1",
-                           tracker=tracker)
+                           tracker=tracker, max_epochs=phase1_epochs(cfg))
+
+
+def phase1_epochs(cfg: ASHEMConfig) -> Optional[int]:
+    """Phase 1's epochs under phase1.budget_fraction: max(1, round(fraction * max_epochs)), halves up;
+    None without it (phase1.max_epochs). Phase 2 gets the rest (`lego.stages.phase2.budget_epochs`)."""
+    f = cfg.phase1.budget_fraction
+    return None if f is None else max(1, math.floor(f * cfg.phase1.max_epochs + 0.5))
 
 
 def load_phase1(cfg: ASHEMConfig, corpus: Corpus, run_dir: Path, device: torch.device) -> DeepSupervisionTransformer:

@@ -1,71 +1,196 @@
 """Stage `phase2`: grow the phase-1 model and train its upper Block on the training split's hard
-tokens, early-stopped on the validation split's (SPEC section 3.3)."""
+tokens, early-stopped on the validation split's (SPEC section 3.3).
+
+The variants (each one config key; the defaults are the specification):
+- phase2.init=copy: the new layers start as copies of the lower stack (`DeepSupervisionTransformer.grow`).
+- phase2.loss_tokens=all|weighted: the deep exit's loss at every position of the mined sequences
+  (easy ones weighted by easy_weight); early stopping still reads the validation split's hard tokens,
+  the only ones the deep exit serves when routing.
+- phase2.lower=finetune: Block 1 keeps training on the whole training split, with the loss at both exits
+  (StageConfig deep supervision), early-stopped on that loss on validation; the threshold is then
+  recalibrated on the calibration split (phase2/threshold.json) so the asked hard ratio holds.
+- phase1.budget_fraction: phase 2's epochs are what phase 1 left of the shared budget (`budget_epochs`).
+"""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
 from lego import distributed
-from lego.artifacts import StageError
+from lego.artifacts import StageError, read_json, write_json
 from lego.ashem import evaluate_on_hard_examples, train_upper_layers
 from lego.batches import EpochSteps
 from lego.checkpoint import load_model, model_args, save_model
-from lego.config import ASHEMConfig
+from lego.config import IGNORE_INDEX, ASHEMConfig, StageConfig, TrainingConfig
+from lego.cost import dense_training_macs, phase2_training_macs
 from lego.model import DeepSupervisionTransformer
-from lego.stages.hard_examples import hard_loader
-from lego.cost import phase2_training_macs
+from lego.stages.hard_examples import calibrate, hard_loader
 from lego.stages.setup import Loaders, loop_report, lr_schedule, make_optimizer, model_macs
 from lego.trackers import Tracker
-from lego.training import fit
+from lego.training import Trainer, fit, train_epoch
 
 
 def grown(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float) -> DeepSupervisionTransformer:
     """The phase-2 model before training: model1 grown to `phase2.layers` with the calibrated threshold."""
     return model1.grow(cfg.phase2.layers, routing_threshold=threshold, deep_head=cfg.phase2.deep_head,
-                       upper_context=cfg.phase2.upper_context)
+                       upper_context=cfg.phase2.upper_context, init=cfg.phase2.init)
+
+
+def budget_epochs(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, phase1_macs: float, steps_per_epoch: int,
+                  macs_per_step: float) -> int:
+    """Phase 2's epochs under phase1.budget_fraction: the budget is phase1.max_epochs epochs of phase-1
+    steps (data.batch_size x seq_len tokens through phase1.layers layers, `dense_training_macs`); phase 2
+    gets what phase 1 really spent (`phase1_macs`) left of it, in epochs of `steps_per_epoch` steps of
+    `macs_per_step`, rounded (halves up), at least 1. Early stopping may still end it sooner."""
+    p1 = cfg.phase1
+    step1 = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len, num_layers=p1.layers,
+                                **model_macs(cfg, vocab_size))
+    budget = p1.max_epochs * len(EpochSteps(loaders.train, p1.epoch_steps)) * step1
+    left = max(budget - phase1_macs, 0.0)
+    return max(1, math.floor(left / (steps_per_epoch * macs_per_step) + 0.5))
 
 
 def stage_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float, loaders: Loaders,
                  run_dir: Path, device: torch.device, tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
-    """Train the upper Block; writes run_dir/phase2/ (model.pt, history.jsonl, result.json); curves to `tracker`."""
+    """Train the upper Block (or, under phase2.lower=finetune, the whole model); writes run_dir/phase2/
+    (model.pt, history.jsonl, result.json; threshold.json under finetune)."""
+    out = run_dir / "phase2"
+    if distributed.broadcast((out / "model.pt").exists()):
+        model2 = load_model(out / "model.pt", model_args(grown(cfg, model1, threshold)), device, "phase2 checkpoint")
+    elif cfg.phase2.lower == "finetune":
+        model2 = train_finetune(cfg, model1, threshold, loaders, run_dir, device, tracker)
+    else:
+        return train_upper(cfg, model1, threshold, loaders, run_dir, device, tracker)
+    if cfg.phase2.lower == "finetune":
+        recalibrate(cfg, model2, loaders, out, device)
+    return model2
+
+
+def train_upper(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float, loaders: Loaders,
+                run_dir: Path, device: torch.device, tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
+    """The specification's phase 2: Block 1 frozen, the upper Block trained on hard sequences."""
     out = run_dir / "phase2"
     exit_layer = cfg.phase1.layers
-    if distributed.broadcast((out / "model.pt").exists()):
-        return load_model(out / "model.pt", model_args(grown(cfg, model1, threshold)), device, "phase2 checkpoint")
+    p2 = cfg.phase2
+    every = p2.loss_tokens != "hard"  # the deep exit is scored (and its head run) at every position
     scratch = out / "scratch"
     train_hard = hard_loader(cfg, model1, loaders.train_ordered, threshold, device, scratch / "train", shuffle=True,
-                             what="phase2 train")
+                             what="phase2 train", keep_easy=every)
     val_hard = hard_loader(cfg, model1, loaders.validation, threshold, device, scratch / "validation",
                            shuffle=False, what="phase2 validation")
     torch.manual_seed(cfg.seed + 1)
     model2 = grown(cfg, model1, threshold)
     if cfg.model.compile:
         model2.compile_blocks()
-    p2 = cfg.phase2
     optimizer = make_optimizer(model2, p2.lr, p2.weight_decay, device)
     train_batches = EpochSteps(train_hard, p2.epoch_steps)
-    schedule = lr_schedule(p2, len(train_batches), p2.max_epochs)
     shape = model_macs(cfg, model1.vocab_size)
+    easy_weight = None if not every else 1.0 if p2.loss_tokens == "all" else p2.easy_weight
 
-    def train_macs(totals) -> float:
-        return phase2_training_macs(tokens=totals.tokens, hard_ratio=totals.counted / max(totals.tokens, 1),
-                                    exit_layer=exit_layer, num_layers=p2.layers, policy=p2.upper_context,
+    def macs(tokens: float, hard_ratio: float) -> float:
+        return phase2_training_macs(tokens=tokens, hard_ratio=1.0 if every else hard_ratio, exit_layer=exit_layer,
+                                    num_layers=p2.layers, policy=p2.upper_context,
                                     recompute=cfg.hard_examples.store == "recompute", **shape)
 
+    max_epochs = p2.max_epochs
+    if cfg.phase1.budget_fraction is not None:
+        targets = train_hard.dataset.targets  # (N, T), or (N, 2, T) with keep_easy
+        hard_ratio = float(((targets[:, 0] if targets.dim() == 3 else targets) != IGNORE_INDEX).float().mean())
+        max_epochs = budget_epochs(cfg, loaders, model1.vocab_size, phase1_spent(run_dir), len(train_batches),
+                                   macs(p2.batch_size * cfg.data.seq_len, hard_ratio))
+    schedule = lr_schedule(p2, len(train_batches), max_epochs)
     fit(model2,
         lambda epoch, totals: train_upper_layers(model2, train_batches, optimizer, None, device, exit_layer,
                                                  grad_clip=p2.grad_clip, epoch=epoch, lr_factor=schedule,
-                                                 totals=totals, **loop_report(cfg, tracker, "phase2")),
+                                                 totals=totals, easy_weight=easy_weight,
+                                                 **loop_report(cfg, tracker, "phase2")),
         lambda: evaluate_on_hard_examples(model2, val_hard, None, device, exit_layer)["loss"],
-        optimizer=optimizer, work_dir=out, max_epochs=p2.max_epochs, patience=p2.patience, name="phase2",
+        optimizer=optimizer, work_dir=out, max_epochs=max_epochs, patience=p2.patience, name="phase2",
         save=lambda path, result: save_model(path, model2, cfg, stage="phase2", result=result, threshold=threshold),
-        macs=train_macs, tracker=tracker)
+        macs=lambda totals: macs(totals.tokens, totals.counted / max(totals.tokens, 1)), tracker=tracker)
     shutil.rmtree(scratch, ignore_errors=True)
     return model2
+
+
+def train_finetune(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float, loaders: Loaders,
+                   run_dir: Path, device: torch.device, tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
+    """phase2.lower=finetune: every parameter trains on every training token, loss at the exit layer
+    (weight exit_loss_weight) plus the last layer, with phase 2's optimizer settings. Its epochs
+    continue phase 1's seeded batch order (epoch phase1.max_epochs + k), so they draw other batches."""
+    out = run_dir / "phase2"
+    p1, p2 = cfg.phase1, cfg.phase2
+    exit_layer, depth = p1.layers, p2.layers
+    torch.manual_seed(cfg.seed + 1)
+    model2 = grown(cfg, model1, threshold)
+    model2.requires_grad_(True)  # grow froze Block 1 and the exit head
+    if cfg.model.compile:
+        model2.compile_blocks()
+    optimizer = make_optimizer(model2, p2.lr, p2.weight_decay, device)
+    tc = TrainingConfig(stages=[StageConfig((exit_layer, exit_layer), p2.exit_loss_weight),
+                                StageConfig((depth, depth), 1.0)], grad_clip=p2.grad_clip)
+    trainer = Trainer(tc, device=device)
+    train_batches = EpochSteps(loaders.train, p2.epoch_steps)
+    shape = model_macs(cfg, model1.vocab_size)
+
+    def macs(tokens: float) -> float:  # forward + backward of every layer, both heads
+        return dense_training_macs(tokens=tokens, num_layers=depth, heads=2, **shape)
+
+    max_epochs = p2.max_epochs
+    if p1.budget_fraction is not None:
+        max_epochs = budget_epochs(cfg, loaders, model1.vocab_size, phase1_spent(run_dir), len(train_batches),
+                                   macs(cfg.data.batch_size * cfg.data.seq_len))
+    schedule = lr_schedule(p2, len(train_batches), max_epochs)
+    fit(model2,
+        lambda epoch, totals: train_epoch(model2, train_batches, optimizer, trainer.stage_loss_sum, device,
+                                          epoch=p1.max_epochs + epoch, grad_clip=p2.grad_clip, lr_factor=schedule,
+                                          totals=totals, **loop_report(cfg, tracker, "phase2")),
+        lambda: trainer.validation_loss(model2, loaders.validation),
+        optimizer=optimizer, work_dir=out, max_epochs=max_epochs, patience=p2.patience, name="phase2",
+        save=lambda path, result: save_model(path, model2, cfg, stage="phase2", result=result, threshold=threshold),
+        macs=lambda totals: macs(totals.tokens), tracker=tracker)
+    if distributed.is_main():  # the report must not present Block 1 as the phase-1 model
+        write_json(out / "result.json", {**read_json(out / "result.json"), "block1_finetuned": True})
+    return model2
+
+
+def phase1_spent(run_dir: Path) -> float:
+    """Phase 1's training MACs, from its result.json."""
+    return float(read_json(run_dir / "phase1" / "result.json")["train_macs"])
+
+
+def recalibrate(cfg: ASHEMConfig, model2: DeepSupervisionTransformer, loaders: Loaders, out: Path,
+                device) -> Dict[str, Any]:
+    """phase2.lower=finetune moved the exit's confidences: the threshold again is the exact
+    hard_example_ratio quantile of them on the calibration split. Written once to out/threshold.json
+    (and into model.pt) and set on `model2`."""
+    path = out / "threshold.json"
+    if distributed.broadcast(path.exists()):
+        info = read_json(path)
+        model2.routing_threshold = info["threshold"]
+        return info
+    info = {**calibrate(cfg, model2, loaders, device), "block1_finetuned": True}
+    model2.routing_threshold = info["threshold"]
+    if distributed.is_main():
+        save_model(out / "model.pt", model2, cfg, stage="phase2", result=read_json(out / "result.json"),
+                   threshold=info["threshold"])
+        write_json(path, info)
+    return info
+
+
+def routing_threshold_info(cfg: ASHEMConfig, run_dir: Path, threshold_info: Dict[str, Any]) -> Dict[str, Any]:
+    """The calibration the phase-2 model routes with: phase 1's (`threshold_info`), or under
+    phase2.lower=finetune the recalibrated one in phase2/threshold.json."""
+    if cfg.phase2.lower != "finetune":
+        return threshold_info
+    path = run_dir / "phase2" / "threshold.json"
+    if not path.exists():
+        raise StageError(f"phase2.lower=finetune needs the recalibrated threshold at {path}; include phase2 in stages")
+    return read_json(path)
 
 
 def load_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float, run_dir: Path,
@@ -74,4 +199,7 @@ def load_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold:
     path = run_dir / "phase2" / "model.pt"
     if not path.exists():
         raise StageError(f"stages={cfg.stages} needs phase 2's result at {path}; include phase2 in stages")
-    return load_model(path, model_args(grown(cfg, model1, threshold)), device, "phase2 checkpoint")
+    model2 = load_model(path, model_args(grown(cfg, model1, threshold)), device, "phase2 checkpoint")
+    if cfg.phase2.lower == "finetune":
+        model2.routing_threshold = routing_threshold_info(cfg, run_dir, {})["threshold"]
+    return model2

@@ -48,6 +48,16 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
         if d[phase]["schedule"] == "constant":
             for key in ("schedule", "warmup_steps", "min_lr_ratio"):
                 d[phase].pop(key)
+    # The variants' defaults (the specification) are left out, and so are weights their mode ignores:
+    # run dirs and cache keys from before the keys existed stay valid.
+    for phase, key, default in (("phase1", "budget_fraction", None), ("phase2", "init", "random"),
+                                ("phase2", "loss_tokens", "hard"), ("phase2", "lower", "frozen")):
+        if d[phase][key] == default:
+            d[phase].pop(key)
+    if d["phase2"].get("loss_tokens") != "weighted":
+        d["phase2"].pop("easy_weight")
+    if d["phase2"].get("lower") != "finetune":
+        d["phase2"].pop("exit_loss_weight")
     # The precision that runs, not "auto" (that depends on the GPU); fp32 is left out, so run
     # dirs and cache keys from before the key existed stay valid.
     precision = run_precision(cfg)

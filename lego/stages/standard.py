@@ -79,13 +79,16 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
     if not cfg.phase1.cache or distributed.broadcast((stage_dir / "model.pt").exists()):
         return train_standard(cfg, corpus, loaders, num_layers, stage_dir, device, name, max_epochs, tracker)
     science = science_config(cfg)
+    unkeyed = ("cache", "layers", "budget_fraction")
     key_src = {"model": science["model"], "data": science["data"],
-               "phase1": {k: v for k, v in to_dict(cfg)["phase1"].items() if k not in ("cache", "layers")},
+               "phase1": {k: v for k, v in to_dict(cfg)["phase1"].items() if k not in unkeyed},
                "num_layers": num_layers, "seed": cfg.seed, "corpus": corpus.cache_key, "device": device.type,
                "lego": __version__, "records": "compute"}  # result.json records steps and training MACs
     if distributed.world_size() > 1:  # more ranks = larger batches: another model
         key_src["world_size"] = distributed.world_size()
-    if max_epochs is not None and max_epochs != cfg.phase1.max_epochs:  # a baseline's own budget
+    # A baseline's own budget, or phase 1's under phase1.budget_fraction: the epochs that run are keyed, not
+    # the fraction (a dense model of the same depth and epochs is the same model).
+    if max_epochs is not None and max_epochs != cfg.phase1.max_epochs:
         key_src["phase1"]["max_epochs"] = max_epochs
     key = fingerprint(key_src)
     entry = cache_root(cfg.data) / "models" / f"{name}-{key}"
