@@ -62,7 +62,8 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
                                         shallow_ratio=metrics["ashem"]["shallow_ratio"],
                                         policy=cfg.phase2.upper_context, **model_macs(cfg, corpus.vocab_size)))
     metrics["ashem"]["wall_cost"] = metrics["ashem"]["wall_s"] / metrics["no_routing"]["wall_s"]
-    split_hard = hard_loader(cfg, model1, loader, threshold, device, out / "scratch", shuffle=False,
+    exit_model = model2 if cfg.phase2.lower == "finetune" else model1  # the exit that routes
+    split_hard = hard_loader(cfg, exit_model, loader, threshold, device, out / "scratch", shuffle=False,
                              what=f"{cfg.eval.split} hard tokens")
     metrics["hard_tokens"] = {
         "phase1": evaluate_on_hard_examples(model1, split_hard, None, device, exit_layer),
