@@ -344,6 +344,9 @@ class GenerateConfig:
     top_k: Optional[int] = None  # sample from the k likeliest tokens; None = all
     top_p: Optional[float] = None  # nucleus sampling mass in (0, 1]; None = all
     seed: int = 0  # prompt offsets and sampling
+
+
+@dataclass
 class LoggerConfig:
     """Which experiment trackers a run writes to (`lego-run logger=<option>`; lego.trackers)."""
 

@@ -18,7 +18,7 @@ def test_run_writes_every_artifact(tmp_path):
     d = tmp_path / "run"
     for f in ["config_resolved.yaml", "run.json", "metrics.json", "tokenizer", "phase1/model.pt",
               "phase1/history.jsonl", "hard_examples/threshold.json", "phase2/model.pt", "phase2/history.jsonl",
-              "eval/metrics.json", "dense2/model.pt", "dense3/model.pt", "dense4/model.pt"]:
+              "eval/metrics.json", "dense2/model.pt", "dense4/model.pt"]:
         assert (d / f).exists(), f
     thr = json.loads((d / "hard_examples/threshold.json").read_text())
     assert thr["target_ratio"] == 0.5 and abs(thr["achieved_ratio"] - 0.5) < 0.01
