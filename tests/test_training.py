@@ -282,3 +282,26 @@ def test_evaluate_bad_routing_arguments(make_tiny_model, token_batches):
         routed_trainer(0.5, 2, 4, confidence="variance").evaluate(model, token_batches)
     with pytest.raises(ValueError, match="upper_context"):
         routed_trainer(0.5, 2, 4, upper_context="partial").evaluate(model, token_batches)
+
+
+def test_an_epoch_trains_on_that_epochs_seeded_order(make_tiny_model):
+    """Epoch e's optimizer steps see exactly the batches SeededBatches gives for epoch e (a progress
+    wrapper that touched the loader first once shifted training to epoch e + 1's order)."""
+    from lego.batches import EpochSteps, make_loader
+    from lego.training import train_epoch
+
+    tokens = torch.randint(0, 16, (2000,), generator=torch.Generator().manual_seed(0)).numpy()
+    loader = make_loader(tokens, 8, 4, shuffle=True, seed=3)
+    batches = EpochSteps(loader, 5)
+    model = make_tiny_model(num_layers=2)
+    trainer = Trainer(create_standard_config(2), progress=False)
+    seen = []
+
+    def loss(m, x, y):
+        seen.append(x.clone())
+        return trainer.stage_loss_sum(m, x, y)
+
+    train_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), loss, "cpu", epoch=4, progress=False)
+    loader.sampler.set_epoch(4)
+    expected = [x for x, _ in list(loader)[:5]]
+    assert len(seen) == 5 and all(torch.equal(a, b) for a, b in zip(seen, expected))
