@@ -153,7 +153,8 @@ def test_torchrun_two_processes_writes_one_run_with_the_global_threshold(tmp_pat
         ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", ".lego/hydra/config.yaml",
         ".lego/hydra/hydra.yaml", ".lego/hydra/overrides.yaml", ".lock", "config_resolved.yaml",
         "eval/metrics.json", "generate/config.json", "generate/metrics.json", "generate/samples.md",
-        "hard_examples/threshold.json", "lego.log", "metrics.json", "phase1/cache.json",
+        "hard_examples/threshold.json", "lego.log", "metrics.json", "metrics/phase1.csv", "metrics/phase2.csv",
+        "metrics/summary.json", "phase1/cache.json",
         "phase1/history.jsonl", "phase1/model.pt", "phase1/result.json", "phase2/history.jsonl",
         "phase2/model.pt", "phase2/result.json", "run.json", "tokenizer/tokenizer.json"]), files
     log_text = (d / "lego.log").read_text()

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import TINY as TINY_RUN
 from omegaconf import OmegaConf
 
 from lego.sweep import SweepSummary, write_summary
@@ -106,12 +108,7 @@ def test_summarize_sweep_script_keeps_its_command_line(tmp_path, capsys):
     assert mod.main([str(tmp_path / "empty")]) == 2
 
 
-TINY = [  # as tests/test_cli.py: byte tokens, a 16-wide model, two short epochs per phase
-    "data.tokenizer=bytes", "data.seq_len=16", "data.batch_size=16", "data.max_train_tokens=20000",
-    "data.max_eval_tokens=6000", "model.dim=16", "model.num_heads=2", "model.max_seq_len=16",
-    "phase1.max_epochs=2", "phase1.epoch_steps=6", "phase2.max_epochs=2", "phase2.epoch_steps=6",
-    "eval.standard_baseline=false", "eval.analysis=false", "device=cpu", "num_threads=1",
-]
+TINY = [*TINY_RUN, "eval.standard_baseline=false"]  # debug=tiny, one thread
 
 
 @pytest.mark.slow
