@@ -549,6 +549,10 @@ def validate(cfg: ASHEMConfig) -> None:
             if value != default:
                 raise ConfigError(f"{key}={value} is implemented for two Blocks only; blocks={block_layers(cfg)} "
                                   f"allows {key}={default}")
+        # the recompute store runs the frozen Blocks densely; above the first exit routing runs them routed
+        if he.store == "recompute" and p2.upper_context != "full":
+            raise ConfigError(f"hard_examples.store=recompute with blocks={block_layers(cfg)} needs "
+                              f"phase2.upper_context=full (got {p2.upper_context}); allowed stores: memory, disk")
     if not cfg.stages:
         raise ConfigError(f"stages is empty; choose from {', '.join(STAGES)}")
     for s in cfg.stages:

@@ -176,11 +176,15 @@ def test_grow_twice_freezes_every_exit_and_checkpoints_round_trip(make_tiny_mode
     ({"blocks": [2, 4, 6], "hard_example_ratios": [0.5, 0.5, 0.5]}, "hard_example_ratios"),
     ({"blocks": [2, 4, 6], "hard_example_ratios": [0.5, 1.5]}, "hard_example_ratios"),
     ({"hard_example_ratios": [0.0]}, "hard_example_ratios"),
+    ({"blocks": [2, 4, 6], "phase2.lower": "finetune", "phase2.loss_tokens": "all"}, "phase2.lower"),
+    ({"blocks": [2, 4, 6], "hard_examples.store": "recompute", "phase2.upper_context": "skip"},
+     "hard_examples.store"),
 ])
 def test_bad_blocks_input_is_one_config_error_naming_the_key(overrides, key):
     cfg = ASHEMConfig()
     for k, v in overrides.items():
-        setattr(cfg, k, v)
+        *group, name = k.split(".")
+        setattr(getattr(cfg, group[0]) if group else cfg, name, v)
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
