@@ -28,7 +28,7 @@ import torch
 
 from lego.config import CONFIDENCE_MEASURES, IGNORE_INDEX
 from lego.confidence import confidence_from_logits, exact_quantile, token_stats
-from lego.evaluation import routed_metrics, summarize
+from lego.evaluation import exit_table, routed_metrics, summarize
 from lego.progress import progress as show_progress
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,16 @@ def routed_from_tokens(tok: Dict[str, torch.Tensor], threshold: float, *, measur
     """What `Trainer.evaluate` returns with this threshold under upper_context='full', from one pass."""
     easy = _conf(tok, measure) >= threshold  # float32 against a Python float, as in Trainer.evaluate
     nll, correct = _exit_totals(tok, easy)
-    return routed_metrics(nll, correct, tok["target"].numel(), int(easy.sum()),
-                          float(tok["nll_exit"].double().sum()), int((tok["pred_exit"] == tok["target"]).sum()),
-                          float(tok["nll_deep"][~easy].double().sum()), threshold=threshold,
-                          exit_layer=exit_layer, num_layers=num_layers)
+    y = tok["target"]
+    out = routed_metrics(nll, correct, y.numel(), int(easy.sum()),
+                         float(tok["nll_exit"].double().sum()), int((tok["pred_exit"] == y).sum()),
+                         float(tok["nll_deep"][~easy].double().sum()), threshold=threshold,
+                         exit_layer=exit_layer, num_layers=num_layers)
+    out["exits"] = exit_table([exit_layer, num_layers], [int(easy.sum()), int((~easy).sum())],
+                              [float(tok["nll_exit"][easy].double().sum()), float(tok["nll_deep"][~easy].double().sum())],
+                              [int((tok["pred_exit"] == y)[easy].sum()), int((tok["pred_deep"] == y)[~easy].sum())],
+                              y.numel(), [threshold, None])
+    return out
 
 
 def share_threshold(conf: torch.Tensor, share: float) -> float:

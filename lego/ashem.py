@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from lego import distributed
 from lego.config import STORES, check_ratio
-from lego.confidence import IGNORE_INDEX, confidence_from_logits, exact_quantile
+from lego.confidence import IGNORE_INDEX, exact_quantile
+from lego.evaluation import cascade_exits
 from lego.progress import progress as show_progress
 from lego.store import HalfRowWriter, RowBuffer
 from lego.training import train_epoch
@@ -50,19 +51,21 @@ def _batches(batches: Iterable, name: str):
 
 
 @torch.no_grad()
-def exit_states(model, inputs: torch.Tensor, exit_layer: int, measure: str):
-    """(hidden state after `exit_layer` (B, T, C), confidence there (B, T)), under the model's precision."""
-    with model.autocast():
-        h = model.run_layers(model.embed(inputs), 0, exit_layer)
-        logits = model.output_head(h).float()
-    return h, confidence_from_logits(logits, measure)
+def exit_states(model, inputs: torch.Tensor, exit_layer: int, measure: str, valid: torch.Tensor):
+    """(hidden state after `exit_layer` (B, T, C), confidence there (B, T), the counted tokens that reach it (B, T)),
+    under the model's precision. A token reaches it when no exit of `model` below it took it (`cascade_exits`):
+    every counted token for Block 1's exit, and in a grown model the layers between exits run as routing runs them."""
+    below = [e for e in model.exit_layers if e < exit_layer]
+    h, passes, _ = cascade_exits(model, inputs, [*below, exit_layer], model.routing_thresholds[:len(below)], measure,
+                                 valid=valid)
+    return h, passes[-1]["stats"]["conf"], passes[-1]["reach"]
 
 
 @torch.no_grad()
 def gather_confidences(model, batches: Iterable, device, *, exit_layer: Optional[int] = None,
                        measure: Optional[str] = None, ignore_index: int = IGNORE_INDEX,
                        name: str = "val_batches") -> torch.Tensor:
-    """Confidences at the exit layer of every counted token, flattened (float32, on CPU).
+    """Confidences at the exit layer of every counted token that reaches it, flattened (float32, on CPU).
 
     Under torch.distributed each rank passes its shard of the batches and gets every rank's
     confidences (in rank order), so a quantile of them is the global one.
@@ -71,8 +74,9 @@ def gather_confidences(model, batches: Iterable, device, *, exit_layer: Optional
     layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
     out = RowBuffer()
     for inputs, targets in _batches(batches, name):
-        _, conf = exit_states(model, inputs.to(device, non_blocking=True), layer, measure)
-        out.append(conf[targets.to(device, non_blocking=True) != ignore_index])
+        valid = targets.to(device, non_blocking=True) != ignore_index
+        _, conf, reach = exit_states(model, inputs.to(device, non_blocking=True), layer, measure, valid)
+        out.append(conf[reach])
     return distributed.all_gather_varlen(out.tensor(torch.empty(0)))
 
 
@@ -81,7 +85,8 @@ def compute_confidence_threshold(model, val_batches: Iterable, target_ratio: flo
     """Threshold below which a share `target_ratio` of tokens falls: the exact quantile of confidences.
 
     Tokens with confidence >= threshold are easy (exit early); the rest are hard. The exit
-    layer defaults to the model's `exit_layer`, or its last layer for a phase-1 model.
+    layer defaults to the model's `exit_layer`, or its last layer for a phase-1 model; at a later
+    exit of a grown model only the tokens that reach it count.
     """
     check_ratio("target_ratio", target_ratio)
     conf = gather_confidences(model, val_batches, device, exit_layer=exit_layer, measure=measure)
@@ -94,7 +99,8 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
                           store: str = "memory", store_dir: Optional[str] = None,
                           ignore_index: int = IGNORE_INDEX, progress: bool = True,
                           progress_interval_s: float = 30.0, keep_easy: bool = False) -> Dict[str, object]:
-    """The sequences that hold at least one hard token, with their context.
+    """The sequences that hold at least one hard token, with their context. A hard token reaches the
+    exit layer (no exit of `model` below it took it) and its confidence there is below `threshold`.
 
     Returns {'inputs' (N, T) long, 'hidden_states' (N, T, C) exit-layer states or None,
     'targets' (N, T) with every easy position set to `ignore_index`, 'confidences' (N, T),
@@ -117,9 +123,9 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
                           enabled=progress and distributed.is_main())
     for inputs, targets in shown:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        h, conf = exit_states(model, inputs, layer, measure)
         valid = targets != ignore_index
-        hard = (conf < threshold) & valid
+        h, conf, reach = exit_states(model, inputs, layer, measure, valid)
+        hard = (conf < threshold) & reach
         n_tok += int(valid.sum())
         n_hard += int(hard.sum())
         keep = hard.any(dim=1)

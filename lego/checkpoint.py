@@ -17,7 +17,7 @@ from lego.artifacts import StageError, load_checkpoint, save_checkpoint
 from lego.config import ASHEMConfig, ConfigError, to_dict
 from lego.model import DeepSupervisionTransformer, resolve_precision
 
-_ROUTING_ATTRS = ("routing_threshold", "upper_context", "confidence")  # behaviour, not weights
+_ROUTING_ATTRS = ("routing_threshold", "routing_thresholds", "upper_context", "confidence")  # behaviour, not weights
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,9 +44,12 @@ def run_precision(cfg: ASHEMConfig) -> str:
 
 def model_args(model: DeepSupervisionTransformer) -> Dict[str, Any]:
     """Constructor arguments that rebuild `model` exactly (stored in every checkpoint)."""
-    return dict(model.shape, exit_layer=model.exit_layer, routing_threshold=model.routing_threshold,
+    args = dict(model.shape, exit_layer=model.exit_layer, routing_threshold=model.routing_threshold,
                 deep_head=model.deep_head is not None, upper_context=model.upper_context,
                 confidence=model.confidence, precision=model.precision)
+    if len(model.exit_layers) > 1:  # a model grown more than once: every exit (two-Block checkpoints stay as they were)
+        args.update(exit_layers=list(model.exit_layers), routing_thresholds=list(model.routing_thresholds))
+    return args
 
 
 def build_model(cfg: ASHEMConfig, vocab_size: int, num_layers: int) -> DeepSupervisionTransformer:
@@ -70,9 +73,7 @@ def load_model(path: Path, expect_args: Dict[str, Any], device, what: str) -> De
             if k not in _ROUTING_ATTRS and args.get(k) != v]
     if diff:
         raise StageError(f"{what} {path} has another model shape: {'; '.join(diff[:4])}")
-    model = DeepSupervisionTransformer(**{**args, **{k: expect_args[k] for k in _ROUTING_ATTRS}})
+    model = DeepSupervisionTransformer(**{**args, **{k: expect_args[k] for k in _ROUTING_ATTRS if k in expect_args}})
     model.load_state_dict(state["state_dict"])
-    if args.get("exit_layer") is not None:  # a grown model: lower Block and exit head stay frozen
-        for module in [model.embedding, model.output_head, *model.layers[: args["exit_layer"]]]:
-            module.requires_grad_(False)
+    model.freeze_exits()  # a grown model: the Blocks below its last exit and their heads stay frozen
     return model.to(device)

@@ -224,6 +224,8 @@ class TrainingConfig:
     stages: List[StageConfig] = field(default_factory=list)
     routing_threshold: Optional[float] = None
     exit_layer: Optional[int] = None
+    exit_layers: Optional[List[int]] = None  # every exit of a cascade (more than two Blocks); the first is exit_layer
+    routing_thresholds: Optional[List[float]] = None  # their thresholds; the first is routing_threshold
     confidence: str = "max_prob"  # measure used by routing: one of CONFIDENCE_MEASURES
     upper_context: Optional[str] = None  # None: the model's own policy
     grad_clip: Optional[float] = 1.0
@@ -393,6 +395,11 @@ class ASHEMConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers; no effect on results
     hard_example_ratio: float = 0.5  # share of calibration tokens that are hard (continue past Block 1)
+    blocks: Optional[List[int]] = None  # cumulative layer counts of the Blocks, e.g. [2, 4, 6]; None = [phase1.layers,
+    #   phase2.layers]. Given, it overrides both (phase1.layers := first, phase2.layers := last); every Block after
+    #   the first trains with phase2's settings (lr, patience, epochs, upper_context, ...)
+    hard_example_ratios: Optional[List[float]] = None  # per exit, the share of the tokens reaching it that continue
+    #   past it; None = [hard_example_ratio] * (len(blocks) - 1); one value applies to every exit
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     num_threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
@@ -463,8 +470,46 @@ def check_model(m: "ModelConfig", prefix: str = "") -> None:
                           f"{m.dim // m.num_heads}")
 
 
+def block_layers(cfg: ASHEMConfig) -> List[int]:
+    """The cumulative layer counts of the Blocks: `blocks`, or [phase1.layers, phase2.layers]."""
+    return list(cfg.blocks) if cfg.blocks is not None else [cfg.phase1.layers, cfg.phase2.layers]
+
+
+def exit_ratios(cfg: ASHEMConfig) -> List[float]:
+    """Per exit (every Block but the last), the share of the tokens reaching it that continue past it."""
+    n = len(block_layers(cfg)) - 1
+    r = cfg.hard_example_ratios
+    if r is None:
+        return [cfg.hard_example_ratio] * n
+    return list(r) * n if len(r) == 1 else list(r)
+
+
+def apply_blocks(cfg: ASHEMConfig) -> None:
+    """Check `blocks` and `hard_example_ratios`, then make phase1.layers, phase2.layers and hard_example_ratio
+    say the same: the first and last Block, the first exit's ratio (what the two-Block code reads)."""
+    if cfg.blocks is not None:
+        b = list(cfg.blocks)
+        if len(b) < 2:
+            raise ConfigError(f"blocks={b} needs at least 2 entries (cumulative layer counts, e.g. [2, 4, 6])")
+        for x in b:
+            check_positive("blocks", x)
+        if any(y <= x for x, y in zip(b, b[1:])):
+            raise ConfigError(f"blocks={b} must be strictly increasing (cumulative layer counts, e.g. [2, 4, 6])")
+        cfg.phase1.layers, cfg.phase2.layers = b[0], b[-1]
+    if cfg.hard_example_ratios is not None:
+        r, n = list(cfg.hard_example_ratios), len(block_layers(cfg)) - 1
+        if len(r) not in (1, n):
+            raise ConfigError(f"hard_example_ratios={r} needs 1 or {n} entries (one per exit of blocks="
+                              f"{block_layers(cfg)})")
+        for x in r:
+            check_ratio("hard_example_ratios", x)
+        cfg.hard_example_ratio = r[0]
+
+
 def validate(cfg: ASHEMConfig) -> None:
-    """Check ranges and cross-key constraints; raise ConfigError("<key>=...: ...") on the first problem."""
+    """Check ranges and cross-key constraints; raise ConfigError("<key>=...: ...") on the first problem.
+    Sets phase1.layers, phase2.layers and hard_example_ratio from `blocks` / `hard_example_ratios` when given."""
+    apply_blocks(cfg)
     m, p1, p2, he, d = cfg.model, cfg.phase1, cfg.phase2, cfg.hard_examples, cfg.data
     check_model(m, "model.")
     check_choice("model.precision", m.precision, ("auto", *PRECISIONS))
@@ -498,6 +543,16 @@ def validate(cfg: ASHEMConfig) -> None:
         if not isinstance(depth, int) or not 1 <= depth <= p2.layers:
             raise ConfigError(f"eval.dense_depths contains {depth!r}; allowed: integers in [1, phase2.layers={p2.layers}]")
     check_ratio("hard_example_ratio", cfg.hard_example_ratio)
+    if len(block_layers(cfg)) > 2:
+        for key, value, default in (("phase2.lower", p2.lower, "frozen"),
+                                    ("phase1.budget_fraction", p1.budget_fraction, None)):
+            if value != default:
+                raise ConfigError(f"{key}={value} is implemented for two Blocks only; blocks={block_layers(cfg)} "
+                                  f"allows {key}={default}")
+        # the recompute store runs the frozen Blocks densely; above the first exit routing runs them routed
+        if he.store == "recompute" and p2.upper_context != "full":
+            raise ConfigError(f"hard_examples.store=recompute with blocks={block_layers(cfg)} needs "
+                              f"phase2.upper_context=full (got {p2.upper_context}); allowed stores: memory, disk")
     if not cfg.stages:
         raise ConfigError(f"stages is empty; choose from {', '.join(STAGES)}")
     for s in cfg.stages:

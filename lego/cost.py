@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Sequence
 
 POLICIES = ("full", "propagate", "skip")
 
@@ -55,16 +55,28 @@ def upper_macs(*, dim: int, ffn_mult: int, ffn: str, seq_len: int, num_upper_lay
 
 
 def routed_macs(*, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_len: int, exit_layer: int,
-                num_layers: int, shallow_ratio: float, policy: str) -> Dict[str, float]:
-    """Per-token MACs of routed inference, of the full-depth model, and their ratio (`flop_cost`)."""
-    h = 1.0 - shallow_ratio
+                num_layers: int, shallow_ratio: float, policy: str, exit_layers: Optional[Sequence[int]] = None,
+                exit_shares: Optional[Sequence[float]] = None) -> Dict[str, float]:
+    """Per-token MACs of routed inference, of the full-depth model, and their ratio (`flop_cost`).
+
+    A cascade passes `exit_layers` (the first is `exit_layer`) and `exit_shares`, the share of all
+    tokens predicted at each; between two exits the layers run under `policy` with the tokens that
+    reach the upper one as the hard ones, and each later head runs for those tokens only."""
+    exits = [exit_layer] if exit_layers is None else list(exit_layers)
+    shares = [shallow_ratio] if exit_shares is None else list(exit_shares)
+    if exits[0] != exit_layer or len(shares) != len(exits):
+        raise ValueError(f"exit_layers={exits} must start with exit_layer={exit_layer}, one share per exit")
     full_layer = sum(layer_macs(dim, ffn_mult, ffn, (seq_len + 1) / 2).values())
     head = dim * vocab_size
     full_depth = num_layers * full_layer + head
-    lower = exit_layer * full_layer + head  # every token: Block 1 and the exit head
-    upper = upper_macs(dim=dim, ffn_mult=ffn_mult, ffn=ffn, seq_len=seq_len,
-                       num_upper_layers=num_layers - exit_layer, hard_ratio=h, policy=policy)
-    routed = lower + upper + h * head  # deep head for hard tokens only
+    routed = exit_layer * full_layer + head  # every token: Block 1 and the exit head
+    reach = 1.0
+    for j, share in enumerate(shares):
+        top = exits[j + 1] if j + 1 < len(exits) else num_layers
+        reach = reach - share  # the tokens that continue past exit j + 1
+        routed = routed + upper_macs(dim=dim, ffn_mult=ffn_mult, ffn=ffn, seq_len=seq_len,
+                                     num_upper_layers=top - exits[j], hard_ratio=reach,
+                                     policy=policy) + reach * head  # the next head for them only
     return {"macs_per_token": routed, "full_depth_macs_per_token": full_depth, "flop_cost": routed / full_depth}
 
 

@@ -15,7 +15,7 @@ layer, `model.layers[1]`.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -186,15 +186,19 @@ class Layer(nn.Module):
 
 
 class DeepSupervisionTransformer(nn.Module):
-    """Causal decoder LM with readout at any layer and optional two-stage routing.
+    """Causal decoder LM with readout at any layer and optional cascaded routing.
 
     Args:
         vocab_size, dim, num_layers, num_heads: the model's shape (`dim % num_heads == 0`).
         exit_layer: layer (1-based) where easy tokens may exit; None for a plain LM.
         routing_threshold: confidence at `exit_layer` at or above which a token exits.
+        exit_layers / routing_thresholds: every exit of a model grown more than once (increasing,
+            each below `num_layers`) and its threshold; the first is `exit_layer` / `routing_threshold`.
+            A token is predicted at the first exit where its confidence reaches that exit's threshold.
         max_seq_len: longest sequence the position tables cover.
         norm / pos / ffn: "layernorm"|"rmsnorm", "learned"|"rope", "gelu"|"swiglu".
-        deep_head: give layers above `exit_layer` their own output head (see `grow`).
+        deep_head: give layers above `exit_layer` their own output head (see `grow`); with more
+            exits, each exit above the first reads its own head too (`exit_heads`).
         upper_context: how layers above `exit_layer` treat easy tokens when routing:
             "full" (run every token), "propagate" (easy tokens' exit states give keys/values
             only) or "skip" (easy tokens take no part).
@@ -223,6 +227,8 @@ class DeepSupervisionTransformer(nn.Module):
         upper_context: str = "full",
         confidence: str = "max_prob",
         precision: str = "fp32",
+        exit_layers: Optional[Sequence[int]] = None,
+        routing_thresholds: Optional[Sequence[Optional[float]]] = None,
     ):
         super().__init__()
         for key, value in (("vocab_size", vocab_size), ("num_layers", num_layers)):
@@ -230,8 +236,21 @@ class DeepSupervisionTransformer(nn.Module):
         self.config = ModelConfig(dim=dim, num_heads=num_heads, max_seq_len=max_seq_len, dropout=dropout, norm=norm,
                                   pos=pos, ffn=ffn, ffn_mult=ffn_mult, precision=precision)
         check_model(self.config)
+        exits = list(exit_layers) if exit_layers is not None else [] if exit_layer is None else [exit_layer]
+        if exit_layer is not None and exits[:1] != [exit_layer]:
+            raise ConfigError(f"exit_layer={exit_layer} must be the first of exit_layers={exits}")
+        if exit_layer is None and exits:
+            exit_layer = exits[0]
         if exit_layer is not None and not 1 <= exit_layer < num_layers:
             raise ConfigError(f"exit_layer={exit_layer} must be in [1, num_layers) = [1, {num_layers})")
+        if any(b <= a for a, b in zip(exits, exits[1:])) or (exits and exits[-1] >= num_layers):
+            raise ConfigError(f"exit_layers={exits} must increase and stay below num_layers={num_layers}")
+        thresholds = list(routing_thresholds) if routing_thresholds is not None else [routing_threshold]
+        if routing_thresholds is not None and routing_threshold is not None and thresholds[0] != routing_threshold:
+            raise ConfigError(f"routing_threshold={routing_threshold} must be the first of "
+                              f"routing_thresholds={thresholds}")
+        if routing_thresholds is not None and len(thresholds) != len(exits):
+            raise ConfigError(f"routing_thresholds={thresholds} needs one entry per exit of exit_layers={exits}")
         check_choice("upper_context", upper_context, UPPER_CONTEXTS)
         check_choice("confidence", confidence, CONFIDENCE_MEASURES)
         check_choice("precision", precision, PRECISIONS)
@@ -239,14 +258,16 @@ class DeepSupervisionTransformer(nn.Module):
             raise ConfigError("deep_head=True needs exit_layer")
         self.vocab_size, self.dim, self.num_layers, self.num_heads = vocab_size, dim, num_layers, num_heads
         self.max_seq_len = max_seq_len
-        self.exit_layer = exit_layer
-        self.routing_threshold = routing_threshold
+        self.exit_layers: List[int] = exits
+        self.routing_thresholds: List[Optional[float]] = thresholds + [None] * (len(exits) - len(thresholds))
         self.upper_context = upper_context
         self.confidence = confidence
         self.precision = precision
         self.embedding = Embedding(vocab_size, dim, max_seq_len, pos, dropout)
         self.layers = nn.ModuleList(Layer(dim, num_heads, norm, ffn, ffn_mult, dropout) for _ in range(num_layers))
         self.output_head = OutputHead(dim, vocab_size, norm)
+        # exit_heads[j]: the head of exit j + 2 (the head its Block trained with); empty for two Blocks
+        self.exit_heads = nn.ModuleList(OutputHead(dim, vocab_size, norm) for _ in exits[1:] if deep_head)
         self.deep_head = OutputHead(dim, vocab_size, norm) if deep_head else None
         if pos == "rope":
             cos, sin = rope_tables(max_seq_len, dim // num_heads)
@@ -255,6 +276,23 @@ class DeepSupervisionTransformer(nn.Module):
         else:
             self.rope_cos = self.rope_sin = None
         self.apply(self._init_weights)
+
+    @property
+    def exit_layer(self) -> Optional[int]:
+        """The first exit (where Block 1 ends); None for a plain LM."""
+        return self.exit_layers[0] if self.exit_layers else None
+
+    @property
+    def routing_threshold(self) -> Optional[float]:
+        """The first exit's threshold."""
+        return self.routing_thresholds[0] if self.routing_thresholds else None
+
+    @routing_threshold.setter
+    def routing_threshold(self, value: Optional[float]) -> None:
+        if self.routing_thresholds:
+            self.routing_thresholds[0] = value
+        else:
+            self.routing_thresholds = [value]
 
     @classmethod
     def from_config(cls, config: ModelConfig, vocab_size: int, num_layers: int, **routing) -> "DeepSupervisionTransformer":
@@ -315,10 +353,14 @@ class DeepSupervisionTransformer(nn.Module):
         return h
 
     def head_for(self, layer: int) -> OutputHead:
-        """The head that reads layer `layer`: the deep head above the exit layer, if there is one."""
-        if self.deep_head is not None and layer > self.exit_layer:
-            return self.deep_head
-        return self.output_head
+        """The head that reads layer `layer`: with deep heads, the head of the first exit at or above it
+        (`output_head` up to the first exit, `exit_heads[j]` up to exit j + 2), above the last exit the deep head."""
+        if self.deep_head is None or layer <= self.exit_layer:
+            return self.output_head
+        for exit_layer, head in zip(self.exit_layers[1:], self.exit_heads):
+            if layer <= exit_layer:
+                return head
+        return self.deep_head
 
     def logits_at(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         return self.head_for(layer)(h)
@@ -346,7 +388,7 @@ class DeepSupervisionTransformer(nn.Module):
         run nothing compiled. Compiled parts keep their parameters and state-dict keys, so
         checkpoints are the same as eager ones. `forward_routed` (dynamic token counts) stays eager.
         """
-        for module in (self.embedding, *self.layers, self.output_head, self.deep_head):
+        for module in (self.embedding, *self.layers, self.output_head, *self.exit_heads, self.deep_head):
             if module is not None:
                 module.compile(**compile_kwargs)
         return self
@@ -355,17 +397,19 @@ class DeepSupervisionTransformer(nn.Module):
     def grow(self, num_layers: int, *, exit_layer: Optional[int] = None, routing_threshold: Optional[float] = None,
              deep_head: bool = True, upper_context: Optional[str] = None,
              init: str = "random") -> "DeepSupervisionTransformer":
-        """Build a `num_layers`-layer model on top of this one (phase 2 of ASHEM).
+        """Build a `num_layers`-layer model on top of this one (phase 2 of ASHEM, and each later Block).
 
-        Copies embedding, every layer and the output head (and keeps `precision`). New layers
+        This model's last layer becomes a new exit (`exit_layer`, which must be this depth) with
+        `routing_threshold`, after the exits it already has. Copies embedding, every layer and
+        every head (and keeps `precision`). New layers
         are freshly initialised (`init="random"`), or, with `init="copy"`, copies of the lower
         stack in order (progressive stacking): new layer n + j (1-based, n = this depth) starts as
         layer (j - 1) mod n + 1, e.g. 2 -> 4 layers: layers 3, 4 := 1, 2; 2 -> 5: 3, 4, 5 := 1, 2, 1.
         Both draw the same random numbers, so what follows is seeded alike.
-        Freezes the embedding, the copied layers and `output_head` (the head read at the exit
-        layer), so the exit's logits stay bit-identical to this model's. With `deep_head` the
-        deep exit gets a trainable copy of the head; without it, the deep exit reads the frozen
-        shared head.
+        Freezes the embedding, the copied layers and every exit's head, so each exit's logits stay
+        bit-identical to this model's. With `deep_head` the deep exit gets a trainable copy of the
+        head that read this model's last layer (which stays, frozen, as the new exit's head);
+        without it, every exit reads the frozen shared head.
         """
         check_choice("init", init, PHASE2_INITS)
         exit_layer = self.num_layers if exit_layer is None else exit_layer
@@ -373,9 +417,15 @@ class DeepSupervisionTransformer(nn.Module):
             raise ValueError(f"exit_layer={exit_layer} must equal the grown model's depth {self.num_layers}")
         if num_layers <= self.num_layers:
             raise ValueError(f"num_layers={num_layers} must exceed the current depth {self.num_layers}")
+        if self.exit_layers and deep_head != (self.deep_head is not None):
+            raise ValueError(f"deep_head={deep_head} must match the model being grown (deep_head="
+                             f"{self.deep_head is not None})")
         shape = dict(self.shape, num_layers=num_layers)
+        exits = dict(exit_layer=exit_layer, routing_threshold=routing_threshold) if not self.exit_layers else dict(
+            exit_layers=[*self.exit_layers, exit_layer],
+            routing_thresholds=[*self.routing_thresholds[:len(self.exit_layers)], routing_threshold])
         big = DeepSupervisionTransformer(
-            **shape, exit_layer=exit_layer, routing_threshold=routing_threshold, deep_head=deep_head,
+            **shape, **exits, deep_head=deep_head,
             upper_context=upper_context or self.upper_context, confidence=self.confidence,
             precision=self.precision,
         ).to(next(self.parameters()).device)
@@ -387,7 +437,15 @@ class DeepSupervisionTransformer(nn.Module):
                 big.layers[i].load_state_dict(self.layers[i % self.num_layers].state_dict())
         big.output_head.load_state_dict(self.output_head.state_dict())
         if deep_head:
-            big.deep_head.load_state_dict(self.output_head.state_dict())
-        for module in [big.embedding, big.output_head, *big.layers[: self.num_layers]]:
-            module.requires_grad_(False)
+            old_heads = [*self.exit_heads, *([self.deep_head] if self.exit_layers else [])]
+            for new, old in zip(big.exit_heads, old_heads):  # the old deep head becomes the new exit's
+                new.load_state_dict(old.state_dict())
+            big.deep_head.load_state_dict(self.head_for(self.num_layers).state_dict())
+        big.freeze_exits()
         return big
+
+    def freeze_exits(self) -> None:
+        """Freeze everything up to the last exit: embedding, those layers and every exit's head."""
+        if self.exit_layers:
+            for module in [self.embedding, self.output_head, *self.exit_heads, *self.layers[: self.exit_layers[-1]]]:
+                module.requires_grad_(False)

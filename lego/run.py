@@ -22,14 +22,15 @@ from omegaconf import OmegaConf
 
 from lego import __version__, distributed
 from lego.artifacts import LockBusy, RunDirTaken, file_lock, read_json, remove_partial_writes, write_json, write_text
-from lego.config import ASHEMConfig, to_dict, validate
+from lego.config import ASHEMConfig, block_layers, to_dict, validate
 from lego.data import Corpus, load_corpus
 from lego.provenance import provenance
+from lego.stages.compare import pipeline_names
 from lego.stages.eval import stage_eval
 from lego.stages.generate import headline, stage_generate
 from lego.stages.hard_examples import load_threshold, stage_hard_examples
 from lego.stages.phase1 import load_phase1, stage_phase1
-from lego.stages.phase2 import load_phase2, routing_threshold_info, stage_phase2
+from lego.stages.phase2 import load_phase2, routing_threshold_info, stage_later_blocks, stage_phase2
 from lego.stages.setup import make_loaders, science_config, setup_torch
 from lego.trackers import Tracker, tracker_from_config
 
@@ -123,9 +124,13 @@ def _run_stages(cfg: ASHEMConfig, run_dir: Path, tracker: Tracker) -> Dict[str, 
         model2 = load_phase2(cfg, model1, threshold_info["threshold"], run_dir, device)
     if model2 is not None:  # phase2.lower=finetune recalibrated the threshold after phase 2
         threshold_info = routing_threshold_info(cfg, run_dir, threshold_info)
+    later_exits = []  # threshold.json of each exit above the first (more than two Blocks)
+    if model2 is not None and len(block_layers(cfg)) > 2:
+        model2, later_exits = timed("blocks", lambda: stage_later_blocks(cfg, model2, loaders, run_dir, device,
+                                                                         tracker, train="phase2" in stages))
     if "eval" in stages:
         metrics = timed("eval", lambda: stage_eval(cfg, corpus, model1, model2, threshold_info, loaders, run_dir,
-                                                   device, tracker))
+                                                   device, tracker, later_exits=later_exits))
     elif (run_dir / "eval" / "metrics.json").exists():  # e.g. stages=[generate]: keep the summary's numbers
         metrics = read_json(run_dir / "eval" / "metrics.json")
     if "generate" in stages:
@@ -178,6 +183,8 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
         a = metrics["ashem"]
         summary.update({k: a[k] for k in ("acc", "ppl", "shallow_ratio", "compute_cost", "flop_cost", "wall_cost")})
         summary["threshold"] = metrics["threshold"]
+        if "exit_layers" in metrics:  # a cascade: the share predicted at each exit (the last layer last)
+            summary.update({f"exit{e['layer']}_share": e["share"] for e in a["exits"]})
         summary["phase1_ppl"] = metrics["phase1_only"]["ppl"]
         summary["no_routing_ppl"] = metrics["no_routing"]["ppl"]
         summary["val_ppl"] = metrics["ashem_validation"]["ppl"]
@@ -196,7 +203,7 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
                 summary["gap_at_training_compute_pct"] = v["training"]["gap_pct"]
             summary["verdict"] = v["line"]
         summary["not_converged"] = [name for name, rec in
-                                    [("phase1", compute["phase1"]), ("phase2", compute["phase2"]),
+                                    [*((s, compute[s]) for s in pipeline_names(cfg) if s != "mining"),
                                      *((f"dense{d}", r) for d, r in metrics.get("dense", {}).items())]
                                     if not rec.get("converged", False)]
         summary["hard_ppl_phase1"] = metrics["hard_tokens"]["phase1"]["ppl"]

@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 
 from lego.artifacts import read_json
 from lego.batches import EpochSteps
-from lego.config import ASHEMConfig
+from lego.config import ASHEMConfig, block_layers
 from lego.cost import dense_training_macs, forward_macs_per_token, mining_macs, steps_for_macs
 from lego.data import Corpus
 from lego.stages.setup import Loaders, model_macs
@@ -29,25 +29,35 @@ def stage_record(stage_dir: Path) -> Dict[str, Any]:
     return {k: result[k] for k in RECORDED if k in result}
 
 
+def pipeline_names(cfg: ASHEMConfig) -> List[str]:
+    """The pipeline's training stages: phase1, mining, phase2, then block3, block4, ... for more Blocks."""
+    return [*PIPELINE, *(f"block{k + 1}" for k in range(2, len(block_layers(cfg))))]
+
+
 def pipeline_compute(cfg: ASHEMConfig, corpus: Corpus, run_dir: Path) -> Dict[str, Dict[str, Any]]:
     """Training compute of the ASHEM pipeline: phase 1 (forward + backward of every layer), mining
-    (forward through Block 1 and its exit head: calibration, then mining the training and validation
-    splits for phase 2) and phase 2 (the upper Block trained on hard sequences), and their total."""
+    (forward through the Blocks below each exit and its head: calibration, then mining the training and
+    validation splits for the next Block), phase 2 and each later Block (trained on hard sequences), and
+    their total."""
     T = cfg.data.seq_len
     calibration = corpus.validation if cfg.hard_examples.calibration_split == "validation" else corpus.train
     mined = positions(calibration, T) + positions(corpus.train, T) + positions(corpus.validation, T)
+    exits = block_layers(cfg)[:-1]
     out = {"phase1": stage_record(run_dir / "phase1"),
-           "mining": {"tokens": mined, "train_macs": mining_macs(tokens=mined, exit_layer=cfg.phase1.layers,
-                                                                **model_macs(cfg, corpus.vocab_size))},
-           "phase2": stage_record(run_dir / "phase2")}
-    out["total"] = {k: sum(out[s].get(k, 0) for s in PIPELINE) for k in ("steps", "tokens", "train_s", "train_macs")}
+           "mining": {"tokens": mined * len(exits),
+                      "train_macs": sum(mining_macs(tokens=mined, exit_layer=e, **model_macs(cfg, corpus.vocab_size))
+                                        for e in exits)},
+           **{name: stage_record(run_dir / name) for name in pipeline_names(cfg)[2:]}}
+    out["total"] = {k: sum(out[s].get(k, 0) for s in pipeline_names(cfg))
+                    for k in ("steps", "tokens", "train_s", "train_macs")}
     return out
 
 
 def dense_depths(cfg: ASHEMConfig) -> List[int]:
-    """The dense frontier's depths: eval.dense_depths, or every depth from phase1.layers to phase2.layers."""
+    """The dense frontier's depths: every Block boundary, and eval.dense_depths or else every depth from
+    phase1.layers to phase2.layers."""
     depths = cfg.eval.dense_depths or range(cfg.phase1.layers, cfg.phase2.layers + 1)
-    return sorted(set(depths))
+    return sorted({*depths, *block_layers(cfg)})
 
 
 def dense_epochs(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, depth: int, compute: Dict[str, Any]) -> int:
@@ -59,7 +69,7 @@ def dense_epochs(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, depth: int,
         return p1.max_epochs
     per_epoch = len(EpochSteps(loaders.train, p1.epoch_steps))
     if cfg.eval.baseline_budget == "steps":
-        steps = compute["phase1"]["steps"] + compute["phase2"]["steps"]
+        steps = sum(compute[name]["steps"] for name in pipeline_names(cfg) if name != "mining")
     else:
         step_macs = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len, num_layers=depth,
                                         **model_macs(cfg, corpus.vocab_size))

@@ -3,10 +3,11 @@ and the trade-off analysis (SPEC sections 3.4 and 6)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ import torch
 from lego import distributed
 from lego.artifacts import write_json
 from lego.ashem import evaluate_on_hard_examples
-from lego.config import ASHEMConfig, StageConfig, TrainingConfig, create_standard_config
+from lego.config import ASHEMConfig, StageConfig, TrainingConfig, block_layers, create_standard_config
 from lego.cost import routed_macs
 from lego.data import Corpus
 from lego.model import DeepSupervisionTransformer
@@ -26,6 +27,7 @@ from lego.stages.standard import cached_standard
 from lego.trackers import Tracker
 from lego.training import Trainer
 
+log = logging.getLogger(__name__)
 HEADLINES = ("ppl_compute_auc", "ppl_compute_auc_per_unit", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio",
              "auroc", "ece_exit")  # analysis numbers kept in metrics.json (the rest is in eval/analysis.json)
 
@@ -40,27 +42,36 @@ def timed_evaluate(config: TrainingConfig, model, loader, device) -> Dict[str, A
 
 def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransformer,
                model2: DeepSupervisionTransformer, threshold_info: Dict[str, Any], loaders: Loaders, run_dir: Path,
-               device: torch.device, tracker: Optional[Tracker] = None) -> Dict[str, Any]:
+               device: torch.device, tracker: Optional[Tracker] = None,
+               later_exits: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
     """Writes run_dir/eval/metrics.json (and the analysis files); returns the metrics. The dense
-    baselines' curves go to `tracker`."""
+    baselines' curves go to `tracker`. `model2` is the final model; with more than two Blocks
+    `later_exits` holds the threshold.json of each exit above the first, and routing cascades."""
     out = run_dir / "eval"
     exit_layer, depth = cfg.phase1.layers, cfg.phase2.layers
     threshold = threshold_info["threshold"]
+    exits, thresholds = block_layers(cfg)[:-1], [threshold, *(i["threshold"] for i in later_exits)]
+    cascade = dict(exit_layers=exits, routing_thresholds=thresholds) if len(exits) > 1 else {}
     loader = loaders.test if cfg.eval.split == "test" else loaders.validation
     routed = TrainingConfig(stages=[StageConfig((depth, depth))], routing_threshold=threshold, exit_layer=exit_layer,
-                            confidence=cfg.hard_examples.confidence, upper_context=cfg.phase2.upper_context)
+                            confidence=cfg.hard_examples.confidence, upper_context=cfg.phase2.upper_context,
+                            **cascade)
     metrics: Dict[str, Any] = {"split": cfg.eval.split, "threshold": threshold, "exit_layer": exit_layer,
                                "num_layers": depth, "upper_context": cfg.phase2.upper_context,
                                "confidence": cfg.hard_examples.confidence}
+    if cascade:
+        metrics.update(exit_layers=exits, thresholds=thresholds)
     metrics["ashem"] = timed_evaluate(routed, model2, loader, device)
     # A sweep's objective (SPEC 6: nothing is chosen on test): the routed model on validation.
     metrics["ashem_validation"] = (metrics["ashem"] if cfg.eval.split == "validation"
                                    else Trainer(routed, device=device).evaluate(model2, loaders.validation))
     metrics["phase1_only"] = timed_evaluate(create_standard_config(exit_layer), model1, loader, device)
     metrics["no_routing"] = timed_evaluate(create_standard_config(depth), model2, loader, device)
+    shares = [e["share"] for e in metrics["ashem"]["exits"][:-1]]  # tokens predicted at each exit
     metrics["ashem"].update(routed_macs(exit_layer=exit_layer, num_layers=depth,
                                         shallow_ratio=metrics["ashem"]["shallow_ratio"],
-                                        policy=cfg.phase2.upper_context, **model_macs(cfg, corpus.vocab_size)))
+                                        policy=cfg.phase2.upper_context, **model_macs(cfg, corpus.vocab_size),
+                                        **(dict(exit_layers=exits, exit_shares=shares) if cascade else {})))
     metrics["ashem"]["wall_cost"] = metrics["ashem"]["wall_s"] / metrics["no_routing"]["wall_s"]
     exit_model = model2 if cfg.phase2.lower == "finetune" else model1  # the exit that routes
     split_hard = hard_loader(cfg, exit_model, loader, threshold, device, out / "scratch", shuffle=False,
@@ -77,7 +88,10 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
         if str(depth) in metrics["dense"]:
             metrics["standard"] = metrics["dense"][str(depth)]
         metrics["verdict"] = verdict(metrics, cfg.eval.baseline_budget)
-    if cfg.eval.analysis and distributed.is_main():  # per-token analysis of the whole split, on rank 0 alone
+    if cascade and cfg.eval.analysis:
+        log.warning("eval.analysis (trade-off curve, oracle, tokens.html) covers two Blocks only; "
+                    "skipped for blocks=%s", block_layers(cfg))
+    elif cfg.eval.analysis and distributed.is_main():  # per-token analysis of the whole split, on rank 0 alone
         whole = make_loaders(cfg, corpus, shard=False, device=device) if distributed.is_distributed() else loaders
         metrics["analysis"] = run_analysis(cfg, corpus, model2, metrics,
                                            whole.test if cfg.eval.split == "test" else whole.validation,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -33,21 +33,27 @@ def stage_hard_examples(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, lo
     return info
 
 
-def calibrate(cfg: ASHEMConfig, model: DeepSupervisionTransformer, loaders: Loaders, device) -> Dict[str, Any]:
-    """The exact `hard_example_ratio` quantile of `model`'s exit confidences on the calibration split,
-    with the statistics threshold.json records (phase 1's exit, or phase 2's under phase2.lower=finetune)."""
+def calibrate(cfg: ASHEMConfig, model: DeepSupervisionTransformer, loaders: Loaders, device, *,
+              exit_layer: Optional[int] = None, ratio: Optional[float] = None) -> Dict[str, Any]:
+    """The exact `ratio` (default hard_example_ratio) quantile of `model`'s confidences at `exit_layer`
+    (default phase1.layers) on the calibration split, over the tokens that reach that exit, with the
+    statistics threshold.json records (phase 1's exit, phase 2's under phase2.lower=finetune, or a
+    later Block's exit in a grown model)."""
     split = cfg.hard_examples.calibration_split
     loader = loaders.validation if split == "validation" else loaders.train_ordered
-    conf = gather_confidences(model, loader, device, measure=cfg.hard_examples.confidence)  # every rank's tokens
-    threshold = exact_quantile(conf, cfg.hard_example_ratio)
+    exit_layer = cfg.phase1.layers if exit_layer is None else exit_layer
+    ratio = cfg.hard_example_ratio if ratio is None else ratio
+    conf = gather_confidences(model, loader, device, exit_layer=exit_layer,
+                              measure=cfg.hard_examples.confidence)  # every rank's tokens that reach it
+    threshold = exact_quantile(conf, ratio)
     hard = int((conf < threshold).sum())
     info = {
         "threshold": threshold,
-        "target_ratio": cfg.hard_example_ratio,
+        "target_ratio": ratio,
         "achieved_ratio": hard / conf.numel(),
         "calibration_split": split,
         "confidence": cfg.hard_examples.confidence,
-        "exit_layer": cfg.phase1.layers,
+        "exit_layer": exit_layer,
         "num_tokens": conf.numel(),
         "num_hard": hard,
         "num_easy": conf.numel() - hard,
@@ -55,8 +61,8 @@ def calibrate(cfg: ASHEMConfig, model: DeepSupervisionTransformer, loaders: Load
                              "min": float(conf.min()), "max": float(conf.max()),
                              **{f"q{int(q * 100):02d}": exact_quantile(conf, q) for q in QUANTILES}},
     }
-    log.info("threshold %.6g on %s: %d of %d tokens hard (%.3f, target %.3f)", threshold, split, hard,
-             conf.numel(), info["achieved_ratio"], cfg.hard_example_ratio)
+    log.info("threshold %.6g at layer %d on %s: %d of %d tokens reaching it hard (%.3f, target %.3f)", threshold,
+             exit_layer, split, hard, conf.numel(), info["achieved_ratio"], ratio)
     return info
 
 
@@ -69,12 +75,15 @@ def load_threshold(cfg: ASHEMConfig, run_dir: Path) -> Dict[str, Any]:
 
 
 def hard_loader(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, loader, threshold: float, device,
-                store_dir: Path, *, shuffle: bool, what: str, keep_easy: bool = False):
-    """A loader over the hard sequences of `loader` (this rank's shard under torch.distributed); with
-    `keep_easy` its targets are (B, 2, T): hard-only and every position (see `collect_hard_examples`)."""
+                store_dir: Path, *, shuffle: bool, what: str, keep_easy: bool = False,
+                exit_layer: Optional[int] = None):
+    """A loader over the hard sequences of `loader` (this rank's shard under torch.distributed), hard at
+    `exit_layer` (default: the model's first exit, or its last layer); with `keep_easy` its targets are
+    (B, 2, T): hard-only and every position (see `collect_hard_examples`)."""
     if distributed.is_distributed():
         store_dir = store_dir / f"rank{distributed.rank()}"  # scratch; removed with its stage's scratch dir
-    hard = collect_hard_examples(model1, loader, threshold, device, measure=cfg.hard_examples.confidence,
+    hard = collect_hard_examples(model1, loader, threshold, device, exit_layer=exit_layer,
+                                 measure=cfg.hard_examples.confidence,
                                  store=cfg.hard_examples.store, store_dir=str(store_dir), progress=cfg.progress,
                                  progress_interval_s=cfg.progress_interval_s, keep_easy=keep_easy)
     counts = distributed.all_reduce_sum([hard["num_hard"], hard["num_tokens"], len(hard["targets"])])

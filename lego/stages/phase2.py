@@ -10,6 +10,10 @@ The variants (each one config key; the defaults are the specification):
   (StageConfig deep supervision), early-stopped on that loss on validation; the threshold is then
   recalibrated on the calibration split (phase2/threshold.json) so the asked hard ratio holds.
 - phase1.budget_fraction: phase 2's epochs are what phase 1 left of the shared budget (`budget_epochs`).
+
+With more than two `blocks`, stage phase2 also trains Blocks 3, 4, ... (`stage_later_blocks`), each as
+phase 2 trains Block 2 and with phase2's settings, into block3/, block4/, ...; the two-Block variants
+lower=finetune and phase1.budget_fraction are refused there (lego.config.validate).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -26,7 +30,7 @@ from lego.artifacts import StageError, read_json, write_json
 from lego.ashem import evaluate_on_hard_examples, train_upper_layers
 from lego.batches import EpochSteps
 from lego.checkpoint import load_model, model_args, save_model
-from lego.config import IGNORE_INDEX, ASHEMConfig, StageConfig, TrainingConfig
+from lego.config import IGNORE_INDEX, ASHEMConfig, StageConfig, TrainingConfig, block_layers, exit_ratios
 from lego.cost import dense_training_macs, phase2_training_macs
 from lego.model import DeepSupervisionTransformer
 from lego.stages.hard_examples import calibrate, hard_loader
@@ -35,9 +39,11 @@ from lego.trackers import Tracker
 from lego.training import Trainer, fit, train_epoch
 
 
-def grown(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float) -> DeepSupervisionTransformer:
-    """The phase-2 model before training: model1 grown to `phase2.layers` with the calibrated threshold."""
-    return model1.grow(cfg.phase2.layers, routing_threshold=threshold, deep_head=cfg.phase2.deep_head,
+def grown(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float,
+          num_layers: Optional[int] = None) -> DeepSupervisionTransformer:
+    """A Block's model before training: the model below grown to `num_layers` (default: Block 2's depth,
+    phase2.layers for two Blocks), its last layer a new exit with the calibrated threshold."""
+    return model1.grow(num_layers or block_layers(cfg)[1], routing_threshold=threshold, deep_head=cfg.phase2.deep_head,
                        upper_context=cfg.phase2.upper_context, init=cfg.phase2.init)
 
 
@@ -72,19 +78,22 @@ def stage_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold
 
 
 def train_upper(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float, loaders: Loaders,
-                run_dir: Path, device: torch.device, tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
-    """The specification's phase 2: Block 1 frozen, the upper Block trained on hard sequences."""
-    out = run_dir / "phase2"
-    exit_layer = cfg.phase1.layers
+                run_dir: Path, device: torch.device, tracker: Optional[Tracker] = None, *, name: str = "phase2",
+                num_layers: Optional[int] = None) -> DeepSupervisionTransformer:
+    """The specification's phase 2: the Blocks below frozen, the next Block (to `num_layers`, default
+    Block 2's depth) trained on the hard sequences at the exit `model1`'s last layer becomes, with phase2's
+    settings; writes run_dir/<name>/. `model1` is the phase-1 model, or for Block 3 on the model of Blocks 1-2."""
+    out = run_dir / name
+    exit_layer, depth = model1.num_layers, num_layers or block_layers(cfg)[1]
     p2 = cfg.phase2
     every = p2.loss_tokens != "hard"  # the deep exit is scored (and its head run) at every position
     scratch = out / "scratch"
     train_hard = hard_loader(cfg, model1, loaders.train_ordered, threshold, device, scratch / "train", shuffle=True,
-                             what="phase2 train", keep_easy=every)
+                             what=f"{name} train", keep_easy=every, exit_layer=exit_layer)
     val_hard = hard_loader(cfg, model1, loaders.validation, threshold, device, scratch / "validation",
-                           shuffle=False, what="phase2 validation")
-    torch.manual_seed(cfg.seed + 1)
-    model2 = grown(cfg, model1, threshold)
+                           shuffle=False, what=f"{name} validation", exit_layer=exit_layer)
+    torch.manual_seed(cfg.seed + 1 + len(model1.exit_layers))  # Block 2: seed + 1, Block 3: seed + 2, ...
+    model2 = grown(cfg, model1, threshold, depth)
     if cfg.model.compile:
         model2.compile_blocks()
     optimizer = make_optimizer(model2, p2.lr, p2.weight_decay, device)
@@ -94,7 +103,7 @@ def train_upper(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold:
 
     def macs(tokens: float, hard_ratio: float) -> float:
         return phase2_training_macs(tokens=tokens, hard_ratio=1.0 if every else hard_ratio, exit_layer=exit_layer,
-                                    num_layers=p2.layers, policy=p2.upper_context,
+                                    num_layers=depth, policy=p2.upper_context,
                                     recompute=cfg.hard_examples.store == "recompute", **shape)
 
     max_epochs = p2.max_epochs
@@ -108,10 +117,10 @@ def train_upper(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold:
         lambda epoch, totals: train_upper_layers(model2, train_batches, optimizer, None, device, exit_layer,
                                                  grad_clip=p2.grad_clip, epoch=epoch, lr_factor=schedule,
                                                  totals=totals, easy_weight=easy_weight,
-                                                 **loop_report(cfg, tracker, "phase2")),
+                                                 **loop_report(cfg, tracker, name)),
         lambda: evaluate_on_hard_examples(model2, val_hard, None, device, exit_layer)["loss"],
-        optimizer=optimizer, work_dir=out, max_epochs=max_epochs, patience=p2.patience, name="phase2",
-        save=lambda path, result: save_model(path, model2, cfg, stage="phase2", result=result, threshold=threshold),
+        optimizer=optimizer, work_dir=out, max_epochs=max_epochs, patience=p2.patience, name=name,
+        save=lambda path, result: save_model(path, model2, cfg, stage=name, result=result, threshold=threshold),
         macs=lambda totals: macs(totals.tokens, totals.counted / max(totals.tokens, 1)), tracker=tracker)
     shutil.rmtree(scratch, ignore_errors=True)
     return model2
@@ -203,3 +212,38 @@ def load_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold:
     if cfg.phase2.lower == "finetune":
         model2.routing_threshold = routing_threshold_info(cfg, run_dir, {})["threshold"]
     return model2
+
+
+def stage_later_blocks(cfg: ASHEMConfig, model2: DeepSupervisionTransformer, loaders: Loaders, run_dir: Path,
+                       device: torch.device, tracker: Optional[Tracker] = None, *,
+                       train: bool = True) -> Tuple[DeepSupervisionTransformer, List[Dict[str, Any]]]:
+    """Blocks 3, 4, ... of `blocks` on top of the phase-2 model: for Block k, calibrate the exit below it
+    (layer blocks[k-2]) on the calibration tokens that reach it at its hard_example_ratios entry
+    (block<k>/threshold.json), then grow and train Block k on the training tokens that reach that exit and
+    are hard there, exactly as phase 2 (`train_upper`, block<k>/). Every lower exit stays bit-identical.
+    With `train=False` (phase2 not in stages) it loads what a previous invocation wrote. Returns the
+    final model and the threshold.json of each exit above the first."""
+    blocks, ratios = block_layers(cfg), exit_ratios(cfg)
+    model, infos = model2, []
+    for k in range(2, len(blocks)):  # blocks[k] ends Block k + 1; its exit below is blocks[k - 1]
+        name = f"block{k + 1}"
+        out = run_dir / name
+        path = out / "threshold.json"
+        if distributed.broadcast(path.exists()):
+            info = read_json(path)
+        elif not train:
+            raise StageError(f"stages={cfg.stages} needs {name}'s threshold at {path}; include phase2 in stages")
+        else:
+            info = calibrate(cfg, model, loaders, device, exit_layer=blocks[k - 1], ratio=ratios[k - 1])
+            if distributed.is_main():
+                write_json(path, info)
+        infos.append(info)
+        if distributed.broadcast((out / "model.pt").exists()):
+            model = load_model(out / "model.pt", model_args(grown(cfg, model, info["threshold"], blocks[k])), device,
+                               f"{name} checkpoint")
+        elif not train:
+            raise StageError(f"stages={cfg.stages} needs {name}'s result at {out / 'model.pt'}; include phase2 in stages")
+        else:
+            model = train_upper(cfg, model, info["threshold"], loaders, run_dir, device, tracker, name=name,
+                                num_layers=blocks[k])
+    return model, infos

@@ -13,7 +13,7 @@ import torch
 from lego import distributed
 from lego.batches import make_loader
 from lego.checkpoint import resolve_device, run_precision
-from lego.config import ASHEMConfig, to_dict
+from lego.config import ASHEMConfig, block_layers, exit_ratios, to_dict
 from lego.data import Corpus
 from lego.schedule import lr_factor
 
@@ -43,6 +43,12 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
     for k in _NON_SCIENCE:
         d.pop(k, None)
     d["data"].pop("cache_dir", None)
+    # Two Blocks are phase1.layers, phase2.layers and hard_example_ratio (validate set them from the lists):
+    # blocks=[2, 4] is the default run. More Blocks are recorded resolved, one ratio per exit.
+    if len(block_layers(cfg)) > 2:
+        d["blocks"], d["hard_example_ratios"] = block_layers(cfg), exit_ratios(cfg)
+    else:
+        d.pop("blocks"), d.pop("hard_example_ratios")
     d["model"].pop("compile", None)
     for phase in ("phase1", "phase2"):  # a constant schedule ignores warmup and floor: runs from before the keys match
         if d[phase]["schedule"] == "constant":
