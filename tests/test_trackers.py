@@ -222,7 +222,8 @@ def test_run_sends_each_stage_to_the_tracker(tmp_path):
     cfg = tiny_config(tmp_path / "cache", **{"logger.log_every": 3, "eval.dense_depths": [2]})
     summary = run(cfg, tmp_path / "run")
     metrics = tmp_path / "run" / "metrics"
-    assert sorted(p.name for p in metrics.iterdir()) == ["dense2.csv", "phase1.csv", "phase2.csv", "summary.json"]
+    assert sorted(p.name for p in metrics.iterdir()) == ["dense2.csv", "dense4.csv", "phase1.csv", "phase2.csv",
+                                                         "summary.json"]
     for stage in ("phase1", "phase2", "dense2"):
         rows = _rows(metrics / f"{stage}.csv")
         result = json.loads((tmp_path / "run" / stage / "result.json").read_text())

@@ -1,0 +1,189 @@
+"""`validate(cfg)`: what types cannot check (ranges, choices, cross-group constraints), one line per problem."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Dict, List
+
+from lego.config.data import validate_data_config
+from lego.config.groups import ASHEMConfig, GenerateConfig, ModelConfig, check_logger
+from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE_MEASURES, DECODERS, FFNS, LOSS_TOKENS,
+                                LOWERS, NORMS, OBJECTIVES, PHASE2_INITS, POSITIONS, PRECISIONS, STAGES,
+                                STORES, UPPER_CONTEXTS, ConfigError, check_choice, check_non_negative, check_positive,
+                                check_ratio, check_schedule)
+
+
+
+
+def check_model(m: "ModelConfig", prefix: str = "") -> None:
+    """The shape checks shared by `validate` (prefix "model.") and the model's constructor (no prefix)."""
+    for key in ("dim", "num_heads", "max_seq_len", "ffn_mult"):
+        check_positive(f"{prefix}{key}", getattr(m, key))
+    if m.dim % m.num_heads:
+        raise ConfigError(f"{prefix}dim={m.dim} must be divisible by {prefix}num_heads={m.num_heads}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"{prefix}dropout={m.dropout} must be in [0, 1)")
+    check_choice(f"{prefix}norm", m.norm, NORMS)
+    check_choice(f"{prefix}pos", m.pos, POSITIONS)
+    check_choice(f"{prefix}ffn", m.ffn, FFNS)
+    if m.pos == "rope" and (m.dim // m.num_heads) % 2:
+        raise ConfigError(f"{prefix}pos=rope needs an even head dim; {prefix}dim/{prefix}num_heads = "
+                          f"{m.dim // m.num_heads}")
+
+
+def block_layers(cfg: ASHEMConfig) -> List[int]:
+    """The cumulative layer counts of the Blocks: `blocks`, or [phase1.layers, phase2.layers]."""
+    return list(cfg.blocks) if cfg.blocks is not None else [cfg.phase1.layers, cfg.phase2.layers]
+
+
+def exit_ratios(cfg: ASHEMConfig) -> List[float]:
+    """Per exit (every Block but the last), the share of the tokens reaching it that continue past it."""
+    n = len(block_layers(cfg)) - 1
+    r = cfg.hard_example_ratios
+    if r is None:
+        return [cfg.hard_example_ratio] * n
+    return list(r) * n if len(r) == 1 else list(r)
+
+
+def apply_blocks(cfg: ASHEMConfig) -> None:
+    """Check `blocks` and `hard_example_ratios`, then make phase1.layers, phase2.layers and hard_example_ratio
+    say the same: the first and last Block, the first exit's ratio (what the two-Block code reads)."""
+    if cfg.blocks is not None:
+        b = list(cfg.blocks)
+        if len(b) < 2:
+            raise ConfigError(f"blocks={b} needs at least 2 entries (cumulative layer counts, e.g. [2, 4, 6])")
+        for x in b:
+            check_positive("blocks", x)
+        if any(y <= x for x, y in zip(b, b[1:])):
+            raise ConfigError(f"blocks={b} must be strictly increasing (cumulative layer counts, e.g. [2, 4, 6])")
+        cfg.phase1.layers, cfg.phase2.layers = b[0], b[-1]
+    if cfg.hard_example_ratios is not None:
+        r, n = list(cfg.hard_example_ratios), len(block_layers(cfg)) - 1
+        if len(r) not in (1, n):
+            raise ConfigError(f"hard_example_ratios={r} needs 1 or {n} entries (one per exit of blocks="
+                              f"{block_layers(cfg)})")
+        for x in r:
+            check_ratio("hard_example_ratios", x)
+        cfg.hard_example_ratio = r[0]
+
+
+def validate(cfg: ASHEMConfig) -> None:
+    """Check ranges and cross-key constraints; raise ConfigError("<key>=...: ...") on the first problem.
+    Sets phase1.layers, phase2.layers and hard_example_ratio from `blocks` / `hard_example_ratios` when given."""
+    apply_blocks(cfg)
+    m, p1, p2, he, d = cfg.model, cfg.phase1, cfg.phase2, cfg.hard_examples, cfg.data
+    check_model(m, "model.")
+    check_choice("model.precision", m.precision, ("auto", *PRECISIONS))
+    validate_data_config(d)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
+    for grp, name in ((p1, "phase1"), (p2, "phase2")):
+        check_positive(f"{name}.layers", grp.layers)
+        check_positive(f"{name}.lr", grp.lr, float)
+        check_positive(f"{name}.patience", grp.patience)
+        check_positive(f"{name}.max_epochs", grp.max_epochs)
+        if grp.epoch_steps is not None:
+            check_positive(f"{name}.epoch_steps", grp.epoch_steps)
+        if grp.weight_decay < 0:
+            raise ConfigError(f"{name}.weight_decay={grp.weight_decay} must be >= 0")
+        check_schedule(name, grp.schedule, grp.warmup_steps, grp.min_lr_ratio)
+    check_positive("phase2.batch_size", p2.batch_size)
+    if p1.layers >= p2.layers:
+        raise ConfigError(f"phase1.layers={p1.layers} must be smaller than phase2.layers={p2.layers}")
+    check_choice("phase2.upper_context", p2.upper_context, UPPER_CONTEXTS)
+    check_variants(cfg)
+    check_choice("hard_examples.confidence", he.confidence, CONFIDENCE_MEASURES)
+    check_choice("hard_examples.store", he.store, STORES)
+    check_choice("hard_examples.calibration_split", he.calibration_split, CALIBRATION_SPLITS)
+    check_choice("eval.split", cfg.eval.split, ("test", "validation"))
+    if cfg.eval.split == "validation" and not cfg.eval.allow_validation_split:
+        raise ConfigError("eval.split=validation scores on the split the threshold was calibrated on and phase 2 "
+                          "early-stopped on; add eval.allow_validation_split=true to do it anyway")
+    check_choice("eval.baseline_budget", cfg.eval.baseline_budget, BASELINE_BUDGETS)
+    for depth in cfg.eval.dense_depths or ():
+        if not isinstance(depth, int) or not 1 <= depth <= p2.layers:
+            raise ConfigError(f"eval.dense_depths contains {depth!r}; allowed: integers in [1, phase2.layers={p2.layers}]")
+    check_ratio("hard_example_ratio", cfg.hard_example_ratio)
+    if len(block_layers(cfg)) > 2:
+        for key, value, default in (("phase2.lower", p2.lower, "frozen"),
+                                    ("phase1.budget_fraction", p1.budget_fraction, None)):
+            if value != default:
+                raise ConfigError(f"{key}={value} is implemented for two Blocks only; blocks={block_layers(cfg)} "
+                                  f"allows {key}={default}")
+        # the recompute store runs the frozen Blocks densely; above the first exit routing runs them routed
+        if he.store == "recompute" and p2.upper_context != "full":
+            raise ConfigError(f"hard_examples.store=recompute with blocks={block_layers(cfg)} needs "
+                              f"phase2.upper_context=full (got {p2.upper_context}); allowed stores: memory, disk")
+    if not cfg.stages:
+        raise ConfigError(f"stages is empty; choose from {', '.join(STAGES)}")
+    for s in cfg.stages:
+        check_choice("stages", s, STAGES)
+    check_choice("objective", cfg.objective, OBJECTIVES)
+    validate_generate(cfg.generate, m, runs="generate" in cfg.stages)
+    if cfg.num_threads < 0:
+        raise ConfigError(f"num_threads={cfg.num_threads} must be >= 0")
+    check_logger(cfg.logger)
+    check_positive("progress_interval_s", cfg.progress_interval_s, float)
+
+
+def validate_generate(g: GenerateConfig, m: ModelConfig, runs: bool) -> None:
+    """The generate group's ranges and choices; the fit into model.max_seq_len only when the stage `runs`."""
+    if g.prompt == "":
+        raise ConfigError("generate.prompt is empty; give some text, or null for prompts from the test split")
+    for key in ("num_prompts", "prompt_len", "max_new_tokens"):
+        check_positive(f"generate.{key}", getattr(g, key))
+    if not g.decoders:
+        raise ConfigError(f"generate.decoders is empty; choose from {', '.join(DECODERS)}")
+    for d in g.decoders:
+        check_choice("generate.decoders", d, DECODERS)
+    if "speculative" in g.decoders and not g.k_values:
+        raise ConfigError("generate.k_values is empty; the speculative decoder needs draft lengths >= 1")
+    for k in g.k_values:
+        check_positive("generate.k_values", k)
+    if g.temperature < 0:
+        raise ConfigError(f"generate.temperature={g.temperature} must be >= 0 (0 = greedy)")
+    if g.top_k is not None:
+        check_positive("generate.top_k", g.top_k)
+    if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
+        raise ConfigError(f"generate.top_p={g.top_p} must be in (0, 1], or null")
+    if runs and g.enabled:
+        # a text prompt has at least one token; its real length is checked once it is tokenized
+        need, what = ((g.prompt_len, f"generate.prompt_len={g.prompt_len}") if g.prompt is None
+                      else (1, "a one-token generate.prompt"))
+        if need + g.max_new_tokens > m.max_seq_len:
+            raise ConfigError(f"generate.max_new_tokens={g.max_new_tokens}: {what} + new tokens exceed "
+                              f"model.max_seq_len={m.max_seq_len}")
+
+
+
+
+def check_variants(cfg: ASHEMConfig) -> None:
+    """The LEGO variants (phase2.init, loss_tokens, lower, phase1.budget_fraction) and how they combine."""
+    p1, p2 = cfg.phase1, cfg.phase2
+    check_choice("phase2.init", p2.init, PHASE2_INITS)
+    check_choice("phase2.loss_tokens", p2.loss_tokens, LOSS_TOKENS)
+    check_non_negative("phase2.easy_weight", p2.easy_weight)
+    check_choice("phase2.lower", p2.lower, LOWERS)
+    check_non_negative("phase2.exit_loss_weight", p2.exit_loss_weight)
+    if p1.budget_fraction is not None:
+        check_ratio("phase1.budget_fraction", p1.budget_fraction)
+    # Under propagate/skip easy positions never run above the exit, so they have no deep logits to score.
+    if p2.loss_tokens != "hard" and p2.upper_context != "full":
+        raise ConfigError(f"phase2.loss_tokens={p2.loss_tokens} scores easy positions at the deep exit, which "
+                          f"phase2.upper_context={p2.upper_context} never computes; allowed: upper_context=full")
+    if p2.lower == "finetune" and p2.loss_tokens != "all":
+        raise ConfigError(f"phase2.lower=finetune trains both exits on every training token; phase2.loss_tokens="
+                          f"{p2.loss_tokens} is not allowed with it; allowed: all")
+
+
+def to_dict(cfg: ASHEMConfig) -> Dict[str, Any]:
+    """Plain nested dict of the dataclass fields (no properties), for JSON and checkpoints."""
+
+    def conv(obj):
+        if hasattr(obj, "__dataclass_fields__"):
+            return {f.name: conv(getattr(obj, f.name)) for f in fields(obj)}
+        if isinstance(obj, (list, tuple)):
+            return [conv(v) for v in obj]
+        return obj
+
+    return conv(cfg)

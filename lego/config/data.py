@@ -1,0 +1,136 @@
+"""The `data` group: which text, which tokenizer, how it is cut into batches, and its checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from lego.config.values import (DATA_NAMES, DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SPLITS, TOKENIZERS, _fail)
+
+
+@dataclass
+class DataConfig:
+    """Which text, which tokenizer, how it is cut into batches (Hydra group `data`)."""
+
+    name: str = "shakespeare"
+    """Corpus: shakespeare | kjv | wikitext2 | wikitext103 | hf | text_files."""
+    tokenizer: str = "bpe"
+    """bpe (byte-level, trained on the train split) | bytes (vocab 256) | pretrained."""
+    vocab_size: int = 2048
+    """BPE vocabulary size, at least 257 (ignored for bytes and pretrained)."""
+    pretrained_name: Optional[str] = None
+    """Hub tokenizer name for tokenizer=pretrained, e.g. 'gpt2'."""
+    seq_len: int = 128
+    """Tokens per training sequence (the model's context), at least 2."""
+    batch_size: int = 32
+    """Sequences per training batch."""
+    eval_batch_size: int = 64
+    """Sequences per evaluation batch."""
+    cache_dir: str = DEFAULT_CACHE_DIR
+    """Tokenized corpora and tokenizers; env LEGO_CACHE_DIR replaces the default."""
+    path: Optional[str] = None
+    """data=hf: `datasets.load_dataset` path, e.g. 'wikitext' or a local directory."""
+    config_name: Optional[str] = None
+    """data=hf: dataset configuration, e.g. 'wikitext-2-raw-v1'."""
+    text_column: str = "text"
+    """Column holding the text (hf, text_files with .jsonl/.parquet)."""
+    train_split: str = "train"
+    """Split (or slice, e.g. 'train[:90%]') used for training."""
+    validation_split: str = "validation"
+    """Split (or slice, e.g. 'train[90%:95%]') used for validation."""
+    test_split: str = "test"
+    """Split (or slice, e.g. 'train[95%:]') used for the final test."""
+    train_files: List[str] = field(default_factory=list)
+    """data=text_files: training files (.txt: one row per line; .jsonl; .parquet)."""
+    validation_files: List[str] = field(default_factory=list)
+    """data=text_files: validation files (may be empty if validation_split slices train)."""
+    test_files: List[str] = field(default_factory=list)
+    """data=text_files: test files (may be empty if test_split slices train)."""
+    max_train_tokens: Optional[int] = None
+    """Use only the first this-many training tokens (quick runs); None uses all."""
+    max_eval_tokens: Optional[int] = None
+    """Use only the first this-many validation and test tokens (quick runs); None uses all."""
+
+    def __post_init__(self):
+        validate_data_config(self)
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Raise ConfigError('data.<key>: <problem>; allowed: <values>') for the first bad key.
+    Checks values and that data=text_files names existing files; the text itself is
+    checked by `load_corpus`."""
+    if cfg.name not in DATA_NAMES:
+        _fail("name", f"unknown corpus {cfg.name!r}", ", ".join(DATA_NAMES))
+    if cfg.tokenizer not in TOKENIZERS:
+        _fail("tokenizer", f"unknown tokenizer {cfg.tokenizer!r}", ", ".join(TOKENIZERS))
+    if cfg.tokenizer == "bpe" and cfg.vocab_size < 257:
+        _fail("vocab_size", f"{cfg.vocab_size} leaves no room for merges over 256 bytes",
+              "an integer >= 257")
+    if cfg.tokenizer == "pretrained" and not cfg.pretrained_name:
+        _fail("pretrained_name", "tokenizer=pretrained needs a hub tokenizer name",
+              "a name such as 'gpt2'")
+    for key in ("seq_len", "batch_size", "eval_batch_size"):
+        least = 2 if key == "seq_len" else 1
+        if getattr(cfg, key) < least:
+            _fail(key, f"{getattr(cfg, key)} is too small", f"an integer >= {least}")
+    if cfg.max_eval_tokens is not None and cfg.max_eval_tokens < cfg.seq_len + 1:
+        _fail("max_eval_tokens", f"{cfg.max_eval_tokens} holds no sequence of {cfg.seq_len + 1} tokens",
+              f"an integer >= {cfg.seq_len + 1}, or null")
+    if cfg.max_train_tokens is not None and cfg.max_train_tokens < cfg.seq_len + 1:
+        _fail("max_train_tokens", f"{cfg.max_train_tokens} holds no sequence of "
+              f"seq_len + 1 = {cfg.seq_len + 1} tokens", f"None or >= {cfg.seq_len + 1}")
+    if not cfg.cache_dir:
+        _fail("cache_dir", "empty", "a directory path")
+    if cfg.name == "hf" and not cfg.path:
+        _fail("path", "data=hf needs a dataset path", "a hub name such as 'wikitext' or a directory")
+    if cfg.name in ("hf", "text_files", *HF_PRESETS):
+        _check_split_specs(cfg)
+    if cfg.name == "text_files":
+        _check_files(cfg)
+
+
+def _split_base(spec: str) -> str:
+    """'train[:90%]' -> 'train'."""
+    return spec.split("[", 1)[0].strip()
+
+
+def _check_split_specs(cfg: DataConfig) -> None:
+    # Two splits slicing the same source split must both be slices; a bare 'train' next to
+    # 'train[90%:]' would put the validation rows into training.
+    specs = {s: getattr(cfg, f"{s}_split") for s in SPLITS}
+    for split, spec in specs.items():
+        if not spec or not _split_base(spec):
+            _fail(f"{split}_split", "empty", "a split name or slice such as 'train[:90%]'")
+        for other, other_spec in specs.items():
+            if other != split and _split_base(other_spec) == spec:
+                _fail(f"{split}_split", f"{spec!r} also feeds data.{other}_split={other_spec!r}",
+                      f"a slice that does not overlap it, e.g. '{spec}[:90%]'")
+
+
+def _check_files(cfg: DataConfig) -> None:
+    if not cfg.train_files:
+        _fail("train_files", "data=text_files needs at least one training file",
+              "a list of .txt/.jsonl/.parquet paths")
+    builders = set()
+    for split in SPLITS:
+        for f in getattr(cfg, f"{split}_files"):
+            suffix = Path(f).suffix.lower()
+            if suffix not in FILE_BUILDERS:
+                _fail(f"{split}_files", f"{f!r} has an unsupported extension",
+                      ", ".join(FILE_BUILDERS))
+            if not Path(f).expanduser().is_file():
+                _fail(f"{split}_files", f"no such file {f!r}", "paths of existing files")
+            if Path(f).expanduser().stat().st_size == 0:
+                _fail(f"{split}_files", f"{f!r} is empty", "files that hold text")
+            builders.add(FILE_BUILDERS[suffix])
+    if len(builders) > 1:
+        _fail("train_files", f"files of different formats ({', '.join(sorted(builders))})",
+              "one format across all splits")
+    with_files = [s for s in SPLITS if getattr(cfg, f"{s}_files")]
+    for split in SPLITS:
+        spec = getattr(cfg, f"{split}_split")
+        if _split_base(spec) not in with_files:
+            _fail(f"{split}_files", f"no files, and data.{split}_split={spec!r} names no split "
+                  "that has files", f"files, or a slice of {', '.join(with_files)} such as "
+                  f"'{with_files[0]}[90%:95%]' (with data.train_split sliced too)")
