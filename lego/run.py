@@ -199,8 +199,9 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
         if "verdict" in metrics:
             v = metrics["verdict"]
             summary["gap_at_inference_cost_pct"] = v["inference"]["gap_pct"]
-            if "training" in v:
+            if "gap_pct" in v["training"]:
                 summary["gap_at_training_compute_pct"] = v["training"]["gap_pct"]
+            summary["gap_to_best_dense_pct"] = v["training"]["best_gap_pct"]
             summary["verdict"] = v["line"]
         summary["not_converged"] = [name for name, rec in
                                     [*((s, compute[s]) for s in pipeline_names(cfg) if s != "mining"),

@@ -4,14 +4,13 @@ the frontier, operating points chosen on validation, the learning-rate schedule 
 import json
 
 import pytest
-import torch
 
 from conftest import tiny_config
 from lego.analysis import compute_saved_at, routed_from_tokens, share_threshold, token_outputs, tradeoff_curve
 from lego.cost import dense_training_macs
 from lego.run import format_table, run
 from lego.schedule import lr_at
-from lego.stages.compare import interpolate, positions
+from lego.stages.compare import interpolate, pareto, positions
 
 
 def read(path):
@@ -59,6 +58,8 @@ def test_verdict_and_flags_are_in_the_summary_and_table(matched_run):
     assert v["training"]["dense_ppl"] == summary["dense4_ppl"]
     assert summary["gap_at_training_compute_pct"] == pytest.approx(100 * (summary["ppl"] / summary["dense4_ppl"] - 1))
     assert summary["verdict"] == v["line"] and "At equal training compute" in v["line"]
+    best = min((2, 3, 4), key=lambda depth: summary[f"dense{depth}_ppl"])
+    assert v["training"]["best_depth"] == best and v["training"]["best_ppl"] == summary[f"dense{best}_ppl"]
     assert set(summary["not_converged"]) <= {"phase1", "phase2", "dense2", "dense3", "dense4"}
     table = format_table(summary)
     assert table.endswith(v["line"])
@@ -134,8 +135,13 @@ def test_other_budgets(tmp_path, budget):
 def test_interpolation_on_the_frontier():
     pts = [(0.6, 100.0), (0.8, 90.0), (1.0, 85.0)]
     assert interpolate(pts, 0.7) == {"ppl": 95.0, "where": "interpolated"}
-    assert interpolate(pts, 1.2)["ppl"] == 85.0 and "above" in interpolate(pts, 1.2)["where"]
+    assert interpolate(pts, 1.2)["ppl"] == 85.0 and "beyond" in interpolate(pts, 1.2)["where"]
     assert interpolate(pts, 0.5)["ppl"] == 100.0 and "below" in interpolate(pts, 0.5)["where"]
+    # a deeper model that does worse than a shallower one is off the frontier: the shallow one is cheaper
+    dominated = [(0.6, 73.0), (1.0, 88.5)]
+    assert pareto(dominated) == [(0.6, 73.0)]
+    assert interpolate(dominated, 1.118) == {"ppl": 73.0, "where": "at or beyond its dearest point"}
+    assert interpolate(dominated, 0.8)["ppl"] == 73.0
 
 
 def test_scoring_on_the_calibration_split_needs_saying_so(tmp_path):

@@ -84,47 +84,68 @@ def inference_cost(cfg: ASHEMConfig, vocab_size: int, depth: int) -> float:
             / forward_macs_per_token(num_layers=cfg.phase2.layers, **shape))
 
 
+def pareto(points: List[tuple]) -> List[tuple]:
+    """The (cost, ppl) points no cheaper point beats: the dense frontier proper. A deeper dense model
+    that scores worse than a shallower one at the same training budget is off it (the shallow one
+    is both cheaper and better)."""
+    out: List[tuple] = []
+    for x, y in sorted(points):
+        if not out or y < out[-1][1]:
+            out.append((x, y))
+    return out
+
+
 def interpolate(points: List[tuple], x: float) -> Dict[str, Any]:
-    """The frontier's y at `x`, linear between its (x, y) points; outside their range, the nearest end."""
-    pts = sorted(points)
+    """The dense frontier's ppl at inference cost `x`: linear between its Pareto points (`pareto`);
+    past the dearest, the dearest's (a model costing more does no better than it); below the
+    cheapest, the cheapest's, flagged (no dense model is that cheap)."""
+    pts = pareto(points)
     if x <= pts[0][0]:
         return {"ppl": pts[0][1], "where": "below the frontier's cheapest model" if x < pts[0][0] else "on it"}
     if x >= pts[-1][0]:
-        return {"ppl": pts[-1][1], "where": "above the frontier's dearest model" if x > pts[-1][0] else "on it"}
+        return {"ppl": pts[-1][1], "where": "on it" if x == pts[-1][0] else "at or beyond its dearest point"}
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= x <= x1:
             return {"ppl": y0 + (y1 - y0) * (x - x0) / (x1 - x0), "where": "interpolated"}
     raise AssertionError("unreachable")
 
 
+def gap(routed_ppl: float, dense_ppl: float) -> float:
+    """How much worse (+) or better (-) the routed model's perplexity is, in percent of the dense one's."""
+    return 100 * (routed_ppl / dense_ppl - 1)
+
+
 def verdict(metrics: Dict[str, Any], budget: str) -> Dict[str, Any]:
-    """The routed model against the dense frontier at its realized inference cost (flop_cost), and
-    against the dense full-depth model at equal training compute (when the budget is matched)."""
+    """The routed model against the dense frontier at its realized inference cost (flop_cost), and at
+    the same training budget against the dense full-depth model and the best dense model of any depth."""
     routed = metrics["ashem"]
     dense = metrics["dense"]
-    frontier = [(d["inference_cost"], d["ppl"]) for d in dense.values()]
-    at = interpolate(frontier, routed["flop_cost"])
+    at = interpolate([(d["inference_cost"], d["ppl"]) for d in dense.values()], routed["flop_cost"])
     out = {"inference": {"cost": routed["flop_cost"], "routed_ppl": routed["ppl"], "dense_ppl": at["ppl"],
-                         "gap_pct": 100 * (routed["ppl"] / at["ppl"] - 1), "where": at["where"]}}
+                         "gap_pct": gap(routed["ppl"], at["ppl"]), "where": at["where"]}}
     full = dense.get(str(metrics["num_layers"]))
+    best_depth = min(dense, key=lambda d: dense[d]["ppl"])
+    out["training"] = {"budget": budget, "routed_ppl": routed["ppl"],
+                       "ashem_train_macs": metrics["train_compute"]["total"]["train_macs"],
+                       "best_depth": int(best_depth), "best_ppl": dense[best_depth]["ppl"],
+                       "best_gap_pct": gap(routed["ppl"], dense[best_depth]["ppl"])}
     if full is not None:
-        out["training"] = {"budget": budget, "routed_ppl": routed["ppl"], "dense_ppl": full["ppl"],
-                           "gap_pct": 100 * (routed["ppl"] / full["ppl"] - 1),
-                           "ashem_train_macs": metrics["train_compute"]["total"]["train_macs"],
-                           "dense_train_macs": full.get("train_macs")}
+        out["training"].update(dense_ppl=full["ppl"], gap_pct=gap(routed["ppl"], full["ppl"]),
+                               dense_train_macs=full.get("train_macs"))
     out["line"] = verdict_line(out, metrics["num_layers"])
     return out
 
 
 def verdict_line(v: Dict[str, Any], depth: int) -> str:
-    inf = v["inference"]
+    """The final table's last line: plain words, both comparisons, signed gaps (+ = routed is worse)."""
+    inf, tr = v["inference"], v["training"]
     where = "" if inf["where"] in ("interpolated", "on it") else f" ({inf['where']})"
     line = (f"At its realized inference cost ({inf['cost']:.3f} of the dense {depth}-layer model), routed test ppl "
             f"{inf['routed_ppl']:.2f} against the dense frontier's {inf['dense_ppl']:.2f}{where}: "
             f"{inf['gap_pct']:+.1f}%.")
-    tr = v.get("training")
-    if tr is not None:
-        what = "equal training compute" if tr["budget"] == "matched" else f"the '{tr['budget']}' budget"
-        line += (f" At {what}: routed {tr['routed_ppl']:.2f} against the dense {depth}-layer model's "
-                 f"{tr['dense_ppl']:.2f}: {tr['gap_pct']:+.1f}%.")
+    what = "equal training compute" if tr["budget"] == "matched" else f"the '{tr['budget']}' training budget"
+    line += f" At {what}: "
+    if "dense_ppl" in tr:
+        line += f"the dense {depth}-layer model {tr['dense_ppl']:.2f} ({tr['gap_pct']:+.1f}%), "
+    line += f"the best dense model ({tr['best_depth']} layers) {tr['best_ppl']:.2f} ({tr['best_gap_pct']:+.1f}%)."
     return line
