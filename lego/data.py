@@ -1,4 +1,4 @@
-"""Corpora, tokenization cache and seeded batches for LEGO.
+"""Corpora and the tokenization cache for LEGO (batches: `lego.batches`).
 
 A corpus is three fixed, non-overlapping splits of real text, tokenized once and kept on
 disk as memory-mapped token arrays under `data.cache_dir` (env LEGO_CACHE_DIR overrides the
