@@ -2,6 +2,7 @@
 what each changes, that the defaults stay the specification, and one tiny run per non-default key."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -259,3 +260,12 @@ def test_tiny_run_budget_fraction_follows_the_rule(tmp_path):
     expected = left / (per_epoch * step2)  # realized MACs per step: within rounding of the mined hard ratio's
     assert abs(p2["epochs_run"] - max(1.0, expected)) <= 0.5 + 0.05 * expected
     assert p2["epochs_run"] != cfg.phase2.max_epochs or round(expected) == cfg.phase2.max_epochs
+
+
+@pytest.mark.parametrize("variant", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "lego/conf/variant").glob("*.yaml")))
+def test_every_study_variant_composes_and_validates(variant):
+    from conftest import compose_config
+    from lego.cli import to_config
+    from lego.config import validate
+
+    validate(to_config(compose_config([f"+variant={variant}", "experiment=converged"])))
