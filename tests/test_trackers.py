@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -234,3 +235,25 @@ def test_run_sends_each_stage_to_the_tracker(tmp_path):
         assert len(val) == result["epochs_run"]
         assert min(float(r["val_loss"]) for r in val) == pytest.approx(result["best_val_loss"])
     assert json.loads((metrics / "summary.json").read_text())["ppl"] == summary["ppl"]
+
+
+@pytest.mark.slow
+def test_lego_run_logger_tensorboard_writes_readable_events(tmp_path):
+    """`lego-run logger=tensorboard` (the installed CLI): event files whose scalars are each stage's curves."""
+    pytest.importorskip("tensorboard")
+    import subprocess
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import TINY
+
+    env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"))
+    res = subprocess.run([sys.executable, "-m", "lego", *TINY, "logger=tensorboard", "eval.standard_baseline=false",
+                          "hydra.run.dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"phase1/loss", "phase1/lr", "phase1/grad_norm", "phase1/val_ppl", "phase2/loss", "phase2/val_loss"} <= tags
+    steps = json.loads((tmp_path / "run" / "phase1" / "result.json").read_text())["steps"]
+    assert [e.step for e in acc.Scalars("phase1/loss")] == list(range(1, steps + 1))
