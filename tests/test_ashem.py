@@ -3,7 +3,6 @@
     python -m pytest tests/test_ashem.py -q
 """
 
-import copy
 import logging
 import math
 

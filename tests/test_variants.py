@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_config
 from lego.ashem import _upper_loss, collect_hard_examples, compute_confidence_threshold, train_upper_layers
-from lego.checkpoint import load_model, model_args
+from lego.checkpoint import load_model
 from lego.confidence import IGNORE_INDEX
 from lego.config import ASHEMConfig, ConfigError, validate
 from lego.cost import dense_training_macs
