@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 import torch
 
+from lego.artifacts import write_json, write_text
 from lego.config import DECODERS, ConfigError
 from lego.confidence import confidence_from_logits
 from lego.kvcache import CachedModel, Positions
@@ -394,10 +396,6 @@ def run_generation(model: DeepSupervisionTransformer, tokenizer, prompts: List[L
     every round: greedy, or sampling from the same seed). `agreement_with_dense` compares greedy outputs (extra greedy runs when
     temperature > 0) with dense greedy, position by position.
     """
-    from pathlib import Path
-
-    from lego.artifacts import write_json, write_text
-
     for d in decoders:
         if d not in DECODERS:
             raise ConfigError(f"generate.decoders: {d!r} is not a decoder; choose from {', '.join(DECODERS)}")
