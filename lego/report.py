@@ -252,7 +252,8 @@ def _report(s: dict, rows: List[dict], plotted: bool, upper_context: str) -> str
     blocks += [
         "## Routers and baselines",
         _table(header, ([name, *(m.get(c) for c in header[1:])] for name, m in models.items())),
-        f"Oracle router: {oracle_rule}, so it keeps every deep prediction (its accuracy is the full-depth model's). It sends "
+        f"Oracle router: {oracle_rule}, so it keeps every deep prediction (its accuracy is the full-depth model's). "
+        "It sends "
         f"**{s['oracle_shallow_ratio']:.1%}** of tokens out early; the calibrated router sends "
         f"**{s['calibrated']['shallow_ratio']:.1%}**.",
         "## Trade-off",

@@ -1,5 +1,5 @@
 """LEGO with any number of Blocks (issue 16): blocks=[2, 4] is the default run bit for bit; a 3-Block run keeps
-every exit's logits, calibrates each exit on the tokens that reach it, and shares Block 1 through the cache;
+every exit's logits, calibrates each exit on the tokens that reach it, and shares Blocks 1 and 2 through the cache;
 cascaded routing and compute_cost against a hand computation; bad `blocks` / `hard_example_ratios` input."""
 
 import csv
@@ -129,6 +129,20 @@ def test_every_exit_stays_bit_identical_and_meets_its_ratio(sweep):
 def test_the_cache_trains_block1_once_across_a_blocks_sweep(sweep):
     hits = {name: json.loads((d / "phase1/cache.json").read_text())["hit"] for name, (_, _, d) in sweep.items()}
     assert hits == {"default": False, "2-4": True, "2-4-6": True}
+
+
+def test_the_cache_trains_block2_once_and_copies_it_into_each_run(sweep):
+    hits = {name: json.loads((d / "phase2/cache.json").read_text()) for name, (_, _, d) in sweep.items()}
+    assert {name: h["hit"] for name, h in hits.items()} == {"default": False, "2-4": True, "2-4-6": True}
+    assert len({h["key"] for h in hits.values()}) == 1 and hits["2-4-6"]["key_source"]["blocks"] == [2, 4]
+    d24, d246 = sweep["2-4"][2], sweep["2-4-6"][2]
+    for f in ("model.pt", "history.jsonl", "result.json"):
+        assert (d24 / "phase2" / f).read_bytes() == (d246 / "phase2" / f).read_bytes(), f
+    block3 = json.loads((d246 / "block3/cache.json").read_text())
+    assert not block3["hit"] and block3["key_source"]["exit_ratios"] == [0.5, 0.4]
+    entry = Path(block3["entry"])
+    for f in ("threshold.json", "model.pt", "history.jsonl", "result.json"):
+        assert (entry / f).read_bytes() == (d246 / "block3" / f).read_bytes(), f
 
 
 def test_cascaded_routing_and_compute_cost_match_a_hand_computation(make_tiny_model, token_batches):
