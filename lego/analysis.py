@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from lego.config import CONFIDENCE_MEASURES, IGNORE_INDEX
-from lego.confidence import confidence_from_logits, exact_quantile, token_stats
+from lego.cascade import exit_index, first_agreeing, share_threshold, share_thresholds, stop_totals
+from lego.confidence import confidence_from_logits, token_stats
 from lego.evaluation import exit_table, routed_metrics, summarize
 from lego.progress import progress as show_progress
 
@@ -42,21 +43,29 @@ PLOT_HINT = "pip install -e '.[plots]'"
 
 
 # -- one pass -----------------------------------------------------------------------------------
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 @torch.no_grad()
-def token_outputs(model, loader: Iterable, device, *, exit_layer: int, measures: Sequence[str] = CONFIDENCE_MEASURES,
+def token_outputs(model, loader: Iterable, device, *, exit_layer, measures: Sequence[str] = CONFIDENCE_MEASURES,
                   ignore_index: int = IGNORE_INDEX, progress: bool = True) -> Dict[str, torch.Tensor]:
     """Per-token numbers of one unrouted pass (every token through every layer), on CPU.
 
-    Flat 1-D tensors over the counted tokens (target != ignore_index) in loader order:
-    'input' (token at the position), 'target', 'sequence' and 'position' (row in loader order,
-    index in the row), f'conf_{m}' (float32, the exit head's confidence at `exit_layer`, computed
-    exactly as `Trainer.evaluate` routes), 'nll_exit', 'nll_deep' (float32), 'pred_exit', 'pred_deep'.
+    `exit_layer`: the exit layer, or the list of a cascade's exit layers (K exits). Flat tensors over
+    the counted tokens (target != ignore_index) in loader order: 'input' (token at the position),
+    'target', 'sequence' and 'position' (row in loader order, index in the row); per exit
+    f'conf_at_{m}' (N, K) (float32, each exit head's confidence, computed exactly as
+    `Trainer.evaluate` routes), 'nll_at' (float32) and 'pred_at' (N, K + 1) at each exit and the
+    last layer. The first exit's f'conf_{m}', 'nll_exit', 'pred_exit' and the last layer's
+    'nll_deep', 'pred_deep' are (N,) columns of them.
     """
     L = model.num_layers
-    if not 1 <= exit_layer < L:
-        raise ValueError(f"exit_layer={exit_layer} must be in [1, num_layers) = [1, {L})")
-    if model.deep_head is not None and exit_layer != model.exit_layer:
-        raise ValueError(f"exit_layer={exit_layer} differs from the model's exit_layer={model.exit_layer}: "
+    exits = _as_list(exit_layer)
+    if not 1 <= exits[0] or exits[-1] >= L or any(b <= a for a, b in zip(exits, exits[1:])):
+        raise ValueError(f"exit_layer={exit_layer} must increase within [1, num_layers) = [1, {L})")
+    if model.deep_head is not None and exits != model.exit_layers:
+        raise ValueError(f"exit_layer={exit_layer} differs from the model's exit layers {model.exit_layers}: "
                          "the deep head would read it")
     for m in measures:
         if m not in CONFIDENCE_MEASURES:
@@ -69,137 +78,160 @@ def token_outputs(model, loader: Iterable, device, *, exit_layer: int, measures:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         B, T = targets.shape
         valid = targets != ignore_index
+        conf: Dict[str, list] = {m: [] for m in measures}
+        nll, pred = [], []
         with model.autocast():  # the model's precision, as calibration and Trainer.evaluate run it
-            h = model.run_layers(model.embed(inputs), 0, exit_layer)  # (B, T, C)
-            exit_logits = model.output_head(h).float()  # (B, T, V), as Trainer.evaluate computes it
-            h_deep = model.run_layers(h, exit_layer, L)
+            h = model.embed(inputs)
+        start = 0
+        for layer in exits:  # as lego.evaluation.cascade_exits computes each exit (upper_context='full')
+            with model.autocast():
+                h = model.run_layers(h, start, layer)  # (B, T, C)
+                logits = model.logits_at(h, layer).float()  # (B, T, V)
+            st = token_stats(logits, targets, first, ignore_index)
+            for m in measures:
+                conf[m].append((st["conf"] if m == first else confidence_from_logits(logits, m))[valid])
+            nll.append(st["nll"][valid])
+            pred.append(st["pred"][valid])
+            start = layer
+        with model.autocast():
+            h_deep = model.run_layers(h, start, L)
             deep_logits = model.logits_at(h_deep[valid], L).float()  # (N, V)
         y = targets[valid]
-        ex = token_stats(exit_logits, targets, first, ignore_index)  # as Trainer.evaluate routes
         deep = token_stats(deep_logits, y, None)  # (N,)
         grid = torch.stack(torch.meshgrid(torch.arange(rows, rows + B, device=device),
                                           torch.arange(T, device=device), indexing="ij"))  # (2, B, T)
         batch = {
             "input": inputs[valid], "target": y, "sequence": grid[0][valid], "position": grid[1][valid],
-            **({f"conf_{first}": ex["conf"][valid]} if first else {}),
-            **{f"conf_{m}": confidence_from_logits(exit_logits, m)[valid] for m in measures[1:]},
-            "nll_exit": ex["nll"][valid], "nll_deep": deep["nll"],
-            "pred_exit": ex["pred"][valid], "pred_deep": deep["pred"],
+            **{f"conf_at_{m}": torch.stack(c, 1) for m, c in conf.items()},  # (N, K)
+            "nll_at": torch.stack([*nll, deep["nll"]], 1), "pred_at": torch.stack([*pred, deep["pred"]], 1),
         }
         for key, value in batch.items():
             parts.setdefault(key, []).append(value.cpu())
         rows += B
     if not parts or sum(len(p) for p in parts["target"]) == 0:
         raise ValueError("loader: no tokens to analyze (empty loader or all targets ignored)")
-    return {key: torch.cat(value) for key, value in parts.items()}
+    tok = {key: torch.cat(value) for key, value in parts.items()}
+    tok.update({f"conf_{m}": tok[f"conf_at_{m}"][:, 0] for m in measures})
+    tok.update(nll_exit=tok["nll_at"][:, 0], nll_deep=tok["nll_at"][:, -1],
+               pred_exit=tok["pred_at"][:, 0], pred_deep=tok["pred_at"][:, -1])
+    return tok
 
 
-def _conf(tok: Dict[str, torch.Tensor], measure: str) -> torch.Tensor:
-    key = f"conf_{measure}"
+def _conf(tok: Dict[str, torch.Tensor], measure: str, *, every_exit: bool = False) -> torch.Tensor:
+    """The first exit's confidences (N,), or with `every_exit` every exit's (N, K)."""
+    key = f"conf_at_{measure}" if every_exit else f"conf_{measure}"
     if key not in tok:
-        have = [k[len("conf_"):] for k in tok if k.startswith("conf_")]
+        have = [k[len("conf_"):] for k in tok if k.startswith("conf_") and not k.startswith("conf_at_")]
         raise ValueError(f"measure={measure!r} was not gathered; token_outputs has {', '.join(have)}")
     return tok[key]
 
 
-def _exit_totals(tok: Dict[str, torch.Tensor], easy: torch.Tensor):
-    """(nll, correct) when the tokens in `easy` are predicted at the exit layer and the rest at the last."""
-    y = tok["target"]
-    nll = float(tok["nll_exit"][easy].double().sum() + tok["nll_deep"][~easy].double().sum())
-    correct = int((tok["pred_exit"][easy] == y[easy]).sum() + (tok["pred_deep"][~easy] == y[~easy]).sum())
-    return nll, correct
+def with_stops(tok: Dict[str, torch.Tensor], stop: torch.Tensor, exit_layer, num_layers: int) -> dict:
+    """The specification's metrics (and the per-exit table `exits`) when each token is predicted at exit
+    stop[i] (`lego.cascade`; K = len(exit_layer): the last layer)."""
+    counts, nll, correct = stop_totals(tok, stop)
+    n, exits = tok["target"].numel(), _as_list(exit_layer)
+    return {**summarize(sum(nll), sum(correct), n, counts[:-1], exits, num_layers),
+            "exits": exit_table(exits + [num_layers], counts, nll, correct, n, [None] * len(counts))}
 
 
-def _with_exits(tok: Dict[str, torch.Tensor], easy: torch.Tensor, exit_layer: int, num_layers: int) -> dict:
-    """The specification's metrics when the tokens in `easy` exit and the rest run to the last layer."""
-    return summarize(*_exit_totals(tok, easy), tok["target"].numel(), int(easy.sum()), exit_layer, num_layers)
-
-
-def routed_from_tokens(tok: Dict[str, torch.Tensor], threshold: float, *, measure: str, exit_layer: int,
+def routed_from_tokens(tok: Dict[str, torch.Tensor], threshold, *, measure: str, exit_layer,
                        num_layers: int) -> dict:
-    """What `Trainer.evaluate` returns with this threshold under upper_context='full', from one pass."""
-    easy = _conf(tok, measure) >= threshold  # float32 against a Python float, as in Trainer.evaluate
-    nll, correct = _exit_totals(tok, easy)
+    """What `Trainer.evaluate` returns with this threshold (a list of one per exit for a cascade, with
+    `exit_layer` the list of exit layers) under upper_context='full', from one pass."""
+    exits, thresholds = _as_list(exit_layer), _as_list(threshold)
+    stop = exit_index(_conf(tok, measure, every_exit=True), thresholds)
+    counts, nll, correct = stop_totals(tok, stop)
     y = tok["target"]
-    out = routed_metrics(nll, correct, y.numel(), int(easy.sum()),
+    out = routed_metrics(sum(nll), sum(correct), y.numel(), counts[:-1],
                          float(tok["nll_exit"].double().sum()), int((tok["pred_exit"] == y).sum()),
-                         float(tok["nll_deep"][~easy].double().sum()), threshold=threshold,
-                         exit_layer=exit_layer, num_layers=num_layers)
-    out["exits"] = exit_table([exit_layer, num_layers], [int(easy.sum()), int((~easy).sum())],
-                              [float(tok["nll_exit"][easy].double().sum()), float(tok["nll_deep"][~easy].double().sum())],
-                              [int((tok["pred_exit"] == y)[easy].sum()), int((tok["pred_deep"] == y)[~easy].sum())],
-                              y.numel(), [threshold, None])
+                         nll[-1], threshold=thresholds[0], exit_layer=exits, num_layers=num_layers)
+    if len(exits) > 1:  # as Trainer.evaluate reports a cascade
+        out.update(exit_layers=exits, thresholds=[float(t) for t in thresholds])
+    out["exits"] = exit_table(exits + [num_layers], counts, nll, correct, y.numel(), [*thresholds, None])
     return out
 
 
-def share_threshold(conf: torch.Tensor, share: float) -> float:
-    """A threshold at which `share` of the tokens exit (ties may add a few): share 0 exits none."""
-    if share <= 0.0:
-        return float(np.nextafter(np.float32(conf.max()), np.float32(np.inf)))  # just above every confidence
-    return exact_quantile(conf, 1.0 - share)  # the same rule ASHEM calibrates with
-
-
-def tradeoff_curve(tok: Dict[str, torch.Tensor], *, measure: str, exit_layer: int, num_layers: int,
-                   calibrated_threshold: float, step: float = 0.05,
+def tradeoff_curve(tok: Dict[str, torch.Tensor], *, measure: str, exit_layer, num_layers: int,
+                   calibrated_threshold, step: float = 0.05,
                    choose: Optional[Dict[str, torch.Tensor]] = None) -> List[dict]:
-    """Rows (CSV_COLUMNS) for exit shares 0, step, ..., 1 ('grid'), then the calibrated threshold.
+    """Rows (CSV_COLUMNS) for exit shares 0, step, ..., 1 ('grid'), then the calibrated threshold(s).
 
-    Each grid threshold is the one that sends that share out early on `choose` (the validation
-    split's tokens; default `tok` itself), and the row reports `tok`'s numbers at it: nothing is
-    chosen on the split the curve reports. Share 0 is the full-depth model; share 1 the exit layer.
+    Each grid row's thresholds send that share of the tokens reaching each exit out there
+    (`share_thresholds`) on `choose` (the validation split's tokens; default `tok` itself), and the
+    row reports `tok`'s numbers at them: nothing is chosen on the split the curve reports. Share 0 is
+    the full-depth model; share 1 the first exit. A cascade's rows also give each exit's threshold
+    (threshold_<layer>) and the share of all tokens predicted at each exit (share_<layer>).
     """
     n_steps = round(1.0 / step)
     if step <= 0 or not math.isclose(n_steps * step, 1.0, rel_tol=1e-9):
         raise ValueError(f"step={step} must divide 1 (0.05, 0.1, 0.25, ...)")
-    conf = _conf(tok if choose is None else choose, measure)
-    targets = [("grid", i / n_steps, share_threshold(conf, i / n_steps)) for i in range(n_steps + 1)]
-    targets.append(("calibrated", None, float(calibrated_threshold)))
+    conf = _conf(tok if choose is None else choose, measure, every_exit=True)
+    targets = [("grid", i / n_steps, share_thresholds(conf, i / n_steps)) for i in range(n_steps + 1)]
+    targets.append(("calibrated", None, [float(t) for t in _as_list(calibrated_threshold)]))
+    exits = _as_list(exit_layer)
     rows = []
     for kind, share, thr in targets:
-        m = routed_from_tokens(tok, thr, measure=measure, exit_layer=exit_layer, num_layers=num_layers)
-        rows.append({"kind": kind, "target_share": share, **{k: m[k] for k in CSV_COLUMNS[2:] if k in m}})
+        m = routed_from_tokens(tok, thr, measure=measure, exit_layer=exits, num_layers=num_layers)
+        row = {"kind": kind, "target_share": share, **{k: m[k] for k in CSV_COLUMNS[2:] if k in m}}
+        if len(exits) > 1:
+            row.update({f"threshold_{e}": t for e, t in zip(exits, thr)})
+            row.update({f"share_{e['layer']}": e["share"] for e in m["exits"]})
+        rows.append(row)
     return rows
 
 
-def oracle_router(tok: Dict[str, torch.Tensor], *, exit_layer: int, num_layers: int) -> dict:
-    """A token exits early exactly when the early exit's top-1 equals the deep exit's.
+def oracle_router(tok: Dict[str, torch.Tensor], *, exit_layer, num_layers: int) -> dict:
+    """A token stops at the first exit whose top-1 equals the last layer's (`first_agreeing`).
 
     The most tokens any router can send out early while keeping every deep prediction; its
     accuracy equals the full-depth model's by definition (checked here).
     """
-    agree = tok["pred_exit"] == tok["pred_deep"]
-    out = _with_exits(tok, agree, exit_layer, num_layers)
+    out = with_stops(tok, first_agreeing(tok["pred_at"]), exit_layer, num_layers)
     if round(out["acc"] * out["n_tokens"]) != int((tok["pred_deep"] == tok["target"]).sum()):
         raise AssertionError("oracle router: accuracy differs from the full-depth model's")
     return out
 
 
-def compute_saved_at(tok: Dict[str, torch.Tensor], *, measure: str, exit_layer: int, num_layers: int,
+def compute_saved_at(tok: Dict[str, torch.Tensor], *, measure: str, exit_layer, num_layers: int,
                      max_ppl_increase: float = 0.01, choose: Optional[Dict[str, torch.Tensor]] = None) -> dict:
     """The most compute a threshold saves with ppl <= (1 + max_ppl_increase) x full depth.
 
-    The threshold is chosen on `choose` (the validation split's tokens; default `tok` itself) by an
-    exact search over every cut point between distinct confidences, then reported on `tok`:
-    {"chosen_on": ..., "threshold", "chosen": the numbers where it was chosen, and `tok`'s numbers
-    (compute_saved, shallow_ratio, compute_cost, ppl, acc) at the top level}.
+    The threshold is chosen on `choose` (the validation split's tokens; default `tok` itself), then
+    reported on `tok`: {"chosen_on": ..., "threshold", "chosen": the numbers where it was chosen, and
+    `tok`'s numbers (compute_saved, shallow_ratio, compute_cost, ppl, acc) at the top level}. One exit:
+    an exact search over every cut point between distinct confidences. A cascade: the best of the
+    shared exit shares 0, 0.01, ..., 1 (`share_thresholds`; "thresholds" lists one per exit).
     """
     ref = tok if choose is None else choose
-    conf = _conf(ref, measure)
-    n = conf.numel()
-    c, order = torch.sort(conf, descending=True, stable=True)
-    gain = (ref["nll_exit"] - ref["nll_deep"])[order].double()
-    deep_total = float(ref["nll_deep"].double().sum())
-    nll_k = deep_total + torch.cat([gain.new_zeros(1), gain.cumsum(0)])  # (n + 1,): the k most confident exit
-    cut = torch.ones(n + 1, dtype=torch.bool)
-    cut[1:n] = c[:-1] != c[1:]  # a threshold can only separate distinct confidences
-    ok = cut & (nll_k / n <= math.log1p(max_ppl_increase) + deep_total / n)
-    k = int(ok.nonzero().max())  # k = 0 always qualifies
-    thr = share_threshold(conf, 0.0) if k == 0 else float(c[k - 1])
     kw = dict(measure=measure, exit_layer=exit_layer, num_layers=num_layers)
+    if len(_as_list(exit_layer)) > 1:
+        conf_at = _conf(ref, measure, every_exit=True)
+        limit = with_stops(ref, torch.full_like(ref["target"], conf_at.shape[1]), exit_layer, num_layers)["ppl"]
+        shares = (share_thresholds(conf_at, i / 100) for i in range(101))
+        rows = [routed_from_tokens(ref, thr, **kw) for thr in shares]
+        chosen = min((r for r in rows if r["shallow_ratio"] == 0 or r["ppl"] <= limit * (1 + max_ppl_increase)),
+                     key=lambda r: r["compute_cost"])  # share 0 (full depth) always qualifies
+        thr = chosen["thresholds"]
+        m = routed_from_tokens(tok, thr, **kw)
+        extra = {"thresholds": thr}
+    else:
+        conf = _conf(ref, measure)
+        n = conf.numel()
+        c, order = torch.sort(conf, descending=True, stable=True)
+        gain = (ref["nll_exit"] - ref["nll_deep"])[order].double()
+        deep_total = float(ref["nll_deep"].double().sum())
+        nll_k = deep_total + torch.cat([gain.new_zeros(1), gain.cumsum(0)])  # (n + 1,): the k most confident exit
+        cut = torch.ones(n + 1, dtype=torch.bool)
+        cut[1:n] = c[:-1] != c[1:]  # a threshold can only separate distinct confidences
+        ok = cut & (nll_k / n <= math.log1p(max_ppl_increase) + deep_total / n)
+        k = int(ok.nonzero().max())  # k = 0 always qualifies
+        thr = share_threshold(conf, 0.0) if k == 0 else float(c[k - 1])
+        chosen = routed_from_tokens(ref, thr, **kw)
+        m = routed_from_tokens(tok, thr, **kw)
+        extra = {}
     keys = ("shallow_ratio", "compute_cost", "ppl", "acc")
-    chosen = routed_from_tokens(ref, thr, **kw)
-    m = routed_from_tokens(tok, thr, **kw)
-    return {"max_ppl_increase": max_ppl_increase, "threshold": thr,
+    return {"max_ppl_increase": max_ppl_increase, "threshold": _as_list(thr)[0], **extra,
             "chosen_on": "this split" if choose is None else "validation",
             "chosen": {"compute_saved": 1.0 - chosen["compute_cost"], **{key: chosen[key] for key in keys}},
             "compute_saved": 1.0 - m["compute_cost"], **{key: m[key] for key in keys}}

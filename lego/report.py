@@ -16,9 +16,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from lego.analysis import (BUCKET_METHOD, COSTS, CSV_COLUMNS, ECE_BINS, METRICS, PLOT_HINT, _conf, _decode, _with_exits,
+from lego.analysis import (BUCKET_METHOD, COSTS, CSV_COLUMNS, ECE_BINS, METRICS, PLOT_HINT, _as_list, _conf, _decode,
                            auroc, compute_saved_at, exit_share_by_bucket, expected_calibration_error, oracle_router,
-                           ppl_compute_area, routed_from_tokens, token_outputs, top_tokens, tradeoff_curve)
+                           ppl_compute_area, routed_from_tokens, token_outputs, top_tokens, tradeoff_curve, with_stops)
+from lego.cascade import exit_index, first_agreeing
 from lego.artifacts import atomic_write, write_json
 from lego.config import CONFIDENCE_MEASURES
 from lego.data import token_counts
@@ -33,7 +34,9 @@ def plot_points(summary: dict) -> Dict[str, dict]:
 
 
 def plot_title(summary: dict) -> str:
-    return f"Exit at layer {summary['exit_layer']} of {summary['num_layers']}, routing on {summary['measure']}"
+    exits = _as_list(summary["exit_layer"])
+    where = f"Exit at layer {exits[0]}" if len(exits) == 1 else f"Exits at layers {', '.join(map(str, exits))}"
+    return f"{where} of {summary['num_layers']}, routing on {summary['measure']}"
 
 
 def plot_tradeoff(rows: List[dict], points: Dict[str, dict], path, *, title: str = "") -> bool:
@@ -50,6 +53,7 @@ def plot_tradeoff(rows: List[dict], points: Dict[str, dict], path, *, title: str
         return False
     grid = sorted((r for r in rows if r["kind"] == "grid"), key=lambda r: r["compute_cost"])
     calibrated = [r for r in rows if r["kind"] == "calibrated"]
+    cascade = any(k.startswith("share_") for k in rows[0])  # a cascade's rows give each exit's share
     full_ppl = next(r["ppl"] for r in rows if r["kind"] == "grid" and r["target_share"] == 0)
     frontier = sorted((m["inference_cost"], m["ppl"]) for m in points.values() if m.get("inference_cost") is not None)
     fig = Figure(figsize=(15, 4.6))
@@ -62,7 +66,8 @@ def plot_tradeoff(rows: List[dict], points: Dict[str, dict], path, *, title: str
         curve = [r for r in grid if r.get(xkey) is not None]
         if curve:
             ax.plot([r[xkey] for r in curve], [r["ppl"] for r in curve], "-o", color="tab:blue", ms=3, lw=1.2,
-                    label=f"threshold sweep (exit share 0 to 1 by {1 / (len(grid) - 1):.2g}, chosen on validation)")
+                    label=f"threshold sweep (exit share {'at every exit ' if cascade else ''}0 to 1 by "
+                          f"{1 / (len(grid) - 1):.2g}, chosen on validation)")
         if xkey == "flop_cost" and len(frontier) > 1:
             ax.plot(*zip(*frontier), "--", color="black", lw=1.4, label="dense frontier (same training budget)")
         for j, (name, m) in enumerate(points.items()):
@@ -95,51 +100,73 @@ def plot_tradeoff(rows: List[dict], points: Dict[str, dict], path, *, title: str
 
 
 EARLY_BG, DEEP_BG = "#c6dbef", "#08306b"
+MID_COLOURS = (("#6baed6", "#000"), ("#2171b5", "#fff"), ("#4292c6", "#fff"))  # a cascade's exits between
 
 
-def tokens_html(tok: Dict[str, torch.Tensor], *, threshold: float, measure: str, exit_layer: int, num_layers: int,
+def tokens_html(tok: Dict[str, torch.Tensor], *, threshold, measure: str, exit_layer, num_layers: int,
                 tokenizer=None, max_tokens: int = 400) -> str:
     """A self-contained page: the first `max_tokens` predicted tokens in loader order, each coloured by
-    the exit that predicted it at `threshold`, its confidence and exit on hover."""
+    the exit that predicted it at `threshold` (one per exit of a cascade, `exit_layer` then lists
+    them), its confidence and exit on hover."""
+    exits, thresholds = _as_list(exit_layer), [float(t) for t in _as_list(threshold)]
+    K = len(exits)
     n = min(max_tokens, tok["target"].numel())
-    conf = _conf(tok, measure)[:n]
-    is_early = (conf >= threshold).tolist()  # the tensor comparison routing makes, not a float64 one
-    fields = ("input", "target", "position", "pred_exit", "pred_deep")
-    inp, tgt, pos, p_exit, p_deep = (tok[f][:n].tolist() for f in fields)
-    conf = conf.tolist()
+    conf_at = _conf(tok, measure, every_exit=True)[:n]
+    stop = exit_index(conf_at, thresholds).tolist()  # the tensor comparison routing makes, not a float64 one
+    inp, tgt, pos = (tok[f][:n].tolist() for f in ("input", "target", "position"))
+    pred_at, conf_at = tok["pred_at"][:n].tolist(), conf_at.tolist()
+    layers = [*exits, num_layers]
+    # class, legend name and colours of each exit (the last layer last)
+    styles = [("early", "early exit", EARLY_BG, "#000"),
+              *((f"exit{lay}", f"exit {j + 1}", *MID_COLOURS[(j - 1) % len(MID_COLOURS)])
+                for j, lay in enumerate(exits) if j > 0), ("deep", "deep exit", DEEP_BG, "#fff")]
 
     def text(i: int) -> str:
         return html.escape(_decode(i, tokenizer) if tokenizer is not None else f"{i} ")
 
-    spans, n_early = [], 0
+    spans, per_exit = [], [0] * (K + 1)
     for j in range(n):
         if pos[j] == 0:  # a row's first token: context, predicted by nothing
             spans.append(f'<span class="ctx" title="first token of a sequence: not predicted">{text(inp[j])}</span>')
-        early = is_early[j]
-        n_early += early
-        pred = p_exit[j] if early else p_deep[j]
-        tip = (f"{'early exit' if early else 'deep exit'}: layer {exit_layer if early else num_layers} of {num_layers}"
-               f" | {measure} {conf[j]:.4f} (threshold {threshold:.4f})"
+        k = stop[j]
+        per_exit[k] += 1
+        pred = pred_at[j][k]
+        confs = (f"{conf_at[j][0]:.4f} (threshold {thresholds[0]:.4f})" if K == 1 else
+                 f"{', '.join(f'{c:.4f}' for c in conf_at[j])} at layers {', '.join(map(str, exits))} "
+                 f"(thresholds {', '.join(f'{t:.4f}' for t in thresholds)})")
+        tip = (f"{styles[k][1]}: layer {layers[k]} of {num_layers} | {measure} {confs}"
                f" | predicted {_decode(pred, tokenizer)!r} {'(right)' if pred == tgt[j] else '(wrong)'}")
-        spans.append(f'<span class="{"early" if early else "deep"}" title="{html.escape(tip)}">{text(tgt[j])}</span>')
+        spans.append(f'<span class="{styles[k][0]}" title="{html.escape(tip)}">{text(tgt[j])}</span>')
+    n_early = n - per_exit[K]
     share = n_early / n if n else 0.0
+    css = "\n".join(f".{c} {{ background: {bg}; color: {fg}; }}" for c, _, bg, fg in styles)
+    if K == 1:
+        rule = (f"Routing on <b>{html.escape(measure)}</b> at threshold {thresholds[0]:.6g}: a token whose confidence "
+                f"at layer\n{exits[0]} is at or above the threshold is predicted there; the others go on to layer "
+                f"{num_layers}.")
+        legend = (f'<span class="swatch early">early exit (layer {exits[0]})</span><span class="swatch deep">deep exit'
+                  f'\n(layer {num_layers})</span>')
+    else:
+        rule = (f"Routing on <b>{html.escape(measure)}</b> at thresholds "
+                f"{', '.join(f'{t:.6g} (layer {e})' for e, t in zip(exits, thresholds))}: a token is predicted at the "
+                f"first exit where its confidence\nis at or above that exit's threshold; the others go on to layer "
+                f"{num_layers}.")
+        legend = "".join(f'<span class="swatch {c}">{name} (layer {lay}): {cnt}</span>'
+                         for (c, name, _, _), lay, cnt in zip(styles, layers, per_exit))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Exit per token</title>
 <style>
 body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
 .text {{ font-family: monospace; white-space: pre-wrap; line-height: 1.8; border: 1px solid #ccc; padding: 1em; }}
-.early {{ background: {EARLY_BG}; color: #000; }}
-.deep {{ background: {DEEP_BG}; color: #fff; }}
+{css}
 .ctx {{ color: #888; }}
 .swatch {{ display: inline-block; padding: 0 0.6em; margin-right: 1em; }}
 </style></head><body>
 <h1>Which exit predicted each token</h1>
-<p>Routing on <b>{html.escape(measure)}</b> at threshold {threshold:.6g}: a token whose confidence at layer
-{exit_layer} is at or above the threshold is predicted there; the others go on to layer {num_layers}.
+<p>{rule}
 Each token is coloured by the exit that <i>predicted</i> it; hover for its confidence.
 Early exits in this passage: {n_early} of {n} ({share:.0%}).</p>
-<p><span class="swatch early">early exit (layer {exit_layer})</span><span class="swatch deep">deep exit
-(layer {num_layers})</span><span class="swatch ctx">context only (first token of a sequence)</span></p>
+<p>{legend}<span class="swatch ctx">context only (first token of a sequence)</span></p>
 <div class="text">{"".join(spans)}</div>
 </body></html>
 """
@@ -165,7 +192,8 @@ def _token_rows(entries: List[dict]) -> List[list]:
 
 def write_csv(path, rows: List[dict]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    columns = list(dict.fromkeys(k for row in [dict.fromkeys(CSV_COLUMNS), *rows] for k in row))  # + a cascade's
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda f: f.write(buf.getvalue()))
@@ -183,12 +211,40 @@ def _report(s: dict, rows: List[dict], plotted: bool, upper_context: str) -> str
     cost_cols = [c for c in COSTS if any(c in m for m in models.values())]
     header = ["router / model", "acc", "ppl", "shallow_ratio", "compute_cost", *cost_cols]
     saved, fb, (lo, hi) = s["at_1pct_ppl"], s["frequency_buckets"], s["compute_range"]
+    on = s.get("operating_points_chosen_on", "this split")
+    thresholds_used = ", ".join(f"{t:.6g}" for t in saved.get("thresholds", [saved["threshold"]]))
+    thresholds_used = f"threshold{'s' if 'thresholds' in saved else ''} {thresholds_used}"
+    searched = "every cut point" if "thresholds" not in saved else "the shared exit shares 0 to 1 by 0.01"
+    if "exits" not in s:
+        oracle_rule = "a token exits early exactly when the early exit's top-1 equals the deep exit's"
+        curve_rule = (f"Each row is exact for its threshold under upper_context='full' (also in tradeoff.csv); the "
+                      f"grid's thresholds are the exit shares 0 to 1 on {on}; exit share 0 is the full-depth model, 1 "
+                      "the exit layer alone; flop_cost is what the model's upper-context policy runs:")
+    else:
+        oracle_rule = "a token stops at the first exit whose top-1 equals the last layer's"
+        curve_rule = (f"Each row is exact for its thresholds under upper_context='full' (also in tradeoff.csv, with "
+                      "each exit's threshold and share); a grid row's target share s sends share s of the tokens "
+                      f"reaching each exit out there, with thresholds chosen on {on}; share 0 is the full-depth "
+                      "model, 1 the first exit alone; flop_cost is what the model's upper-context policy runs:")
     blocks = [
         "# Evaluation analysis",
         *([f"**Verdict.** {s['verdict']}"] if s.get("verdict") else []),
         f"Exit at layer {s['exit_layer']} of {s['num_layers']}, routing on `{s['measure']}` at the calibrated "
-        f"threshold {s['threshold']:.6g}; {s['n_tokens']} tokens. Here a token is the target a position predicts.",
+        f"threshold {s['threshold']:.6g}; {s['n_tokens']} tokens. Here a token is the target a position predicts."
+        if "exits" not in s else
+        f"Exits at layers {', '.join(map(str, s['exit_layer']))} of {s['num_layers']}, routing on `{s['measure']}` at "
+        f"the calibrated thresholds {', '.join(f'{t:.6g}' for t in s['thresholds'])}: a token is predicted at the "
+        f"first exit where its confidence is at or above that exit's threshold; {s['n_tokens']} tokens. Here a token "
+        "is the target a position predicts.",
     ]
+    if "exits" in s:
+        blocks.append("## Per exit")
+        for name, title in (("calibrated", "Calibrated router"), ("oracle", "Oracle router")):
+            blocks += [f"{title}: the share of all tokens predicted at each exit (the last layer last), and their "
+                       "accuracy and perplexity.",
+                       _table(["exit layer", "threshold", "share", "tokens", "acc", "ppl"],
+                              ([e["layer"], e["threshold"], e["share"], e["n_tokens"], e["acc"], e["ppl"]]
+                               for e in s["exits"][name]))]
     if upper_context != "full":
         blocks.append(f"**Note:** the model routes with upper_context='{upper_context}'. The one-pass rows "
                       "(curve, calibrated, oracle) assume 'full' (every token runs every layer), so they can differ "
@@ -196,8 +252,8 @@ def _report(s: dict, rows: List[dict], plotted: bool, upper_context: str) -> str
     blocks += [
         "## Routers and baselines",
         _table(header, ([name, *(m.get(c) for c in header[1:])] for name, m in models.items())),
-        f"Oracle router: a token exits early exactly when the early exit's top-1 equals the deep exit's, so it "
-        f"keeps every deep prediction (its accuracy is the full-depth model's). It sends "
+        f"Oracle router: {oracle_rule}, so it keeps every deep prediction (its accuracy is the full-depth model's). "
+        "It sends "
         f"**{s['oracle_shallow_ratio']:.1%}** of tokens out early; the calibrated router sends "
         f"**{s['calibrated']['shallow_ratio']:.1%}**.",
         "## Trade-off",
@@ -205,13 +261,11 @@ def _report(s: dict, rows: List[dict], plotted: bool, upper_context: str) -> str
         f"is better): {s['ppl_compute_auc']:.6g}, or {_fmt(s['ppl_compute_auc_per_unit'], 6)} "
         "per unit of compute (the mean ppl across the range).\n"
         f"- Compute saved at no more than 1% ppl loss against full depth (ppl {s['full_depth']['ppl']:.6g}): "
-        f"**{saved['compute_saved']:.1%}** here (threshold {saved['threshold']:.6g}, exit share "
+        f"**{saved['compute_saved']:.1%}** here ({thresholds_used}, exit share "
         f"{saved['shallow_ratio']:.1%}, ppl {saved['ppl']:.6g}). The threshold was chosen on "
-        f"**{saved.get('chosen_on', 'this split')}** (searched over every cut point there, where it saves "
+        f"**{saved.get('chosen_on', 'this split')}** (searched over {searched} there, where it saves "
         f"{saved.get('chosen', saved)['compute_saved']:.1%}) and is reported on this split.",
-        f"Each row is exact for its threshold under upper_context='full' (also in tradeoff.csv); the grid's "
-        f"thresholds are the exit shares 0 to 1 on {s.get('operating_points_chosen_on', 'this split')}; exit share 0 "
-        "is the full-depth model, 1 the exit layer alone; flop_cost is what the model's upper-context policy runs:",
+        curve_rule,
         _table(CSV_COLUMNS, ([r[c] if r[c] is not None else "" for c in CSV_COLUMNS] for r in rows)),
         "![quality against compute](tradeoff.png)" if plotted else
         f"tradeoff.png was not drawn: matplotlib is not installed ({PLOT_HINT}).",
@@ -238,22 +292,26 @@ def _report(s: dict, rows: List[dict], plotted: bool, upper_context: str) -> str
     return "\n\n".join(b.rstrip("\n") for b in blocks) + "\n"
 
 
-def analyze(out_dir, *, model, loader, device, threshold: float, measure: str, exit_layer: int,
+def analyze(out_dir, *, model, loader, device, threshold, measure: str, exit_layer,
             baselines: Dict[str, dict], tokenizer=None, train_tokens=None, vocab_size: int,
-            html_tokens: int = 400, choose_loader=None, realized_cost: Optional[Callable[[float], float]] = None,
-            verdict: Optional[str] = None) -> dict:
+            html_tokens: int = 400, choose_loader=None,
+            realized_cost: Optional[Callable[[List[float]], float]] = None, verdict: Optional[str] = None) -> dict:
     """One pass over `loader`, then tradeoff.csv, report.md, tokens.html, analysis.json and
     (with matplotlib) tradeoff.png in `out_dir`. Returns the JSON-able summary (also analysis.json).
 
+    A cascade passes `exit_layer` as the list of its exit layers and `threshold` as one per exit.
     `baselines`: name -> metrics with at least acc, ppl, shallow_ratio, compute_cost (compute_cost
     relative to this model's full depth; flop_cost, inference_cost and train_macs when known), shown
     beside the calibrated and oracle routers. Operating points (the grid's thresholds, compute saved
     at 1% ppl loss) are chosen on `choose_loader` (the validation split) and reported on `loader`.
-    `realized_cost(shallow_ratio)` is the flop_cost of routing at that exit share under the model's
-    upper-context policy (a column of the curve and the x axis of the realized-cost panel).
+    `realized_cost(shares)` is the flop_cost of routing with these shares of all tokens predicted at
+    each exit under the model's upper-context policy (a column of the curve and the x axis of the
+    realized-cost panel).
     """
     out = Path(out_dir)
     L = model.num_layers
+    exits = _as_list(exit_layer)
+    cascade = len(exits) > 1
     upper_context = getattr(model, "upper_context", "full")
     if upper_context != "full":
         log.warning("analysis: the model routes with upper_context=%r; the one-pass curve assumes 'full'",
@@ -265,18 +323,21 @@ def analyze(out_dir, *, model, loader, device, threshold: float, measure: str, e
     kw = dict(exit_layer=exit_layer, num_layers=L)
     rows = tradeoff_curve(tok, measure=measure, calibrated_threshold=threshold, choose=choose, **kw)
     for row in rows:
-        row["flop_cost"] = realized_cost(row["shallow_ratio"]) if realized_cost is not None else None
-    full = _with_exits(tok, torch.zeros_like(tok["target"], dtype=torch.bool), **kw)
-    exit_only = _with_exits(tok, torch.ones_like(tok["target"], dtype=torch.bool), **kw)
+        shares = [row[f"share_{e}"] for e in exits] if cascade else [row["shallow_ratio"]]
+        row["flop_cost"] = realized_cost(shares) if realized_cost is not None else None
+    full = with_stops(tok, torch.full_like(tok["target"], len(exits)), **kw)
+    exit_only = with_stops(tok, torch.zeros_like(tok["target"]), **kw)
     calibrated = routed_from_tokens(tok, threshold, measure=measure, **kw)
     oracle = oracle_router(tok, **kw)
     at_1pct = compute_saved_at(tok, measure=measure, choose=choose, **kw)
-    agree = tok["pred_exit"] == tok["pred_deep"]
-    easy = _conf(tok, measure) >= threshold
+    agree = tok["pred_exit"] == tok["pred_deep"]  # the first exit's diagnostics: does it agree with the last layer
+    oracle_early = first_agreeing(tok["pred_at"]) < len(exits)
+    easy = exit_index(_conf(tok, measure, every_exit=True), _as_list(threshold)) < len(exits)  # stops before the last
     baselines = {name: {k: m[k] for k in METRICS + COSTS + ("inference_cost", "train_macs") if k in m}
                  for name, m in baselines.items()}
     summary = {
-        "measure": measure, "threshold": float(threshold), "exit_layer": exit_layer, "num_layers": L,
+        "measure": measure, "threshold": float(_as_list(threshold)[0]), "exit_layer": exit_layer, "num_layers": L,
+        **({"thresholds": [float(t) for t in threshold]} if cascade else {}),
         "operating_points_chosen_on": "validation" if choose is not None else "the evaluated split",
         "verdict": verdict,
         "n_tokens": int(tok["target"].numel()),
@@ -284,6 +345,7 @@ def analyze(out_dir, *, model, loader, device, threshold: float, measure: str, e
         "exit_only": {k: exit_only[k] for k in ("acc", "ppl")},
         "calibrated": {k: calibrated[k] for k in METRICS},
         "oracle": {k: oracle[k] for k in METRICS},
+        **({"exits": {"calibrated": calibrated["exits"], "oracle": oracle["exits"]}} if cascade else {}),
         "oracle_shallow_ratio": oracle["shallow_ratio"],
         **ppl_compute_area(rows),
         "compute_saved_at_1pct_ppl": at_1pct["compute_saved"],
@@ -299,7 +361,7 @@ def analyze(out_dir, *, model, loader, device, threshold: float, measure: str, e
     if train_tokens is not None:
         summary["frequency_buckets"] = {
             "method": BUCKET_METHOD,
-            "buckets": exit_share_by_bucket(tok["target"], {"exit_share": easy, "oracle_exit_share": agree},
+            "buckets": exit_share_by_bucket(tok["target"], {"exit_share": easy, "oracle_exit_share": oracle_early},
                                             token_counts(train_tokens, vocab_size)),
         }
     write_csv(out / "tradeoff.csv", rows)

@@ -119,7 +119,7 @@ def _run_stages(cfg: ASHEMConfig, run_dir: Path, tracker: Tracker) -> Dict[str, 
         threshold_info = load_threshold(cfg, run_dir)
     if "phase2" in stages:
         model2 = timed("phase2", lambda: stage_phase2(cfg, model1, threshold_info["threshold"], loaders, run_dir,
-                                                      device, tracker))
+                                                      device, tracker, corpus_key=corpus.cache_key))
     elif stages & {"eval", "generate"}:
         model2 = load_phase2(cfg, model1, threshold_info["threshold"], run_dir, device)
     if model2 is not None:  # phase2.lower=finetune recalibrated the threshold after phase 2
@@ -127,7 +127,8 @@ def _run_stages(cfg: ASHEMConfig, run_dir: Path, tracker: Tracker) -> Dict[str, 
     later_exits = []  # threshold.json of each exit above the first (more than two Blocks)
     if model2 is not None and len(block_layers(cfg)) > 2:
         model2, later_exits = timed("blocks", lambda: stage_later_blocks(cfg, model2, loaders, run_dir, device,
-                                                                         tracker, train="phase2" in stages))
+                                                                         tracker, train="phase2" in stages,
+                                                                         corpus_key=corpus.cache_key))
     if "eval" in stages:
         metrics = timed("eval", lambda: stage_eval(cfg, corpus, model1, model2, threshold_info, loaders, run_dir,
                                                    device, tracker, later_exits=later_exits))

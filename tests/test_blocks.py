@@ -1,7 +1,8 @@
 """LEGO with any number of Blocks (issue 16): blocks=[2, 4] is the default run bit for bit; a 3-Block run keeps
-every exit's logits, calibrates each exit on the tokens that reach it, and shares Block 1 through the cache;
+every exit's logits, calibrates each exit on the tokens that reach it, and shares Blocks 1 and 2 through the cache;
 cascaded routing and compute_cost against a hand computation; bad `blocks` / `hard_example_ratios` input."""
 
+import csv
 import json
 import math
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from conftest import TINY, tiny_config
+from lego.analysis import oracle_router, routed_from_tokens, token_outputs, tradeoff_curve
 from lego.ashem import gather_confidences
 from lego.checkpoint import load_model, model_args, save_model
 from lego.confidence import exact_quantile
@@ -33,10 +35,11 @@ def _metrics(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """The default tiny run, blocks=[2, 4] and blocks=[2, 4, 6] (hard_example_ratios=[0.5, 0.4]), one cache."""
+    """The default tiny run, blocks=[2, 4] and blocks=[2, 4, 6] (hard_example_ratios=[0.5, 0.4], with the
+    analysis), one cache."""
     root = tmp_path_factory.mktemp("blocks")
     runs = {"default": {}, "2-4": {"blocks": [2, 4]},
-            "2-4-6": {"blocks": [2, 4, 6], "hard_example_ratios": [0.5, 0.4]}}
+            "2-4-6": {"blocks": [2, 4, 6], "hard_example_ratios": [0.5, 0.4], "eval.analysis": True}}
     out = {}
     for name, overrides in runs.items():
         cfg = tiny_config(root / "cache", **{"generate.enabled": False}, **overrides)
@@ -73,6 +76,28 @@ def test_three_blocks_write_each_block_and_report_each_exit(sweep):
         sum(ev["train_compute"][s]["train_macs"] for s in ("phase1", "mining", "phase2", "block3")))
 
 
+def test_a_three_block_run_writes_the_analysis(sweep):
+    _, summary, d = sweep["2-4-6"]
+    for f in ("tradeoff.csv", "report.md", "tokens.html", "analysis.json"):
+        assert (d / "eval" / f).stat().st_size > 0, f
+    a = json.loads((d / "eval/analysis.json").read_text())
+    ev = _metrics(d)
+    assert a["exit_layer"] == [2, 4] and a["thresholds"] == ev["thresholds"]
+    assert [e["n_tokens"] for e in a["exits"]["calibrated"]] == [e["n_tokens"] for e in ev["ashem"]["exits"]]
+    assert a["oracle"]["acc"] == a["full_depth"]["acc"] and "compute_saved_at_1pct_ppl" in summary
+    with open(d / "eval/tradeoff.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"threshold_2", "threshold_4", "share_2", "share_4", "share_6", "flop_cost"} <= set(rows[0])
+    assert all(r["flop_cost"] != "" for r in rows)
+    calibrated = rows[-1]
+    assert [float(calibrated[f"threshold_{e}"]) for e in (2, 4)] == ev["thresholds"]
+    assert float(calibrated["shallow_ratio"]) == pytest.approx(ev["ashem"]["shallow_ratio"])
+    report = (d / "eval/report.md").read_text()
+    assert "Exits at layers 2, 4 of 6" in report and "## Per exit" in report
+    page = (d / "eval/tokens.html").read_text()
+    assert all(f'class="swatch {c}"' in page for c in ("early", "exit4", "deep")) and "(layer 4)" in page
+
+
 def test_every_exit_stays_bit_identical_and_meets_its_ratio(sweep):
     cfg, _, d = sweep["2-4-6"]
     corpus = load_corpus(cfg.data)
@@ -104,6 +129,20 @@ def test_every_exit_stays_bit_identical_and_meets_its_ratio(sweep):
 def test_the_cache_trains_block1_once_across_a_blocks_sweep(sweep):
     hits = {name: json.loads((d / "phase1/cache.json").read_text())["hit"] for name, (_, _, d) in sweep.items()}
     assert hits == {"default": False, "2-4": True, "2-4-6": True}
+
+
+def test_the_cache_trains_block2_once_and_copies_it_into_each_run(sweep):
+    hits = {name: json.loads((d / "phase2/cache.json").read_text()) for name, (_, _, d) in sweep.items()}
+    assert {name: h["hit"] for name, h in hits.items()} == {"default": False, "2-4": True, "2-4-6": True}
+    assert len({h["key"] for h in hits.values()}) == 1 and hits["2-4-6"]["key_source"]["blocks"] == [2, 4]
+    d24, d246 = sweep["2-4"][2], sweep["2-4-6"][2]
+    for f in ("model.pt", "history.jsonl", "result.json"):
+        assert (d24 / "phase2" / f).read_bytes() == (d246 / "phase2" / f).read_bytes(), f
+    block3 = json.loads((d246 / "block3/cache.json").read_text())
+    assert not block3["hit"] and block3["key_source"]["exit_ratios"] == [0.5, 0.4]
+    entry = Path(block3["entry"])
+    for f in ("threshold.json", "model.pt", "history.jsonl", "result.json"):
+        assert (entry / f).read_bytes() == (d246 / "block3" / f).read_bytes(), f
 
 
 def test_cascaded_routing_and_compute_cost_match_a_hand_computation(make_tiny_model, token_batches):
@@ -203,3 +242,70 @@ def test_the_cli_refuses_bad_blocks_in_one_line(tmp_path):
     assert res.returncode == 2
     lines = [l for l in res.stderr.splitlines() if "blocks" in l]
     assert len(lines) == 1 and "strictly increasing" in lines[0], res.stderr[-2000:]
+
+
+# -- the one-pass analysis of a cascade (lego.analysis, lego.cascade) ----------------------------------------
+@pytest.fixture
+def cascade(make_tiny_model, make_token_batches):
+    """A tiny 3-exit model (exits at layers 1, 2; distinct heads), test and validation batches, and thresholds
+    calibrated on validation (60% then 50% of the tokens reaching each exit continue)."""
+    model = make_tiny_model(num_layers=3, exit_layers=[1, 2], routing_thresholds=[0.0, 0.0], deep_head=True)
+    with torch.no_grad():
+        model.exit_heads[0].proj.weight.mul_(3.0)
+        model.deep_head.proj.weight.mul_(2.0)
+    test, val = make_token_batches(seed=0), make_token_batches(seed=1)
+    conf = token_outputs(model, val, "cpu", exit_layer=[1, 2], measures=("max_prob",))["conf_at_max_prob"]
+    t1 = exact_quantile(conf[:, 0], 0.6)
+    t2 = exact_quantile(conf[:, 1][conf[:, 0] < t1], 0.5)
+    model.routing_thresholds = [t1, t2]
+    return model, test, val, [t1, t2]
+
+
+def test_one_pass_cascade_routing_equals_evaluate(cascade):
+    model, test, _, thresholds = cascade
+    tok = token_outputs(model, test, "cpu", exit_layer=[1, 2])
+    tc = TrainingConfig(stages=[StageConfig((3, 3))], exit_layers=[1, 2], routing_thresholds=thresholds,
+                        upper_context="full")
+    want = evaluate(tc, model, test, "cpu", progress=False)
+    got = routed_from_tokens(tok, thresholds, measure="max_prob", exit_layer=[1, 2], num_layers=3)
+    assert set(got) == set(want) and min(e["n_tokens"] for e in got["exits"]) > 0
+    for key in ("acc", "ppl", "loss", "shallow_ratio", "compute_cost", "exit_acc", "exit_ppl", "hard_deep_ppl",
+                "threshold", "n_tokens", "exit_layers", "thresholds"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key
+    for g, w in zip(got["exits"], want["exits"]):
+        assert (g["layer"], g["n_tokens"], g["threshold"]) == (w["layer"], w["n_tokens"], w["threshold"])
+        assert (g["acc"], g["ppl"]) == pytest.approx((w["acc"], w["ppl"]), rel=1e-6)
+
+
+def test_cascade_oracle_keeps_the_deepest_exits_accuracy(cascade):
+    model, test, _, _ = cascade
+    tok = token_outputs(model, test, "cpu", exit_layer=[1, 2])
+    oracle = oracle_router(tok, exit_layer=[1, 2], num_layers=3)
+    deepest = evaluate(TrainingConfig(stages=[StageConfig((3, 3))]), model, test, "cpu", progress=False)
+    assert oracle["acc"] == deepest["acc"]
+    stop = [0 if p[0] == p[2] else 1 if p[1] == p[2] else 2 for p in tok["pred_at"].tolist()]  # by hand
+    assert [e["n_tokens"] for e in oracle["exits"]] == [stop.count(j) for j in range(3)]
+    assert oracle["compute_cost"] == pytest.approx(sum(j + 1 for j in stop) / (3 * len(stop)))
+
+
+def test_cascade_grid_thresholds_are_the_validation_shares(cascade):
+    model, test, val, thresholds = cascade
+    tok, choose = (token_outputs(model, b, "cpu", exit_layer=[1, 2]) for b in (test, val))
+    rows = tradeoff_curve(tok, measure="max_prob", exit_layer=[1, 2], num_layers=3, calibrated_threshold=thresholds,
+                          choose=choose, step=0.25)
+    assert [r["kind"] for r in rows] == ["grid"] * 5 + ["calibrated"]
+    conf = choose["conf_at_max_prob"]
+    for row in rows[1:4]:
+        s = row["target_share"]
+        reach = torch.ones(len(conf), dtype=torch.bool)
+        for j, layer in enumerate((1, 2)):  # share s of the validation tokens reaching each exit stop there
+            assert row[f"threshold_{layer}"] == exact_quantile(conf[:, j][reach], 1 - s)
+            stop = (conf[:, j] >= row[f"threshold_{layer}"]) & reach
+            assert float(stop.sum() / reach.sum()) == pytest.approx(s, abs=0.1)  # ties among few tokens
+            reach &= ~stop
+    own = tradeoff_curve(tok, measure="max_prob", exit_layer=[1, 2], num_layers=3, calibrated_threshold=thresholds,
+                         step=0.25)  # chosen on the split it reports: share 0 is full depth, share 1 the first exit
+    assert (own[0]["compute_cost"], own[4]["compute_cost"]) == (1.0, 1 / 3)
+    assert [rows[-1][f"threshold_{e}"] for e in (1, 2)] == thresholds
+    routed = routed_from_tokens(tok, thresholds, measure="max_prob", exit_layer=[1, 2], num_layers=3)
+    assert rows[-1]["ppl"] == routed["ppl"] and rows[-1]["share_3"] == routed["exits"][2]["share"]

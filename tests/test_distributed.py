@@ -155,7 +155,7 @@ def test_torchrun_two_processes_writes_one_run_with_the_global_threshold(tmp_pat
         "eval/metrics.json", "generate/config.json", "generate/metrics.json", "generate/samples.md",
         "hard_examples/threshold.json", "lego.log", "metrics.json", "metrics/phase1.csv", "metrics/phase2.csv",
         "metrics/summary.json", "phase1/cache.json",
-        "phase1/history.jsonl", "phase1/model.pt", "phase1/result.json", "phase2/history.jsonl",
+        "phase1/history.jsonl", "phase1/model.pt", "phase1/result.json", "phase2/cache.json", "phase2/history.jsonl",
         "phase2/model.pt", "phase2/result.json", "run.json", "tokenizer/tokenizer.json"]), files
     log_text = (d / "lego.log").read_text()
     assert log_text.count("phase1 epoch 1:") == 1 and log_text.count("phase2 epoch 2:") == 1

@@ -70,25 +70,28 @@ def test_phase1_only_then_full_equals_uninterrupted(tmp_path):
 
 
 def test_interrupted_phase2_resumes_from_last_epoch(tmp_path, monkeypatch):
-    """Kill phase 2 after its first epoch checkpoint; the rerun continues and matches a clean run."""
+    """Kill phase 2 after its first epoch checkpoint; the rerun continues and matches a clean run. Block 2
+    trains in its stage-cache entry (another cache dir than the clean run's, or it would be reused)."""
     import lego.training as training
 
-    cfg = tiny_config(tmp_path / "cache", **{"eval.standard_baseline": False})
-    clean = run(cfg, tmp_path / "clean")
+    clean = run(tiny_config(tmp_path / "cache", **{"eval.standard_baseline": False}), tmp_path / "clean")
+    cfg = tiny_config(tmp_path / "cache2", **{"eval.standard_baseline": False})
 
     real_save = training.save_resume
 
     def save_then_die(work_dir, state):
         real_save(work_dir, state)
-        if work_dir.name == "phase2" and state["epoch"] == 1:
+        if work_dir.name.startswith("phase2-") and state["epoch"] == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "save_resume", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "crash")
-    assert (tmp_path / "crash/phase2/last.pt").exists() and not (tmp_path / "crash/phase2/model.pt").exists()
+    entry, = (tmp_path / "cache2").rglob("phase2-*/last.pt")
+    assert not (entry.parent / "model.pt").exists() and not (tmp_path / "crash/phase2/model.pt").exists()
     monkeypatch.setattr(training, "save_resume", real_save)
     resumed = run(cfg, tmp_path / "crash")
+    assert json.loads((tmp_path / "crash/phase2/cache.json").read_text())["hit"] is False
     hist = [json.loads(line) for line in (tmp_path / "crash/phase2/history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     for key in ("acc", "ppl", "shallow_ratio", "compute_cost"):

@@ -3,7 +3,6 @@ and the trade-off analysis (SPEC sections 3.4 and 6)."""
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +26,6 @@ from lego.stages.standard import cached_standard
 from lego.trackers import Tracker
 from lego.training import Trainer
 
-log = logging.getLogger(__name__)
 HEADLINES = ("ppl_compute_auc", "ppl_compute_auc_per_unit", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio",
              "auroc", "ece_exit")  # analysis numbers kept in metrics.json (the rest is in eval/analysis.json)
 
@@ -88,10 +86,7 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
         if str(depth) in metrics["dense"]:
             metrics["standard"] = metrics["dense"][str(depth)]
         metrics["verdict"] = verdict(metrics, cfg.eval.baseline_budget)
-    if cascade and cfg.eval.analysis:
-        log.warning("eval.analysis (trade-off curve, oracle, tokens.html) covers two Blocks only; "
-                    "skipped for blocks=%s", block_layers(cfg))
-    elif cfg.eval.analysis and distributed.is_main():  # per-token analysis of the whole split, on rank 0 alone
+    if cfg.eval.analysis and distributed.is_main():  # per-token analysis of the whole split, on rank 0 alone
         whole = make_loaders(cfg, corpus, shard=False, device=device) if distributed.is_distributed() else loaders
         metrics["analysis"] = run_analysis(cfg, corpus, model2, metrics,
                                            whole.test if cfg.eval.split == "test" else whole.validation,
@@ -123,11 +118,13 @@ def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransf
     """Trade-off curve, oracle, confidence diagnostics and pictures (lego.report.analyze) in eval/, with
     operating points chosen on `choose_loader` (validation); returns the headline numbers kept in metrics.json."""
     exit_layer, depth = cfg.phase1.layers, cfg.phase2.layers
+    exits = block_layers(cfg)[:-1]
     shape = model_macs(cfg, corpus.vocab_size)
 
-    def realized_cost(shallow_ratio: float) -> float:
-        return routed_macs(exit_layer=exit_layer, num_layers=depth, shallow_ratio=shallow_ratio,
-                           policy=cfg.phase2.upper_context, **shape)["flop_cost"]
+    def realized_cost(shares: Sequence[float]) -> float:  # shares of all tokens predicted at each exit
+        return routed_macs(exit_layer=exit_layer, num_layers=depth, shallow_ratio=sum(shares),
+                           policy=cfg.phase2.upper_context, exit_layers=exits, exit_shares=list(shares),
+                           **shape)["flop_cost"]
 
     baselines = {"ashem (routed, measured)": {**metrics["ashem"],
                                               "train_macs": metrics["train_compute"]["total"]["train_macs"]},
@@ -137,8 +134,10 @@ def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransf
     for d, dense in metrics.get("dense", {}).items():
         baselines[f"dense {d}-layer model ({cfg.eval.baseline_budget} budget)"] = {
             **dense, "compute_cost": int(d) / depth, "flop_cost": dense["inference_cost"]}
-    s = analyze(out, model=model2, loader=loader, device=device, threshold=metrics["threshold"],
-                measure=cfg.hard_examples.confidence, exit_layer=exit_layer, baselines=baselines,
+    cascade = len(exits) > 1
+    s = analyze(out, model=model2, loader=loader, device=device,
+                threshold=metrics["thresholds"] if cascade else metrics["threshold"],
+                measure=cfg.hard_examples.confidence, exit_layer=exits if cascade else exit_layer, baselines=baselines,
                 tokenizer=corpus.tokenizer, train_tokens=np.asarray(corpus.train), vocab_size=corpus.vocab_size,
                 html_tokens=cfg.eval.html_tokens, choose_loader=choose_loader, realized_cost=realized_cost,
                 verdict=metrics.get("verdict", {}).get("line"))

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from lego import distributed
+from lego import __version__, distributed
 from lego.artifacts import StageError, read_json, write_json
 from lego.ashem import evaluate_on_hard_examples, train_upper_layers
 from lego.batches import EpochSteps
@@ -33,8 +34,9 @@ from lego.checkpoint import load_model, model_args, save_model
 from lego.config import IGNORE_INDEX, ASHEMConfig, StageConfig, TrainingConfig, block_layers, exit_ratios
 from lego.cost import dense_training_macs, phase2_training_macs
 from lego.model import DeepSupervisionTransformer
+from lego.stages.cache import through_cache
 from lego.stages.hard_examples import calibrate, hard_loader
-from lego.stages.setup import Loaders, loop_report, lr_schedule, make_optimizer, model_macs
+from lego.stages.setup import Loaders, loop_report, lr_schedule, make_optimizer, model_macs, science_config
 from lego.trackers import Tracker
 from lego.training import Trainer, fit, train_epoch
 
@@ -62,14 +64,23 @@ def budget_epochs(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, phase1_ma
 
 
 def stage_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float, loaders: Loaders,
-                 run_dir: Path, device: torch.device, tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
+                 run_dir: Path, device: torch.device, tracker: Optional[Tracker] = None, *,
+                 corpus_key: Optional[str] = None) -> DeepSupervisionTransformer:
     """Train the upper Block (or, under phase2.lower=finetune, the whole model); writes run_dir/phase2/
-    (model.pt, history.jsonl, result.json; threshold.json under finetune)."""
+    (model.pt, history.jsonl, result.json; threshold.json under finetune). With `corpus_key` (the corpus's
+    cache key) and phase1.cache, Block 2 is shared through the stage cache (`block_key`; not under finetune)."""
     out = run_dir / "phase2"
     if distributed.broadcast((out / "model.pt").exists()):
         model2 = load_model(out / "model.pt", model_args(grown(cfg, model1, threshold)), device, "phase2 checkpoint")
     elif cfg.phase2.lower == "finetune":
         model2 = train_finetune(cfg, model1, threshold, loaders, run_dir, device, tracker)
+    elif cfg.phase1.cache and corpus_key is not None:
+        def make(entry: Path) -> DeepSupervisionTransformer:
+            if distributed.broadcast((entry / "model.pt").exists()):
+                return load_model(entry / "model.pt", model_args(grown(cfg, model1, threshold)), device,
+                                  "phase2 cache entry")
+            return train_upper(cfg, model1, threshold, loaders, run_dir, device, tracker, out=entry)
+        return through_cache(cfg, "phase2", block_key(cfg, 2, corpus_key, device), out, make, BLOCK_FILES)
     else:
         return train_upper(cfg, model1, threshold, loaders, run_dir, device, tracker)
     if cfg.phase2.lower == "finetune":
@@ -79,11 +90,12 @@ def stage_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold
 
 def train_upper(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float, loaders: Loaders,
                 run_dir: Path, device: torch.device, tracker: Optional[Tracker] = None, *, name: str = "phase2",
-                num_layers: Optional[int] = None) -> DeepSupervisionTransformer:
+                num_layers: Optional[int] = None, out: Optional[Path] = None) -> DeepSupervisionTransformer:
     """The specification's phase 2: the Blocks below frozen, the next Block (to `num_layers`, default
     Block 2's depth) trained on the hard sequences at the exit `model1`'s last layer becomes, with phase2's
-    settings; writes run_dir/<name>/. `model1` is the phase-1 model, or for Block 3 on the model of Blocks 1-2."""
-    out = run_dir / name
+    settings; writes `out` (default run_dir/<name>/; a stage-cache entry). `model1` is the phase-1 model, or
+    for Block 3 on the model of Blocks 1-2."""
+    out = out or run_dir / name
     exit_layer, depth = model1.num_layers, num_layers or block_layers(cfg)[1]
     p2 = cfg.phase2
     every = p2.loss_tokens != "hard"  # the deep exit is scored (and its head run) at every position
@@ -215,35 +227,66 @@ def load_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold:
 
 
 def stage_later_blocks(cfg: ASHEMConfig, model2: DeepSupervisionTransformer, loaders: Loaders, run_dir: Path,
-                       device: torch.device, tracker: Optional[Tracker] = None, *,
-                       train: bool = True) -> Tuple[DeepSupervisionTransformer, List[Dict[str, Any]]]:
+                       device: torch.device, tracker: Optional[Tracker] = None, *, train: bool = True,
+                       corpus_key: Optional[str] = None) -> Tuple[DeepSupervisionTransformer, List[Dict[str, Any]]]:
     """Blocks 3, 4, ... of `blocks` on top of the phase-2 model: for Block k, calibrate the exit below it
     (layer blocks[k-2]) on the calibration tokens that reach it at its hard_example_ratios entry
     (block<k>/threshold.json), then grow and train Block k on the training tokens that reach that exit and
     are hard there, exactly as phase 2 (`train_upper`, block<k>/). Every lower exit stays bit-identical.
-    With `train=False` (phase2 not in stages) it loads what a previous invocation wrote. Returns the
+    With `train=False` (phase2 not in stages) it loads what a previous invocation wrote. With `corpus_key`
+    and phase1.cache each Block is shared through the stage cache (`block_key`, `later_block`). Returns the
     final model and the threshold.json of each exit above the first."""
-    blocks, ratios = block_layers(cfg), exit_ratios(cfg)
     model, infos = model2, []
-    for k in range(2, len(blocks)):  # blocks[k] ends Block k + 1; its exit below is blocks[k - 1]
+    for k in range(2, len(block_layers(cfg))):  # blocks[k] ends Block k + 1; its exit below is blocks[k - 1]
         name = f"block{k + 1}"
         out = run_dir / name
-        path = out / "threshold.json"
-        if distributed.broadcast(path.exists()):
-            info = read_json(path)
-        elif not train:
-            raise StageError(f"stages={cfg.stages} needs {name}'s threshold at {path}; include phase2 in stages")
+        done = distributed.broadcast((out / "model.pt").exists())
+        if not train and not done:
+            raise StageError(f"stages={cfg.stages} needs {name}'s result at {out / 'model.pt'}; "
+                             "include phase2 in stages")
+        make = partial(later_block, cfg, model, k, loaders, run_dir, device, tracker)
+        if not done and cfg.phase1.cache and corpus_key is not None:
+            model, info = through_cache(cfg, name, block_key(cfg, k + 1, corpus_key, device), out, make,
+                                        ("threshold.json", *BLOCK_FILES))
         else:
-            info = calibrate(cfg, model, loaders, device, exit_layer=blocks[k - 1], ratio=ratios[k - 1])
-            if distributed.is_main():
-                write_json(path, info)
+            model, info = make(out)  # what the run dir holds, or calibrated and trained there
         infos.append(info)
-        if distributed.broadcast((out / "model.pt").exists()):
-            model = load_model(out / "model.pt", model_args(grown(cfg, model, info["threshold"], blocks[k])), device,
-                               f"{name} checkpoint")
-        elif not train:
-            raise StageError(f"stages={cfg.stages} needs {name}'s result at {out / 'model.pt'}; include phase2 in stages")
-        else:
-            model = train_upper(cfg, model, info["threshold"], loaders, run_dir, device, tracker, name=name,
-                                num_layers=blocks[k])
     return model, infos
+
+
+BLOCK_FILES = ("model.pt", "history.jsonl", "result.json")  # a Block's result in its stage dir (and cache entry)
+
+
+def block_key(cfg: ASHEMConfig, k: int, corpus_key: str, device: torch.device) -> Dict[str, Any]:
+    """What determines Block k (2, 3, ...): the science config of model, data, phase 1 and phase 2 (minus
+    the cache switch and the final depth), hard_examples, the Blocks up to k and the ratios of the exits
+    below Block k, the seed, the corpus, the device type and the lego version. So blocks=[2, 4] and
+    [2, 4, 6] share Block 2."""
+    science = science_config(cfg)
+    return {"model": science["model"], "data": science["data"],
+            "phase1": {key: v for key, v in science["phase1"].items() if key not in ("cache", "layers")},
+            "phase2": {key: v for key, v in science["phase2"].items() if key != "layers"},
+            "hard_examples": science["hard_examples"], "blocks": block_layers(cfg)[:k],
+            "exit_ratios": exit_ratios(cfg)[:k - 1], "seed": cfg.seed, "corpus": corpus_key,
+            "device": device.type, "lego": __version__}
+
+
+def later_block(cfg: ASHEMConfig, model: DeepSupervisionTransformer, k: int, loaders: Loaders, run_dir: Path,
+                device: torch.device, tracker: Optional[Tracker], entry: Path
+                ) -> Tuple[DeepSupervisionTransformer, Dict[str, Any]]:
+    """Block k + 1 of `blocks` in `entry` (its run-dir stage dir or a stage-cache entry): calibrate the exit
+    below it (threshold.json) and train it, or load what `entry` holds. Returns (the grown model, its
+    threshold.json)."""
+    blocks, ratios = block_layers(cfg), exit_ratios(cfg)
+    name = f"block{k + 1}"
+    if distributed.broadcast((entry / "threshold.json").exists()):
+        info = read_json(entry / "threshold.json")
+    else:
+        info = calibrate(cfg, model, loaders, device, exit_layer=blocks[k - 1], ratio=ratios[k - 1])
+        if distributed.is_main():
+            write_json(entry / "threshold.json", info)
+    if distributed.broadcast((entry / "model.pt").exists()):
+        return load_model(entry / "model.pt", model_args(grown(cfg, model, info["threshold"], blocks[k])), device,
+                          f"{name} checkpoint"), info
+    return train_upper(cfg, model, info["threshold"], loaders, run_dir, device, tracker, name=name,
+                       num_layers=blocks[k], out=entry), info

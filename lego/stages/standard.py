@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import shutil
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -12,19 +9,18 @@ from typing import Optional
 import torch
 
 from lego import __version__, distributed
-from lego.artifacts import file_lock, remove_partial_writes, write_json
 from lego.batches import EpochSteps
 from lego.checkpoint import build_model, load_model, model_args, save_model
 from lego.config import ASHEMConfig, create_standard_config, to_dict
-from lego.data import Corpus, cache_root
+from lego.data import Corpus
 from lego.model import DeepSupervisionTransformer
 from lego.cost import dense_training_macs
-from lego.stages.setup import (Loaders, fingerprint, loop_report, lr_schedule, make_optimizer, model_macs,
+from lego.stages.cache import through_cache
+from lego.stages.setup import (Loaders, loop_report, lr_schedule, make_optimizer, model_macs,
                                science_config)
 from lego.trackers import Tracker
 from lego.training import Trainer, fit, train_epoch
 
-log = logging.getLogger(__name__)
 
 
 def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, stage_dir: Path,
@@ -73,8 +69,7 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
     """`train_standard`, shared through a content-addressed cache when `phase1.cache` is on.
 
     The key hashes exactly what determines the result: model, data, phase-1 optimisation,
-    depth, seed, corpus content and device type. Concurrent jobs with one key train it once
-    (a file lock); the result is copied into `stage_dir`.
+    depth, seed, corpus content and device type (`lego.stages.cache.through_cache`).
     """
     if not cfg.phase1.cache or distributed.broadcast((stage_dir / "model.pt").exists()):
         return train_standard(cfg, corpus, loaders, num_layers, stage_dir, device, name, max_epochs, tracker)
@@ -84,26 +79,11 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
                "phase1": {k: v for k, v in to_dict(cfg)["phase1"].items() if k not in unkeyed},
                "num_layers": num_layers, "seed": cfg.seed, "corpus": corpus.cache_key, "device": device.type,
                "lego": __version__, "records": "compute"}  # result.json records steps and training MACs
-    if distributed.world_size() > 1:  # more ranks = larger batches: another model
-        key_src["world_size"] = distributed.world_size()
     # A baseline's own budget, or phase 1's under phase1.budget_fraction: the epochs that run are keyed, not
     # the fraction (a dense model of the same depth and epochs is the same model).
     if max_epochs is not None and max_epochs != cfg.phase1.max_epochs:
         key_src["phase1"]["max_epochs"] = max_epochs
-    key = fingerprint(key_src)
-    entry = cache_root(cfg.data) / "models" / f"{name}-{key}"
-    # Rank 0 holds the lock for all ranks (they train together and only rank 0 writes).
-    with file_lock(entry.parent / f"{name}-{key}.lock") if distributed.is_main() else contextlib.nullcontext():
-        hit = (entry / "model.pt").exists()
-        if distributed.is_main() and entry.is_dir():
-            remove_partial_writes(entry)  # a killed trainer's litter; we hold this entry's lock
-        log.info("%s: %s cache entry %s", name, "reusing" if hit else "training into", entry)
-        model = train_standard(cfg, corpus, loaders, num_layers, entry, device, name, max_epochs, tracker)
-        if not distributed.is_main():
-            return model
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        for fname in ("model.pt", "history.jsonl", "result.json"):
-            shutil.copy2(entry / fname, stage_dir / f".{fname}.tmp")
-            (stage_dir / f".{fname}.tmp").replace(stage_dir / fname)
-        write_json(stage_dir / "cache.json", {"key": key, "entry": str(entry), "hit": hit, "key_source": key_src})
-    return model
+    return through_cache(cfg, name, key_src, stage_dir,
+                         lambda entry: train_standard(cfg, corpus, loaders, num_layers, entry, device, name, max_epochs,
+                                                      tracker),
+                         ("model.pt", "history.jsonl", "result.json"))
