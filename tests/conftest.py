@@ -76,6 +76,12 @@ def make_token_batches():
 def token_batches(make_token_batches):
     """Three fixed batches of 4 x 8 random tokens, two ignored targets each."""
     return make_token_batches()
+def grown_pair(make_tiny_model, perturb, precision):
+    """A tiny 2-layer model in `precision` and its 4-layer growth with perturbed upper layers and deep head."""
+    small = make_tiny_model(num_layers=2, precision=precision)
+    big = small.grow(4)
+    perturb(list(big.layers[2:].parameters()) + list(big.deep_head.parameters()), std=0.3, seed=1)
+    return small, big.eval()
 # ---- end core library ------------------------------------------------------------------------------
 
 

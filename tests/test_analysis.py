@@ -17,11 +17,21 @@ import pytest
 import torch
 
 from lego import report
-from lego.analysis import (CSV_COLUMNS, auroc, compute_saved_at, expected_calibration_error, exit_share_by_bucket, frequency_buckets, oracle_router, routed_from_tokens, token_outputs, tradeoff_curve)
-from lego.report import analyze
-from lego.config import CONFIDENCE_MEASURES
+from lego.analysis import (
+    CSV_COLUMNS,
+    auroc,
+    compute_saved_at,
+    exit_share_by_bucket,
+    expected_calibration_error,
+    frequency_buckets,
+    oracle_router,
+    routed_from_tokens,
+    token_outputs,
+    tradeoff_curve,
+)
 from lego.confidence import confidence_from_logits, exact_quantile
-from lego.config import StageConfig, TrainingConfig, create_standard_config
+from lego.config import CONFIDENCE_MEASURES, StageConfig, TrainingConfig, create_standard_config
+from lego.report import analyze
 from lego.training import Trainer
 
 KEYS = ("acc", "ppl", "shallow_ratio", "compute_cost")

@@ -11,11 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lego.ashem import (collect_hard_examples, compute_confidence_threshold, evaluate_on_hard_examples, train_upper_layers, upper_logits)
+from lego.ashem import (
+    collect_hard_examples,
+    compute_confidence_threshold,
+    evaluate_on_hard_examples,
+    train_upper_layers,
+    upper_logits,
+)
 from lego.confidence import compute_confidence, confidence_from_logits, exact_quantile
-from lego.store import create_hard_example_loader
-from lego.model import DeepSupervisionTransformer
 from lego.config import StageConfig, TrainingConfig, create_standard_config
+from lego.model import DeepSupervisionTransformer
+from lego.store import create_hard_example_loader
 from lego.training import Trainer
 
 V = 16  # the conftest models' vocabulary

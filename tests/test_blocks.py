@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, tiny_config
+
 from lego.analysis import oracle_router, routed_from_tokens, token_outputs, tradeoff_curve
 from lego.ashem import gather_confidences
 from lego.checkpoint import load_model, model_args, save_model

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY as TINY_RUN
+from conftest import compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import TINY as TINY_RUN
-from conftest import compose_config
 from lego.cli import CONF_DIR, to_config
 from lego.config import ASHEMConfig, rewrite_alias_overrides, validate
 

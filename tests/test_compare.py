@@ -4,8 +4,8 @@ the frontier, operating points chosen on validation, the learning-rate schedule 
 import json
 
 import pytest
-
 from conftest import tiny_config
+
 from lego.analysis import compute_saved_at, routed_from_tokens, share_threshold, token_outputs, tradeoff_curve
 from lego.cost import dense_training_macs
 from lego.run import format_table, run

@@ -2,8 +2,18 @@
 
 import pytest
 
-from lego.cost import (ComputeLedger, StageCompute, dense_training_macs, forward_macs_per_token, mining_macs,
-                       phase2_step_macs, phase2_training_macs, routed_macs, steps_for_macs)
+from lego.cost import (
+    ComputeLedger,
+    StageCompute,
+    dense_training_macs,
+    forward_macs_per_token,
+    layer_macs,
+    mining_macs,
+    phase2_step_macs,
+    phase2_training_macs,
+    routed_macs,
+    steps_for_macs,
+)
 
 # dim 4, FFN 2x (gelu), vocabulary 10, sequence length 3 (average context (3 + 1) / 2 = 2).
 # One layer per token: q 4*4=16, kv 2*4*4=32, attention 2*4*2=16, out 4*4=16, mlp 2*2*4*4=64 -> 144.
@@ -80,3 +90,58 @@ def test_ledger_sums_the_pipeline_and_matches_a_baseline():
     steps = steps_for_macs(total.macs, per_step)
     assert steps == 4
     assert abs(steps * per_step - total.macs) <= per_step / 2
+
+
+# -- inference and phase-2 step costs ------------------------------------------------------------------
+# SHAPE, exit after layer 1 of 2. One layer: q 16 + kv 32 + attention 2*4*2 = 16 + out 16 + mlp 2*2*16 = 64
+# -> 144. Head 40. Full depth: 2 * 144 + 40 = 328. Every routed token pays layer 1 and the exit head: 184.
+ROUTED = dict(SHAPE, exit_layer=1, num_layers=2)
+
+
+def test_layer_macs_by_hand():
+    assert layer_macs(4, 2, "gelu", 2) == {"q": 16, "kv": 32, "attn": 16, "out": 16, "mlp": 64}
+    assert layer_macs(4, 2, "swiglu", 2)["mlp"] == 96
+
+
+@pytest.mark.parametrize("policy,upper", [
+    ("full", 144),  # every token runs layer 2
+    ("propagate", 0.5 * 144 + 0.5 * 32),  # hard tokens run it; easy ones only give K/V
+    ("skip", 0.5 * (144 - 16 + 8)),  # hard tokens only, attending over half the context
+])
+
+
+def test_routed_macs_by_hand(policy, upper):
+    out = routed_macs(**ROUTED, shallow_ratio=0.5, policy=policy)
+    expected = 184 + upper + 0.5 * 40  # + the deep head for the hard half
+    assert out["macs_per_token"] == pytest.approx(expected)
+    assert out["full_depth_macs_per_token"] == 328
+    assert out["flop_cost"] == pytest.approx(expected / 328)
+
+
+def test_routed_macs_limits_and_order():
+    exit_only = (184) / 328
+    assert routed_macs(**ROUTED, shallow_ratio=1.0, policy="skip")["flop_cost"] == pytest.approx(exit_only)
+    assert routed_macs(**ROUTED, shallow_ratio=1.0, policy="propagate")["flop_cost"] == pytest.approx((184 + 32) / 328)
+    # all hard: every policy runs every layer, and pays the exit head on top of the full model
+    for policy in ("full", "propagate", "skip"):
+        assert routed_macs(**ROUTED, shallow_ratio=0.0, policy=policy)["flop_cost"] == pytest.approx(368 / 328)
+    for s in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0):
+        cost = {p: routed_macs(**ROUTED, shallow_ratio=s, policy=p)["flop_cost"] for p in ("full", "propagate", "skip")}
+        assert cost["full"] >= cost["propagate"] >= cost["skip"]
+    with pytest.raises(ValueError, match="upper_context"):
+        routed_macs(**ROUTED, shallow_ratio=0.5, policy="partial")
+
+
+def test_phase2_step_macs_by_hand():
+    full_step = 3 * 328
+    out = phase2_step_macs(**ROUTED, hard_ratio=0.5, policy="full")
+    assert out["full_step_macs_per_token"] == full_step
+    assert out["macs_per_token"] == pytest.approx(3 * (144 + 0.5 * 40))  # layer 2 + the deep head at hard positions
+    rec = phase2_step_macs(**ROUTED, hard_ratio=0.5, policy="full", recompute=True)
+    assert rec["macs_per_token"] == pytest.approx(out["macs_per_token"] + 144)  # layer 1 forward, no backward
+    skip = phase2_step_macs(**ROUTED, hard_ratio=0.5, policy="skip")
+    assert skip["flop_ratio"] < phase2_step_macs(**ROUTED, hard_ratio=0.5, policy="propagate")["flop_ratio"] \
+        < out["flop_ratio"] < 1
+
+
+# -- the benchmark script runs and reports what the cost model says --------------------------------

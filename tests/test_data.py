@@ -13,11 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 import lego.data as data
+from lego.batches import make_loader
 from lego.config import DataConfig
 from lego.data import load_corpus, unigram_perplexity
-from lego.tokenizer import load_tokenizer
-from lego.batches import make_loader
-from lego.tokenizer import byte_tokenizer
+from lego.tokenizer import byte_tokenizer, load_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import TINY as TINY_RUN
+
 from lego import distributed
 from lego.confidence import exact_quantile
 
@@ -32,9 +32,9 @@ def _batches(seed: int, n: int = 4, b: int = 3, t: int = 8, vocab: int = 16):
 
 def _worker(rank: int, init_file: str) -> None:
     from lego.batches import make_loader
+    from lego.config import create_standard_config
     from lego.model import DeepSupervisionTransformer
     from lego.training import Trainer
-    from lego.config import create_standard_config
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -133,10 +133,10 @@ TINY = [*TINY_RUN, "data.eval_batch_size=32", "phase1.max_epochs=2", "phase2.max
 @pytest.mark.slow
 def test_torchrun_two_processes_writes_one_run_with_the_global_threshold(tmp_path):
     from lego.ashem import compute_confidence_threshold
-    from lego.config import DataConfig
-    from lego.data import load_corpus
     from lego.batches import make_loader
     from lego.checkpoint import load_model
+    from lego.config import DataConfig
+    from lego.data import load_corpus
 
     env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "lego", *TINY,

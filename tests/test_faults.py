@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from lego.artifacts import load_checkpoint
 
 # debug=tiny with three epochs of 30 batches per phase. 200k training tokens make phase 2's hard-example collection
@@ -253,13 +253,12 @@ def test_diverged_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatc
     from types import SimpleNamespace
 
     import numpy as np
-
-    from lego.stages.setup import make_loaders
-    from lego.stages.standard import train_standard
-    from lego.training import TrainingDiverged
     from conftest import tiny_config
 
     import lego.stages.standard as standard
+    from lego.stages.setup import make_loaders
+    from lego.stages.standard import train_standard
+    from lego.training import TrainingDiverged
 
     real = standard.train_epoch
 

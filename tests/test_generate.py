@@ -11,8 +11,16 @@ import torch.nn.functional as F
 
 from lego.confidence import confidence_from_logits
 from lego.config import ConfigError
-from lego.generate import (Sampler, agreement, generate, probabilities, run_generation, speculative_round, teacher_forced_logits,
-                           test_prompts as pick_prompts)
+from lego.generate import (
+    Sampler,
+    agreement,
+    generate,
+    probabilities,
+    run_generation,
+    speculative_round,
+    teacher_forced_logits,
+)
+from lego.generate import test_prompts as pick_prompts
 from lego.kvcache import CachedModel
 from lego.training import StageConfig, Trainer, TrainingConfig
 

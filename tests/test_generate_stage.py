@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, tiny_config
+
 from lego.config import ConfigError
 from lego.run import run
 

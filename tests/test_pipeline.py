@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from lego.config import ASHEMConfig, flat_config
+
 from lego.artifacts import StageError
+from lego.config import ASHEMConfig, flat_config
 from lego.run import run
 
 

@@ -7,36 +7,23 @@ test files check that unchanged).
 """
 
 import json
-import os
-import sys
 
 import pytest
 import torch
+from conftest import grown_pair
 
 from lego.analysis import token_outputs
-from lego.ashem import (collect_hard_examples, compute_confidence_threshold, evaluate_on_hard_examples, gather_confidences, train_upper_layers)
-from lego.store import create_hard_example_loader
-from lego.config import ASHEMConfig, validate
-from lego.batches import make_loader
+from lego.ashem import (
+    collect_hard_examples,
+    compute_confidence_threshold,
+    evaluate_on_hard_examples,
+    gather_confidences,
+    train_upper_layers,
+)
+from lego.config import ASHEMConfig, StageConfig, TrainingConfig, create_standard_config, validate
 from lego.model import resolve_precision
-from lego.config import StageConfig, TrainingConfig, create_standard_config
+from lego.store import create_hard_example_loader
 from lego.training import Trainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def grown_pair(make_tiny_model, perturb, precision):
-    small = make_tiny_model(num_layers=2, precision=precision)
-    big = small.grow(4)
-    perturb(list(big.layers[2:].parameters()) + list(big.deep_head.parameters()), std=0.3, seed=1)
-    return small, big.eval()
 
 
 def routed_config(threshold, exit_layer=2, num_layers=4):
@@ -53,6 +40,8 @@ def record_dtypes(model):
 
 
 # -- the setting ----------------------------------------------------------------------------------
+
+
 def test_precision_choices_and_auto():
     assert resolve_precision("auto", "cpu") == "fp32"  # auto is bf16 on a CUDA GPU only
     assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cpu") == "fp32"
@@ -78,6 +67,8 @@ def test_the_model_carries_its_precision(make_tiny_model):
 
 
 # -- bf16 at every forward site -------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_every_forward_site_runs_in_the_models_precision(make_tiny_model, perturb, token_batches, precision, dtype):
     """Training, calibration, mining, phase-2 training and evaluation, routed evaluation and the
@@ -126,107 +117,17 @@ def test_bf16_threshold_routes_the_calibrated_share(make_tiny_model, perturb, ma
 
 
 # -- no host reads per training step --------------------------------------------------------------
-@pytest.fixture
-def host_reads(monkeypatch):
-    """Every tensor -> Python read (item, int, float, bool, tolist) made from lego's own code."""
-    calls = []
-    for name in ("item", "__int__", "__float__", "__bool__", "__index__", "tolist"):
-        real = getattr(torch.Tensor, name)
-
-        def spy(self, *args, _real=real, _name=name):
-            caller = sys._getframe(1).f_code.co_filename
-            if f"{os.sep}lego{os.sep}" in caller:
-                calls.append((_name, os.path.basename(caller), sys._getframe(1).f_lineno))
-            return _real(self, *args)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
-    return calls
 
 
-def test_train_epoch_reads_the_device_once_per_epoch(make_tiny_model, make_token_batches, host_reads):
-    batches = make_token_batches(n_batches=4)
-    trainer = Trainer(create_standard_config(2), 16, progress=False)
-    counts = []
-    for n in (2, 4):
-        model = make_tiny_model(num_layers=2)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        host_reads.clear()
-        trainer.train_epoch(model, batches[:n], opt)
-        counts.append(list(host_reads))
-        host_reads.clear()
-        trainer.validation_loss(model, batches[:n])
-        counts.append(list(host_reads))
-    assert counts[0] == counts[2] and counts[1] == counts[3], counts  # nothing per step
-    assert len(counts[0]) == 2  # the epoch's loss and token count
-
-
-def test_train_upper_layers_reads_the_device_once_per_epoch(make_tiny_model, perturb, make_token_batches,
-                                                           host_reads):
-    """Under the full upper context; propagate/skip size their packed layout from the hard mask,
-    which is a read per layer by nature (and so is picking the hard positions' logits)."""
-    batches = make_token_batches(n_batches=4)
-    small, big = grown_pair(make_tiny_model, perturb, "fp32")
-    hard = collect_hard_examples(small, batches, compute_confidence_threshold(small, batches, 0.5), "cpu")
-    loader = create_hard_example_loader(hard, batch_size=2, shuffle=False)
-    rows = list(loader)
-    opt = torch.optim.AdamW([p for p in big.parameters() if p.requires_grad], lr=1e-3)
-    counts = []
-    for n in (2, 4):
-        host_reads.clear()
-        train_upper_layers(big, rows[:n], opt, 16, "cpu", 2)
-        counts.append(list(host_reads))
-    assert counts[0] == counts[1] and len(counts[0]) == 1, counts
-
-
-def test_epoch_loss_is_the_hand_computed_mean(make_tiny_model, make_token_batches):
-    """train_epoch's loss is sum(batch loss sums) / sum(counted tokens), the sum taken in float32 in
-    batch order, over the losses of the weights each step saw; the weights step as by hand."""
-    batches = make_token_batches(n_batches=3, n_ignored=5)
-    trainer = Trainer(create_standard_config(2), 16, progress=False)
-    model, ref = make_tiny_model(num_layers=2), make_tiny_model(num_layers=2)
-    model.train(), ref.train()
-    opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, ref))
-    loss = trainer.train_epoch(model, batches, opt)
-    acc, count = torch.zeros(()), 0
-    for x, y in batches:
-        total = torch.nn.functional.cross_entropy(ref(x).reshape(-1, 16), y.reshape(-1), reduction="sum")
-        n = int((y != -100).sum())
-        ref_opt.zero_grad()
-        (total / n).backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        ref_opt.step()
-        acc += total.detach()
-        count += n
-    assert count == 3 * 4 * 8 - 3 * 5
-    assert loss == float(acc) / count
-    for p, q in zip(model.parameters(), ref.parameters()):
-        assert torch.equal(p, q)
-
-
-# -- pinned memory --------------------------------------------------------------------------------
-def test_batches_are_pinned_only_for_a_gpu(token_batches):
-    import numpy as np
-
-    tokens = np.arange(200) % 16
-    assert make_loader(tokens, 8, 4, shuffle=False, seed=0, device="cuda").pin_memory
-    assert make_loader(tokens, 8, 4, shuffle=False, seed=0, device=torch.device("cuda:0")).pin_memory
-    assert not make_loader(tokens, 8, 4, shuffle=False, seed=0, device="cpu").pin_memory
-    assert not make_loader(tokens, 8, 4, shuffle=False, seed=0).pin_memory
-    hard = {"hidden_states": None, "inputs": token_batches[0][0], "targets": token_batches[0][1]}
-    assert create_hard_example_loader(hard, 2, device="cuda").pin_memory
-    assert not create_hard_example_loader(hard, 2, device="cpu").pin_memory
-
-
-# -- a whole run ----------------------------------------------------------------------------------
 def test_bf16_run_records_its_precision(tmp_path):
     """A tiny run under bf16 on CPU: both checkpoints and the run's science config say bf16 (so
     the phase-1 cache and the run dir tell it from fp32), calibration's share holds, the one-pass
     analysis equals the routed evaluation, and an fp32 rerun in the same directory is refused."""
-    from lego.artifacts import load_checkpoint
-    from lego.artifacts import StageError
+    from conftest import tiny_config
+
+    from lego.artifacts import StageError, load_checkpoint
     from lego.run import run
     from lego.stages.setup import science_config
-    from conftest import tiny_config
 
     cfg = tiny_config(tmp_path / "cache", **{"model.precision": "bf16", "eval.standard_baseline": False,
                                              "eval.analysis": True, "eval.html_tokens": 20})

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY as TINY_RUN
 from omegaconf import OmegaConf
 

@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lego.trackers import (KINDS, CsvTracker, LoggerConfig, MultiTracker, NullTracker, Tracker, make_tracker,
-                           tracker_from_config)
+from lego.trackers import (
+    KINDS,
+    CsvTracker,
+    LoggerConfig,
+    MultiTracker,
+    NullTracker,
+    Tracker,
+    make_tracker,
+    tracker_from_config,
+)
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "logger"
 
@@ -218,6 +226,7 @@ def test_run_sends_each_stage_to_the_tracker(tmp_path):
     """A tiny run with the default csv tracker: one file per training stage (phase 1, phase 2, dense
     baselines) with train rows every logger.log_every steps and a validation row per epoch."""
     from conftest import tiny_config
+
     from lego.run import run
 
     cfg = tiny_config(tmp_path / "cache", **{"logger.log_every": 3, "eval.dense_depths": [2]})
@@ -243,9 +252,8 @@ def test_lego_run_logger_tensorboard_writes_readable_events(tmp_path):
     pytest.importorskip("tensorboard")
     import subprocess
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from conftest import TINY
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"))
     res = subprocess.run([sys.executable, "-m", "lego", *TINY, "logger=tensorboard", "eval.standard_baseline=false",

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lego.confidence import confidence_from_logits
 from lego.batches import SeededBatches
+from lego.confidence import confidence_from_logits
 from lego.config import StageConfig, TrainingConfig, create_standard_config
 from lego.training import Trainer, early_stopping_loop
 

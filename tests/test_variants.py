@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_config
+
 from lego.ashem import _upper_loss, collect_hard_examples, compute_confidence_threshold, train_upper_layers
 from lego.checkpoint import load_model
 from lego.confidence import IGNORE_INDEX
@@ -235,9 +235,9 @@ def test_tiny_run_finetune_trains_block1_and_recalibrates(tmp_path):
     assert new["threshold"] != old["threshold"]
     assert summary["threshold"] == new["threshold"] == ck["model_args"]["routing_threshold"]
     # the recalibrated threshold meets the asked ratio on validation: an exact quantile, up to ties
+    from lego.ashem import gather_confidences
     from lego.data import load_corpus
     from lego.stages.setup import make_loaders
-    from lego.ashem import gather_confidences
     model2 = load_model(d / "phase2/model.pt", ck["model_args"], "cpu", "test")
     loaders = make_loaders(cfg, load_corpus(cfg.data))
     conf = gather_confidences(model2, loaders.validation, "cpu")
@@ -265,6 +265,7 @@ def test_tiny_run_budget_fraction_follows_the_rule(tmp_path):
 @pytest.mark.parametrize("variant", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "lego/conf/variant").glob("*.yaml")))
 def test_every_study_variant_composes_and_validates(variant):
     from conftest import compose_config
+
     from lego.cli import to_config
     from lego.config import validate
 

@@ -1,0 +1,32 @@
+"""scripts/bench.py runs and prints its table (a smoke test; benchmarks are never timed assertions)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from lego.cost import routed_macs
+
+# -- what runs, and for how many tokens -----------------------------------------------------------
+
+
+def test_bench_script_smoke(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    result = bench.main(["--model", "tiny", "--vocab", "64", "--seq-len", "16", "--batch", "2", "--warmup", "0",
+                         "--repeats", "1", "--rounds", "1", "--threshold-n", "1000", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    cases = {r["case"]: r for r in result["rows"]}
+    assert {"full-model step", "phase-2 step full", "phase-2 step propagate", "phase-2 step skip",
+            "phase-2 step full (recompute)", "full-depth eval"} <= set(cases)
+    assert all(f"routed eval {p} @{r}" in cases for p in ("full", "propagate", "skip") for r in ("0.3", "0.5", "0.7"))
+    assert cases["full-model step"]["time_ratio"] == 1.0 and cases["full-depth eval"]["time_ratio"] == 1.0
+    row = cases["routed eval skip @0.5"]
+    assert row["flop_ratio"] == pytest.approx(routed_macs(
+        dim=128, ffn_mult=4, ffn="gelu", vocab_size=64, seq_len=16, exit_layer=2, num_layers=4,
+        shallow_ratio=1 - row["hard_ratio"], policy="skip")["flop_cost"])
+    assert result["threshold"]["exact"] and result["threshold"]["n"] == 1000

@@ -1,0 +1,138 @@
+"""Routed layers (skip / propagate): dense parts run for hard tokens only, heads once per batch, the
+same states and gradients as the reference."""
+
+
+import pytest
+import torch
+
+from lego.ashem import collect_hard_examples, compute_confidence_threshold, upper_logits
+from lego.config import StageConfig, TrainingConfig
+from lego.training import Trainer
+
+V = 16  # the conftest models' vocabulary
+
+
+def rows_seen(module):
+    """Attach a forward hook; returns a list that collects the number of rows of each input."""
+    seen = []
+    module.register_forward_hook(lambda m, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    return seen
+
+
+def routed_model(make_tiny_model, perturb, pos="learned", seed=0):
+    big = make_tiny_model(num_layers=2, pos=pos, seed=seed).grow(4)
+    perturb(big.layers[2:].parameters(), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (4, 8), generator=g)
+    h = big.run_layers(big.embed(x), 0, 2).detach()
+    hard = torch.rand(4, 8, generator=g) < 0.4
+    hard[1] = False  # a row with no hard token
+    hard[2] = True  # a row with only hard tokens
+    return big, h, hard
+
+
+# -- what runs, and for how many tokens -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["full", "propagate", "skip"])
+def test_upper_logits_computes_the_deep_head_at_hard_positions_only(make_tiny_model, perturb, policy):
+    big, h, hard = routed_model(make_tiny_model, perturb)
+    targets = torch.where(hard, torch.randint(0, V, hard.shape), torch.full(hard.shape, -100))
+    seen = rows_seen(big.deep_head.proj)
+    logits, y = upper_logits(big, h, targets, 2, policy=policy)
+    assert logits.shape == (int(hard.sum()), V) and torch.equal(y, targets[hard])
+    assert seen == [int(hard.sum())]
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_routed_layers_run_dense_parts_for_hard_tokens_only(make_tiny_model, perturb, policy):
+    """No padding in the projections and MLP: the MLP sees exactly the hard tokens; under skip, no
+    projection sees an easy token either."""
+    big, h, hard = routed_model(make_tiny_model, perturb)
+    n_hard, n_all = int(hard.sum()), hard.numel()
+    mlp, qkv = rows_seen(big.layers[2].mlp), rows_seen(big.layers[2].norm1)
+    big.run_layers(h, 2, 3, hard=hard, policy=policy)
+    assert mlp == [n_hard]
+    assert qkv == ([n_all] if policy == "propagate" else [n_hard])  # propagate: every token gives K/V
+
+
+def test_no_hard_token_runs_nothing_and_keeps_the_states(make_tiny_model, perturb):
+    big, h, _ = routed_model(make_tiny_model, perturb)
+    seen = rows_seen(big.layers[2].mlp)
+    none = torch.zeros(h.shape[:2], dtype=torch.bool)
+    for policy in ("propagate", "skip"):
+        assert torch.equal(big.run_layers(h, 2, 4, hard=none, policy=policy), h)
+    assert seen == []
+
+
+def test_routed_evaluation_runs_each_head_once_per_batch_on_the_right_tokens(make_tiny_model, perturb,
+                                                                             token_batches):
+    small = make_tiny_model(num_layers=2)
+    t = compute_confidence_threshold(small, token_batches, 0.5)
+    big = small.grow(4, routing_threshold=t, upper_context="skip")
+    perturb(big.layers[2:].parameters())
+    exit_rows, deep_rows = rows_seen(big.output_head.proj), rows_seen(big.deep_head.proj)
+    cfg = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=t, exit_layer=2)
+    stats = Trainer(cfg, V, progress=False).evaluate(big, token_batches)
+    n_rows = token_batches[0][0].numel()
+    assert exit_rows == [n_rows] * len(token_batches)  # the exit's logits once, for every token
+    hard = collect_hard_examples(small, token_batches, t)
+    assert sum(deep_rows) == hard["num_hard"] == round((1 - stats["shallow_ratio"]) * stats["n_tokens"])
+
+
+# -- the packed implementation computes what the reference computes, gradients included -----------
+
+def reference_upper(big, h, hard, policy):
+    """Unpacked references: propagate = run every token, keep the hard ones' outputs; skip = run
+    each row's hard subsequence alone, at its original positions."""
+    if policy == "propagate":
+        out = h
+        for layer in big.layers[2:4]:
+            out = torch.where(hard[..., None], layer(out, big.rope), out)
+        return out
+    rows = []
+    for b in range(h.shape[0]):
+        idx = hard[b].nonzero().squeeze(1)
+        row = h[b]
+        if idx.numel():
+            sub = row[idx][None]
+            rope = None if big.rope is None else (big.rope_cos[idx], big.rope_sin[idx])
+            for layer in big.layers[2:4]:
+                sub = layer(sub, rope)
+            row = row.index_copy(0, idx, sub[0])
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_routed_gradients_equal_the_reference(make_tiny_model, perturb, pos, policy):
+    big, h, hard = routed_model(make_tiny_model, perturb, pos=pos)
+    params = [p for layer in big.layers[2:4] for p in layer.parameters()]
+    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for run in (lambda x: big.run_layers(x, 2, 4, hard=hard, policy=policy),
+                lambda x: reference_upper(big, x, hard, policy)):
+        x = h.clone().requires_grad_(True)
+        out = run(x)
+        g = torch.autograd.grad((out * w).sum(), [x, *params])
+        grads.append((out.detach(), g))
+    (out_a, g_a), (out_b, g_b) = grads
+    torch.testing.assert_close(out_a, out_b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_a_row_gives_the_same_states_alone_and_in_a_batch(make_tiny_model, perturb, pos, policy):
+    """Packing (slots, padding to the longest row) must not leak between rows."""
+    big, h, hard = routed_model(make_tiny_model, perturb, pos=pos)
+    with torch.no_grad():
+        batch = big.run_layers(h, 2, 4, hard=hard, policy=policy)
+        for b in range(h.shape[0]):
+            alone = big.run_layers(h[b:b + 1], 2, 4, hard=hard[b:b + 1], policy=policy)
+            torch.testing.assert_close(batch[b:b + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+# -- confidences: chunked on CPU, bit-identical ----------------------------------------------------
