@@ -292,14 +292,19 @@ def format_table(result: dict) -> str:
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
 
 
-def matmul_seconds(fn) -> float:
-    """Self CPU seconds of matmul and attention kernels during `fn()` (torch.profiler)."""
+def outside_matmul(fn) -> float:
+    """Share of `fn()`'s self CPU time spent outside matmul and attention kernels (torch.profiler).
+
+    Both the kernels' time and the total come from the same profiled run, so the share stays in
+    [0, 1] however busy the machine is (a wall-clock total from another run did not)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(e.self_cpu_time_total for e in prof.key_averages()
-               if e.key in MATMUL_OPS or "scaled_dot_product" in e.key) / 1e6
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    kernels = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS or "scaled_dot_product" in e.key)
+    return 1 - kernels / total if total else float("nan")
 
 
 def bench_generation(args, device) -> dict:
@@ -369,9 +374,7 @@ def bench_generation(args, device) -> dict:
                              "flop_ratio": flop, "exit_share": r.exit_share if c.startswith("routed") else None,
                              "acceptance": r.acceptance_rate, "threshold": thr if c.startswith("routed") else None})
                 if c in ("dense", "routed propagate", f"speculative k={k}"):
-                    wall = r.prefill_s + r.decode_s
-                    overhead.append({"model": name, "batch": B, "case": c,
-                                     "outside_matmul": 1 - matmul_seconds(fns[c]) / wall})
+                    overhead.append({"model": name, "batch": B, "case": c, "outside_matmul": outside_matmul(fns[c])})
     return {"prompt_len": P, "new_tokens": N, "rows": rows, "overhead": overhead}
 
 
