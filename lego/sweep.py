@@ -46,6 +46,8 @@ EXCLUDED = ("seed",)  # override keys that do not define a configuration (and ar
 TEST_METRICS = ("ppl", "acc", "shallow_ratio", "compute_cost", "flop_cost", "wall_cost", "phase1_ppl",
                 "no_routing_ppl", "standard_ppl", "hard_ppl_phase1", "hard_ppl_ashem")
 VALIDATION_METRICS = ("val_ppl", "val_loss")
+# `<x>_ppl` keys that are not a model to pair ASHEM with: its own validation ppl, a saved-compute share
+NOT_BASELINES = ("val_ppl", "compute_saved_at_1pct_ppl")
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by Hydra's Optuna sweeper at the sweep root
 
 
@@ -112,7 +114,8 @@ def baseline_names(metrics: Dict[str, Any]) -> List[str]:
     """Names of the baselines whose perplexity `<name>_ppl` sits beside ASHEM's `ppl`."""
     if not isinstance(metrics.get("ppl"), (int, float)):
         return []
-    return [k[: -len("_ppl")] for k in headline_metrics(metrics) if re.fullmatch(r".+_ppl", k)]
+    return [k[: -len("_ppl")] for k in headline_metrics(metrics)
+            if re.fullmatch(r".+_ppl", k) and k not in NOT_BASELINES]
 
 
 def mean_std(values: List[float]) -> Tuple[float, Optional[float]]:
