@@ -30,10 +30,15 @@ HEADLINES = ("ppl_compute_auc", "ppl_compute_auc_per_unit", "compute_saved_at_1p
              "auroc", "ece_exit")  # analysis numbers kept in metrics.json (the rest is in eval/analysis.json)
 
 
-def timed_evaluate(config: TrainingConfig, model, loader, device) -> Dict[str, Any]:
+def scorer(cfg: ASHEMConfig, config: TrainingConfig, device) -> Trainer:
+    """A Trainer that evaluates under `config`, showing progress as the run's `progress` keys say."""
+    return Trainer(config, device=device, progress=cfg.progress, progress_interval_s=cfg.progress_interval_s)
+
+
+def timed_evaluate(cfg: ASHEMConfig, config: TrainingConfig, model, loader, device) -> Dict[str, Any]:
     """`Trainer.evaluate` plus its wall time in seconds (`wall_s`)."""
     start = time.perf_counter()
-    out = Trainer(config, device=device).evaluate(model, loader)
+    out = scorer(cfg, config, device).evaluate(model, loader)
     out["wall_s"] = time.perf_counter() - start
     return out
 
@@ -59,12 +64,12 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
                                "confidence": cfg.hard_examples.confidence}
     if cascade:
         metrics.update(exit_layers=exits, thresholds=thresholds)
-    metrics["ashem"] = timed_evaluate(routed, model2, loader, device)
+    metrics["ashem"] = timed_evaluate(cfg, routed, model2, loader, device)
     # A sweep's objective (SPEC 6: nothing is chosen on test): the routed model on validation.
     metrics["ashem_validation"] = (metrics["ashem"] if cfg.eval.split == "validation"
-                                   else Trainer(routed, device=device).evaluate(model2, loaders.validation))
-    metrics["phase1_only"] = timed_evaluate(create_standard_config(exit_layer), model1, loader, device)
-    metrics["no_routing"] = timed_evaluate(create_standard_config(depth), model2, loader, device)
+                                   else scorer(cfg, routed, device).evaluate(model2, loaders.validation))
+    metrics["phase1_only"] = timed_evaluate(cfg, create_standard_config(exit_layer), model1, loader, device)
+    metrics["no_routing"] = timed_evaluate(cfg, create_standard_config(depth), model2, loader, device)
     shares = [e["share"] for e in metrics["ashem"]["exits"][:-1]]  # tokens predicted at each exit
     metrics["ashem"].update(routed_macs(exit_layer=exit_layer, num_layers=depth,
                                         shallow_ratio=metrics["ashem"]["shallow_ratio"],
@@ -107,7 +112,7 @@ def train_dense_frontier(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, com
         epochs = dense_epochs(cfg, corpus, loaders, depth, compute)
         model = cached_standard(cfg, corpus, loaders, depth, run_dir / f"dense{depth}", device, f"dense{depth}",
                                 max_epochs=epochs, tracker=tracker)
-        scored = Trainer(create_standard_config(depth), device=device).evaluate(model, loader)
+        scored = scorer(cfg, create_standard_config(depth), device).evaluate(model, loader)
         out[str(depth)] = {**scored, **stage_record(run_dir / f"dense{depth}"), "max_epochs": epochs,
                            "inference_cost": inference_cost(cfg, corpus.vocab_size, depth)}
     return out
