@@ -1,8 +1,7 @@
 """Learning-rate schedules: `constant`, or linear warmup then cosine decay to a floor (nanoGPT's).
 
-    sched = make_scheduler(optimizer, schedule="cosine", warmup_steps=100, total_steps=2000, min_lr_ratio=0.1)
-    for step in range(total_steps):
-        ...; optimizer.step(); sched.step()   # the lr of step k is lr_at(k, ...)
+    lr_at(k, base_lr=1e-3, schedule="cosine", warmup_steps=100, total_steps=2000, min_lr_ratio=0.1)
+    # lego.training.train_epoch(..., lr_factor=partial(lr_factor, ...)) sets step k's lr to base * lr_factor(k)
 
 Steps count optimizer steps from 0. `cosine`: during warmup lr = base * (step + 1) / (warmup + 1)
 (never 0, reaches base at step `warmup`), then half a cosine from base at `warmup_steps` down to
@@ -14,12 +13,8 @@ The same schedule serves phase 1, phase 2 and every baseline (SPEC section 6: sa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import torch
-
-from lego.config import SCHEDULES, check_schedule
-
+from lego.config import SCHEDULES
 
 
 def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -41,29 +36,3 @@ def lr_at(step: int, *, base_lr: float, schedule: str, warmup_steps: int, total_
     """Learning rate of optimizer step `step` (0-based); see the module docstring for the shape."""
     return base_lr * lr_factor(step, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps,
                                min_lr_ratio=min_lr_ratio)
-
-
-@dataclass
-class _Factor:
-    """`lr_factor` as a callable object, so LambdaLR's state_dict keeps the schedule's settings."""
-
-    schedule: str
-    warmup_steps: int
-    total_steps: int
-    min_lr_ratio: float
-
-    def __call__(self, step: int) -> float:
-        return lr_factor(step, schedule=self.schedule, warmup_steps=self.warmup_steps,
-                         total_steps=self.total_steps, min_lr_ratio=self.min_lr_ratio)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup_steps: int = 0, total_steps: int = 1,
-                   min_lr_ratio: float = 0.0, prefix: str = "") -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR that sets each param group's lr to `lr_at(k, base_lr=<the group's lr>, ...)` for step k.
-
-    Call `step()` after each `optimizer.step()`. `state_dict()`/`load_state_dict()` resume the
-    sequence (load the optimizer's state too). Under `constant` every lr stays exactly as given.
-    `prefix` (e.g. "phase1") names the config group in error messages.
-    """
-    check_schedule(prefix, schedule, warmup_steps, min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Factor(schedule, warmup_steps, total_steps, min_lr_ratio))

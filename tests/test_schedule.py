@@ -1,11 +1,14 @@
 """Learning-rate schedules (lego/schedule.py): hand-computed values, constant = no scheduler, resume."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
-from lego.schedule import check_schedule, lr_at, make_scheduler
+from lego.config import check_schedule
+from lego.schedule import lr_at, lr_factor
+from lego.training import StageTotals, train_epoch
 
 COS = dict(schedule="cosine", warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
 
@@ -36,56 +39,53 @@ def test_check_schedule_names_the_key():
     with pytest.raises(ValueError, match=r"phase2.min_lr_ratio=1.5"):
         check_schedule("phase2", "cosine", 0, 1.5)
     with pytest.raises(ValueError, match=r"^schedule='x'"):
-        make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), schedule="x")
+        lr_factor(0, schedule="x", warmup_steps=0, total_steps=1, min_lr_ratio=0.1)
 
 
-def _train(schedule=None, steps=5):
+def _batches(n=6):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(n)]
+
+
+def _loss(model, x, y):
+    return torch.nn.functional.cross_entropy(model(x), y, reduction="sum"), y.numel()
+
+
+def _model_and_optimizer():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = make_scheduler(opt, schedule=schedule, warmup_steps=2, total_steps=steps) if schedule else None
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x, y = torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _train(factor, batches):
+    model, opt = _model_and_optimizer()
+    train_epoch(model, batches, opt, _loss, "cpu", lr_factor=factor, totals=StageTotals(), progress=False)
     return model.state_dict()
 
 
-def test_constant_is_bit_identical_to_no_scheduler():
-    plain, const, cos = _train(None), _train("constant"), _train("cosine")
-    assert all(torch.equal(plain[k], const[k]) for k in plain)
+def test_the_loop_applies_the_schedule_and_a_constant_factor_changes_no_bit():
+    """`lego.training.train_epoch` with lr_factor: a factor of 1 everywhere trains bit for bit like no
+    schedule (so `constant`, which passes none, is today's training); cosine changes the weights."""
+    batches = _batches()
+    plain, ones = _train(None, batches), _train(lambda step: 1.0, batches)
+    cos = _train(partial(lr_factor, **COS), batches)
+    assert all(torch.equal(plain[k], ones[k]) for k in plain)
     assert not torch.equal(plain["weight"], cos["weight"])  # the comparison can fail: cosine changes training
 
 
-def test_state_dict_round_trip_resumes_the_lr_sequence():
-    def fresh():
-        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
-        return opt, make_scheduler(opt, **COS)
-
-    opt, sched = fresh()
-    expected = []
-    for _ in range(20):
-        expected.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert expected == pytest.approx([lr_at(k, base_lr=0.5, **COS) for k in range(20)], abs=1e-15)
-
-    opt, sched = fresh()
-    seen = []
-    for _ in range(7):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    state = {"opt": opt.state_dict(), "sched": sched.state_dict()}
-    opt, sched = fresh()  # a new process: fresh objects, then the saved states
-    opt.load_state_dict(state["opt"])
-    sched.load_state_dict(state["sched"])
-    for _ in range(13):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert seen == expected
+def test_resume_continues_the_lr_sequence_from_the_stages_step_count():
+    """Two halves with the optimizer state and the stage's step count carried over (as `fit` resumes from
+    the history) train exactly like one pass: step k runs at lr_at(k) in both."""
+    batches, factor = _batches(), partial(lr_factor, **COS)
+    whole = _train(factor, batches)
+    model, opt = _model_and_optimizer()
+    totals = StageTotals()
+    train_epoch(model, batches[:3], opt, _loss, "cpu", lr_factor=factor, totals=totals, progress=False)
+    state, opt_state = model.state_dict(), opt.state_dict()
+    model, opt = _model_and_optimizer()
+    model.load_state_dict(state)
+    opt.load_state_dict(opt_state)
+    resumed = StageTotals(steps=totals.steps)
+    train_epoch(model, batches[3:], opt, _loss, "cpu", lr_factor=factor, totals=resumed, progress=False)
+    assert resumed.steps == 6 and all(torch.equal(whole[k], model.state_dict()[k]) for k in whole)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(5, base_lr=1e-2, **COS), rel=1e-12)
