@@ -256,8 +256,8 @@ def test_lego_run_logger_tensorboard_writes_readable_events(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"))
-    res = subprocess.run([sys.executable, "-m", "lego", *TINY, "logger=tensorboard", "eval.standard_baseline=false",
-                          "hydra.run.dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-m", "lego", *TINY, "logger=tensorboard", "logger.log_every=1",
+                          "eval.standard_baseline=false", "hydra.run.dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     acc.Reload()

@@ -123,7 +123,7 @@ class LoggerConfig:
     project: str = "lego"  # wandb project / mlflow experiment name
     wandb_mode: str = "offline"  # offline | online | disabled; online only when asked (needs network + login)
     mlflow_uri: Optional[str] = None  # tracking uri (http://..., sqlite:///...); None = file store <run_dir>/mlruns
-    log_every: int = 1  # send train metrics every this many optimizer steps (validation: always)
+    log_every: int = 10  # train metrics every this many optimizer steps (each logged step reads the device once)
 
     def __post_init__(self) -> None:
         check_logger(self)
