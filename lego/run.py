@@ -12,6 +12,7 @@ epoch checkpoint, so rerunning the same command in the same run directory finish
 from __future__ import annotations
 
 import contextlib
+import math
 import logging
 import time
 from pathlib import Path
@@ -210,12 +211,21 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
                                     if not rec.get("converged", False)]
         summary["hard_ppl_phase1"] = metrics["hard_tokens"]["phase1"]["ppl"]
         summary["hard_ppl_ashem"] = metrics["hard_tokens"]["ashem"]["ppl"]
+        summary["easy_ppl_ashem"] = easy_ppl(metrics["ashem"]["exits"])
         for k in ("ppl_compute_auc", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio"):
             if k in metrics.get("analysis", {}):
                 summary[k] = metrics["analysis"][k]
     if generated is not None:
         summary.update(headline(generated))
     return summary
+
+
+def easy_ppl(exits: list) -> float:
+    """The routed model's perplexity on the tokens that stop before the last layer (the easy tokens), from
+    the per-exit records of `evaluate` (each exit's token count and perplexity); nan when none stop early."""
+    early = [e for e in exits[:-1] if e["n_tokens"]]
+    n = sum(e["n_tokens"] for e in early)
+    return math.exp(sum(e["n_tokens"] * math.log(e["ppl"]) for e in early) / n) if n else float("nan")
 
 
 def format_table(summary: dict) -> str:
@@ -236,6 +246,7 @@ def format_table(summary: dict) -> str:
                                                        if k.startswith("train_macs_dense")])))
         rows.append(("hard-token ppl phase1 -> ashem",
                      f"{summary['hard_ppl_phase1']:.2f} -> {summary['hard_ppl_ashem']:.2f}"))
+        rows.append(("easy-token ppl (routed)", f"{summary['easy_ppl_ashem']:.2f}"))
         if "oracle_shallow_ratio" in summary:
             rows += [("oracle exit share", f"{summary['oracle_shallow_ratio']:.3f}"),
                      ("compute saved at <=1% ppl loss", f"{summary['compute_saved_at_1pct_ppl']:.3f}")]

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 EXCLUDED = ("seed",)  # override keys that do not define a configuration (and are not metrics)
 # The test-split numbers of metrics.json reported for an Optuna search's chosen trial.
 TEST_METRICS = ("ppl", "acc", "shallow_ratio", "compute_cost", "flop_cost", "wall_cost", "phase1_ppl",
-                "no_routing_ppl", "standard_ppl", "hard_ppl_phase1", "hard_ppl_ashem")
+                "no_routing_ppl", "standard_ppl", "hard_ppl_phase1", "hard_ppl_ashem", "easy_ppl_ashem")
 VALIDATION_METRICS = ("val_ppl", "val_loss")
 # `<x>_ppl` keys that are not a model to pair ASHEM with: its own validation ppl, a saved-compute share
 NOT_BASELINES = ("val_ppl", "compute_saved_at_1pct_ppl")
@@ -195,6 +195,51 @@ def to_markdown(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The ranking's columns: what the study of variants compares (issue "Closing the gap"), then the gaps.
+RANKED = (("ppl", "routed ppl"), ("hard_ppl_ashem", "hard-token ppl"), ("easy_ppl_ashem", "easy-token ppl"),
+          ("flop_cost", "inference cost"), ("train_macs_total", "training MACs"),
+          ("gap_at_inference_cost_pct", "gap at equal inference cost %"),
+          ("gap_at_training_compute_pct", "gap at equal training compute %"),
+          ("gap_to_best_dense_pct", "gap to best dense %"))
+MOONSHOT = {"gap_pct": 2.0, "cost": 0.75}  # within 2% of the dense full-depth model at <= 0.75 of its inference cost
+
+
+def moonshot(row: Dict[str, Any]) -> Optional[bool]:
+    """Whether a configuration's means reach the moonshot: routed ppl within 2% of the dense full-depth model
+    trained on the same training MACs, at no more than 0.75 of its inference cost (None: no such numbers)."""
+    gap, cost = row.get("gap_at_training_compute_pct_mean"), row.get("flop_cost_mean")
+    if gap is None or cost is None:
+        return None
+    return gap <= MOONSHOT["gap_pct"] and cost <= MOONSHOT["cost"]
+
+
+def ranking_markdown(rows: List[Dict[str, Any]]) -> str:
+    """The configurations ranked by the gap to the dense frontier at equal inference cost (smallest first),
+    with their rank at equal training compute; '' when the runs trained no dense frontier."""
+    ranked = [r for r in rows if r.get("gap_at_inference_cost_pct_mean") is not None]
+    if not ranked:
+        return ""
+    ranked.sort(key=lambda r: r["gap_at_inference_cost_pct_mean"])
+    by_training = sorted(ranked, key=lambda r: r.get("gap_at_training_compute_pct_mean", math.inf))
+    shared = [o for o in rows[0]["_overrides"] if all(o in r["_overrides"] for r in rows)] if len(rows) > 1 else []
+    lines = ["## Ranked by the gap to the dense frontier", "",
+             ("Gap: routed ppl over the dense frontier's, in percent (+ = routed worse), at the routed model's "
+              "realized inference cost (flop_cost, a fraction of the dense full-depth model's forward MACs) and "
+              "against the dense full-depth model trained on the pipeline's training MACs. Moonshot: within "
+              f"{MOONSHOT['gap_pct']:g}% of that model at <= {MOONSHOT['cost']:g} of its inference cost."), "",
+             "| rank | config | n | " + " | ".join(t for _, t in RANKED) + " | rank at training compute | moonshot |",
+             "|" + "---|" * (5 + len(RANKED))]
+    for i, r in enumerate(ranked, 1):
+        cells = [str(i), " ".join(o for o in r["_overrides"] if o not in shared) or "(defaults)", str(r["n"])]
+        for k, _ in RANKED:
+            mean, std = r.get(f"{k}_mean"), r.get(f"{k}_std")
+            cells.append(_fmt(mean) + (f" ± {_fmt(std)}" if std is not None else ""))
+        hit = moonshot(r)
+        cells += [str(by_training.index(r) + 1), "" if hit is None else ("yes" if hit else "no")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_summary(sweep_dir: Path) -> List[Dict[str, Any]]:
     """Write summary.csv and summary.md into `sweep_dir`; return the rows ([] and nothing written
     when no job finished)."""
@@ -206,7 +251,8 @@ def write_summary(sweep_dir: Path) -> List[Dict[str, Any]]:
         writer = csv.DictWriter(f, fieldnames=_columns(rows), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)  # floats as repr: they read back exactly
-    (sweep_dir / "summary.md").write_text(to_markdown(rows))
+    ranking = ranking_markdown(rows)
+    (sweep_dir / "summary.md").write_text(to_markdown(rows) + (f"\n{ranking}" if ranking else ""))
     return rows
 
 

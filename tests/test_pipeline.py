@@ -1,6 +1,7 @@
 """The stage pipeline called directly: files written, resume, cache sharing, refusals."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,12 @@ def test_run_writes_every_artifact(tmp_path):
     assert ev["ashem"]["compute_cost"] == pytest.approx(1 - ev["ashem"]["shallow_ratio"] / 2)
     assert ev["no_routing"]["shallow_ratio"] == 0 and ev["no_routing"]["compute_cost"] == 1
     assert summary["ppl"] == ev["ashem"]["ppl"]
+    # easy tokens (exit at Block 1) and hard tokens (the deep exit) make up the routed perplexity
+    a = ev["ashem"]
+    n_easy = round(a["shallow_ratio"] * a["n_tokens"])
+    assert a["exits"][0]["n_tokens"] == n_easy and summary["easy_ppl_ashem"] == pytest.approx(a["exits"][0]["ppl"])
+    assert (n_easy * math.log(summary["easy_ppl_ashem"]) + (a["n_tokens"] - n_easy) * math.log(a["hard_deep_ppl"])
+            == pytest.approx(a["n_tokens"] * math.log(a["ppl"]), rel=1e-9))
     # the analysis: files, and its one-pass calibrated router is the routed evaluation itself
     for f in ["tradeoff.csv", "report.md", "tokens.html", "analysis.json"]:
         assert (d / "eval" / f).stat().st_size > 0, f
