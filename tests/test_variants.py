@@ -262,11 +262,18 @@ def test_tiny_run_budget_fraction_follows_the_rule(tmp_path):
     assert p2["epochs_run"] != cfg.phase2.max_epochs or round(expected) == cfg.phase2.max_epochs
 
 
+@pytest.mark.parametrize("experiment", ["converged", "lego_study"])
 @pytest.mark.parametrize("variant", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "lego/conf/variant").glob("*.yaml")))
-def test_every_study_variant_composes_and_validates(variant):
+def test_every_study_variant_composes_and_validates(variant, experiment):
     from conftest import compose_config
 
     from lego.cli import to_config
     from lego.config import validate
 
-    validate(to_config(compose_config([f"+variant={variant}", "experiment=converged"])))
+    cfg = to_config(compose_config([f"+variant={variant}", f"experiment={experiment}"]))
+    validate(cfg)
+    if experiment == "lego_study":  # the study's setting, under each variant
+        assert (cfg.model.dim, cfg.data.tokenizer, cfg.data.max_train_tokens, cfg.hard_example_ratio) == (64, "bytes", None, 0.25)
+        assert cfg.eval.dense_depths == [2, 4] and cfg.phase1.patience == 2 and cfg.phase2.schedule == "cosine"
+        # the variants that score easy positions at the deep exit need their states there: no savings
+        assert cfg.phase2.upper_context == ("full" if cfg.phase2.loss_tokens != "hard" else "propagate")
