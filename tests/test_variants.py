@@ -277,3 +277,16 @@ def test_every_study_variant_composes_and_validates(variant, experiment):
         assert cfg.eval.dense_depths == [2, 4] and cfg.phase1.patience == 2 and cfg.phase2.schedule == "cosine"
         # the variants that score easy positions at the deep exit need their states there: no savings
         assert cfg.phase2.upper_context == ("full" if cfg.phase2.loss_tokens != "hard" else "propagate")
+
+
+def test_lr_sweep_preset_is_copy_lr_at_its_middle_rate():
+    """experiment=lego_study_lr at phase2.lr=1e-3 composes to +variant=copy_lr's science (so the stage cache
+    shares those jobs between the two presets)."""
+    from conftest import compose_config
+
+    from lego.cli import to_config
+    from lego.config import to_dict
+
+    sweep = to_dict(to_config(compose_config(["experiment=lego_study_lr", "phase2.lr=1e-3"])))
+    study = to_dict(to_config(compose_config(["experiment=lego_study", "+variant=copy_lr"])))
+    assert sweep == study and sweep["phase2"]["init"] == "copy" and sweep["phase2"]["lr"] == 0.001
