@@ -138,22 +138,25 @@ def test_ranking_orders_variants_by_gap_at_inference_cost_and_flags_the_moonshot
     # (variant, seed, gap at inference cost, gap at training compute, flop_cost)
     jobs = [("spec", 0, 9.0, 5.0, 0.70), ("spec", 1, 11.0, 7.0, 0.72),
             ("copy", 0, 1.0, 1.5, 0.74), ("copy", 1, 3.0, 2.5, 0.74),  # mean gap 2.0 <= 2, cost 0.74: reached
-            ("finetune", 0, 4.0, -1.0, 0.80), ("finetune", 1, 4.0, 1.0, 0.80)]  # best at training compute, too dear
+            ("finetune", 0, 4.0, -1.0, 0.80), ("finetune", 1, 4.0, 1.0, 0.80),  # best at training compute, too dear
+            ("spec_bytes", 0, 6.0, -7.0, 0.71), ("spec_bytes", 1, 6.0, -5.0, 0.71)]  # dense 2 layers beat dense 4
     for i, (variant, seed, g_inf, g_train, cost) in enumerate(jobs):
+        g_best = g_inf if variant == "spec_bytes" else g_train  # the best dense model: a shallower one, or the deep one
         job = tmp_path / f"{i}_+variant={variant},seed={seed}"
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra/overrides.yaml").write_text(f"- +variant={variant}\n- seed={seed}\n")
         (job / "metrics.json").write_text(json.dumps({
             "ppl": 10.0, "seed": seed, "flop_cost": cost, "gap_at_inference_cost_pct": g_inf,
-            "gap_at_training_compute_pct": g_train, "gap_to_best_dense_pct": g_train}))
+            "gap_at_training_compute_pct": g_train, "gap_to_best_dense_pct": g_best}))
     write_summary(tmp_path)
     md = (tmp_path / "summary.md").read_text()
     ranking = md[md.index("## Ranked by the gap to the dense frontier"):].splitlines()
     rows = [line.split(" | ") for line in ranking if line.startswith("| ") and line[2].isdigit()]
     assert [(r[0], r[1]) for r in rows] == [("| 1", "+variant=copy"), ("| 2", "+variant=finetune"),
-                                            ("| 3", "+variant=spec")]
-    assert [r[-2] for r in rows] == ["2", "1", "3"]  # rank at equal training compute
-    assert [r[-1] for r in rows] == ["yes |", "no |", "no |"]
+                                            ("| 3", "+variant=spec_bytes"), ("| 4", "+variant=spec")]
+    assert [r[-2] for r in rows] == ["3", "2", "1", "4"]  # rank at equal training compute
+    # spec_bytes is 6% better than the dense 4-layer model at 0.71 of its cost, but a shallower dense model is better
+    assert [r[-1] for r in rows] == ["yes |", "no |", "hollow |", "no |"]
     # copy: ppl, no hard/easy numbers, cost, no MACs, then gap at inference cost (1, 3), at training compute
     assert rows[0][2:10] == ["2", "10 ± 0", "", "", "0.74 ± 0", "", "2 ± 1.414", "2 ± 0.7071"]
 
