@@ -75,7 +75,7 @@ def job_dirname(num, task_overrides, *, _root_=None) -> str:
     import hashlib
 
     items = [str(o) for o in task_overrides]
-    keys = [k for k in os.environ.get(SWEPT_ENV, "").split("\n") if k]
+    keys = [k.lstrip("+~") for k in os.environ.get(SWEPT_ENV, "").split("\n") if k]  # +variant=a,b: variant
     searched = OmegaConf.select(_root_, "hydra.sweeper.params", default=None) if _root_ is not None else None
     keys += [str(k).lstrip("+~") for k in (searched or {}) if str(k).lstrip("+~") not in keys]  # +variant: variant
     chosen = [o for o in items if o.split("=", 1)[0].lstrip("+~") in keys] if keys else items

@@ -45,6 +45,10 @@ def test_job_dirname_names_the_search_space(monkeypatch):
     assert job_dirname(4, task, _root_=root) == "4_phase2.lr=0.0002,hard_example_ratio=0.41"
     no_params = OmegaConf.create({"hydra": {"sweeper": {"params": None}}})  # the basic sweeper
     assert job_dirname(4, task, _root_=no_params) == "4_" + ",".join(task)
+    # an appended group swept on the command line (lego-run -m +variant=spec,copy) names its jobs too
+    monkeypatch.setenv("LEGO_SWEPT_KEYS", "+variant")
+    assert job_dirname(2, ["+variant=copy", "seed=0"], _root_=no_params) == "2_+variant=copy"
+    monkeypatch.delenv("LEGO_SWEPT_KEYS")
     # a preset's sweep over an appended group (experiment=lego_study: +variant) names its jobs by it
     study = OmegaConf.create({"hydra": {"sweeper": {"params": {"+variant": "spec,copy", "seed": "0,1"}}}})
     assert job_dirname(3, ["+variant=copy", "seed=1", "experiment=lego_study"], _root_=study) == "3_+variant=copy,seed=1"
