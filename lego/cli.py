@@ -75,9 +75,9 @@ def job_dirname(num, task_overrides, *, _root_=None) -> str:
     import hashlib
 
     items = [str(o) for o in task_overrides]
-    keys = [k.lstrip("+~") for k in os.environ.get(SWEPT_ENV, "").split("\n") if k]  # +variant=a,b: variant
     searched = OmegaConf.select(_root_, "hydra.sweeper.params", default=None) if _root_ is not None else None
-    keys += [str(k).lstrip("+~") for k in (searched or {}) if str(k).lstrip("+~") not in keys]  # +variant: variant
+    swept = [*os.environ.get(SWEPT_ENV, "").split("\n"), *map(str, searched or {})]
+    keys = {k.lstrip("+~") for k in swept if k}  # +variant=a,b sweeps the key variant
     chosen = [o for o in items if o.split("=", 1)[0].lstrip("+~") in keys] if keys else items
     name = ",".join(chosen).replace("/", "_")
     if len(name) > 120:

@@ -12,8 +12,8 @@ epoch checkpoint, so rerunning the same command in the same run directory finish
 from __future__ import annotations
 
 import contextlib
-import math
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional

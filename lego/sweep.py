@@ -171,6 +171,21 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def shared_overrides(rows: List[Dict[str, Any]]) -> List[str]:
+    """Overrides that every configuration has (listed once above a table); none for a single configuration."""
+    return [o for o in rows[0]["_overrides"] if all(o in r["_overrides"] for r in rows)] if len(rows) > 1 else []
+
+
+def config_label(row: Dict[str, Any], shared: List[str]) -> str:
+    return " ".join(o for o in row["_overrides"] if o not in shared) or "(defaults)"
+
+
+def mean_std_cell(row: Dict[str, Any], metric: str) -> str:
+    """`mean ± std` of a metric in a summary row (the mean alone when n = 1, '' when absent)."""
+    mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
+    return _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")
+
+
 def to_markdown(rows: List[Dict[str, Any]]) -> str:
     """A Markdown table: configuration, n, seeds, then `mean ± std` per metric (mean alone when n = 1).
 
@@ -178,7 +193,7 @@ def to_markdown(rows: List[Dict[str, Any]]) -> str:
     and the config column shows only what differs.
     """
     names = [c[: -len("_mean")] for c in _columns(rows) if c.endswith("_mean")]
-    shared = [o for o in rows[0]["_overrides"] if all(o in r["_overrides"] for r in rows)] if len(rows) > 1 else []
+    shared = shared_overrides(rows)
     lines = ["# Sweep summary: mean ± sample std over seeds", "",
              ("ppl_minus_<name>: routed ppl minus the baseline's <name>_ppl of the same run (same seed), "
               "negative = ASHEM better; _pct: in percent of the baseline."), ""]
@@ -186,11 +201,7 @@ def to_markdown(rows: List[Dict[str, Any]]) -> str:
         lines += ["Overrides shared by every configuration: `" + " ".join(shared) + "`", ""]
     lines += ["| config | n | seeds | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
     for r in rows:
-        config = " ".join(o for o in r["_overrides"] if o not in shared)
-        cells = [config or "(defaults)", str(r["n"]), r["seeds"]]
-        for k in names:
-            mean, std = r.get(f"{k}_mean"), r.get(f"{k}_std")
-            cells.append(_fmt(mean) + (f" ± {_fmt(std)}" if std is not None else ""))
+        cells = [config_label(r, shared), str(r["n"]), r["seeds"], *(mean_std_cell(r, k) for k in names)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -226,7 +237,7 @@ def ranking_markdown(rows: List[Dict[str, Any]]) -> str:
         return ""
     ranked.sort(key=lambda r: r["gap_at_inference_cost_pct_mean"])
     by_training = sorted(ranked, key=lambda r: r.get("gap_at_training_compute_pct_mean", math.inf))
-    shared = [o for o in rows[0]["_overrides"] if all(o in r["_overrides"] for r in rows)] if len(rows) > 1 else []
+    shared = shared_overrides(rows)
     lines = ["## Ranked by the gap to the dense frontier", "",
              ("Gap: routed ppl over the dense frontier's, in percent (+ = routed worse), at the routed model's "
               "realized inference cost (flop_cost, a fraction of the dense full-depth model's forward MACs) and "
@@ -237,11 +248,8 @@ def ranking_markdown(rows: List[Dict[str, Any]]) -> str:
              "| rank | config | n | " + " | ".join(t for _, t in RANKED) + " | rank at training compute | moonshot |",
              "|" + "---|" * (5 + len(RANKED))]
     for i, r in enumerate(ranked, 1):
-        cells = [str(i), " ".join(o for o in r["_overrides"] if o not in shared) or "(defaults)", str(r["n"])]
-        for k, _ in RANKED:
-            mean, std = r.get(f"{k}_mean"), r.get(f"{k}_std")
-            cells.append(_fmt(mean) + (f" ± {_fmt(std)}" if std is not None else ""))
-        cells += [str(by_training.index(r) + 1), moonshot(r)]
+        cells = [str(i), config_label(r, shared), str(r["n"]), *(mean_std_cell(r, k) for k, _ in RANKED),
+                 str(by_training.index(r) + 1), moonshot(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
