@@ -108,7 +108,7 @@ def hydra_main(cfg: DictConfig) -> float:
         config = to_config(cfg)
         keep_hydra_record(run_dir)
         with progress_logging():  # Hydra's console handler, set up by now, prints above progress bars
-            summary = run(config, run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True), argv=typed_argv())
+            summary = run(config, run_dir, argv=typed_argv())
     except (ConfigError, StageError, LockBusy, TrainingDiverged) as e:
         if isinstance(e, RunDirTaken):
             keep_hydra_record(run_dir, restore=True)

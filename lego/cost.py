@@ -15,8 +15,9 @@ policy runs (see `DeepSupervisionTransformer.run_layers`):
 Training compute (SPEC section 6: a baseline gets the MACs of the whole pipeline it is compared
 with): `dense_training_macs` (phase 1, a standard LM, a matched baseline), `mining_macs`
 (calibration and hard-example mining: forward through Block 1 and its exit head),
-`phase2_training_macs`; `ComputeLedger` adds them up per stage, and `steps_for_macs` turns a
-MAC budget into optimizer steps of a dense model. Evaluation passes are not training compute.
+`phase2_training_macs` (lego.stages.compare adds them up per stage from the stages' records), and
+`steps_for_macs` turns a MAC budget into optimizer steps of a dense model. Evaluation passes are not
+training compute.
 Counts are per token, for a causal sequence of `seq_len` (average context (T + 1) / 2);
 norms, softmax, residual adds, the embedding lookup and the optimizer are left out.
 """
@@ -24,8 +25,7 @@ norms, softmax, residual adds, the embedding lookup and the optimizer are left o
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 POLICIES = ("full", "propagate", "skip")
 
@@ -151,65 +151,11 @@ def phase2_training_macs(*, tokens: float, hard_ratio: float, dim: int, ffn_mult
 def steps_for_macs(target_macs: float, macs_per_step: float) -> int:
     """Optimizer steps whose MACs come nearest `target_macs` (halves round up), at least 1.
 
-    The matched baseline: `steps_for_macs(ledger.total().macs, dense_training_macs(tokens=B * T, ...))`
-    gives a dense model the pipeline's training budget to within half a step.
+    The matched baseline: `steps_for_macs(pipeline_macs, dense_training_macs(tokens=B * T, ...))` gives a
+    dense model the pipeline's training budget to within half of one of its steps.
     """
     if not macs_per_step > 0:
         raise ValueError(f"macs_per_step={macs_per_step!r} must be positive")
     if not target_macs >= 0:
         raise ValueError(f"target_macs={target_macs!r} must be >= 0")
     return max(1, math.floor(target_macs / macs_per_step + 0.5))
-
-
-@dataclass
-class StageCompute:
-    """What one training stage spent: optimizer steps, input tokens, wall seconds, MACs."""
-
-    steps: int = 0
-    tokens: int = 0
-    wall_s: float = 0.0
-    macs: float = 0.0
-
-    def add(self, *, steps: int = 0, tokens: int = 0, wall_s: float = 0.0, macs: float = 0.0) -> "StageCompute":
-        self.steps += steps
-        self.tokens += tokens
-        self.wall_s += wall_s
-        self.macs += macs
-        return self
-
-
-@dataclass
-class ComputeLedger:
-    """Training compute per stage (`phase1`, `mining`, `phase2`, a baseline...), JSON-ready.
-
-    A stage fills its entry (`ledger.stage("phase1").add(steps=1, tokens=B * T, macs=...)`);
-    `total()` sums the pipeline's stages; `to_dict`/`from_dict` round-trip for result files
-    and resume; `headline()` gives the flat `train_macs_<stage>` numbers for metrics.json.
-    """
-
-    stages: Dict[str, StageCompute] = field(default_factory=dict)
-
-    PIPELINE = ("phase1", "mining", "phase2")  # what the LEGO pipeline spends, in order
-
-    def stage(self, name: str) -> StageCompute:
-        return self.stages.setdefault(name, StageCompute())
-
-    def total(self, names: Optional[Iterable[str]] = None) -> StageCompute:
-        """Sum over `names` (default: the pipeline's stages phase1 + mining + phase2 that are present)."""
-        names = [n for n in self.PIPELINE if n in self.stages] if names is None else list(names)
-        out = StageCompute()
-        for n in names:
-            s = self.stages[n]
-            out.add(steps=s.steps, tokens=s.tokens, wall_s=s.wall_s, macs=s.macs)
-        return out
-
-    def to_dict(self) -> Dict[str, Dict[str, float]]:
-        return {**{n: asdict(s) for n, s in self.stages.items()}, "total": asdict(self.total())}
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Dict[str, float]]) -> "ComputeLedger":
-        return cls({n: StageCompute(**v) for n, v in d.items() if n != "total"})
-
-    def headline(self) -> Dict[str, float]:
-        """`{"train_macs_<stage>": macs, ..., "train_macs_total": pipeline total}` (flat, for metrics.json)."""
-        return {**{f"train_macs_{n}": s.macs for n, s in self.stages.items()}, "train_macs_total": self.total().macs}

@@ -130,7 +130,7 @@ def evaluate(config: TrainingConfig, model, loader: Iterable, device, *, progres
                 h = model.run_layers(model.embed(inputs), 0, exit_layer)
                 exit_logits = model.logits_at(h, exit_layer).float()
             st = token_stats(exit_logits, targets, None, cfg.ignore_index)
-            nll += float(st["nll"].sum())  # 0 at ignored targets
+            nll += float(st["nll"].sum(dtype=torch.float64))  # 0 at ignored targets; float64: sums feed identities
             correct += float(((st["pred"] == targets) & valid).sum())
             n_tok += int(valid.sum())
             continue
@@ -142,20 +142,20 @@ def evaluate(config: TrainingConfig, model, loader: Iterable, device, *, progres
         for j, p in enumerate(passes):
             st, stop = p["stats"], p["stop"]
             ok = (st["pred"] == targets) & valid
-            j_nll, j_ok = st["nll"][stop].sum(), ok[stop].sum()
+            j_nll, j_ok = st["nll"][stop].sum(dtype=torch.float64), ok[stop].sum()
             batch_nll, batch_ok = (j_nll, j_ok) if j == 0 else (batch_nll + j_nll, batch_ok + j_ok)
             n_stop[j] += int(stop.sum())
             nll_stop[j] += float(j_nll)
             ok_stop[j] += float(j_ok)
             if j == 0:  # the first exit alone, on every token
-                nll_exit += float(st["nll"].sum())
+                nll_exit += float(st["nll"].sum(dtype=torch.float64))
                 correct_exit += float(ok.sum())
         with model.autocast():
             h_deep = model.run_layers(h, exits[-1], deep, hard=hard, policy=policy)
             deep_logits = model.logits_at(h_deep[hard], deep).float()  # the tokens that reach it only
         d_y = targets[hard]
         dp = token_stats(deep_logits, d_y, None)
-        d_nll, d_ok = dp["nll"].sum(), (dp["pred"] == d_y).sum()
+        d_nll, d_ok = dp["nll"].sum(dtype=torch.float64), (dp["pred"] == d_y).sum()
         nll += float(batch_nll + d_nll)
         correct += float(batch_ok + d_ok)
         nll_hard_deep += float(d_nll)

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from lego import __version__, distributed
 from lego.artifacts import LockBusy, RunDirTaken, file_lock, read_json, remove_partial_writes, write_json, write_text
-from lego.config import ASHEMConfig, block_layers, to_dict, validate
+from lego.config import ASHEMConfig, block_layers, resolve, to_dict, validate
 from lego.data import Corpus, load_corpus
 from lego.provenance import provenance
 from lego.stages.compare import pipeline_names
@@ -34,21 +34,22 @@ from lego.stages.phase1 import load_phase1, stage_phase1
 from lego.stages.phase2 import load_phase2, routing_threshold_info, stage_later_blocks, stage_phase2
 from lego.stages.setup import make_loaders, science_config, setup_torch
 from lego.trackers import Tracker, tracker_from_config
+from lego.training import CONVERGENCE_RULE
 
 log = logging.getLogger(__name__)
 
 TRACKED_FILES = ("tradeoff.csv", "tradeoff.png", "tokens.html")  # eval/ files a tracker receives at the end
 
 
-def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None,
-        argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def run(config: ASHEMConfig, run_dir, *, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the configured stages in `run_dir`; return the summary also written to metrics.json.
 
-    `resolved_yaml` is the composed config as Hydra printed it (written as config_resolved.yaml);
-    without it the dataclass is written as YAML. `argv` is the command line as typed, recorded
-    in run.json's provenance (default: sys.argv). Under torchrun (WORLD_SIZE > 1) every rank
-    calls this with the same `run_dir`: the ranks train together and rank 0 alone writes.
+    The config is resolved once (`lego.config.resolve`: `blocks` into the layers every stage reads) and
+    written as config_resolved.yaml. `argv` is the command line as typed, recorded in run.json's provenance
+    (default: sys.argv). Under torchrun (WORLD_SIZE > 1) every rank calls this with the same `run_dir`: the
+    ranks train together and rank 0 alone writes.
     """
+    config = resolve(config)
     validate(config)
     distributed.setup()
     run_dir = Path(run_dir)
@@ -56,7 +57,7 @@ def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None,
     if not distributed.is_main():  # rank 0 holds the lock and claims the directory for all ranks
         if not distributed.broadcast(None):  # ...and says whether it got it: every rank stops alike
             raise LockBusy(busy)
-        return _run_locked(config, run_dir, resolved_yaml, argv)
+        return _run_locked(config, run_dir, argv)
     run_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         try:
@@ -66,14 +67,13 @@ def run(config: ASHEMConfig, run_dir, *, resolved_yaml: Optional[str] = None,
             raise
         distributed.broadcast(True)
         remove_partial_writes(run_dir)  # litter of a killed run; nobody else writes here while we hold the lock
-        return _run_locked(config, run_dir, resolved_yaml, argv)
+        return _run_locked(config, run_dir, argv)
 
 
-def _run_locked(cfg: ASHEMConfig, run_dir: Path, resolved_yaml: Optional[str],
-                argv: Optional[List[str]]) -> Dict[str, Any]:
+def _run_locked(cfg: ASHEMConfig, run_dir: Path, argv: Optional[List[str]]) -> Dict[str, Any]:
     claim_run_dir(run_dir, cfg, argv)
     if distributed.is_main():
-        write_text(run_dir / "config_resolved.yaml", resolved_yaml or OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     tracker = tracker_from_config(cfg.logger, run_dir, run_name=run_dir.name, enabled=distributed.is_main())
     try:
         tracker.log_hparams(to_dict(cfg))
@@ -205,10 +205,15 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
                 summary["gap_at_training_compute_pct"] = v["training"]["gap_pct"]
             summary["gap_to_best_dense_pct"] = v["training"]["best_gap_pct"]
             summary["verdict"] = v["line"]
-        summary["not_converged"] = [name for name, rec in
-                                    [*((s, compute[s]) for s in pipeline_names(cfg) if s != "mining"),
-                                     *((f"dense{d}", r) for d, r in metrics.get("dense", {}).items())]
-                                    if not rec.get("converged", False)]
+        summary["convergence"] = {name: rec.get("converged") for name, rec in
+                                  [*((s, compute[s]) for s in pipeline_names(cfg) if s != "mining"),
+                                   *((f"dense{d}", r) for d, r in metrics.get("dense", {}).items())]}
+        summary["stopped_early"] = [name for name, rec in [*((s, compute[s]) for s in pipeline_names(cfg)),
+                                                           *((f"dense{d}", r) for d, r in metrics.get("dense", {}).items())]
+                                    if rec.get("stopped_early")]
+        summary.update({f"converged_{name}": None if c is None else float(c)
+                        for name, c in summary["convergence"].items()})  # flat: a sweep's share of seeds
+        summary["train_val_macs"] = compute["total"]["val_macs"]
         summary["hard_ppl_phase1"] = metrics["hard_tokens"]["phase1"]["ppl"]
         summary["hard_ppl_ashem"] = metrics["hard_tokens"]["ashem"]["ppl"]
         summary["easy_ppl_ashem"] = easy_ppl(metrics["ashem"]["exits"])
@@ -244,6 +249,8 @@ def format_table(summary: dict) -> str:
         rows.append(("training MACs: ashem / dense", " / ".join(
             [f"{summary['train_macs_total']:.3g}"] + [f"{v:.3g}" for k, v in summary.items()
                                                        if k.startswith("train_macs_dense")])))
+        if "train_val_macs" in summary:
+            rows.append(("ashem's validation passes (MACs, outside the budget)", f"{summary['train_val_macs']:.3g}"))
         rows.append(("hard-token ppl phase1 -> ashem",
                      f"{summary['hard_ppl_phase1']:.2f} -> {summary['hard_ppl_ashem']:.2f}"))
         rows.append(("easy-token ppl (routed)", f"{summary['easy_ppl_ashem']:.2f}"))
@@ -261,9 +268,14 @@ def format_table(summary: dict) -> str:
     rows.append(("wall time", ", ".join(f"{k} {v:.1f}s" for k, v in summary["wall_s"].items())))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
-    if summary.get("not_converged"):
-        lines.append(f"not converged (validation loss still fell more than 1% in the last epoch): "
-                     f"{', '.join(summary['not_converged'])}; the comparison is preliminary")
+    if summary.get("convergence"):
+        words = {True: "yes", False: "no", None: "too few validations to tell"}
+        lines.append(f"{CONVERGENCE_RULE}: " + ", ".join(f"{name} {words[c]}"
+                                                         for name, c in summary["convergence"].items()))
+        if not all(summary["convergence"].values()):
+            lines.append("not every model converged by that rule: the comparison is preliminary")
+    if summary.get("stopped_early"):
+        lines.append(f"stopped early by the patience guard (under its budget): {', '.join(summary['stopped_early'])}")
     if "verdict" in summary:
         lines.append(summary["verdict"])
     return "\n".join(lines)

@@ -194,7 +194,7 @@ def to_markdown(rows: List[Dict[str, Any]]) -> str:
     """
     names = [c[: -len("_mean")] for c in _columns(rows) if c.endswith("_mean")]
     shared = shared_overrides(rows)
-    lines = ["# Sweep summary: mean ± sample std over seeds", "",
+    lines = ["## Every number: mean ± sample std over seeds", "",
              ("ppl_minus_<name>: routed ppl minus the baseline's <name>_ppl of the same run (same seed), "
               "negative = ASHEM better; _pct: in percent of the baseline."), ""]
     if shared:
@@ -202,6 +202,45 @@ def to_markdown(rows: List[Dict[str, Any]]) -> str:
     lines += ["| config | n | seeds | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
     for r in rows:
         cells = [config_label(r, shared), str(r["n"]), r["seeds"], *(mean_std_cell(r, k) for k in names)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# The table summary.md opens with: what a person reads at a glance.
+GLANCE = (("ppl", "routed test ppl"), ("flop_cost", "inference cost"), ("train_macs_total", "training MACs"),
+          ("gap_at_inference_cost_pct", "gap to the dense frontier at equal inference cost %"),
+          ("gap_at_training_compute_pct", "gap to the dense full-depth model at equal training compute %"))
+
+
+def verdict_word(row: Dict[str, Any]) -> str:
+    """Who wins at equal inference cost, over the seeds: 'dense' or 'ASHEM' when the mean gap is larger than its
+    standard deviation, else 'tie (within the seed spread)'; '' without a dense frontier."""
+    mean, std = row.get("gap_at_inference_cost_pct_mean"), row.get("gap_at_inference_cost_pct_std")
+    if mean is None:
+        return ""
+    if std is not None and abs(mean) <= std:
+        return "tie (within the seed spread)"
+    return "dense" if mean > 0 else "ASHEM"
+
+
+def converged_cell(row: Dict[str, Any]) -> str:
+    """Per trained model, the share of seeds that converged by the recorded rule (lego.training.convergence)."""
+    names = [k[len("converged_"):-len("_mean")] for k in row if k.startswith("converged_") and k.endswith("_mean")]
+    return ", ".join(f"{name} {row[f'converged_{name}_mean'] * row['n']:.0f}/{row['n']}" for name in names)
+
+
+def glance_markdown(rows: List[Dict[str, Any]]) -> str:
+    """The short table summary.md opens with: configuration, n, routed ppl, cost, training MACs, the two gaps
+    (+ = routed worse), who wins at equal inference cost, and how many seeds' models converged."""
+    shared = shared_overrides(rows)
+    lines = ["# Sweep summary", "",
+             "Mean ± sample std over seeds. Gaps: routed ppl over the dense model's, in percent (+ = the dense "
+             "model is better); the dense frontier is chosen on validation and reported on test.", "",
+             "| config | n | " + " | ".join(t for _, t in GLANCE) + " | wins at equal inference cost | converged |",
+             "|" + "---|" * (4 + len(GLANCE))]
+    for r in rows:
+        cells = [config_label(r, shared), str(r["n"]), *(mean_std_cell(r, k) for k, _ in GLANCE), verdict_word(r),
+                 converged_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -266,7 +305,8 @@ def write_summary(sweep_dir: Path) -> List[Dict[str, Any]]:
         writer.writeheader()
         writer.writerows(rows)  # floats as repr: they read back exactly
     ranking = ranking_markdown(rows)
-    (sweep_dir / "summary.md").write_text(to_markdown(rows) + (f"\n{ranking}" if ranking else ""))
+    (sweep_dir / "summary.md").write_text(glance_markdown(rows) + (f"\n{ranking}" if ranking else "")
+                                          + "\n" + to_markdown(rows))
     return rows
 
 

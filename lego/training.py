@@ -13,6 +13,7 @@ at inference. This module owns the first and the third; the second is the model'
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -46,14 +47,16 @@ def early_stopping_loop(
     validate: Callable[[], float],
     *,
     max_epochs: int,
-    patience: int,
+    patience: Optional[int],
     optimizer: Optional[torch.optim.Optimizer] = None,
     on_epoch_end: Optional[Callable[[dict], None]] = None,
     resume: Optional[dict] = None,
     name: str = "train",
 ) -> dict:
-    """Train until `patience` epochs pass without a better validation loss; keep the best weights.
+    """Train `max_epochs` epochs, validating after each; keep the weights of the best validation loss.
 
+    With `patience` (an opt-in guard; None = off) training also stops once `patience` epochs pass
+    without a better validation loss, and the result says so (`stopped_early`).
     `train_epoch(epoch)` returns the mean training loss, `validate()` the validation loss.
     After every epoch `on_epoch_end(state)` receives everything needed to resume (weights,
     optimizer, best weights, counters, history, RNG); pass such a state as `resume` to continue.
@@ -61,8 +64,8 @@ def early_stopping_loop(
     """
     if max_epochs < 1:
         raise ValueError(f"max_epochs={max_epochs} must be >= 1")
-    if patience < 1:
-        raise ValueError(f"patience={patience} must be >= 1")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience={patience} must be >= 1 (or None: no early stopping)")
     if resume is not None:
         model.load_state_dict(resume["model"])
         if optimizer is not None and resume.get("optimizer") is not None:
@@ -97,7 +100,7 @@ def early_stopping_loop(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
-        stopped = bad >= patience
+        stopped = patience is not None and bad >= patience
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
                "best": improved, **extra}
         history.append(row)
@@ -142,13 +145,14 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
                 grad_clip: Optional[float] = None, progress: bool = True, name: str = "train_loader",
                 lr_factor: Optional[Callable[[int], float]] = None, totals: Optional[StageTotals] = None,
                 tracker: Optional[Tracker] = None, prefix: str = "train", log_every: int = 1,
-                progress_interval_s: float = 30.0) -> float:
+                progress_interval_s: float = 30.0, max_steps: Optional[int] = None) -> float:
     """One pass of optimizer steps over `batches`; the mean loss per counted token. Every stage trains here.
 
     `loss_sum_fn(model, inputs, targets)` returns (summed loss, counted tokens). A count read on
     the device stays there (no host sync per step; a NaN shows up in the epoch's loss, which
     `early_stopping_loop` checks); a host int count of 0 skips the batch. With `epoch`, the
-    batches' seeded order is that epoch's. `totals` accumulates steps and tokens; with
+    batches' seeded order is that epoch's. `totals` accumulates steps and tokens; with `max_steps` the
+    pass ends once `totals` holds that many steps (the stage's budget ends inside this epoch); with
     `lr_factor`, step k (counted in `totals` over the whole stage) runs at each group's base lr
     times `lr_factor(k)` (without it the lr is left alone: bit-identical to no schedule). Under torch.distributed each rank passes its shard,
     gradients are averaged over ranks (DDP) and the loss is over every rank's tokens.
@@ -172,6 +176,8 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     start = mark = time.perf_counter()
     tokens = tokens_at_mark = 0  # tokens/s: since the epoch's start (progress), since the last logged step (tracker)
     for inputs, targets in bar:
+        if max_steps is not None and totals is not None and totals.steps >= max_steps:
+            break  # the budget ends here (every rank counts the same steps)
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         total, n = step(inputs, targets)
         if not torch.is_tensor(n) and n == 0 and not distributed.is_distributed():  # ranks step together
@@ -214,25 +220,32 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     return loss_sum / count
 
 
-def fit(model, train_one_epoch: Callable[[int, StageTotals], float], validate: Callable[[], float], *, optimizer,
-        work_dir: Path, max_epochs: int, patience: int, name: str, save: Callable[[Path, dict], None],
-        macs: Callable[[StageTotals], float] = lambda totals: 0.0, tracker: Optional[Tracker] = None) -> dict:
-    """`early_stopping_loop` with a stage directory: resume from `work_dir/last.pt` (written after
-    every epoch), then history.jsonl, result.json and `save(work_dir / "model.pt", result)` (rank 0).
+def fit(model, train_one_epoch: Callable[[int, StageTotals, int], float], validate: Callable[[], float], *,
+        optimizer, work_dir: Path, budget_steps: int, steps_per_epoch: int, patience: Optional[int], name: str,
+        save: Callable[[Path, dict], None], macs: Callable[[StageTotals], float] = lambda totals: 0.0,
+        val_pass_macs: float = 0.0, tracker: Optional[Tracker] = None) -> dict:
+    """Train for `budget_steps` optimizer steps, validating every `steps_per_epoch` steps (an "epoch"; the last
+    one may be shorter) and after the last, with `early_stopping_loop` in a stage directory: resume from
+    `work_dir/last.pt` (written after every epoch), then history.jsonl, result.json and
+    `save(work_dir / "model.pt", result)` (rank 0). The weights kept are the best on validation.
 
-    `train_one_epoch(epoch, totals)` trains one epoch, adding its steps and tokens to `totals`
-    (the stage's running totals, restored from the history on resume). Each history row holds
-    its epoch's steps, tokens and seconds; the result adds the stage's totals, its training
-    multiply-adds `macs(totals)`, and whether it converged (`convergence`). Returns the result
-    without the history. Phase 1, phase 2 and every baseline train here. With a `tracker`, each
-    validation sends val_loss and val_ppl under the prefix `name`, at the stage's optimizer step.
+    `train_one_epoch(epoch, totals, budget_steps)` trains one epoch, adding its steps and tokens to `totals`
+    (the stage's running totals, restored from the history on resume) and stopping once they reach
+    `budget_steps` (`train_epoch(..., max_steps=...)`). Each history row holds its epoch's steps, tokens and
+    seconds; the result adds the stage's totals and budget, its training multiply-adds `macs(totals)`, the
+    validation passes (`validations`, `val_macs` = their count x `val_pass_macs`: reported, not training
+    compute), and whether it converged (`convergence`). `patience`: the opt-in early-stopping guard (None =
+    off). Returns the result without the history. Phase 1, every later Block and every dense model train here.
+    With a `tracker`, each validation sends val_loss and val_ppl under the prefix `name`, at the stage's step.
     """
+    if budget_steps < 1 or steps_per_epoch < 1:
+        raise ValueError(f"{name}: budget_steps={budget_steps} and steps_per_epoch={steps_per_epoch} must be >= 1")
     resume = load_resume(work_dir / "last.pt", model, name)
     totals = StageTotals.from_history(resume["history"] if resume else [])
 
     def one_epoch(epoch: int) -> dict:
         before, start = replace(totals), time.perf_counter()
-        loss = train_one_epoch(epoch, totals)
+        loss = train_one_epoch(epoch, totals, budget_steps)
         return {"train_loss": loss, "steps": totals.steps - before.steps, "tokens": totals.tokens - before.tokens,
                 "counted": totals.counted - before.counted, "train_s": time.perf_counter() - start,
                 "lr": optimizer.param_groups[0]["lr"]}  # the last step's
@@ -243,13 +256,14 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals], float], validate: C
             tracker.log_metrics({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))}, totals.steps, name)
         return val_loss
 
-    result = early_stopping_loop(model, one_epoch, validate_and_log, max_epochs=max_epochs, patience=patience,
-                                 optimizer=optimizer, resume=resume, name=name,
+    result = early_stopping_loop(model, one_epoch, validate_and_log, max_epochs=math.ceil(budget_steps / steps_per_epoch),
+                                 patience=patience, optimizer=optimizer, resume=resume, name=name,
                                  on_epoch_end=lambda state: save_resume(work_dir, state))
     summary = {k: v for k, v in result.items() if k != "history"}
-    summary.update(steps=totals.steps, tokens=totals.tokens, counted=totals.counted,
+    summary.update(steps=totals.steps, budget_steps=budget_steps, tokens=totals.tokens, counted=totals.counted,
                    train_s=sum(row.get("train_s", 0.0) for row in result["history"]), train_macs=macs(totals),
-                   **convergence(result["history"]))
+                   last_lr=result["history"][-1]["lr"], validations=len(result["history"]),
+                   val_macs=len(result["history"]) * val_pass_macs, **convergence(result["history"]))
     if distributed.is_main():
         write_jsonl(work_dir / "history.jsonl", result["history"])
         write_json(work_dir / "result.json", summary)
@@ -258,17 +272,28 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals], float], validate: C
     return summary
 
 
-CONVERGED_BELOW = 0.01  # a last epoch that improved the best validation loss by more than 1%: not converged
+CONVERGED_BELOW = 0.01  # the last fifth of the steps lowered the best validation loss by less than 1%: converged
+LAST_SHARE = 0.2  # ...the last fifth of the steps a stage ran
+CONVERGENCE_RULE = (f"converged: the last {LAST_SHARE:.0%} of its steps lowered the best validation loss by less "
+                    f"than {CONVERGED_BELOW:.0%} (relative)")
 
 
 def convergence(history: List[dict]) -> dict:
-    """`last_epoch_gain`: how much the last epoch lowered the best validation loss before it (relative,
-    0 when it did not), and `converged`: that gain is at most 1% (SPEC section 6: say when it is preliminary)."""
-    if len(history) < 2:
-        return {"last_epoch_gain": float("nan"), "converged": False}
-    best_before = min(row["val_loss"] for row in history[:-1])
-    gain = max(0.0, (best_before - history[-1]["val_loss"]) / abs(best_before))
-    return {"last_epoch_gain": gain, "converged": gain <= CONVERGED_BELOW}
+    """Whether a stage converged, measured from its validations (SPEC section 6: say when it is preliminary).
+
+    `last_fifth_gain`: how much the validations in the last fifth of the steps the stage ran lowered the best
+    validation loss of the validations before it (relative; 0 when they did not); `converged`: that gain is
+    below 1% (`CONVERGENCE_RULE`), or None when the history cannot tell (fewer than 2 validations before the
+    last fifth, or none in it): the budget was too small to measure it with that many validations.
+    """
+    ends = list(itertools.accumulate(int(row.get("steps", 0)) for row in history))
+    cut = (1 - LAST_SHARE) * (ends[-1] if ends else 0)
+    before = [row["val_loss"] for row, end in zip(history, ends) if end <= cut]
+    if len(before) < 2 or len(before) == len(history):
+        return {"last_fifth_gain": float("nan"), "converged": None}
+    best_before = min(before)
+    gain = max(0.0, (best_before - min(row["val_loss"] for row in history)) / abs(best_before))
+    return {"last_fifth_gain": gain, "converged": gain < CONVERGED_BELOW}
 
 
 def save_resume(work_dir: Path, state: dict) -> None:

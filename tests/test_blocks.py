@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from conftest import TINY, tiny_config
 
@@ -70,7 +71,10 @@ def test_three_blocks_write_each_block_and_report_each_exit(sweep):
     assert ev["ashem"]["shallow_ratio"] == pytest.approx(1 - exits[-1]["share"])
     layers_run = sum(e["share"] * e["layer"] for e in exits) / 6
     assert ev["ashem"]["compute_cost"] == pytest.approx(layers_run)
-    assert set(ev["dense"]) == {"2", "4", "6"}  # every Block boundary (experiment=quick names the end points)
+    assert set(ev["dense"]) == {"2", "4", "6"}  # every Block boundary
+    resolved = yaml.safe_load((d / "config_resolved.yaml").read_text())  # what the stages read
+    assert (resolved["phase1"]["layers"], resolved["phase2"]["layers"], resolved["blocks"]) == (2, 6, [2, 4, 6])
+    assert resolved["hard_example_ratio"] == 0.5 and resolved["hard_example_ratios"] == [0.5, 0.4]
     assert {"block3"} <= set(ev["train_compute"]) and summary["exit4_share"] == exits[1]["share"]
     assert ev["train_compute"]["total"]["train_macs"] == pytest.approx(
         sum(ev["train_compute"][s]["train_macs"] for s in ("phase1", "mining", "phase2", "block3")))
@@ -230,9 +234,30 @@ def test_bad_blocks_input_is_one_config_error_naming_the_key(overrides, key):
 
 
 def test_blocks_set_phase_depths_and_ratios():
+    """`resolve` turns blocks into the values every stage reads, once; `validate` checks and changes nothing."""
+    from lego.config import resolve
+
     cfg = ASHEMConfig(blocks=[3, 5, 8], hard_example_ratios=[0.3])
     validate(cfg)
-    assert (cfg.phase1.layers, cfg.phase2.layers, cfg.hard_example_ratio) == (3, 8, 0.3)
+    assert (cfg.phase1.layers, cfg.phase2.layers, cfg.hard_example_ratio) == (2, 4, 0.5)  # untouched
+    r = resolve(cfg)
+    assert (r.phase1.layers, r.phase2.layers, r.hard_example_ratio) == (3, 8, 0.3)
+    assert resolve(r) == r
+
+
+@pytest.mark.parametrize("blocks, depths", [("[1,2,3]", [1, 2, 3]), ("[2,4,6]", [2, 4, 6]), ("[2,4]", [2, 4])])
+def test_the_default_preset_runs_any_blocks_with_every_boundary_on_the_frontier(blocks, depths):
+    """`lego-run 'blocks=[1,2,3]'` with the default preset: no key the user never typed refuses it, and the dense
+    frontier is every Block boundary of the resolved blocks."""
+    from conftest import compose_config
+
+    from lego.cli import to_config
+    from lego.config import resolve
+    from lego.stages.compare import dense_depths
+
+    cfg = resolve(to_config(compose_config([f"blocks={blocks}"])))
+    validate(cfg)
+    assert dense_depths(cfg) == depths and (cfg.phase1.layers, cfg.phase2.layers) == (depths[0], depths[-1])
 
 
 def test_the_cli_refuses_bad_blocks_in_one_line(tmp_path):

@@ -10,7 +10,7 @@ from lego.config import check_schedule
 from lego.schedule import lr_at, lr_factor
 from lego.training import StageTotals, train_epoch
 
-COS = dict(schedule="cosine", warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+COS = dict(schedule="cosine", warmup_steps=4, total_steps=15, min_lr_ratio=0.1)  # steps 0..14: cosine over 4..14
 
 
 def test_cosine_values_by_hand():
@@ -22,12 +22,13 @@ def test_cosine_values_by_hand():
     assert lr(9) == pytest.approx(1.1, abs=1e-12)
     # step 6 is (6 - 4) / 10 = 1/5 of the way: base * (0.1 + 0.5 * 0.9 * (1 + cos(pi / 5)))
     assert lr(6) == pytest.approx(2.0 * (0.1 + 0.45 * (1 + math.cos(math.pi / 5))), abs=1e-12)
-    assert lr(14) == pytest.approx(0.2, abs=1e-15)  # the floor at total_steps
+    assert lr(14) == pytest.approx(0.2, abs=1e-15)  # the floor at the budget's last step (total_steps - 1)
+    assert lr(13) > lr(14)  # and not before it
     assert lr(15) == lr(1000) == 2.0 * 0.1  # and after
     assert all(lr(s) >= lr(s + 1) for s in range(4, 20))  # non-increasing after warmup
     no_warmup = dict(COS, warmup_steps=0)
     assert lr_at(0, base_lr=2.0, **no_warmup) == 2.0
-    assert lr_at(7, base_lr=3e-4, schedule="constant", warmup_steps=4, total_steps=14, min_lr_ratio=0.1) == 3e-4
+    assert lr_at(7, base_lr=3e-4, schedule="constant", warmup_steps=4, total_steps=15, min_lr_ratio=0.1) == 3e-4
 
 
 def test_check_schedule_names_the_key():

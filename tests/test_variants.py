@@ -14,11 +14,9 @@ from lego.ashem import _upper_loss, collect_hard_examples, compute_confidence_th
 from lego.checkpoint import load_model
 from lego.confidence import IGNORE_INDEX
 from lego.config import ASHEMConfig, ConfigError, validate
-from lego.cost import dense_training_macs
 from lego.run import run
-from lego.stages.phase1 import phase1_epochs
-from lego.stages.phase2 import budget_epochs
-from lego.stages.setup import model_macs, science_config
+from lego.stages.phase1 import phase1_steps
+from lego.stages.setup import science_config
 from lego.store import create_hard_example_loader
 
 NEW_KEYS = {"phase1": ("budget_fraction",), "phase2": ("init", "loss_tokens", "easy_weight", "lower",
@@ -178,18 +176,11 @@ def test_weighted_with_zero_easy_weight_trains_like_hard(mined):
 def test_budget_fraction_splits_one_budget_between_the_phases():
     cfg = ASHEMConfig()
     cfg.phase1.max_epochs, cfg.phase1.epoch_steps = 6, 4
-    assert phase1_epochs(cfg) is None  # the specification: each phase its own max_epochs
-    for fraction, epochs in ((0.5, 3), (0.25, 2), (0.05, 1), (0.9, 5)):  # halves round up, at least 1
+    loaders = SimpleNamespace(train=list(range(10)))  # 10 batches: epochs of epoch_steps=4 steps, 24 steps in all
+    assert phase1_steps(cfg, loaders) == 24  # the specification: phase 1 its own whole budget
+    for fraction, steps in ((0.5, 12), (0.25, 6), (0.05, 1), (0.9, 22), (0.02, 1)):  # halves round up, >= 1
         cfg.phase1.budget_fraction = fraction
-        assert phase1_epochs(cfg) == epochs
-    loaders = SimpleNamespace(train=list(range(10)))  # 10 batches: epochs of epoch_steps=4 steps
-    step1 = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len, num_layers=cfg.phase1.layers,
-                                **model_macs(cfg, 100))
-    budget = 6 * 4 * step1
-    # phase 1 spent 2 of its 6 epochs; phase-2 steps cost half a phase-1 step, 3 per epoch: 4 * 4 / 1.5 epochs
-    assert budget_epochs(cfg, loaders, 100, 2 * 4 * step1, 3, step1 / 2) == round(4 * 4 * 2 / 3)
-    assert budget_epochs(cfg, loaders, 100, budget, 3, step1) == 1  # nothing left: still one epoch
-    assert budget_epochs(cfg, loaders, 100, 0.0, 4, step1) == 6  # same step cost: the whole budget
+        assert phase1_steps(cfg, loaders) == steps
 
 
 # -- tiny runs, one per non-default key ------------------------------------------------------------
@@ -248,21 +239,27 @@ def test_tiny_run_finetune_trains_block1_and_recalibrates(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_run_budget_fraction_follows_the_rule(tmp_path):
-    cfg, _, d = _run(tmp_path, **{"phase1.budget_fraction": 0.34, "phase1.patience": 10, "phase2.patience": 10})
+    """phase1.budget_fraction: phase 1 trains its share of the pipeline's budget (12 x 8 phase-1 steps of MACs),
+    mining costs what it runs, phase 2 trains the rest to the step; the pipeline ends within one phase-2 step of
+    the budget."""
+    cfg, _, d = _run(tmp_path, **{"phase1.budget_fraction": 0.34, "phase1.max_epochs": 12, "phase1.patience": None,
+                                  "phase2.patience": None})
     p1 = json.loads((d / "phase1/result.json").read_text())
-    assert p1["epochs_run"] == phase1_epochs(cfg) == 1  # round(0.34 * 3)
+    assert p1["steps"] == p1["budget_steps"] == round(0.34 * 12 * 8) == 33  # 4 validations of 8 steps, then 1
     p2 = json.loads((d / "phase2/result.json").read_text())
-    # what phase 1 left (2 of 3 epochs' worth) in epochs of phase-2 steps, which are cheaper than phase-1 steps
+    ev = json.loads((d / "eval/metrics.json").read_text())
     step1 = p1["train_macs"] / p1["steps"]
-    step2 = p2["train_macs"] / p2["steps"]
-    left = 3 * 8 * step1 - p1["train_macs"]
-    per_epoch = p2["steps"] / p2["epochs_run"]
-    expected = left / (per_epoch * step2)  # realized MACs per step: within rounding of the mined hard ratio's
-    assert abs(p2["epochs_run"] - max(1.0, expected)) <= 0.5 + 0.05 * expected
-    assert p2["epochs_run"] != cfg.phase2.max_epochs or round(expected) == cfg.phase2.max_epochs
+    assert p2["budget_macs"] == pytest.approx(12 * 8 * step1)
+    mining = ev["train_compute"]["mining"]["train_macs"]
+    assert 0 < mining < p2["budget_macs"] - p1["train_macs"]
+    assert p2["rest_macs"] == pytest.approx(p2["budget_macs"] - p1["train_macs"] - mining)
+    assert p2["steps"] == p2["budget_steps"] == round(p2["rest_macs"] / p2["step_macs"])
+    total = ev["train_compute"]["total"]["train_macs"]
+    assert abs(total - p2["budget_macs"]) <= p2["step_macs"]
+    assert p2["steps"] != cfg.phase2.max_epochs * cfg.phase2.epoch_steps  # the rule, not phase 2's own budget
 
 
-@pytest.mark.parametrize("experiment", ["converged", "lego_study"])
+@pytest.mark.parametrize("experiment", ["matched", "lego_study"])
 @pytest.mark.parametrize("variant", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "lego/conf/variant").glob("*.yaml")))
 def test_every_study_variant_composes_and_validates(variant, experiment):
     from conftest import compose_config
@@ -274,7 +271,7 @@ def test_every_study_variant_composes_and_validates(variant, experiment):
     validate(cfg)
     if experiment == "lego_study":  # the study's setting, under each variant
         assert (cfg.model.dim, cfg.data.tokenizer, cfg.data.max_train_tokens, cfg.hard_example_ratio) == (64, "bytes", None, 0.25)
-        assert cfg.eval.dense_depths == [2, 4] and cfg.phase1.patience == 2 and cfg.phase2.schedule == "cosine"
+        assert cfg.eval.dense_depths is None and cfg.phase1.patience is None and cfg.phase2.schedule == "cosine"
         # the variants that score easy positions at the deep exit need their states there: no savings
         assert cfg.phase2.upper_context == ("full" if cfg.phase2.loss_tokens != "hard" else "propagate")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import fields
 from typing import Any, Dict, List
 
@@ -45,9 +46,12 @@ def exit_ratios(cfg: ASHEMConfig) -> List[float]:
     return list(r) * n if len(r) == 1 else list(r)
 
 
-def apply_blocks(cfg: ASHEMConfig) -> None:
-    """Check `blocks` and `hard_example_ratios`, then make phase1.layers, phase2.layers and hard_example_ratio
-    say the same: the first and last Block, the first exit's ratio (what the two-Block code reads)."""
+def resolve(cfg: ASHEMConfig) -> ASHEMConfig:
+    """The config every stage reads: a copy of `cfg` with `blocks` and `hard_example_ratios` resolved into the
+    values the two-Block code reads (phase1.layers and phase2.layers := the first and last Block,
+    hard_example_ratio := the first exit's ratio). `cfg` itself is left as it is; resolving twice changes
+    nothing. Raises ConfigError naming `blocks` or `hard_example_ratios` when they are malformed."""
+    out = copy.deepcopy(cfg)
     if cfg.blocks is not None:
         b = list(cfg.blocks)
         if len(b) < 2:
@@ -56,21 +60,22 @@ def apply_blocks(cfg: ASHEMConfig) -> None:
             check_positive("blocks", x)
         if any(y <= x for x, y in zip(b, b[1:])):
             raise ConfigError(f"blocks={b} must be strictly increasing (cumulative layer counts, e.g. [2, 4, 6])")
-        cfg.phase1.layers, cfg.phase2.layers = b[0], b[-1]
+        out.phase1.layers, out.phase2.layers = b[0], b[-1]
     if cfg.hard_example_ratios is not None:
-        r, n = list(cfg.hard_example_ratios), len(block_layers(cfg)) - 1
+        r, n = list(cfg.hard_example_ratios), len(block_layers(out)) - 1
         if len(r) not in (1, n):
             raise ConfigError(f"hard_example_ratios={r} needs 1 or {n} entries (one per exit of blocks="
-                              f"{block_layers(cfg)})")
+                              f"{block_layers(out)})")
         for x in r:
             check_ratio("hard_example_ratios", x)
-        cfg.hard_example_ratio = r[0]
+        out.hard_example_ratio = r[0]
+    return out
 
 
 def validate(cfg: ASHEMConfig) -> None:
-    """Check ranges and cross-key constraints; raise ConfigError("<key>=...: ...") on the first problem.
-    Sets phase1.layers, phase2.layers and hard_example_ratio from `blocks` / `hard_example_ratios` when given."""
-    apply_blocks(cfg)
+    """Check ranges and cross-key constraints of the resolved config (`resolve`); raise
+    ConfigError("<key>=...: ...") on the first problem. Changes nothing."""
+    cfg = resolve(cfg)
     m, p1, p2, he, d = cfg.model, cfg.phase1, cfg.phase2, cfg.hard_examples, cfg.data
     check_model(m, "model.")
     check_choice("model.precision", m.precision, ("auto", *PRECISIONS))
@@ -80,7 +85,8 @@ def validate(cfg: ASHEMConfig) -> None:
     for grp, name in ((p1, "phase1"), (p2, "phase2")):
         check_positive(f"{name}.layers", grp.layers)
         check_positive(f"{name}.lr", grp.lr, float)
-        check_positive(f"{name}.patience", grp.patience)
+        if grp.patience is not None:
+            check_positive(f"{name}.patience", grp.patience)
         check_positive(f"{name}.max_epochs", grp.max_epochs)
         if grp.epoch_steps is not None:
             check_positive(f"{name}.epoch_steps", grp.epoch_steps)

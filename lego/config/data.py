@@ -51,6 +51,9 @@ class DataConfig:
     """Use only the first this-many training tokens (quick runs); None uses all."""
     max_eval_tokens: Optional[int] = None
     """Use only the first this-many validation and test tokens (quick runs); None uses all."""
+    val_check_tokens: Optional[int] = None
+    """Validation tokens scored at each validation during training (the first this-many of the validation
+    split); None scores all. Calibration and the frontier's choice always use the whole split."""
 
     def __post_init__(self):
         validate_data_config(self)
@@ -76,6 +79,9 @@ def validate_data_config(cfg: DataConfig) -> None:
             _fail(key, f"{getattr(cfg, key)} is too small", f"an integer >= {least}")
     if cfg.max_eval_tokens is not None and cfg.max_eval_tokens < cfg.seq_len + 1:
         _fail("max_eval_tokens", f"{cfg.max_eval_tokens} holds no sequence of {cfg.seq_len + 1} tokens",
+              f"an integer >= {cfg.seq_len + 1}, or null")
+    if cfg.val_check_tokens is not None and cfg.val_check_tokens < cfg.seq_len + 1:
+        _fail("val_check_tokens", f"{cfg.val_check_tokens} holds no sequence of {cfg.seq_len + 1} tokens",
               f"an integer >= {cfg.seq_len + 1}, or null")
     if cfg.max_train_tokens is not None and cfg.max_train_tokens < cfg.seq_len + 1:
         _fail("max_train_tokens", f"{cfg.max_train_tokens} holds no sequence of "

@@ -30,22 +30,24 @@ class ModelConfig:
 
 @dataclass
 class Phase1Config:
-    """Block 1: a `layers`-layer LM trained on every token, early-stopped on validation loss."""
+    """Block 1: a `layers`-layer LM trained on every token for a budget of optimizer steps, its learning rate
+    annealed over exactly that budget; the weights kept are the best on validation. The dense baselines train
+    with these optimizer settings too."""
 
     layers: int = 2
     lr: float = 1e-3
-    patience: int = 1
-    max_epochs: int = 6
+    patience: Optional[int] = 1  # early-stopping guard: validations without improvement; None = off (comparisons)
+    max_epochs: int = 6  # the budget: max_epochs x epoch_steps optimizer steps
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    epoch_steps: Optional[int] = 50  # batches per epoch, between validations (seeded subset); None = whole split
-    schedule: str = "constant"  # constant | cosine: linear warmup, then cosine decay to min_lr_ratio * lr
+    epoch_steps: Optional[int] = 50  # optimizer steps between two validations (a seeded subset); None = whole split
+    schedule: str = "cosine"  # cosine: linear warmup, then cosine decay to min_lr_ratio * lr at the last step | constant
     warmup_steps: int = 0  # cosine: optimizer steps of linear warmup
-    min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at max_epochs * epoch_steps
+    min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at the budget's last step
     cache: bool = True  # share phase 1 and the dense baselines across runs/sweep jobs with identical settings
-    # Grow earlier: phase 1 trains max(1, round(budget_fraction * max_epochs)) epochs, and phase 2's max_epochs
-    # become what phase 1 left of a budget of max_epochs * epoch_steps phase-1 steps, in training MACs
-    # (lego.stages.phase2.budget_epochs); None: each phase its own max_epochs (the specification).
+    # The pipeline's budget split in advance: the whole pipeline gets max_epochs x epoch_steps phase-1 steps' worth
+    # of training MACs; phase 1 trains round(budget_fraction x those steps), mining costs what it runs, and phase 2
+    # trains the rest to the step (lego.stages.phase2.budget_steps). In (0, 1]; None: each phase its own budget.
     budget_fraction: Optional[float] = None
 
 
@@ -64,15 +66,15 @@ class Phase2Config:
 
     layers: int = 4  # total depth after growing
     lr: float = 1e-4
-    patience: int = 3
-    max_epochs: int = 4
+    patience: Optional[int] = 3  # early-stopping guard: validations without improvement; None = off (comparisons)
+    max_epochs: int = 4  # the budget (without phase1.budget_fraction): max_epochs x epoch_steps optimizer steps
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     batch_size: int = 32  # hard sequences per batch
-    epoch_steps: Optional[int] = 50  # batches per epoch, between validations; None = every hard sequence
-    schedule: str = "constant"  # constant | cosine: linear warmup, then cosine decay to min_lr_ratio * lr
+    epoch_steps: Optional[int] = 50  # optimizer steps between two validations; None = every hard sequence
+    schedule: str = "cosine"  # cosine: linear warmup, then cosine decay to min_lr_ratio * lr at the last step | constant
     warmup_steps: int = 0  # cosine: optimizer steps of linear warmup
-    min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at max_epochs * epoch_steps
+    min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at the budget's last step
     deep_head: bool = True  # the deep exit trains its own copy of the head (the exit's stays frozen)
     upper_context: str = "full"  # full | propagate | skip: what upper layers see of easy tokens
     init: str = "random"  # random | copy: new layer phase1.layers + j starts as a copy of layer j mod phase1.layers
@@ -90,10 +92,10 @@ class EvalConfig:
 
     split: str = "test"  # test; validation only with allow_validation_split (it is the calibration split)
     allow_validation_split: bool = False  # say so explicitly to score on the split the threshold was calibrated on
-    standard_baseline: bool = True  # train the dense models below (phase1's optimizer, schedule, stopping rule)
-    baseline_budget: str = "matched"  # matched: the ASHEM pipeline's training multiply-adds | steps: its
-    #   optimizer steps (phase 1 + phase 2) | phase1: phase 1's budget (max_epochs x epoch_steps)
-    dense_depths: Optional[List[int]] = None  # the dense frontier's depths; None = phase1.layers .. phase2.layers
+    standard_baseline: bool = True  # train the dense models below (phase1's optimizer and schedule)
+    baseline_budget: str = "matched"  # matched: the ASHEM pipeline's training multiply-adds, to the step | steps: its
+    #   optimizer steps (phase 1 + later Blocks) | phase1: phase 1's own budget (max_epochs x epoch_steps)
+    dense_depths: Optional[List[int]] = None  # depths added to the dense frontier; every Block boundary is always on it
     analysis: bool = True  # trade-off curve, oracle, confidence measures, pictures
     html_tokens: int = 400  # tokens shown in eval/tokens.html
 

@@ -20,7 +20,7 @@ from lego.data import Corpus
 from lego.model import DeepSupervisionTransformer
 from lego.report import analyze
 from lego.stages.hard_examples import hard_loader
-from lego.stages.compare import dense_depths, dense_epochs, inference_cost, pipeline_compute, stage_record, verdict
+from lego.stages.compare import dense_budget, dense_depths, inference_cost, pipeline_compute, stage_record, verdict
 from lego.stages.setup import Loaders, make_loaders, model_macs
 from lego.stages.standard import cached_standard
 from lego.trackers import Tracker
@@ -84,7 +84,7 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
         "ashem": evaluate_on_hard_examples(model2, split_hard, None, device, exit_layer),
     }
     shutil.rmtree(out / "scratch", ignore_errors=True)
-    metrics["train_compute"] = pipeline_compute(cfg, corpus, run_dir)
+    metrics["train_compute"] = pipeline_compute(cfg, loaders, corpus.vocab_size, run_dir)
     if cfg.eval.standard_baseline:
         metrics["dense"] = train_dense_frontier(cfg, corpus, loaders, metrics["train_compute"], loader, run_dir,
                                                 device, tracker)
@@ -104,16 +104,22 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
 def train_dense_frontier(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, compute: Dict[str, Any], loader,
                          run_dir: Path, device: torch.device,
                          tracker: Optional[Tracker] = None) -> Dict[str, Dict[str, Any]]:
-    """Dense models of every frontier depth, each trained on all tokens with phase 1's optimizer,
-    schedule and stopping rule for the budget `eval.baseline_budget` gives it (shared through the
-    cache), and scored on `loader`: depth -> metrics, training record and relative inference cost."""
+    """Dense models of every frontier depth, each trained on all tokens with phase 1's optimizer and schedule
+    for the steps `eval.baseline_budget` gives it (`dense_budget`; shared through the cache), scored on `loader`
+    and on the validation split (`val_ppl`, what the frontier is chosen on): depth -> metrics, training record,
+    budget (`budget_macs`, `step_macs`, and `macs_off`: what it spent minus its budget) and relative inference
+    cost."""
     out = {}
     for depth in dense_depths(cfg):
-        epochs = dense_epochs(cfg, corpus, loaders, depth, compute)
+        budget = dense_budget(cfg, loaders, corpus.vocab_size, depth, compute)
         model = cached_standard(cfg, corpus, loaders, depth, run_dir / f"dense{depth}", device, f"dense{depth}",
-                                max_epochs=epochs, tracker=tracker)
-        scored = scorer(cfg, create_standard_config(depth), device).evaluate(model, loader)
-        out[str(depth)] = {**scored, **stage_record(run_dir / f"dense{depth}"), "max_epochs": epochs,
+                                steps=budget["steps"], tracker=tracker)
+        standard = create_standard_config(depth)
+        scored = scorer(cfg, standard, device).evaluate(model, loader)
+        record = stage_record(run_dir / f"dense{depth}")
+        out[str(depth)] = {**scored, "val_ppl": scorer(cfg, standard, device).evaluate(model, loaders.validation)["ppl"],
+                           **record, "budget_macs": budget["budget_macs"], "step_macs": budget["step_macs"],
+                           "macs_off": record["train_macs"] - budget["budget_macs"],
                            "inference_cost": inference_cost(cfg, corpus.vocab_size, depth)}
     return out
 

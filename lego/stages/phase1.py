@@ -13,7 +13,8 @@ from lego.checkpoint import build_model, load_model, model_args
 from lego.config import ASHEMConfig
 from lego.data import Corpus
 from lego.model import DeepSupervisionTransformer
-from lego.stages.setup import Loaders
+from lego.batches import EpochSteps
+from lego.stages.setup import Loaders, budget_steps
 from lego.stages.standard import cached_standard
 from lego.trackers import Tracker
 
@@ -22,14 +23,20 @@ def stage_phase1(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, run_dir: Pa
                  device: torch.device, tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
     """Train (or take from the cache) the phase-1 model; writes run_dir/phase1/."""
     return cached_standard(cfg, corpus, loaders, cfg.phase1.layers, run_dir / "phase1", device, "phase1",
-                           tracker=tracker, max_epochs=phase1_epochs(cfg))
+                           tracker=tracker, steps=phase1_steps(cfg, loaders))
 
 
-def phase1_epochs(cfg: ASHEMConfig) -> Optional[int]:
-    """Phase 1's epochs under phase1.budget_fraction: max(1, round(fraction * max_epochs)), halves up;
-    None without it (phase1.max_epochs). Phase 2 gets the rest (`lego.stages.phase2.budget_epochs`)."""
-    f = cfg.phase1.budget_fraction
-    return None if f is None else max(1, math.floor(f * cfg.phase1.max_epochs + 0.5))
+def pipeline_budget_steps(cfg: ASHEMConfig, loaders: Loaders) -> int:
+    """phase1.max_epochs x phase1.epoch_steps: phase 1's budget in steps, or under phase1.budget_fraction the
+    whole pipeline's budget, counted in phase-1 steps (`lego.stages.phase2.budget_steps` turns it into MACs)."""
+    return budget_steps(cfg.phase1, len(EpochSteps(loaders.train, cfg.phase1.epoch_steps)))
+
+
+def phase1_steps(cfg: ASHEMConfig, loaders: Loaders) -> int:
+    """Phase 1's optimizer steps: its whole budget, or under phase1.budget_fraction that share of the pipeline's
+    budget, max(1, round(fraction x steps)) with halves up. Phase 2 gets the rest (`lego.stages.phase2`)."""
+    total, f = pipeline_budget_steps(cfg, loaders), cfg.phase1.budget_fraction
+    return total if f is None else max(1, math.floor(f * total + 0.5))
 
 
 def load_phase1(cfg: ASHEMConfig, corpus: Corpus, run_dir: Path, device: torch.device) -> DeepSupervisionTransformer:

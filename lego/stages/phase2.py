@@ -1,5 +1,5 @@
 """Stage `phase2`: grow the phase-1 model and train its upper Block on the training split's hard
-tokens, early-stopped on the validation split's (SPEC section 3.3).
+tokens for its budget of steps, validated on the validation split's (SPEC section 3.3).
 
 The variants (each one config key; the defaults are the specification):
 - phase2.init=copy: the new layers start as copies of the lower stack (`DeepSupervisionTransformer.grow`).
@@ -9,7 +9,7 @@ The variants (each one config key; the defaults are the specification):
 - phase2.lower=finetune: Block 1 keeps training on the whole training split, with the loss at both exits
   (StageConfig deep supervision), early-stopped on that loss on validation; the threshold is then
   recalibrated on the calibration split (phase2/threshold.json) so the asked hard ratio holds.
-- phase1.budget_fraction: phase 2's epochs are what phase 1 left of the shared budget (`budget_epochs`).
+- phase1.budget_fraction: phase 2's steps are what phase 1 and mining left of the shared budget (`rest_of_budget`).
 
 With more than two `blocks`, stage phase2 also trains Blocks 3, 4, ... (`stage_later_blocks`), each as
 phase 2 trains Block 2 and with phase2's settings, into block3/, block4/, ...; the two-Block variants
@@ -18,7 +18,6 @@ lower=finetune and phase1.budget_fraction are refused there (lego.config.validat
 
 from __future__ import annotations
 
-import math
 import shutil
 from functools import partial
 from pathlib import Path
@@ -32,11 +31,15 @@ from lego.ashem import evaluate_on_hard_examples, train_upper_layers
 from lego.batches import EpochSteps
 from lego.checkpoint import load_model, model_args, save_model
 from lego.config import IGNORE_INDEX, ASHEMConfig, StageConfig, TrainingConfig, block_layers, exit_ratios
-from lego.cost import dense_training_macs, phase2_training_macs
+from lego.cost import dense_training_macs, forward_macs_per_token, phase2_training_macs, steps_for_macs
 from lego.model import DeepSupervisionTransformer
 from lego.stages.cache import through_cache
 from lego.stages.hard_examples import calibrate, hard_loader
-from lego.stages.setup import Loaders, loop_report, lr_schedule, make_optimizer, model_macs, science_config
+from lego.stages.compare import mining_compute
+from lego.stages.phase1 import pipeline_budget_steps
+from lego.stages.setup import (Loaders, budget_steps, loop_report, lr_schedule, make_optimizer, model_macs,
+                               science_config)
+from lego.stages.standard import window_positions
 from lego.trackers import Tracker
 from lego.training import Trainer, fit, train_epoch
 
@@ -49,18 +52,21 @@ def grown(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float
                        upper_context=cfg.phase2.upper_context, init=cfg.phase2.init)
 
 
-def budget_epochs(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, phase1_macs: float, steps_per_epoch: int,
-                  macs_per_step: float) -> int:
-    """Phase 2's epochs under phase1.budget_fraction: the budget is phase1.max_epochs epochs of phase-1
-    steps (data.batch_size x seq_len tokens through phase1.layers layers, `dense_training_macs`); phase 2
-    gets what phase 1 really spent (`phase1_macs`) left of it, in epochs of `steps_per_epoch` steps of
-    `macs_per_step`, rounded (halves up), at least 1. Early stopping may still end it sooner."""
-    p1 = cfg.phase1
-    step1 = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len, num_layers=p1.layers,
+def rest_of_budget(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, run_dir: Path,
+                   macs_per_step: float) -> Dict[str, float]:
+    """Phase 2's budget under phase1.budget_fraction: the pipeline's budget is phase1.max_epochs x
+    phase1.epoch_steps phase-1 steps (data.batch_size x seq_len tokens through phase1.layers layers,
+    `dense_training_macs`); phase 2 gets what phase 1 really spent (phase1/result.json) and the mining that ran
+    (`lego.stages.compare.mining_compute`) left of it, as the nearest number of its own steps of
+    `macs_per_step` (at least 1): within half a step of the budget. Returns steps, budget_macs (the pipeline's),
+    rest_macs (what phase 2 was left) and step_macs."""
+    step1 = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len, num_layers=cfg.phase1.layers,
                                 **model_macs(cfg, vocab_size))
-    budget = p1.max_epochs * len(EpochSteps(loaders.train, p1.epoch_steps)) * step1
-    left = max(budget - phase1_macs, 0.0)
-    return max(1, math.floor(left / (steps_per_epoch * macs_per_step) + 0.5))
+    budget = pipeline_budget_steps(cfg, loaders) * step1
+    spent = float(read_json(run_dir / "phase1" / "result.json")["train_macs"])
+    rest = max(budget - spent - mining_compute(cfg, loaders, vocab_size)["train_macs"], 0.0)
+    return {"steps": steps_for_macs(rest, macs_per_step), "budget_macs": budget, "rest_macs": rest,
+            "step_macs": macs_per_step}
 
 
 def stage_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float, loaders: Loaders,
@@ -118,22 +124,25 @@ def train_upper(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold:
                                     num_layers=depth, policy=p2.upper_context,
                                     recompute=cfg.hard_examples.store == "recompute", **shape)
 
-    max_epochs = p2.max_epochs
+    per_epoch, budget = len(train_batches), {}
     if cfg.phase1.budget_fraction is not None:
-        targets = train_hard.dataset.targets  # (N, T), or (N, 2, T) with keep_easy
-        hard_ratio = float(((targets[:, 0] if targets.dim() == 3 else targets) != IGNORE_INDEX).float().mean())
-        max_epochs = budget_epochs(cfg, loaders, model1.vocab_size, phase1_spent(run_dir), len(train_batches),
-                                   macs(p2.batch_size * cfg.data.seq_len, hard_ratio))
-    schedule = lr_schedule(p2, len(train_batches), max_epochs)
+        budget = rest_of_budget(cfg, loaders, model1.vocab_size, run_dir,
+                                macs(p2.batch_size * cfg.data.seq_len, hard_ratio(train_hard)))
+    steps = budget.get("steps") or budget_steps(p2, per_epoch)
+    schedule = lr_schedule(p2, steps)
     fit(model2,
-        lambda epoch, totals: train_upper_layers(model2, train_batches, optimizer, None, device, exit_layer,
-                                                 grad_clip=p2.grad_clip, epoch=epoch, lr_factor=schedule,
-                                                 totals=totals, easy_weight=easy_weight,
-                                                 **loop_report(cfg, tracker, name)),
+        lambda epoch, totals, max_steps: train_upper_layers(
+            model2, train_batches, optimizer, None, device, exit_layer, grad_clip=p2.grad_clip, epoch=epoch,
+            lr_factor=schedule, totals=totals, easy_weight=easy_weight, max_steps=max_steps,
+            **loop_report(cfg, tracker, name)),
         lambda: evaluate_on_hard_examples(model2, val_hard, None, device, exit_layer)["loss"],
-        optimizer=optimizer, work_dir=out, max_epochs=max_epochs, patience=p2.patience, name=name,
-        save=lambda path, result: save_model(path, model2, cfg, stage=name, result=result, threshold=threshold),
-        macs=lambda totals: macs(totals.tokens, totals.counted / max(totals.tokens, 1)), tracker=tracker)
+        optimizer=optimizer, work_dir=out, budget_steps=steps, steps_per_epoch=per_epoch, patience=p2.patience,
+        name=name, save=lambda path, result: save_model(path, model2, cfg, stage=name, result={**result, **budget},
+                                                         threshold=threshold),
+        macs=lambda totals: macs(totals.tokens, totals.counted / max(totals.tokens, 1)),
+        val_pass_macs=macs(len(val_hard.dataset) * cfg.data.seq_len, hard_ratio(val_hard)) / 3, tracker=tracker)
+    if budget and distributed.is_main():  # the split of the pipeline's budget, beside the stage's record
+        write_json(out / "result.json", {**read_json(out / "result.json"), **budget})
     shutil.rmtree(scratch, ignore_errors=True)
     return model2
 
@@ -161,27 +170,32 @@ def train_finetune(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, thresho
     def macs(tokens: float) -> float:  # forward + backward of every layer, both heads
         return dense_training_macs(tokens=tokens, num_layers=depth, heads=2, **shape)
 
-    max_epochs = p2.max_epochs
+    per_epoch, budget = len(train_batches), {}
     if p1.budget_fraction is not None:
-        max_epochs = budget_epochs(cfg, loaders, model1.vocab_size, phase1_spent(run_dir), len(train_batches),
-                                   macs(cfg.data.batch_size * cfg.data.seq_len))
-    schedule = lr_schedule(p2, len(train_batches), max_epochs)
+        budget = rest_of_budget(cfg, loaders, model1.vocab_size, run_dir, macs(cfg.data.batch_size * cfg.data.seq_len))
+    steps = budget.get("steps") or budget_steps(p2, per_epoch)
+    schedule = lr_schedule(p2, steps)
     fit(model2,
-        lambda epoch, totals: train_epoch(model2, train_batches, optimizer, trainer.stage_loss_sum, device,
-                                          epoch=p1.max_epochs + epoch, grad_clip=p2.grad_clip, lr_factor=schedule,
-                                          totals=totals, **loop_report(cfg, tracker, "phase2")),
-        lambda: trainer.validation_loss(model2, loaders.validation),
-        optimizer=optimizer, work_dir=out, max_epochs=max_epochs, patience=p2.patience, name="phase2",
-        save=lambda path, result: save_model(path, model2, cfg, stage="phase2", result=result, threshold=threshold),
-        macs=lambda totals: macs(totals.tokens), tracker=tracker)
+        lambda epoch, totals, max_steps: train_epoch(
+            model2, train_batches, optimizer, trainer.stage_loss_sum, device, epoch=p1.max_epochs + epoch,
+            grad_clip=p2.grad_clip, lr_factor=schedule, totals=totals, max_steps=max_steps,
+            **loop_report(cfg, tracker, "phase2")),
+        lambda: trainer.validation_loss(model2, loaders.check),
+        optimizer=optimizer, work_dir=out, budget_steps=steps, steps_per_epoch=per_epoch, patience=p2.patience,
+        name="phase2", save=lambda path, result: save_model(path, model2, cfg, stage="phase2", result=result,
+                                                            threshold=threshold),
+        macs=lambda totals: macs(totals.tokens),
+        val_pass_macs=window_positions(loaders.check, cfg.data.seq_len) * forward_macs_per_token(
+            num_layers=depth, heads=2, **shape), tracker=tracker)
     if distributed.is_main():  # the report must not present Block 1 as the phase-1 model
-        write_json(out / "result.json", {**read_json(out / "result.json"), "block1_finetuned": True})
+        write_json(out / "result.json", {**read_json(out / "result.json"), **budget, "block1_finetuned": True})
     return model2
 
 
-def phase1_spent(run_dir: Path) -> float:
-    """Phase 1's training MACs, from its result.json."""
-    return float(read_json(run_dir / "phase1" / "result.json")["train_macs"])
+def hard_ratio(loader) -> float:
+    """The share of positions of a hard-example loader's sequences that are hard (counted in the loss)."""
+    targets = loader.dataset.targets  # (N, T), or (N, 2, T) with keep_easy: (hard-only, all)
+    return float(((targets[:, 0] if targets.dim() == 3 else targets) != IGNORE_INDEX).float().mean())
 
 
 def recalibrate(cfg: ASHEMConfig, model2: DeepSupervisionTransformer, loaders: Loaders, out: Path,

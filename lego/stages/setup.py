@@ -86,14 +86,18 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device) 
         return torch.optim.AdamW(groups, lr=lr, foreach=device.type == "cuda")
 
 
-def lr_schedule(group, steps_per_epoch: int, max_epochs: int) -> Optional[Callable[[int], float]]:
-    """The lr factor of each optimizer step under `group.schedule` (phase1 / phase2 settings), over a
-    budget of `max_epochs` epochs of `steps_per_epoch` steps; None for `constant` (the lr is left alone)."""
+def lr_schedule(group, total_steps: int) -> Optional[Callable[[int], float]]:
+    """The lr factor of each optimizer step under `group.schedule` (phase1 / phase2 settings) over a budget of
+    `total_steps` steps (the last one at the floor); None for `constant` (the lr is left alone)."""
     if group.schedule == "constant":
         return None
-    total = steps_per_epoch * max_epochs
-    return partial(lr_factor, schedule=group.schedule, warmup_steps=group.warmup_steps, total_steps=total,
+    return partial(lr_factor, schedule=group.schedule, warmup_steps=group.warmup_steps, total_steps=total_steps,
                    min_lr_ratio=group.min_lr_ratio)
+
+
+def budget_steps(group, steps_per_epoch: int) -> int:
+    """A stage's own budget in optimizer steps: `group.max_epochs` epochs of `steps_per_epoch` steps."""
+    return group.max_epochs * steps_per_epoch
 
 
 def loop_report(cfg: ASHEMConfig, tracker, prefix: str) -> Dict[str, Any]:
@@ -115,8 +119,13 @@ class Loaders:
 
     train: Any  # shuffled by (seed, epoch), for training
     train_ordered: Any  # the same windows in corpus order, for mining and calibration
-    validation: Any
+    validation: Any  # the whole split: calibration, mining, the frontier's choice
     test: Any
+    validation_check: Any = None  # what validation during training scores (data.val_check_tokens); None: validation
+
+    @property
+    def check(self) -> Any:
+        return self.validation if self.validation_check is None else self.validation_check
 
 
 def make_loaders(cfg: ASHEMConfig, corpus: Corpus, *, shard: bool = True, device=None) -> Loaders:
@@ -128,7 +137,10 @@ def make_loaders(cfg: ASHEMConfig, corpus: Corpus, *, shard: bool = True, device
     def loader(tokens, batch_size: int, shuffle: bool):
         return make_loader(tokens, d.seq_len, batch_size, shuffle=shuffle, seed=cfg.seed, **kw)
 
+    capped = d.val_check_tokens is not None and d.val_check_tokens < len(corpus.validation)
     return Loaders(train=loader(corpus.train, d.batch_size, True),
                    train_ordered=loader(corpus.train, d.eval_batch_size, False),
                    validation=loader(corpus.validation, d.eval_batch_size, False),
-                   test=loader(corpus.test, d.eval_batch_size, False))
+                   test=loader(corpus.test, d.eval_batch_size, False),
+                   validation_check=loader(corpus.validation[: d.val_check_tokens], d.eval_batch_size, False)
+                   if capped else None)

@@ -11,25 +11,25 @@ import torch
 from lego import __version__, distributed
 from lego.batches import EpochSteps
 from lego.checkpoint import build_model, load_model, model_args, save_model
-from lego.config import ASHEMConfig, create_standard_config, to_dict
+from lego.config import ASHEMConfig, create_standard_config
 from lego.data import Corpus
 from lego.model import DeepSupervisionTransformer
-from lego.cost import dense_training_macs
+from lego.cost import dense_training_macs, forward_macs_per_token
 from lego.stages.cache import through_cache
-from lego.stages.setup import (Loaders, loop_report, lr_schedule, make_optimizer, model_macs,
+from lego.stages.setup import (Loaders, budget_steps, loop_report, lr_schedule, make_optimizer, model_macs,
                                science_config)
 from lego.trackers import Tracker
 from lego.training import Trainer, fit, train_epoch
 
 
-
 def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, stage_dir: Path,
-                   device: torch.device, name: str, max_epochs: Optional[int] = None,
+                   device: torch.device, name: str, steps: Optional[int] = None,
                    tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
-    """Train a `num_layers`-layer LM on all tokens with phase 1's optimizer, schedule and early stopping,
-    for at most `max_epochs` (default phase1.max_epochs) epochs of phase1.epoch_steps steps.
+    """Train a `num_layers`-layer LM on all tokens with phase 1's optimizer and schedule for a budget of `steps`
+    optimizer steps (default phase1.max_epochs x phase1.epoch_steps), the schedule spanning exactly that budget,
+    validating every phase1.epoch_steps steps; phase1.patience (if set) is an early-stopping guard.
 
-    Writes stage_dir/model.pt (best weights), history.jsonl, result.json (with the training
+    Writes stage_dir/model.pt (the best weights on validation), history.jsonl, result.json (with the training
     compute); resumes from stage_dir/last.pt; sends its curves to `tracker` under `name`. Returns the
     model with its best weights.
     """
@@ -47,43 +47,50 @@ def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layer
     if cfg.model.compile:
         model.compile_blocks()
     train_batches = EpochSteps(loaders.train, p1.epoch_steps)
-    max_epochs = max_epochs or p1.max_epochs
-    schedule = lr_schedule(p1, len(train_batches), max_epochs)
-    step_macs = partial(dense_training_macs, num_layers=num_layers, **model_macs(cfg, corpus.vocab_size))
+    steps = steps or budget_steps(p1, len(train_batches))
+    schedule = lr_schedule(p1, steps)
+    shape = model_macs(cfg, corpus.vocab_size)
+    step_macs = partial(dense_training_macs, num_layers=num_layers, **shape)
 
-    def one_epoch(epoch: int, totals) -> float:
+    def one_epoch(epoch: int, totals, max_steps: int) -> float:
         return train_epoch(model, train_batches, optimizer, trainer.stage_loss_sum, device, epoch=epoch,
-                           grad_clip=p1.grad_clip, lr_factor=schedule, totals=totals,
+                           grad_clip=p1.grad_clip, lr_factor=schedule, totals=totals, max_steps=max_steps,
                            **loop_report(cfg, tracker, name))
 
-    fit(model, one_epoch, lambda: trainer.validation_loss(model, loaders.validation), optimizer=optimizer,
-        work_dir=stage_dir, max_epochs=max_epochs, patience=p1.patience, name=name,
+    fit(model, one_epoch, lambda: trainer.validation_loss(model, loaders.check), optimizer=optimizer,
+        work_dir=stage_dir, budget_steps=steps, steps_per_epoch=len(train_batches), patience=p1.patience, name=name,
         save=lambda path, result: save_model(path, model, cfg, stage=name, result=result),
-        macs=lambda totals: step_macs(tokens=totals.tokens), tracker=tracker)
+        macs=lambda totals: step_macs(tokens=totals.tokens),
+        val_pass_macs=window_positions(loaders.check, cfg.data.seq_len) * forward_macs_per_token(
+            num_layers=num_layers, **shape), tracker=tracker)
     return model
 
 
+def window_positions(loader, seq_len: int) -> int:
+    """Input positions of one pass over a loader of token windows (every rank's share together)."""
+    return len(loader.dataset) * seq_len
+
+
 def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, stage_dir: Path,
-                    device: torch.device, name: str, max_epochs: Optional[int] = None,
+                    device: torch.device, name: str, steps: Optional[int] = None,
                     tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
     """`train_standard`, shared through a content-addressed cache when `phase1.cache` is on.
 
     The key hashes exactly what determines the result: model, data, phase-1 optimisation,
-    depth, seed, corpus content and device type (`lego.stages.cache.through_cache`).
+    depth, budget in steps, seed, corpus content and device type (`lego.stages.cache.through_cache`).
     """
     if not cfg.phase1.cache or distributed.broadcast((stage_dir / "model.pt").exists()):
-        return train_standard(cfg, corpus, loaders, num_layers, stage_dir, device, name, max_epochs, tracker)
+        return train_standard(cfg, corpus, loaders, num_layers, stage_dir, device, name, steps, tracker)
     science = science_config(cfg)
-    unkeyed = ("cache", "layers", "budget_fraction")
+    unkeyed = ("cache", "layers", "budget_fraction", "max_epochs")
     key_src = {"model": science["model"], "data": science["data"],
-               "phase1": {k: v for k, v in to_dict(cfg)["phase1"].items() if k not in unkeyed},
+               "phase1": {k: v for k, v in science["phase1"].items() if k not in unkeyed},
                "num_layers": num_layers, "seed": cfg.seed, "corpus": corpus.cache_key, "device": device.type,
-               "lego": __version__, "records": "compute"}  # result.json records steps and training MACs
-    # A baseline's own budget, or phase 1's under phase1.budget_fraction: the epochs that run are keyed, not
-    # the fraction (a dense model of the same depth and epochs is the same model).
-    if max_epochs is not None and max_epochs != cfg.phase1.max_epochs:
-        key_src["phase1"]["max_epochs"] = max_epochs
+               "lego": __version__, "records": "budget",  # budget-first training: result.json records its budget
+               # the steps that run are keyed, not how they were derived (a dense model of the same depth and
+               # steps is the same model)
+               "steps": steps or budget_steps(cfg.phase1, len(EpochSteps(loaders.train, cfg.phase1.epoch_steps)))}
     return through_cache(cfg, name, key_src, stage_dir,
-                         lambda entry: train_standard(cfg, corpus, loaders, num_layers, entry, device, name, max_epochs,
+                         lambda entry: train_standard(cfg, corpus, loaders, num_layers, entry, device, name, steps,
                                                       tracker),
                          ("model.pt", "history.jsonl", "result.json"))
