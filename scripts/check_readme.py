@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, List, Set, Tuple
 
-MARKER = re.compile(r"<!--\s*numbers:\s*(.+?)\s*-->")
+MARKER = re.compile(r"^<!--\s*numbers:\s*(.+?)\s*-->", re.MULTILINE)
 NUMBER = re.compile(r"(?<![\w.])([-+]?)(\d+(?:\.\d+)?)(?:e([-+]?\d+))?(%?)(?![\w.])")
 
 
