@@ -62,6 +62,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
                                 ("phase2", "loss_tokens", "hard"), ("phase2", "lower", "frozen")):
         if d[phase][key] == default:
             d[phase].pop(key)
+    if not d["eval"]["learned_router"]:
+        d["eval"].pop("learned_router")
     if d["phase2"].get("loss_tokens") != "weighted":
         d["phase2"].pop("easy_weight")
     if d["phase2"].get("lower") != "finetune":
