@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -98,3 +99,21 @@ def label_counts(labels: np.ndarray) -> Dict[str, int]:
     """{label name: bytes with it}, in code order (text, unpredictable, format, 1 hop, ...)."""
     codes, counts = np.unique(np.asarray(labels), return_counts=True)
     return {label_name(k): int(n) for k, n in zip(codes, counts)}
+
+
+def write_labels(directory: Path, labels: Dict[str, np.ndarray], tokens: Dict[str, int]) -> Dict[str, Dict[str, int]]:
+    """Write each split's labels beside its tokens in the corpus cache (`<split>.labels.bin`, int8, one per
+    token: byte tokens); returns the label counts per split for meta.json."""
+    for split, lab in labels.items():
+        if len(lab) != tokens[split]:
+            raise RuntimeError(f"{split}: {len(lab)} labels for {tokens[split]} tokens")
+        (Path(directory) / f"{split}.labels.bin").write_bytes(np.asarray(lab, dtype=np.int8).tobytes())
+    return {split: label_counts(lab) for split, lab in labels.items()}
+
+
+def open_labels(directory: Path, split: str, n_tokens: int) -> np.ndarray:
+    """The labels `write_labels` wrote for `split`, memory-mapped (n_tokens,) int8."""
+    path = Path(directory) / f"{split}.labels.bin"
+    if not path.is_file() or path.stat().st_size != n_tokens:
+        raise RuntimeError(f"cache file {path} is missing or has the wrong size; delete {directory} to rebuild it")
+    return np.memmap(path, dtype=np.int8, mode="r", shape=(n_tokens,))

@@ -300,12 +300,8 @@ def _build(cfg: DataConfig, splits: Dict[str, object], meta: dict, out: Path,
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     tokens = {s: _write_tokens(tok, rows, cfg.text_column, dtype, out / f"{s}.bin",
                                f"tokenizing {cfg.name}/{s}") for s, rows in splits.items()}
-    for s, lab in (labels or {}).items():
-        if len(lab) != tokens[s]:  # byte tokens: one label per byte
-            raise RuntimeError(f"{s}: {len(lab)} labels for {tokens[s]} tokens")
-        (out / f"{s}.labels.bin").write_bytes(np.asarray(lab, dtype=np.int8).tobytes())
     if labels:
-        meta["labels"] = {s: chains.label_counts(lab) for s, lab in labels.items()}
+        meta["labels"] = chains.write_labels(out, labels, tokens)
     tok.save(out)
     meta.update(data=cfg.name, source={k: getattr(cfg, k) for k in (
         "path", "config_name", "text_column", "train_split", "validation_split", "test_split",
@@ -349,13 +345,6 @@ def _open_split(directory: Path, split: str, meta: dict, seq_len: int) -> np.nda
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
-def _open_labels(directory: Path, split: str, meta: dict) -> np.ndarray:
-    path, n = directory / f"{split}.labels.bin", meta["tokens"][split]
-    if not path.is_file() or path.stat().st_size != n:
-        raise RuntimeError(f"cache file {path} is missing or has the wrong size; delete {directory} to rebuild it")
-    return np.memmap(path, dtype=np.int8, mode="r", shape=(n,))
-
-
 def load_corpus(cfg: DataConfig) -> Corpus:
     """The corpus `cfg` names, tokenized: from the cache when this text and tokenizer were
     seen before, otherwise tokenized now and cached. Splits are fixed and never overlap;
@@ -373,7 +362,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     with open(directory / "meta.json") as f:
         meta = json.load(f)
     arrays = {s: _open_split(directory, s, meta, cfg.seq_len) for s in SPLITS}
-    labels = {s: _open_labels(directory, s, meta) for s in SPLITS} if cfg.name == "chains" else None
+    labels = {s: chains.open_labels(directory, s, meta["tokens"][s]) for s in SPLITS} if cfg.name == "chains" else None
     for split, cap in (("train", cfg.max_train_tokens), ("validation", cfg.max_eval_tokens),
                        ("test", cfg.max_eval_tokens)):
         if cap is not None:
