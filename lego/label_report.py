@@ -15,7 +15,7 @@ from lego.report import _fmt, _table
 
 log = logging.getLogger(__name__)
 
-MARKER = "## By label"  # the section's heading; a rewrite replaces everything from it on
+MARKER = "## Routing by label"  # the section's heading; a rewrite replaces everything from it on
 
 
 def _hops(table: Dict[str, dict]) -> List[int]:
@@ -35,11 +35,14 @@ def section(s: dict, plotted: bool) -> str:
     """The report.md section: accuracy and ppl per label per model, exit share per label per router, and
     routing against the truth."""
     tables = model_tables(s)
-    blocks = [MARKER,
-              f"Per label on the {s['split']} split ({s['n_tokens']} tokens): a token's label says what predicting it "
-              "needs: `k hops` an answer that needs k lookups, `unpredictable` a freshly drawn name or value, "
-              "`format` the program's punctuation, `text` a line of natural text. The routers are applied to one "
-              "unrouted pass (exact for upper_context='full'); each table's `all` row is the sum of its rows."]
+    blocks = [MARKER, (f"Per label on the {s['split']} split ({s['n_tokens']} tokens): a token's label says what "
+                       "predicting it needs: `k hops` an answer that needs k lookups, `unpredictable` a freshly drawn "
+                       "name or value, `format` the program's punctuation, `text` a line of natural text. "
+                       if "label_counts" in s else
+                       f"The {s['split']} split ({s['n_tokens']} tokens) carries no labels (only data=chains does): "
+                       "the routers' overall numbers alone. ") +
+              "The routers are applied to one unrouted pass (exact for upper_context='full'); each table's `all` row "
+              "is the sum of its rows."]
     if s.get("upper_context", "full") != "full":
         blocks.append(f"**Note:** the model routes with upper_context='{s['upper_context']}'; the routers' rows here "
                       "assume 'full'.")

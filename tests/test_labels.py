@@ -12,6 +12,7 @@ from lego.batches import make_loader
 from lego.chains import UNPREDICTABLE, generate
 from lego.config import ChainsConfig, StageConfig, TrainingConfig, create_standard_config
 from lego.evaluation import evaluate
+from lego.label_report import section, write_section
 from lego.labels import (fit_probe, label_table, labelled_tokens, learned_threshold, oracle_by_label, router_summary,
                          solved_hops, truth)
 from lego.model import DeepSupervisionTransformer
@@ -158,6 +159,19 @@ def test_a_chains_run_reports_by_label(tmp_path):
     assert s["models"]["dense 4-layer model"]["all"]["acc"] == metrics["dense"]["4"]["acc"]
     assert s["routers"]["learned"]["validation_shallow_ratio"] == pytest.approx(0.5, abs=1e-3)
     report = (tmp_path / "run/eval/report.md").read_text()
-    assert report.count("## By label") == 1 and "### Routers" in report
+    assert report.count("## Routing by label") == 1 and "### Routers" in report
     pytest.importorskip("matplotlib")
     assert (tmp_path / "run/eval/by_label.png").stat().st_size > 0
+
+
+def test_report_section_without_labels_and_its_rewrite(tmp_path):
+    r = {"acc": 0.5, "ppl": 3.0, "shallow_ratio": 0.5, "compute_cost": 0.75, "n_tokens": 10, "threshold": 0.1}
+    s = {"split": "test", "n_tokens": 10, "exit_layer": 2, "num_layers": 4, "models": {}, "points": {},
+         "routers": {"calibrated": r, "learned": {**r, "hard_ratio": 0.5, "validation_shallow_ratio": 0.5}}}
+    text = section(s, False)
+    assert "carries no labels" in text and "| learned | 0.5 | 3 |" in text and "by_label.png" not in text
+    path = tmp_path / "report.md"
+    path.write_text("# Evaluation analysis\n\nbody\n")
+    write_section(path, text)
+    write_section(path, text)  # an eval rerun replaces the section
+    assert path.read_text().count("## Routing by label") == 1 and path.read_text().startswith("# Evaluation analysis")
