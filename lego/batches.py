@@ -37,7 +37,7 @@ class _Windows(torch.utils.data.Dataset):
         if self.labels is None:
             return block[:, :-1].contiguous(), block[:, 1:].contiguous()  # (B, T), (B, T)
         lab = self.labels[: self.n * self.width].reshape(self.n, self.width)[rows, 1:]  # (B, T): the targets'
-        return block[:, :-1].contiguous(), block[:, 1:].contiguous(), torch.from_numpy(np.array(lab, dtype=np.int8))
+        return block[:, :-1].contiguous(), block[:, 1:].contiguous(), torch.from_numpy(np.array(lab, np.int8))
 
 
 class SeededBatches(torch.utils.data.Sampler):
@@ -81,12 +81,13 @@ def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: b
                 drop_last: bool = False, rank: int = 0, world_size: int = 1,
                 device=None, labels: Optional[np.ndarray] = None) -> torch.utils.data.DataLoader:
     """Batches of (inputs, targets), LongTensors of shape (B, seq_len), targets = inputs
-    shifted by one token; with `labels` (one int8 per token, `Corpus.labels`) batches of
-    (inputs, targets, labels of the targets (B, seq_len) int8). The stream is cut into non-overlapping windows of seq_len + 1
-    tokens. Same seed, same batches; each new pass (epoch) reshuffles deterministically;
-    `loader.sampler.set_epoch(e)` selects epoch e's order. `rank`/`world_size`: this rank's
-    share of every epoch's batches (see `SeededBatches`); ranks may differ by one batch. With a
-    CUDA `device` the batches come in pinned memory, for asynchronous copies to it."""
+    shifted by one token; with `labels` (one int8 per token, `Corpus.labels`), batches of
+    (inputs, targets, the targets' labels (B, seq_len) int8). The stream is cut into
+    non-overlapping windows of seq_len + 1 tokens. Same seed, same batches; each new pass
+    (epoch) reshuffles deterministically; `loader.sampler.set_epoch(e)` selects epoch e's
+    order. `rank`/`world_size`: this rank's share of every epoch's batches (see
+    `SeededBatches`); ranks may differ by one batch. With a CUDA `device` the batches come
+    in pinned memory, for asynchronous copies to it."""
     if seq_len < 2:
         _fail("seq_len", f"{seq_len} is too small", "an integer >= 2")
     if batch_size < 1:

@@ -112,7 +112,8 @@ def solved_hops(exit_table: Dict[str, dict], deep_table: Dict[str, dict], tol: f
     """What Block 1 solves: the largest k such that on every j <= k hops the exit's accuracy is within `tol`
     of the last layer's (0 when it fails at 1 hop). Chosen on the tables of the validation split."""
     k = 0
-    while f"{k + 1} hops" in exit_table and exit_table[f"{k + 1} hops"]["acc"] >= deep_table[f"{k + 1} hops"]["acc"] - tol:
+    while f"{k + 1} hops" in exit_table and \
+            exit_table[f"{k + 1} hops"]["acc"] >= deep_table[f"{k + 1} hops"]["acc"] - tol:
         k += 1
     return k
 

@@ -14,11 +14,12 @@ class ChainsConfig:
     """data=chains: seeded variable-binding programs such as `m=4;y=7;b=m;i=b;z=i;?z=4` (lego.chains)."""
 
     num_vars: int = 8  # variables per program: an integer in [1, len(names)], >= queries x the deepest hop
-    depth_probs: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])  # P(1 hop), P(2 hops), ...: >= 0, sum 1
+    # P(1 hop), P(2 hops), ...: numbers >= 0 that sum to 1
+    depth_probs: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])
     queries: int = 2  # queried chains per program: an integer >= 1
     values: str = "0123456789"  # value alphabet: distinct one-byte characters, none in names or '=;?' or a newline
     names: str = "abcdefghijklmnopqrstuvwxyz"  # variable names: distinct one-byte characters, none in values
-    text_fraction: float = 0.0  # share of lines that are Shakespeare text (data=shakespeare's split): a number in [0, 1]
+    text_fraction: float = 0.0  # share of lines that are Shakespeare (data=shakespeare's split): a number in [0, 1]
     train_lines: int = 20000  # lines (programs or text) in the train split: an integer >= 1
     eval_lines: int = 2000  # lines in the validation split, and in the test split: an integer >= 1
     seed: int = 0  # generator seed; train, validation and test draw from (seed, split)
