@@ -208,3 +208,15 @@ def test_lego_run_exits_2_with_one_line(tmp_path, override, key):
 def test_program_shape():
     line, labels = program(ChainsConfig(num_vars=5, depth_probs=[0, 0, 0, 1], queries=1), random.Random(1))
     assert len(line) == len(labels) and line.endswith("\n") and labels.count(4) == 1
+
+
+def test_chains_keys_enter_the_science_config_only_when_used():
+    from lego.config import ASHEMConfig
+    from lego.stages.setup import science_config
+
+    cfg = ASHEMConfig()
+    d = science_config(cfg)
+    assert "chains" not in d["data"] and "learned_router" not in d["eval"]  # older run dirs and cache keys hold
+    cfg.data.name, cfg.data.tokenizer, cfg.eval.learned_router = "chains", "bytes", True
+    d = science_config(cfg)
+    assert d["data"]["chains"]["num_vars"] == 8 and d["eval"]["learned_router"] is True
