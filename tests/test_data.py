@@ -215,8 +215,8 @@ def test_concurrent_builds_of_one_cache(tmp_path, monkeypatch):
     cfg = tiny_text_files(tmp_path)
     real_build, raced = data._build, []
 
-    def build_while_another_finishes(cfg_, splits, meta, out):
-        real_build(cfg_, splits, meta, out)
+    def build_while_another_finishes(cfg_, splits, meta, out, *labels):
+        real_build(cfg_, splits, meta, out, *labels)
         if not raced:
             raced.append(True)
             load_corpus(cfg)  # the "other process" wins the race

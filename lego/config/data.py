@@ -10,11 +10,27 @@ from lego.config.values import (DATA_NAMES, DEFAULT_CACHE_DIR, FILE_BUILDERS, HF
 
 
 @dataclass
+class ChainsConfig:
+    """data=chains: seeded variable-binding programs such as `m=4;y=7;b=m;i=b;z=i;?z=4` (lego.chains)."""
+
+    num_vars: int = 8  # variables per program: an integer in [1, len(names)], >= queries x the deepest hop
+    # P(1 hop), P(2 hops), ...: numbers >= 0 that sum to 1
+    depth_probs: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])
+    queries: int = 2  # queried chains per program: an integer >= 1
+    values: str = "0123456789"  # value alphabet: distinct one-byte characters, none in names or '=;?' or a newline
+    names: str = "abcdefghijklmnopqrstuvwxyz"  # variable names: distinct one-byte characters, none in values
+    text_fraction: float = 0.0  # share of lines that are Shakespeare (data=shakespeare's split): a number in [0, 1]
+    train_lines: int = 20000  # lines (programs or text) in the train split: an integer >= 1
+    eval_lines: int = 2000  # lines in the validation split, and in the test split: an integer >= 1
+    seed: int = 0  # generator seed; train, validation and test draw from (seed, split)
+
+
+@dataclass
 class DataConfig:
     """Which text, which tokenizer, how it is cut into batches (Hydra group `data`)."""
 
     name: str = "shakespeare"
-    """Corpus: shakespeare | kjv | wikitext2 | wikitext103 | hf | text_files."""
+    """Corpus: shakespeare | kjv | wikitext2 | wikitext103 | hf | text_files | chains."""
     tokenizer: str = "bpe"
     """bpe (byte-level, trained on the train split) | bytes (vocab 256) | pretrained."""
     vocab_size: int = 2048
@@ -54,8 +70,12 @@ class DataConfig:
     val_check_tokens: Optional[int] = None
     """Validation tokens scored at each validation during training (the first this-many of the validation
     split); None scores all. Calibration and the frontier's choice always use the whole split."""
+    chains: ChainsConfig = field(default_factory=ChainsConfig)
+    """data=chains: the program generator's settings (ignored by the other corpora)."""
 
     def __post_init__(self):
+        if isinstance(self.chains, dict):  # DataConfig(**a JSON record)
+            self.chains = ChainsConfig(**self.chains)
         validate_data_config(self)
 
 
@@ -94,6 +114,41 @@ def validate_data_config(cfg: DataConfig) -> None:
         _check_split_specs(cfg)
     if cfg.name == "text_files":
         _check_files(cfg)
+    if cfg.name == "chains":
+        _check_chains(cfg)
+
+
+def _check_chains(cfg: DataConfig) -> None:
+    c = cfg.chains
+    if cfg.tokenizer != "bytes":
+        _fail("tokenizer", f"data=chains labels every byte; {cfg.tokenizer!r} merges them", "bytes")
+    for key in ("num_vars", "queries", "train_lines", "eval_lines"):
+        value = getattr(c, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(f"chains.{key}", f"{value!r} is too small", "an integer >= 1")
+    for key in ("names", "values"):
+        chars = getattr(c, key)
+        if not chars or len(set(chars)) != len(chars) or any(len(ch.encode()) != 1 or ch in "=;?\n" for ch in chars):
+            _fail(f"chains.{key}", f"{chars!r}", "distinct one-byte characters other than '=', ';', '?' and a newline")
+    if set(c.names) & set(c.values):
+        _fail("chains.values", f"{''.join(sorted(set(c.names) & set(c.values)))!r} also in data.chains.names",
+              "characters that are not variable names")
+    if c.num_vars > len(c.names):
+        _fail("chains.num_vars", f"{c.num_vars} variables need as many names, data.chains.names has {len(c.names)}",
+              f"an integer in [1, {len(c.names)}]")
+    p = list(c.depth_probs)
+    if not p or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 for x in p) \
+            or abs(sum(p) - 1.0) > 1e-6:
+        _fail("chains.depth_probs", f"{p} (sum {sum(x for x in p if isinstance(x, (int, float))):.6g})",
+              "probabilities of 1, 2, ... hops: numbers >= 0 that sum to 1")
+    deepest = max(i + 1 for i, x in enumerate(p) if x > 0)
+    if deepest * c.queries > c.num_vars:
+        _fail("chains.depth_probs", f"{deepest} hops x {c.queries} queries need {deepest * c.queries} variables, "
+              f"data.chains.num_vars is {c.num_vars}", f"at most {c.num_vars // c.queries} hops with nonzero "
+              "probability (or more num_vars, fewer queries)")
+    if isinstance(c.text_fraction, bool) or not isinstance(c.text_fraction, (int, float)) \
+            or not 0.0 <= c.text_fraction <= 1.0:
+        _fail("chains.text_fraction", f"{c.text_fraction!r}", "a number in [0, 1]")
 
 
 def _split_base(spec: str) -> str:

@@ -98,6 +98,9 @@ class EvalConfig:
     dense_depths: Optional[List[int]] = None  # depths added to the dense frontier; every Block boundary is always on it
     analysis: bool = True  # trade-off curve, oracle, confidence measures, pictures
     html_tokens: int = 400  # tokens shown in eval/tokens.html
+    # true | false: also fit a logistic probe on the exit's hidden state (validation) that predicts whether the last
+    # layer beats the exit, route on it at hard_example_ratio, and report it in metrics.json by_label (lego.labels)
+    learned_router: bool = False
 
 
 @dataclass

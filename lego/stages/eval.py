@@ -19,6 +19,7 @@ from lego.cost import routed_macs
 from lego.data import Corpus
 from lego.model import DeepSupervisionTransformer
 from lego.report import analyze
+from lego.stages.by_label import stage_by_label
 from lego.stages.hard_examples import hard_loader
 from lego.stages.compare import dense_budget, dense_depths, inference_cost, pipeline_compute, stage_record, verdict
 from lego.stages.setup import Loaders, make_loaders, model_macs
@@ -96,6 +97,7 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
         metrics["analysis"] = run_analysis(cfg, corpus, model2, metrics,
                                            whole.test if cfg.eval.split == "test" else whole.validation,
                                            whole.validation, out, device)
+    metrics.update(stage_by_label(cfg, corpus, model1, model2, metrics, run_dir, device))  # data=chains, learned router
     if distributed.is_main():
         write_json(out / "metrics.json", metrics)
     return metrics

@@ -43,6 +43,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
     for k in _NON_SCIENCE:
         d.pop(k, None)
     d["data"].pop("cache_dir", None)
+    if d["data"]["name"] != "chains":  # only data=chains reads them: other runs' dirs and cache keys stay valid
+        d["data"].pop("chains")
     # Two Blocks are phase1.layers, phase2.layers and hard_example_ratio (validate set them from the lists):
     # blocks=[2, 4] is the default run. More Blocks are recorded resolved, one ratio per exit.
     if len(block_layers(cfg)) > 2:
@@ -60,6 +62,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
                                 ("phase2", "loss_tokens", "hard"), ("phase2", "lower", "frozen")):
         if d[phase][key] == default:
             d[phase].pop(key)
+    if not d["eval"]["learned_router"]:
+        d["eval"].pop("learned_router")
     if d["phase2"].get("loss_tokens") != "weighted":
         d["phase2"].pop("easy_weight")
     if d["phase2"].get("lower") != "finetune":
