@@ -86,6 +86,9 @@ def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTran
             s["routers"]["learned"] = {**router_summary(tok, probe.confidence(tok["hidden"]) >= thr, **kw),
                                        "threshold": thr, "hard_ratio": cfg.hard_example_ratio, "fit_on": "validation",
                                        "validation_shallow_ratio": float((val_conf >= thr).double().mean()),
+                                       # tokens whose score equals the threshold: the exact quantile holds up to them
+                                       "validation_tie_share": float((val_conf == thr).double().mean()),
+                                       "validation_tokens": int(val_conf.numel()),
                                        "target": "nll_deep < nll_exit"}
         shape = model_macs(cfg, corpus.vocab_size)
         for r in s["routers"].values():
