@@ -229,3 +229,25 @@ def test_scoring_on_the_calibration_split_needs_saying_so(tmp_path):
         validate(cfg)
     cfg.eval.allow_validation_split = True
     validate(cfg)
+
+
+def test_sweep_summary_opens_with_a_table_read_at_a_glance():
+    """summary.md's first table: one row per configuration with routed ppl, cost, MACs, both gaps, who wins at
+    equal inference cost (a tie when the mean gap is within its seed spread) and how many seeds converged."""
+    from lego.sweep import glance_markdown, verdict_word
+
+    base = {"_overrides": ["experiment=matched"], "n": 3, "ppl_mean": 95.1, "ppl_std": 1.5, "flop_cost_mean": 1.12,
+            "flop_cost_std": 0.0, "train_macs_total_mean": 5.9e12, "train_macs_total_std": 1e9,
+            "gap_at_inference_cost_pct_mean": 4.0, "gap_at_inference_cost_pct_std": 1.0,
+            "gap_at_training_compute_pct_mean": -1.0, "gap_at_training_compute_pct_std": 2.0,
+            "converged_phase1_mean": 2 / 3, "converged_dense2_mean": 0.0}
+    assert verdict_word(base) == "dense"
+    assert verdict_word({**base, "gap_at_inference_cost_pct_mean": -4.0}) == "ASHEM"
+    assert verdict_word({**base, "gap_at_inference_cost_pct_mean": 0.5}) == "tie (within the seed spread)"
+    assert verdict_word({"n": 1}) == ""
+    lines = glance_markdown([base]).splitlines()
+    header = next(line for line in lines if line.startswith("| config"))
+    row = lines[lines.index(header) + 2]
+    assert "wins at equal inference cost" in header and "converged" in header
+    assert row.split(" | ")[2:] == ["95.1 ± 1.5", "1.12 ± 0", "5.9e+12 ± 1e+09", "4 ± 1", "-1 ± 2", "dense",
+                                    "phase1 2/3, dense2 0/3 |"]
