@@ -114,3 +114,23 @@ def test_bad_generate_input_is_one_clear_line(tmp_path, name, args, words):
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_generation_lengths_follow_the_context_unless_set():
+    """`lego-run model.max_seq_len=32 data.seq_len=32` says nothing about generation, so generation fits the
+    context (prompts of 16 tokens, 16 new ones) instead of refusing a value the user never typed; an explicit
+    impossible value is still refused, naming the keys that were typed."""
+    from conftest import compose_config
+
+    from lego.cli import to_config
+    from lego.config import ConfigError, resolve, validate
+
+    cfg = resolve(to_config(compose_config(["model.max_seq_len=32", "data.seq_len=32"])))
+    validate(cfg)
+    assert (cfg.generate.prompt_len, cfg.generate.max_new_tokens) == (16, 16)
+    default = resolve(to_config(compose_config([])))
+    assert (default.generate.prompt_len, default.generate.max_new_tokens) == (32, 32)  # max_seq_len 256
+    typed = to_config(compose_config(["model.max_seq_len=32", "data.seq_len=32", "generate.prompt_len=30",
+                                      "generate.max_new_tokens=8"]))
+    with pytest.raises(ConfigError, match=r"^generate.max_new_tokens=8: generate.prompt_len=30 .* model.max_seq_len=32"):
+        validate(typed)

@@ -49,7 +49,8 @@ def exit_ratios(cfg: ASHEMConfig) -> List[float]:
 def resolve(cfg: ASHEMConfig) -> ASHEMConfig:
     """The config every stage reads: a copy of `cfg` with `blocks` and `hard_example_ratios` resolved into the
     values the two-Block code reads (phase1.layers and phase2.layers := the first and last Block,
-    hard_example_ratio := the first exit's ratio). `cfg` itself is left as it is; resolving twice changes
+    hard_example_ratio := the first exit's ratio), and generate.prompt_len / max_new_tokens, when not set, what
+    fits model.max_seq_len. `cfg` itself is left as it is; resolving twice changes
     nothing. Raises ConfigError naming `blocks` or `hard_example_ratios` when they are malformed."""
     out = copy.deepcopy(cfg)
     if cfg.blocks is not None:
@@ -69,6 +70,11 @@ def resolve(cfg: ASHEMConfig) -> ASHEMConfig:
         for x in r:
             check_ratio("hard_example_ratios", x)
         out.hard_example_ratio = r[0]
+    g, context = out.generate, cfg.model.max_seq_len  # derived defaults follow the keys the user set
+    if g.prompt_len is None:
+        g.prompt_len = max(1, min(32, context // 2))
+    if g.max_new_tokens is None:
+        g.max_new_tokens = max(1, min(32, context - (g.prompt_len if g.prompt is None else 1)))
     return out
 
 

@@ -110,8 +110,8 @@ class GenerateConfig:
     enabled: bool = True  # false: stage generate does nothing
     prompt: Optional[str] = None  # text from the command line; None = prompts from the test split
     num_prompts: int = 4  # test-split prompts (one batch)
-    prompt_len: int = 32  # tokens per test-split prompt
-    max_new_tokens: int = 32  # tokens generated per prompt
+    prompt_len: Optional[int] = None  # tokens per test-split prompt; None = min(32, model.max_seq_len // 2)
+    max_new_tokens: Optional[int] = None  # tokens generated per prompt; None = min(32, what the context leaves)
     decoders: List[str] = field(default_factory=lambda: list(DECODERS))  # any of DECODERS
     k_values: List[int] = field(default_factory=lambda: [2, 4])  # speculative draft lengths, one run each
     temperature: float = 0.0  # 0 = greedy
