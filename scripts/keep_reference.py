@@ -1,7 +1,7 @@
 """Copy the small summary files of a finished run or sweep into outputs/reference/<name>/ (for git).
 
     python scripts/keep_reference.py outputs/runs/2026-12-01/10-00-00 quick
-    python scripts/keep_reference.py outputs/sweeps/2026-12-01/11-00-00 converged
+    python scripts/keep_reference.py outputs/sweeps/matched matched
 
 Keeps what a number in the README can be checked against: the summaries, results, histories,
 reports and configs; never checkpoints or token caches. A sweep keeps its summary.csv/.md and
