@@ -1,9 +1,10 @@
 """One LEGO run: phase1 -> hard_examples -> phase2 -> eval -> generate, in a run directory.
 
 `run(config, run_dir)` is what `lego-run` calls after Hydra has composed the config; tests call
-it directly. Splits are used as SPEC section 4 says: phase 1 trains on train and early-stops on
+it directly. Splits are used as SPEC section 4 says: phase 1 trains on train and keeps its best checkpoint on
 validation; the threshold is calibrated on validation; phase 2 trains on the training split's
-hard examples and early-stops on the validation split's; every reported number is on test.
+hard examples, validated on the validation split's; every reported number is on test. Every model trains to
+a budget fixed in advance (SPEC section 6).
 
 A stage whose result file exists is skipped, and an interrupted phase resumes from its last
 epoch checkpoint, so rerunning the same command in the same run directory finishes the run.

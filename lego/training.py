@@ -1,4 +1,5 @@
-"""Staged losses, the one training loop (`train_epoch`, `fit`: early stopping, resume, stage files), `Trainer`.
+"""Staged losses, the one training loop (`train_epoch`, `fit`: a budget of steps, validation, the opt-in
+early-stopping guard, resume, stage files), `Trainer`.
 
 Three controls stay independent (SPEC section 2): `StageConfig` says where the loss is taken,
 `requires_grad` says what updates, `routing_threshold` + `exit_layer` say where a token stops

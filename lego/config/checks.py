@@ -110,7 +110,7 @@ def validate(cfg: ASHEMConfig) -> None:
     check_choice("eval.split", cfg.eval.split, ("test", "validation"))
     if cfg.eval.split == "validation" and not cfg.eval.allow_validation_split:
         raise ConfigError("eval.split=validation scores on the split the threshold was calibrated on and phase 2 "
-                          "early-stopped on; add eval.allow_validation_split=true to do it anyway")
+                          "is validated on; add eval.allow_validation_split=true to do it anyway")
     check_choice("eval.baseline_budget", cfg.eval.baseline_budget, BASELINE_BUDGETS)
     for depth in cfg.eval.dense_depths or ():
         if not isinstance(depth, int) or not 1 <= depth <= p2.layers:

@@ -4,10 +4,10 @@ tokens for its budget of steps, validated on the validation split's (SPEC sectio
 The variants (each one config key; the defaults are the specification):
 - phase2.init=copy: the new layers start as copies of the lower stack (`DeepSupervisionTransformer.grow`).
 - phase2.loss_tokens=all|weighted: the deep exit's loss at every position of the mined sequences
-  (easy ones weighted by easy_weight); early stopping still reads the validation split's hard tokens,
+  (easy ones weighted by easy_weight); validation still reads the validation split's hard tokens,
   the only ones the deep exit serves when routing.
 - phase2.lower=finetune: Block 1 keeps training on the whole training split, with the loss at both exits
-  (StageConfig deep supervision), early-stopped on that loss on validation; the threshold is then
+  (StageConfig deep supervision), validated on that loss; the threshold is then
   recalibrated on the calibration split (phase2/threshold.json) so the asked hard ratio holds.
 - phase1.budget_fraction: phase 2's steps are what phase 1 and mining left of the shared budget (`rest_of_budget`).
 
