@@ -281,12 +281,14 @@ class CachedModel:
         self.layers = [LayerWeights(layer) for layer in model.layers]
         # entering a disabled torch.autocast still costs a parameter walk and a context per step
         self.autocast = model.autocast if model.precision == "bf16" else contextlib.nullcontext
+        self.ragged_chunks = 0  # chunks run at per-row positions (explicit masks, index writes): the slow path
 
     def dense_mask(self, group: int) -> bool:
         return not (group == 1 and self.policy == "skip")
 
     def lower(self, idx: torch.Tensor, at: Positions) -> torch.Tensor:
         """Tokens (R, T) at `at` through layers 1..E -> exit-layer states (R, T, C)."""
+        self.ragged_chunks += at.start is None
         self.cache.mark(0, at)
         mask = self.cache.mask(0, at, True)
         return run_cached(self.model, self.layers, self.cache, embed_at(self.model, idx, at), 0, self.E, at, mask)
@@ -295,6 +297,7 @@ class CachedModel:
               kv_only: bool = False, frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Exit-layer states (R, T, C) at `at` through layers E+1..L; `flags` marks which
         positions leave attendable keys (skip: the hard ones), `frozen` which keep their state."""
+        self.ragged_chunks += at.start is None
         self.cache.mark(1, at, flags)
         mask = None if kv_only else self.cache.mask(1, at, self.dense_mask(1))
         return run_cached(self.model, self.layers, self.cache, h, self.E, self.L, at, mask, kv_only=kv_only,

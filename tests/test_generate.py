@@ -11,17 +11,11 @@ import torch.nn.functional as F
 
 from lego.confidence import confidence_from_logits
 from lego.config import ConfigError
-from lego.generate import (
-    Sampler,
-    agreement,
-    generate,
-    probabilities,
-    run_generation,
-    speculative_round,
-    teacher_forced_logits,
-)
+from lego.generate import agreement, generate, run_generation, teacher_forced_logits
 from lego.generate import test_prompts as pick_prompts
 from lego.kvcache import CachedModel
+from lego.sampling import Sampler, probabilities
+from lego.speculative import draft_confident, speculative_round
 from lego.training import StageConfig, Trainer, TrainingConfig
 
 PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]  # different lengths on purpose
@@ -177,6 +171,51 @@ def test_speculative_greedy_equals_dense_greedy(grown, k, pos):
     assert spec.acceptance_rate == spec.accepted / spec.drafted
 
 
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("k", [2, 4])
+def test_adaptive_drafting_greedy_equals_dense_greedy(grown, k, pos):
+    model = grown(pos=pos)
+    dense = generate(model, PROMPTS, max_new_tokens=14)
+    # most positions confident: a batch stops drafting as soon as one row is unsure
+    model.routing_threshold = float(exit_confidences(model, [p + t for p, t in zip(PROMPTS, dense.tokens)])
+                                    .quantile(0.1))
+    fixed = generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=k)
+    spec = generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=k, adaptive=True)
+    assert spec.tokens == dense.tokens and spec.extra["adaptive"]
+    assert 0 < spec.drafted < fixed.drafted, "test is vacuous: drafting never stopped early, or never drafted"
+    assert sum(map(sum, spec.exited)) == spec.accepted
+    # a stricter threshold drafts less; a threshold of 0 drafts as the fixed-k decoder does
+    model.routing_threshold = 0.0
+    assert generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=k,
+                    adaptive=True).drafted == fixed.drafted
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_aligned_batch_never_takes_the_ragged_path(grown, adaptive):
+    model = grown()
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]  # one length: rows start aligned
+    dense = generate(model, prompts, max_new_tokens=14)
+    model.routing_threshold = float(exit_confidences(model, [p + t for p, t in zip(prompts, dense.tokens)])
+                                    .quantile(0.1))
+    spec = generate(model, prompts, max_new_tokens=14, decoder="speculative", k=2, adaptive=adaptive)
+    assert spec.tokens == dense.tokens
+    assert spec.extra["ragged_chunks"] == 0 and spec.extra["rounds"] > 0
+    per_row = [sum(e) for e in spec.exited]
+    assert len(set(per_row)) == 1 and 0 < spec.accepted < spec.drafted  # every row keeps the fewest
+    # prompts of different lengths are at per-row positions from the start: the counter sees it
+    assert generate(model, PROMPTS, max_new_tokens=4, decoder="speculative", k=3).extra["ragged_chunks"] > 0
+
+
+def test_draft_confidence_is_the_max_prob_test_in_log_space():
+    logits = torch.randn(64, 50) * 3
+    p = logits.softmax(-1).amax(-1)
+    for thr in (0.05, 0.2, 0.5):
+        assert torch.equal(draft_confident(logits, "max_prob", thr), p >= thr) or \
+            (draft_confident(logits, "max_prob", thr) != (p >= thr)).sum() <= 1  # a tie at the last bit
+    assert torch.equal(draft_confident(logits, "margin", 0.1),
+                       confidence_from_logits(logits, "margin") >= 0.1)
+
+
 def test_rejected_drafts_leave_the_cache_as_if_never_drafted(grown):
     """After rounds with rejections, the cache equals a prefill of the kept tokens: valid slots
     allclose, validity identical, every other slot exactly zero."""
@@ -194,7 +233,7 @@ def test_rejected_drafts_leave_the_cache_as_if_never_drafted(grown):
         for b, t in enumerate(tok.tolist()):
             seqs[b].append(t)
         for _ in range(3):
-            tok, new = speculative_round(state, tok, cached, list(range(B)), k, sampler)
+            tok, new, _ = speculative_round(state, tok, cached, list(range(B)), k, sampler)
             rejected += sum(len(row) - 1 < k for row in new)
             for b, row in enumerate(new):
                 seqs[b] += row
@@ -209,12 +248,15 @@ def test_rejected_drafts_leave_the_cache_as_if_never_drafted(grown):
         assert torch.count_nonzero(mine * ~valid) == 0
 
 
-def test_speculative_sampling_keeps_the_dense_distribution(grown):
-    """The second new token (drafted, then accepted or resampled) follows the dense model's p."""
+@pytest.mark.parametrize("align", [False, True])
+def test_speculative_sampling_keeps_the_dense_distribution(grown, align):
+    """The second new token (drafted, then accepted or resampled) follows the dense model's p; aligned,
+    every row keeps the fewest drafts (none of 20,000), and the accepted ones are its second token."""
     model = grown()
     n = 20000
-    out = generate(model, [[1, 2, 3]] * n, max_new_tokens=3, decoder="speculative", k=1, temperature=1.0, seed=0)
-    assert 0 < out.accepted < out.drafted
+    out = generate(model, [[1, 2, 3]] * n, max_new_tokens=3, decoder="speculative", k=1, temperature=1.0, seed=0,
+                   align=align)
+    assert (0 < out.accepted < out.drafted) if not align else out.accepted == 0
     first = torch.tensor([t[0] for t in out.tokens])
     t0 = int(first.mode().values)  # condition on the most common first token
     rows = (first == t0).nonzero().flatten()
