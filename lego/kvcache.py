@@ -122,6 +122,19 @@ class KVCache:
         self.v[:, :, :, lo:hi].mul_(keep.view(1, self.batch, 1, hi - lo, 1))
         self.valid[:, :, lo:hi] &= keep
 
+    def forget(self, group: int, at: Positions, keep: torch.Tensor) -> None:
+        """Zero the one-token chunk's keys/values in `group`'s layers for rows where `keep` (R,) is False."""
+        layers = slice(0, self.split) if group == 0 else slice(self.split, None)
+        if at.rows is None and at.start is not None:
+            m = keep.view(1, -1, 1, 1).to(self.k.dtype)
+            for t in (self.k, self.v):
+                t[layers, :, :, at.start].mul_(m)
+            return
+        rows = self._rows(at)
+        pos = at.positions(rows.numel(), self.valid.device)[:, 0]  # (R,)
+        for t in (self.k, self.v):
+            t[layers, rows, :, pos] = t[layers, rows, :, pos] * keep.view(-1, 1, 1, 1)  # (R, L', nh, hd)
+
     def clear_invalid(self, hi: int) -> None:
         """Zero every slot below `hi` that is not valid (after a prefill wrote padding or skipped keys)."""
         for g, layers in ((0, slice(0, self.split)), (1, slice(self.split, None))):
@@ -341,33 +354,24 @@ class CachedModel:
                 return self.deep_logits(self.upper(h, at))[:, 0], None
             ex = self.exit_logits(h)[:, 0]  # (R, V)
             hard = confidence_from_logits(ex, self.model.confidence) < self.model.routing_threshold
-            hard_rows = hard.nonzero().squeeze(1).tolist()  # the one host sync of a routed step
             R = tok.shape[0]
-            if self.policy == "full":  # every row runs the upper layers (exact cache)
-                h_up = self.upper(h, at)
-                if len(hard_rows) == R:
-                    return self.deep_logits(h_up)[:, 0], ~hard
-                if hard_rows:
-                    ex[hard_rows] = self.deep_logits(h_up[hard_rows])[:, 0]
-                return ex, ~hard
-            easy_rows = [r for r in range(R) if not hard[r]] if len(hard_rows) < R else []
-            if easy_rows and self.policy == "propagate":
-                sub = subset(at, easy_rows, R, self.device)
-                self.upper(h[easy_rows] if len(easy_rows) < R else h, sub, kv_only=True)
-            if not hard_rows:
-                return ex, ~hard
-            if len(hard_rows) == R:
+            n_hard = int(hard.sum())  # the one host sync of a routed step
+            if n_hard == R:
                 return self.deep_logits(self.upper(h, at))[:, 0], ~hard
-            sub = subset(at, hard_rows, R, self.device)
-            ex[hard_rows] = self.deep_logits(self.upper(h[hard_rows], sub))[:, 0]
-            return ex, ~hard
-
-
-def subset(at: Positions, rows: List[int], n_rows: int, device) -> Positions:
-    """The positions of `rows` (indices into at's rows) of a chunk."""
-    if len(rows) == n_rows:
-        return at
-    idx = torch.tensor(rows, device=device)
-    cache_rows = idx if at.rows is None else at.rows.index_select(0, idx)
-    pos = None if at.pos is None else at.pos.index_select(0, idx)
-    return Positions(cache_rows, at.start, pos, at.length, at.span)
+            if n_hard == 0:
+                if self.policy != "skip":  # full: the exact cache; propagate: keys/values of the exit state
+                    self.upper(h, at, kv_only=self.policy == "propagate")
+                return ex, ~hard
+            # a mixed batch: one pass over every row, no per-subset copies of the cached keys/values.
+            # propagate: easy rows keep their exit state, so their keys/values come from it; skip: their
+            # keys are not attendable and are cleared after the pass
+            col = hard.unsqueeze(1)  # (R, 1)
+            if self.policy == "full":
+                h_up = self.upper(h, at)
+            elif self.policy == "propagate":
+                h_up = self.upper(h, at, frozen=~col)
+            else:
+                h_up = self.upper(h, at, flags=col)
+                self.cache.forget(1, at, hard)
+            idx = hard.nonzero().squeeze(1)
+            return ex.index_copy(0, idx, self.deep_logits(h_up.index_select(0, idx))[:, 0]), ~hard

@@ -13,7 +13,7 @@ from lego.confidence import confidence_from_logits
 from lego.config import ConfigError
 from lego.generate import agreement, generate, run_generation, teacher_forced_logits
 from lego.generate import test_prompts as pick_prompts
-from lego.kvcache import CachedModel
+from lego.kvcache import CachedModel, Positions
 from lego.sampling import Sampler, probabilities
 from lego.speculative import draft_confident, speculative_round
 from lego.training import StageConfig, Trainer, TrainingConfig
@@ -128,6 +128,36 @@ def test_routed_decoding_logits_equal_teacher_forced_routed_forward(grown, polic
         expected, easy = teacher_forced_logits(model, torch.tensor([s]))
         torch.testing.assert_close(logits[b, :len(s)], expected[0], atol=2e-5, rtol=1e-5)
         assert torch.equal(exited[b, :len(s)], easy[0])
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_routed_steps_on_a_mixed_batch_keep_the_cache_invariant(grown, policy):
+    """One upper pass over every row of a mixed step: under skip the exited rows' keys are cleared (an
+    invalid slot holds zeros), under propagate they are the keys of the exit state, as a prefill writes them."""
+    model = calibrated(grown(policy=policy))
+    B, n = len(PROMPTS), 10
+    state = CachedModel(model, B, MAX_LEN, routed=True)
+    padded = torch.tensor([p + [0] * (5 - len(p)) for p in PROMPTS])
+    mixed = 0
+    with torch.no_grad():
+        logits, _ = state.prefill(padded, [len(p) for p in PROMPTS])
+        seqs = [list(p) for p in PROMPTS]
+        tok = logits[torch.arange(B), torch.tensor([len(p) - 1 for p in PROMPTS])].argmax(-1)
+        for i in range(n):
+            for b, t in enumerate(tok.tolist()):
+                seqs[b].append(t)
+            at = Positions(None, None, torch.tensor([[len(s) - 1] for s in seqs]), 1, max(map(len, seqs)))
+            logits, exited = state.step(tok, at)
+            mixed += 0 < int(exited.sum()) < B
+            tok = logits.argmax(-1)
+        ref = CachedModel(model, B, MAX_LEN, routed=True)
+        ref.prefill(torch.tensor([s + [0] * (max(map(len, seqs)) - len(s)) for s in seqs]), list(map(len, seqs)))
+    assert mixed > 0, "test is vacuous: no mixed step"
+    assert torch.equal(state.cache.valid, ref.cache.valid)
+    upper = ref.cache.valid[1].view(1, B, 1, MAX_LEN, 1)
+    for mine, theirs in ((state.cache.k, ref.cache.k), (state.cache.v, ref.cache.v)):
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-5)
+        assert torch.count_nonzero(mine[2:] * ~upper) == 0
 
 
 @pytest.mark.parametrize("measure", ["margin", "entropy"])
