@@ -203,15 +203,16 @@ def _speculative(model, prompts, N, sampler, stop_token, k, threshold, align, de
     exits = [[False] for _ in range(B)]
     cached = list(lengths)  # positions in the cache; the pending token goes at position cached[b]
     t1 = time.perf_counter()
-    drafted = accepted = fed = rounds = 0
+    drafted = accepted = fed = rounds = probed = 0
     while True:
         active = [b for b in range(B) if len(tokens[b]) < N and not (stop_token is not None
                                                                    and tokens[b][-1] == stop_token)]
         if not active:
             break
         kk = min(k, min(N - len(tokens[b]) - 1 for b in active))  # never past max_new_tokens
-        tok, new, n = speculative_round(state, tok, cached, active, kk, sampler, threshold, align)
+        tok, new, n, heads = speculative_round(state, tok, cached, active, kk, sampler, threshold, align)
         rounds += 1
+        probed += len(active) * heads  # exit-head rows: the drafts and the ones that stopped drafting
         drafted += len(active) * n
         fed += len(active) * (n + 1)  # positions through every layer (and the deep head) this round
         for b, row in zip(active, new):
@@ -223,7 +224,8 @@ def _speculative(model, prompts, N, sampler, stop_token, k, threshold, align, de
     tokens, exits = _cut_at_stop(tokens, exits, stop_token)
     return Generation(tokens, exits, "speculative", drafted=drafted, accepted=accepted, prefill_s=t1 - t0,
                       decode_s=t2 - t1, extra={"k": k, "adaptive": threshold is not None, "positions_verified": fed,
-                                               "rounds": rounds, "ragged_chunks": state.ragged_chunks, "align": align})
+                                               "rounds": rounds, "exit_heads": probed, "ragged_chunks": state.ragged_chunks,
+                                               "align": align})
 
 
 def _cut_at_stop(tokens, exits, stop_token):

@@ -37,7 +37,8 @@ def draft_confident(logits: torch.Tensor, measure: str, threshold: float) -> tor
 def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], active: List[int], kk: int,
                       sampler: Sampler, threshold: Optional[float] = None, align: bool = False):
     """One draft-verify-accept round for the cache rows `active`; returns (pending tokens (B,), the new
-    tokens of each active row: its accepted drafts then one token from the deep model, drafts proposed).
+    tokens of each active row: its accepted drafts then one token from the deep model, drafts proposed,
+    exit-head evaluations: the drafts, plus one when adaptive drafting stopped before kk).
 
     tok (B,): each row's pending token (not in the cache yet), fed at position cached[b]. Up to kk
     drafts (fewer under `threshold`, the same number for every row); `cached` grows by each row's kept
@@ -50,6 +51,7 @@ def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], 
     t = tok if rows is None else tok.index_select(0, rows)
     first = [cached[b] for b in active]
     states, drafts, qs = [], [], []
+    stopped = 0  # 1 when adaptive drafting stopped before kk drafts (its exit head ran, no draft came of it)
     with state.autocast():
         for i in range(kk + 1):  # the pending token and the drafts through Block 1
             h = state.lower(t.unsqueeze(1), Positions.ragged([f + i for f in first], 1, device, rows))
@@ -58,7 +60,8 @@ def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], 
                 break
             ex = state.exit_logits(h)[:, 0]  # (R, V)
             if threshold is not None and not bool(draft_confident(ex, state.model.confidence, threshold).all()):
-                break  # a row's exit is unsure: the deep model predicts this position (one host sync a draft)
+                stopped = 1  # a row's exit is unsure: the deep model predicts this position (one host sync a draft)
+                break
             if sampler.greedy:
                 t = ex.argmax(-1)
             else:
@@ -80,7 +83,7 @@ def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], 
         cached[b] += a_l[j] + 1
     # rejected drafts: slots >= the new length that this round wrote become zeros, not attendable
     state.cache.rollback(torch.tensor(cached, device=device), min(cached[b] for b in active), max(first) + n + 1)
-    return (nxt if rows is None else tok.index_copy(0, rows, nxt)), new, n
+    return (nxt if rows is None else tok.index_copy(0, rows, nxt)), new, n, n + stopped
 
 
 def _keep_fewest(a: torch.Tensor, nxt: torch.Tensor, D: torch.Tensor):

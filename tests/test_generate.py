@@ -263,7 +263,7 @@ def test_rejected_drafts_leave_the_cache_as_if_never_drafted(grown):
         for b, t in enumerate(tok.tolist()):
             seqs[b].append(t)
         for _ in range(3):
-            tok, new, _ = speculative_round(state, tok, cached, list(range(B)), k, sampler)
+            tok, new, _, _ = speculative_round(state, tok, cached, list(range(B)), k, sampler)
             rejected += sum(len(row) - 1 < k for row in new)
             for b, row in enumerate(new):
                 seqs[b] += row
@@ -433,14 +433,18 @@ def test_bench_generation_rows(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(["--only", "gen", "--gen-models", "tiny", "--gen-batches", "2", "--gen-tokens", "4",
-                         "--gen-prompt", "4", "--gen-k", "2", "--gen-rounds", "1", "--vocab", "64"])
+                         "--gen-prompt", "4", "--gen-k", "2", "--gen-rounds", "1", "--vocab", "64",
+                         "--gen-adaptive"])
     assert result["rows"] == [] and "threshold" not in result
     rows = {r["case"]: r for r in result["generation"]["rows"]}
     assert set(rows) == {"dense", "routed full", "routed propagate", "routed skip", "speculative k=2",
-                         "speculative k=2 upper=0"}
+                         "speculative k<=2 adaptive", "speculative k=2 upper=0"}
+    assert all(rows[c]["ragged_chunks"] == 0 for c in rows if c.startswith("speculative"))  # one prompt length
     assert rows["dense"]["time_ratio"] == 1.0 and rows["speculative k=2 upper=0"]["acceptance"] == 1.0
     r = rows["routed skip"]
     assert r["flop_ratio"] == pytest.approx(routed_macs(
         dim=128, ffn_mult=4, ffn="gelu", vocab_size=64, seq_len=8, exit_layer=2, num_layers=4,
         shallow_ratio=r["exit_share"], policy="skip")["flop_cost"])
     assert all(0 <= o["outside_matmul"] < 1 for o in result["generation"]["overhead"])
+    step = result["generation"]["steps"][0]
+    assert 0 < step["c_flops"] < 1 and step["c_wall"] > 0 and 0 < step["head_share_flops"] < step["c_flops"]
