@@ -122,19 +122,6 @@ class KVCache:
         self.v[:, :, :, lo:hi].mul_(keep.view(1, self.batch, 1, hi - lo, 1))
         self.valid[:, :, lo:hi] &= keep
 
-    def forget(self, group: int, at: Positions, keep: torch.Tensor) -> None:
-        """Zero the one-token chunk's keys/values in `group`'s layers for rows where `keep` (R,) is False."""
-        layers = slice(0, self.split) if group == 0 else slice(self.split, None)
-        if at.rows is None and at.start is not None:
-            m = keep.view(1, -1, 1, 1).to(self.k.dtype)
-            for t in (self.k, self.v):
-                t[layers, :, :, at.start].mul_(m)
-            return
-        rows = self._rows(at)
-        pos = at.positions(rows.numel(), self.valid.device)[:, 0]  # (R,)
-        for t in (self.k, self.v):
-            t[layers, rows, :, pos] = t[layers, rows, :, pos] * keep.view(-1, 1, 1, 1)  # (R, L', nh, hd)
-
     def clear_invalid(self, hi: int) -> None:
         """Zero every slot below `hi` that is not valid (after a prefill wrote padding or skipped keys)."""
         for g, layers in ((0, slice(0, self.split)), (1, slice(self.split, None))):
@@ -362,16 +349,20 @@ class CachedModel:
                 if self.policy != "skip":  # full: the exact cache; propagate: keys/values of the exit state
                     self.upper(h, at, kv_only=self.policy == "propagate")
                 return ex, ~hard
-            # a mixed batch: one pass over every row, no per-subset copies of the cached keys/values.
-            # propagate: easy rows keep their exit state, so their keys/values come from it; skip: their
-            # keys are not attendable and are cleared after the pass
-            col = hard.unsqueeze(1)  # (R, 1)
-            if self.policy == "full":
-                h_up = self.upper(h, at)
-            elif self.policy == "propagate":
-                h_up = self.upper(h, at, frozen=~col)
-            else:
-                h_up = self.upper(h, at, flags=col)
-                self.cache.forget(1, at, hard)
+            # a mixed batch. full / propagate: one pass over every row (propagate: easy rows keep their exit
+            # state, so their keys/values come from it), no per-subset copies of the cached keys/values.
+            # skip: only the hard rows run, over a gathered copy of their cached keys/values; measured at
+            # dim 384, batch 8, that is ~10% faster than a pass over every row that clears the easy keys after
             idx = hard.nonzero().squeeze(1)
+            if self.policy == "skip":
+                h_up = self.upper(h.index_select(0, idx), subset(at, idx))
+                return ex.index_copy(0, idx, self.deep_logits(h_up)[:, 0]), ~hard
+            h_up = self.upper(h, at, frozen=None if self.policy == "full" else ~hard.unsqueeze(1))
             return ex.index_copy(0, idx, self.deep_logits(h_up.index_select(0, idx))[:, 0]), ~hard
+
+
+def subset(at: Positions, idx: torch.Tensor) -> Positions:
+    """The positions of the chunk's rows `idx` (R',) (indices into at's rows)."""
+    cache_rows = idx if at.rows is None else at.rows.index_select(0, idx)
+    pos = None if at.pos is None else at.pos.index_select(0, idx)
+    return Positions(cache_rows, at.start, pos, at.length, at.span)

@@ -273,10 +273,10 @@ def main(argv=None) -> dict:
 
 
 def format_table(result: dict) -> str:
-    head = (f"model={result['model']} dim={result['preset']['dim']} vocab={result['vocab']} "
-            f"seq_len={result['seq_len']} batch={result['batch']} threads={result['threads']} "
-            f"device={result['device']} torch={result['torch']} "
-            f"load avg {result['loadavg_before'][0]:.2f} -> {result['loadavg_after'][0]:.2f}")
+    shape = (f"model={result['model']} dim={result['preset']['dim']} seq_len={result['seq_len']} "
+             f"batch={result['batch']} " if result["rows"] else "")  # the training and evaluation rows' shape
+    head = (f"{shape}vocab={result['vocab']} threads={result['threads']} device={result['device']} "
+            f"torch={result['torch']} load avg {result['loadavg_before'][0]:.2f} -> {result['loadavg_after'][0]:.2f}")
     lines = [head]
     if result["rows"]:
         lines.append(f"{'case':<30} {'ms':>9} {'tokens/s':>10} {'time ratio':>10} {'flop ratio':>10}")

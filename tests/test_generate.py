@@ -132,8 +132,8 @@ def test_routed_decoding_logits_equal_teacher_forced_routed_forward(grown, polic
 
 @pytest.mark.parametrize("policy", ["propagate", "skip"])
 def test_routed_steps_on_a_mixed_batch_keep_the_cache_invariant(grown, policy):
-    """One upper pass over every row of a mixed step: under skip the exited rows' keys are cleared (an
-    invalid slot holds zeros), under propagate they are the keys of the exit state, as a prefill writes them."""
+    """Mixed steps (propagate: one upper pass over every row; skip: the hard rows only) leave the cache a
+    prefill of the same tokens writes: exited rows' keys from their exit state, or none (an invalid slot is 0)."""
     model = calibrated(grown(policy=policy))
     B, n = len(PROMPTS), 10
     state = CachedModel(model, B, MAX_LEN, routed=True)
