@@ -292,8 +292,9 @@ TIMING_ROUNDS = 3
 def run_generation(model: DeepSupervisionTransformer, tokenizer, prompts: List[List[int]], *,
                    decoders=DECODERS, k_values=(2, 4), max_new_tokens: int, temperature: float = 0.0,
                    top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
-                   out_dir) -> dict:
-    """Generate with each decoder (speculative once per k), write `out_dir/samples.md` and
+                   adaptive: bool = False, out_dir) -> dict:
+    """Generate with each decoder (speculative once per k, and with `adaptive` once more per k with adaptive
+    drafting, `speculative_adaptive_k<k>`), write `out_dir/samples.md` and
     `out_dir/metrics.json`, return the metrics.
 
     Timings are of one batch holding every prompt, after an untimed warm-up of each decoder at
@@ -308,6 +309,8 @@ def run_generation(model: DeepSupervisionTransformer, tokenizer, prompts: List[L
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     results, greedy = {}, {}
     named = [(d if kk is None else f"speculative_k{kk}", d, {} if kk is None else {"k": kk}) for d, kk in runs]
+    named += [(f"speculative_adaptive_k{kk}", d, {"k": kk, "adaptive": True}) for d, kk in runs
+              if adaptive and kk is not None]
     for name, d, kw in named:  # warm-up at the timed batch shape (allocator, kernel caches), untimed
         generate(model, prompts, **dict(opts, max_new_tokens=min(4, max_new_tokens)), decoder=d, **kw)
     for _ in range(TIMING_ROUNDS):  # decoders interleaved, each keeps its fastest round: one noisy round misleads

@@ -391,9 +391,11 @@ class CharTokenizer:
 def test_run_generation_writes_samples_and_metrics(grown, tmp_path):
     model = calibrated(grown(policy="skip"))
     metrics = run_generation(model, CharTokenizer(), PROMPTS, k_values=(1, 3), max_new_tokens=8,
-                             temperature=0.0, top_k=None, top_p=None, seed=0, out_dir=tmp_path)
+                             temperature=0.0, top_k=None, top_p=None, seed=0, adaptive=True, out_dir=tmp_path)
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(on_disk) == {"settings", "dense", "routed", "speculative_k1", "speculative_k3"}
+    assert set(on_disk) == {"settings", "dense", "routed", "speculative_k1", "speculative_k3",
+                            "speculative_adaptive_k1", "speculative_adaptive_k3"}
+    assert on_disk["speculative_adaptive_k3"]["agreement_with_dense"] == 1.0
     assert on_disk["dense"]["agreement_with_dense"] == 1.0
     assert on_disk["speculative_k1"]["agreement_with_dense"] == 1.0  # greedy speculative is exact
     assert on_disk["speculative_k3"]["agreement_with_dense"] == 1.0

@@ -114,6 +114,7 @@ class GenerateConfig:
     max_new_tokens: int = 32  # tokens generated per prompt
     decoders: List[str] = field(default_factory=lambda: list(DECODERS))  # any of DECODERS
     k_values: List[int] = field(default_factory=lambda: [2, 4])  # speculative draft lengths, one run each
+    adaptive: bool = False  # also one run per k that stops drafting below the routing threshold (up to k)
     temperature: float = 0.0  # 0 = greedy
     top_k: Optional[int] = None  # sample from the k likeliest tokens; None = all
     top_p: Optional[float] = None  # nucleus sampling mass in (0, 1]; None = all
