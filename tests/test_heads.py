@@ -110,3 +110,24 @@ def test_the_cli_refuses_a_bad_rank_in_one_line(tmp_path):
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if "exit_rank" in line]
     assert len(lines) == 1 and "[1, model.dim=16]" in lines[0], res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("exit_head,exit_rank", HEADS)
+def test_a_run_with_a_cheap_exit_head_keeps_block1(tmp_path, exit_head, exit_rank):
+    """debug=tiny end to end: the phase-2 checkpoint's exit predicts as the phase-1 model does, bit for bit."""
+    from conftest import tiny_config
+
+    from lego.run import run
+
+    cfg = tiny_config(tmp_path / "cache", **{"model.exit_head": exit_head, "model.exit_rank": exit_rank,
+                                             "eval.standard_baseline": False, "generate.adaptive": True})
+    run(cfg, tmp_path / "run")
+    small, big = (_load(tmp_path / f"run/{stage}/model.pt") for stage in ("phase1", "phase2"))
+    assert small.shape["exit_head"] == big.shape["exit_head"] == exit_head
+    x = torch.randint(0, small.vocab_size, (4, cfg.data.seq_len))
+    with torch.no_grad():
+        assert torch.equal(big.eval()(x, layer=cfg.phase1.layers), small.eval()(x))
+
+
+def _load(path: Path):
+    return load_model(path, torch.load(path, weights_only=True)["model_args"], "cpu", str(path))
