@@ -208,7 +208,8 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
     `lr_factor`, `totals` and `report` (progress, tracker, prefix, ...): as in `lego.training.train_epoch`.
     """
     model = model_extended
-    if model.output_head.proj.weight.requires_grad and model.deep_head is None and model.exit_layer is not None:
+    shared = model.deep_head is None and model.exit_layer is not None
+    if shared and any(p.requires_grad for p in model.output_head.parameters()):
         log.warning("output_head is trainable and shared with the early exit: exit confidences will drift "
                     "from the calibrated threshold (use model.grow(..., deep_head=True) or freeze it)")
     return train_epoch(model, hard_batches, optimizer,

@@ -68,7 +68,8 @@ def save_model(path: Path, model: DeepSupervisionTransformer, cfg: ASHEMConfig, 
 def load_model(path: Path, expect_args: Dict[str, Any], device, what: str) -> DeepSupervisionTransformer:
     """Rebuild the model stored at `path`; refuse one whose shape differs from what the config asks."""
     state = load_checkpoint(path, what=what)
-    args = {"precision": "fp32", **state["model_args"]}  # checkpoints without the key ran in fp32
+    # checkpoints without these keys ran in fp32 with separate full heads
+    args = {"precision": "fp32", "exit_head": "separate", "exit_rank": None, **state["model_args"]}
     diff = [f"{k}: {args.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in expect_args.items()
             if k not in _ROUTING_ATTRS and args.get(k) != v]
     if diff:

@@ -17,7 +17,8 @@ with): `dense_training_macs` (phase 1, a standard LM, a matched baseline), `mini
 (calibration and hard-example mining: forward through Block 1 and its exit head),
 `phase2_training_macs` (lego.stages.compare adds them up per stage from the stages' records), and
 `steps_for_macs` turns a MAC budget into optimizer steps of a dense model. Evaluation passes are not
-training compute.
+training compute. Every function takes `exit_rank`: None for full vocabulary heads (`model.exit_head`
+separate or tied, dim * V each), r for heads factored at rank r (`lowrank`, r * (dim + V) each; `head_macs`).
 Counts are per token, for a causal sequence of `seq_len` (average context (T + 1) / 2);
 norms, softmax, residual adds, the embedding lookup and the optimizer are left out.
 """
@@ -34,6 +35,11 @@ def layer_macs(dim: int, ffn_mult: int, ffn: str, context: float) -> Dict[str, f
     """MACs of one layer for one token attending over `context` keys (q.k and p.v: 2 * dim each)."""
     mlp = (3 if ffn == "swiglu" else 2) * ffn_mult * dim * dim
     return {"q": dim * dim, "kv": 2 * dim * dim, "attn": 2 * dim * context, "out": dim * dim, "mlp": mlp}
+
+
+def head_macs(dim: int, vocab_size: int, exit_rank: Optional[int] = None) -> float:
+    """MACs of one vocabulary head for one token: dim * V, or r * (dim + V) factored at rank r."""
+    return dim * vocab_size if exit_rank is None else exit_rank * (dim + vocab_size)
 
 
 def upper_macs(*, dim: int, ffn_mult: int, ffn: str, seq_len: int, num_upper_layers: int, hard_ratio: float,
@@ -56,7 +62,7 @@ def upper_macs(*, dim: int, ffn_mult: int, ffn: str, seq_len: int, num_upper_lay
 
 def routed_macs(*, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_len: int, exit_layer: int,
                 num_layers: int, shallow_ratio: float, policy: str, exit_layers: Optional[Sequence[int]] = None,
-                exit_shares: Optional[Sequence[float]] = None) -> Dict[str, float]:
+                exit_shares: Optional[Sequence[float]] = None, exit_rank: Optional[int] = None) -> Dict[str, float]:
     """Per-token MACs of routed inference, of the full-depth model, and their ratio (`flop_cost`).
 
     A cascade passes `exit_layers` (the first is `exit_layer`) and `exit_shares`, the share of all
@@ -67,7 +73,7 @@ def routed_macs(*, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_len: 
     if exits[0] != exit_layer or len(shares) != len(exits):
         raise ValueError(f"exit_layers={exits} must start with exit_layer={exit_layer}, one share per exit")
     full_layer = sum(layer_macs(dim, ffn_mult, ffn, (seq_len + 1) / 2).values())
-    head = dim * vocab_size
+    head = head_macs(dim, vocab_size, exit_rank)
     full_depth = num_layers * full_layer + head
     routed = exit_layer * full_layer + head  # every token: Block 1 and the exit head
     reach = 1.0
@@ -81,7 +87,8 @@ def routed_macs(*, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_len: 
 
 
 def phase2_step_macs(*, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_len: int, exit_layer: int,
-                     num_layers: int, hard_ratio: float, policy: str, recompute: bool = False) -> Dict[str, float]:
+                     num_layers: int, hard_ratio: float, policy: str, recompute: bool = False,
+                     exit_rank: Optional[int] = None) -> Dict[str, float]:
     """Per-token MACs of one phase-2 training step, of a full-model training step, and their ratio.
 
     A training step costs its forward plus a backward of twice that. Phase 2 trains the upper
@@ -90,7 +97,7 @@ def phase2_step_macs(*, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_
     The full-model step trains every layer and the head on every token.
     """
     full_layer = sum(layer_macs(dim, ffn_mult, ffn, (seq_len + 1) / 2).values())
-    head = dim * vocab_size
+    head = head_macs(dim, vocab_size, exit_rank)
     full_step = 3 * (num_layers * full_layer + head)
     upper = upper_macs(dim=dim, ffn_mult=ffn_mult, ffn=ffn, seq_len=seq_len,
                        num_upper_layers=num_layers - exit_layer, hard_ratio=hard_ratio, policy=policy)
@@ -99,7 +106,7 @@ def phase2_step_macs(*, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_
 
 
 def forward_macs_per_token(*, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_len: int, num_layers: int,
-                           heads: int = 1) -> float:
+                           heads: int = 1, exit_rank: Optional[int] = None) -> float:
     """Per-token MACs of a dense forward: `num_layers` full layers and `heads` output heads.
 
     `heads=0` is a stack of layers alone (e.g. the frozen lower Block recomputed in phase 2);
@@ -108,33 +115,34 @@ def forward_macs_per_token(*, dim: int, ffn_mult: int, ffn: str, vocab_size: int
     if num_layers < 0 or heads < 0:
         raise ValueError(f"num_layers={num_layers} and heads={heads} must be >= 0")
     full_layer = sum(layer_macs(dim, ffn_mult, ffn, (seq_len + 1) / 2).values())
-    return num_layers * full_layer + heads * dim * vocab_size
+    return num_layers * full_layer + heads * head_macs(dim, vocab_size, exit_rank)
 
 
 def dense_training_macs(*, tokens: float, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_len: int,
-                        num_layers: int, heads: int = 1) -> float:
+                        num_layers: int, heads: int = 1, exit_rank: Optional[int] = None) -> float:
     """MACs of training every layer and head of a dense model on `tokens` tokens: 3x the forward.
 
     `tokens` counts input positions (batch x seq_len per step), ignored targets included: the
     model runs on them all. Phase 1 is this with `num_layers=phase1.layers`.
     """
     return 3 * tokens * forward_macs_per_token(dim=dim, ffn_mult=ffn_mult, ffn=ffn, vocab_size=vocab_size,
-                                               seq_len=seq_len, num_layers=num_layers, heads=heads)
+                                               seq_len=seq_len, num_layers=num_layers, heads=heads,
+                                               exit_rank=exit_rank)
 
 
 def mining_macs(*, tokens: float, dim: int, ffn_mult: int, ffn: str, vocab_size: int, seq_len: int,
-                exit_layer: int) -> float:
+                exit_layer: int, exit_rank: Optional[int] = None) -> float:
     """MACs of threshold calibration or hard-example mining over `tokens` tokens.
 
     Forward only, through Block 1 (`exit_layer` layers) and its exit head, for every token scored.
     """
     return tokens * forward_macs_per_token(dim=dim, ffn_mult=ffn_mult, ffn=ffn, vocab_size=vocab_size,
-                                           seq_len=seq_len, num_layers=exit_layer, heads=1)
+                                           seq_len=seq_len, num_layers=exit_layer, heads=1, exit_rank=exit_rank)
 
 
 def phase2_training_macs(*, tokens: float, hard_ratio: float, dim: int, ffn_mult: int, ffn: str, vocab_size: int,
                          seq_len: int, exit_layer: int, num_layers: int, policy: str,
-                         recompute: bool = False) -> float:
+                         recompute: bool = False, exit_rank: Optional[int] = None) -> float:
     """MACs of phase 2 over `tokens` tokens of hard sequences (every position, not only hard ones).
 
     `hard_ratio` is the share of those positions that are hard (trained). Per token this is
@@ -144,7 +152,7 @@ def phase2_training_macs(*, tokens: float, hard_ratio: float, dim: int, ffn_mult
     """
     per_token = phase2_step_macs(dim=dim, ffn_mult=ffn_mult, ffn=ffn, vocab_size=vocab_size, seq_len=seq_len,
                                  exit_layer=exit_layer, num_layers=num_layers, hard_ratio=hard_ratio,
-                                 policy=policy, recompute=recompute)["macs_per_token"]
+                                 policy=policy, recompute=recompute, exit_rank=exit_rank)["macs_per_token"]
     return tokens * per_token
 
 

@@ -12,11 +12,13 @@
   teacher-forced routed forward of the same sequence (`teacher_forced_logits`).
 - speculative: layers 1..exit_layer with the exit head draft k tokens; the dense model verifies
   them in one pass over the drafted positions from the drafted exit-layer states; the longest
-  agreeing prefix plus one corrected token is kept and the rest is rolled back from every cache.
+  agreeing prefix plus one corrected token is kept and the rest is rolled back from every cache
+  (`lego.speculative`). `adaptive=True` stops drafting below the routing threshold (up to k).
   Greedy output equals dense greedy; sampling keeps the dense model's distribution.
 
 Rows of a batch keep their own positions (slot = position), so batched prompts of different
-lengths give the tokens each prompt gives alone.
+lengths give the tokens each prompt gives alone. Prompts of one length stay aligned: speculative rows
+then keep the smallest accepted count of the batch, so no step takes the per-row-position path.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from lego.config import DECODERS, ConfigError
 from lego.confidence import confidence_from_logits
 from lego.kvcache import CachedModel, Positions
 from lego.model import DeepSupervisionTransformer
+from lego.sampling import Sampler
+from lego.speculative import speculative_round
 
 
 @dataclass
@@ -91,41 +95,6 @@ def check_generate_args(model, prompts, max_new_tokens, decoder, temperature, to
         raise ConfigError("generate.decoders: routed needs model.routing_threshold")
 
 
-# -- sampling ----------------------------------------------------------------------------------------
-def probabilities(logits: torch.Tensor, temperature: float, top_k=None, top_p=None) -> torch.Tensor:
-    """(..., V) logits -> the sampling distribution: temperature, then top-k, then nucleus top-p."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        p = sorted_logits.softmax(-1)
-        drop = p.cumsum(-1) - p >= top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits.softmax(-1)
-
-
-def _sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """(R, V) -> (R,) one draw per row."""
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
-
-
-class Sampler:
-    """Picks next tokens from (R, V) logits: argmax at temperature 0, else a draw from
-    `probabilities(...)` with the generator `gen`."""
-
-    def __init__(self, temperature, top_k, top_p, gen):
-        self.greedy = temperature == 0
-        self.temperature, self.top_k, self.top_p, self.gen = temperature, top_k, top_p, gen
-
-    def probs(self, logits):
-        return probabilities(logits, self.temperature, self.top_k, self.top_p)
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(-1) if self.greedy else _sample(self.probs(logits), self.gen)
-
-
 def _pad(prompts: List[List[int]], device) -> torch.Tensor:
     T = max(len(p) for p in prompts)
     return torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)
@@ -140,15 +109,20 @@ def _sync(device) -> None:
 def generate(model: DeepSupervisionTransformer, prompts: List[List[int]], *, max_new_tokens: int,
              decoder: str = "dense", temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: int = 0, stop_token: Optional[int] = None, k: int = 4,
-             return_logits: bool = False) -> Generation:
+             adaptive: bool = False, align: Optional[bool] = None, return_logits: bool = False) -> Generation:
     """Continue every prompt by `max_new_tokens` tokens (fewer after `stop_token`) with `decoder`.
 
     temperature 0 is greedy; otherwise draws come from one `torch.Generator` seeded with `seed`,
     so a call is reproducible. Routing (threshold, exit layer, policy, confidence measure) is the
-    model's own. `k` is the speculative draft length. `return_logits` (dense, routed) keeps the
+    model's own. `k` is the speculative draft length; with `adaptive` at most k, drafting stops where
+    the exit's confidence falls below `model.routing_threshold`; `align`: every row keeps the smallest
+    accepted count of the batch (None: when the prompts share one length, so rows never leave the aligned
+    path). `return_logits` (dense, routed) keeps the
     (n_new, V) logits each new token was chosen from.
     """
     check_generate_args(model, prompts, max_new_tokens, decoder, temperature, top_k, top_p, k)
+    if adaptive and decoder == "speculative" and model.routing_threshold is None:
+        raise ConfigError("generate.adaptive: adaptive drafting needs model.routing_threshold")
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     sampler = Sampler(temperature, top_k, top_p, gen)
@@ -157,7 +131,9 @@ def generate(model: DeepSupervisionTransformer, prompts: List[List[int]], *, max
     try:
         with torch.inference_mode():
             if decoder == "speculative":
-                return _speculative(model, prompts, max_new_tokens, sampler, stop_token, k, device)
+                align = len({len(p) for p in prompts}) == 1 if align is None else align
+                return _speculative(model, prompts, max_new_tokens, sampler, stop_token, k,
+                                    model.routing_threshold if adaptive else None, align, device)
             return _autoregressive(model, prompts, max_new_tokens, sampler, stop_token, decoder == "routed",
                                    return_logits, device)
     finally:
@@ -217,7 +193,7 @@ def _autoregressive(model, prompts, N, sampler, stop_token, routed, return_logit
     return result
 
 
-def _speculative(model, prompts, N, sampler, stop_token, k, device) -> Generation:
+def _speculative(model, prompts, N, sampler, stop_token, k, threshold, align, device) -> Generation:
     B, lengths = len(prompts), [len(p) for p in prompts]
     state = CachedModel(model, B, max(lengths) + N - 1, routed=False)
     t0 = time.perf_counter()
@@ -227,16 +203,18 @@ def _speculative(model, prompts, N, sampler, stop_token, k, device) -> Generatio
     exits = [[False] for _ in range(B)]
     cached = list(lengths)  # positions in the cache; the pending token goes at position cached[b]
     t1 = time.perf_counter()
-    drafted = accepted = fed = 0
+    drafted = accepted = fed = rounds = probed = 0
     while True:
         active = [b for b in range(B) if len(tokens[b]) < N and not (stop_token is not None
                                                                    and tokens[b][-1] == stop_token)]
         if not active:
             break
         kk = min(k, min(N - len(tokens[b]) - 1 for b in active))  # never past max_new_tokens
-        tok, new = speculative_round(state, tok, cached, active, kk, sampler)
-        drafted += len(active) * kk
-        fed += len(active) * (kk + 1)  # positions through every layer (and the deep head) this round
+        tok, new, n, heads = speculative_round(state, tok, cached, active, kk, sampler, threshold, align)
+        rounds += 1
+        probed += len(active) * heads  # exit-head rows: the drafts and the ones that stopped drafting
+        drafted += len(active) * n
+        fed += len(active) * (n + 1)  # positions through every layer (and the deep head) this round
         for b, row in zip(active, new):
             accepted += len(row) - 1
             tokens[b] += row
@@ -245,50 +223,9 @@ def _speculative(model, prompts, N, sampler, stop_token, k, device) -> Generatio
     t2 = time.perf_counter()
     tokens, exits = _cut_at_stop(tokens, exits, stop_token)
     return Generation(tokens, exits, "speculative", drafted=drafted, accepted=accepted, prefill_s=t1 - t0,
-                      decode_s=t2 - t1, extra={"k": k, "positions_verified": fed})
-
-
-def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], active: List[int], kk: int,
-                      sampler: Sampler):
-    """One draft-verify-accept round for the cache rows `active`; returns (pending tokens (B,),
-    the new tokens of each active row: its accepted drafts then one token from the deep model).
-
-    tok (B,): each row's pending token (not in the cache yet), fed at position cached[b].
-    Layers 1..E and the exit head draft kk tokens one by one; the upper layers verify the
-    kk + 1 positions in one pass from the drafts' exit-layer states. `cached` grows by the
-    accepted count + 1; rejected positions are rolled back from every layer's cache.
-    """
-    device = state.device
-    B, R = tok.shape[0], len(active)
-    rows = None if R == B else torch.tensor(active, device=device)
-    t = tok if rows is None else tok.index_select(0, rows)
-    first = [cached[b] for b in active]
-    states, drafts, qs = [], [], []
-    with state.autocast():
-        for i in range(kk + 1):  # the pending token and kk drafts through Block 1
-            h = state.lower(t.unsqueeze(1), Positions.ragged([f + i for f in first], 1, device, rows))
-            states.append(h)
-            if i < kk:
-                ex = state.exit_logits(h)[:, 0]
-                if sampler.greedy:
-                    t = ex.argmax(-1)
-                else:
-                    qs.append(sampler.probs(ex))
-                    t = _sample(qs[-1], sampler.gen)
-                drafts.append(t)
-        # verify: the upper Block over every drafted position at once, from the stored exit states
-        at = Positions.ragged(first, kk + 1, device, rows)
-        deep = state.deep_logits(state.upper(torch.cat(states, 1), at))  # (R, kk + 1, V)
-    D = torch.stack(drafts, 1) if kk else torch.empty(R, 0, dtype=torch.long, device=device)
-    a, nxt = _accept(deep, D, qs, sampler)
-    host = torch.cat([a, nxt, D.flatten()]).tolist()  # the one host sync of a round
-    a_l, nxt_l, D_l = host[:R], host[R:2 * R], host[2 * R:]
-    new = [D_l[j * kk:j * kk + a_l[j]] + [nxt_l[j]] for j in range(R)]
-    for j, b in enumerate(active):
-        cached[b] += a_l[j] + 1
-    # rejected drafts: slots >= the new length that this round wrote become zeros, not attendable
-    state.cache.rollback(torch.tensor(cached, device=device), min(cached[b] for b in active), max(first) + kk + 1)
-    return (nxt if rows is None else tok.index_copy(0, rows, nxt)), new
+                      decode_s=t2 - t1, extra={"k": k, "adaptive": threshold is not None, "positions_verified": fed,
+                                               "rounds": rounds, "exit_heads": probed, "ragged_chunks": state.ragged_chunks,
+                                               "align": align})
 
 
 def _cut_at_stop(tokens, exits, stop_token):
@@ -299,38 +236,6 @@ def _cut_at_stop(tokens, exits, stop_token):
                 cut = row.index(stop_token) + 1
                 tokens[b], exits[b] = row[:cut], exits[b][:cut]
     return tokens, exits
-
-
-def _accept(deep: torch.Tensor, D: torch.Tensor, qs: List[torch.Tensor], sampler: Sampler):
-    """Accepted draft count a (R,) and the token after them (R,).
-
-    Greedy: the longest prefix of drafts equal to the deep argmax, then the deep argmax.
-    Sampling (speculative sampling): draft d with draft probability q(d) is kept with
-    probability min(1, p(d) / q(d)); at the first rejection the token is drawn from
-    norm(max(0, p - q)); after k acceptances from p at the next position. The tokens are then
-    distributed as the deep model's p.
-    """
-    R, K1, V = deep.shape
-    kk = K1 - 1
-    ar = torch.arange(R, device=deep.device)
-    if sampler.greedy:
-        pred = deep.argmax(-1)  # (R, kk + 1)
-        a = (pred[:, :kk] == D).cumprod(1).sum(1)
-        return a, pred[ar, a]
-    p = sampler.probs(deep)  # (R, kk + 1, V)
-    Q = torch.cat([torch.stack(qs, 1), p.new_zeros(R, 1, V)], 1) if kk else p.new_zeros(R, 1, V)
-    if kk:
-        pd = p[:, :kk].gather(-1, D.unsqueeze(-1)).squeeze(-1)
-        qd = Q[:, :kk].gather(-1, D.unsqueeze(-1)).squeeze(-1)
-        u = torch.rand(R, kk, generator=sampler.gen, device=deep.device)
-        a = (u * qd < pd).long().cumprod(1).sum(1)
-    else:
-        a = torch.zeros(R, dtype=torch.long, device=deep.device)
-    p_a, q_a = p[ar, a], Q[ar, a]  # q is 0 after the last draft: the bonus token comes from p
-    resid = (p_a - q_a).clamp_min(0)
-    mass = resid.sum(-1, keepdim=True)
-    resid = torch.where(mass > 0, resid / mass.clamp_min(1e-30), p_a)
-    return a, _sample(resid, sampler.gen)
 
 
 def teacher_forced_logits(model: DeepSupervisionTransformer, idx: torch.Tensor, routed: bool = True):
@@ -387,8 +292,9 @@ TIMING_ROUNDS = 3
 def run_generation(model: DeepSupervisionTransformer, tokenizer, prompts: List[List[int]], *,
                    decoders=DECODERS, k_values=(2, 4), max_new_tokens: int, temperature: float = 0.0,
                    top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
-                   out_dir) -> dict:
-    """Generate with each decoder (speculative once per k), write `out_dir/samples.md` and
+                   adaptive: bool = False, out_dir) -> dict:
+    """Generate with each decoder (speculative once per k, and with `adaptive` once more per k with adaptive
+    drafting, `speculative_adaptive_k<k>`), write `out_dir/samples.md` and
     `out_dir/metrics.json`, return the metrics.
 
     Timings are of one batch holding every prompt, after an untimed warm-up of each decoder at
@@ -403,6 +309,8 @@ def run_generation(model: DeepSupervisionTransformer, tokenizer, prompts: List[L
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     results, greedy = {}, {}
     named = [(d if kk is None else f"speculative_k{kk}", d, {} if kk is None else {"k": kk}) for d, kk in runs]
+    named += [(f"speculative_adaptive_k{kk}", d, {"k": kk, "adaptive": True}) for d, kk in runs
+              if adaptive and kk is not None]
     for name, d, kw in named:  # warm-up at the timed batch shape (allocator, kernel caches), untimed
         generate(model, prompts, **dict(opts, max_new_tokens=min(4, max_new_tokens)), decoder=d, **kw)
     for _ in range(TIMING_ROUNDS):  # decoders interleaved, each keeps its fastest round: one noisy round misleads

@@ -281,12 +281,14 @@ class CachedModel:
         self.layers = [LayerWeights(layer) for layer in model.layers]
         # entering a disabled torch.autocast still costs a parameter walk and a context per step
         self.autocast = model.autocast if model.precision == "bf16" else contextlib.nullcontext
+        self.ragged_chunks = 0  # chunks run at per-row positions (explicit masks, index writes): the slow path
 
     def dense_mask(self, group: int) -> bool:
         return not (group == 1 and self.policy == "skip")
 
     def lower(self, idx: torch.Tensor, at: Positions) -> torch.Tensor:
         """Tokens (R, T) at `at` through layers 1..E -> exit-layer states (R, T, C)."""
+        self.ragged_chunks += at.start is None
         self.cache.mark(0, at)
         mask = self.cache.mask(0, at, True)
         return run_cached(self.model, self.layers, self.cache, embed_at(self.model, idx, at), 0, self.E, at, mask)
@@ -295,6 +297,7 @@ class CachedModel:
               kv_only: bool = False, frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Exit-layer states (R, T, C) at `at` through layers E+1..L; `flags` marks which
         positions leave attendable keys (skip: the hard ones), `frozen` which keep their state."""
+        self.ragged_chunks += at.start is None
         self.cache.mark(1, at, flags)
         mask = None if kv_only else self.cache.mask(1, at, self.dense_mask(1))
         return run_cached(self.model, self.layers, self.cache, h, self.E, self.L, at, mask, kv_only=kv_only,
@@ -338,33 +341,28 @@ class CachedModel:
                 return self.deep_logits(self.upper(h, at))[:, 0], None
             ex = self.exit_logits(h)[:, 0]  # (R, V)
             hard = confidence_from_logits(ex, self.model.confidence) < self.model.routing_threshold
-            hard_rows = hard.nonzero().squeeze(1).tolist()  # the one host sync of a routed step
             R = tok.shape[0]
-            if self.policy == "full":  # every row runs the upper layers (exact cache)
-                h_up = self.upper(h, at)
-                if len(hard_rows) == R:
-                    return self.deep_logits(h_up)[:, 0], ~hard
-                if hard_rows:
-                    ex[hard_rows] = self.deep_logits(h_up[hard_rows])[:, 0]
-                return ex, ~hard
-            easy_rows = [r for r in range(R) if not hard[r]] if len(hard_rows) < R else []
-            if easy_rows and self.policy == "propagate":
-                sub = subset(at, easy_rows, R, self.device)
-                self.upper(h[easy_rows] if len(easy_rows) < R else h, sub, kv_only=True)
-            if not hard_rows:
-                return ex, ~hard
-            if len(hard_rows) == R:
+            n_hard = int(hard.sum())  # the one host sync of a routed step
+            if n_hard == R:
                 return self.deep_logits(self.upper(h, at))[:, 0], ~hard
-            sub = subset(at, hard_rows, R, self.device)
-            ex[hard_rows] = self.deep_logits(self.upper(h[hard_rows], sub))[:, 0]
-            return ex, ~hard
+            if n_hard == 0:
+                if self.policy != "skip":  # full: the exact cache; propagate: keys/values of the exit state
+                    self.upper(h, at, kv_only=self.policy == "propagate")
+                return ex, ~hard
+            # a mixed batch. full / propagate: one pass over every row (propagate: easy rows keep their exit
+            # state, so their keys/values come from it), no per-subset copies of the cached keys/values.
+            # skip: only the hard rows run, over a gathered copy of their cached keys/values; measured at
+            # dim 384, batch 8, that is ~10% faster than a pass over every row that clears the easy keys after
+            idx = hard.nonzero().squeeze(1)
+            if self.policy == "skip":
+                h_up = self.upper(h.index_select(0, idx), subset(at, idx))
+                return ex.index_copy(0, idx, self.deep_logits(h_up)[:, 0]), ~hard
+            h_up = self.upper(h, at, frozen=None if self.policy == "full" else ~hard.unsqueeze(1))
+            return ex.index_copy(0, idx, self.deep_logits(h_up.index_select(0, idx))[:, 0]), ~hard
 
 
-def subset(at: Positions, rows: List[int], n_rows: int, device) -> Positions:
-    """The positions of `rows` (indices into at's rows) of a chunk."""
-    if len(rows) == n_rows:
-        return at
-    idx = torch.tensor(rows, device=device)
+def subset(at: Positions, idx: torch.Tensor) -> Positions:
+    """The positions of the chunk's rows `idx` (R',) (indices into at's rows)."""
     cache_rows = idx if at.rows is None else at.rows.index_select(0, idx)
     pos = None if at.pos is None else at.pos.index_select(0, idx)
     return Positions(cache_rows, at.start, pos, at.length, at.span)

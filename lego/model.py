@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from lego.config import (CONFIDENCE_MEASURES, PHASE2_INITS, PRECISIONS, UPPER_CONTEXTS, ConfigError, ModelConfig,
                          check_choice, check_model, check_positive)
+from lego.heads import make_head, make_norm
 
 def resolve_precision(precision: str, device) -> str:
     """"auto" -> "bf16" on a CUDA device that supports it, else "fp32"; fp32/bf16 as given.
@@ -36,10 +37,6 @@ def resolve_precision(precision: str, device) -> str:
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("model.precision=bf16 but this CUDA device has no bfloat16; use model.precision=fp32 or auto")
     return precision
-
-
-def make_norm(kind: str, dim: int) -> nn.Module:
-    return nn.LayerNorm(dim) if kind == "layernorm" else nn.RMSNorm(dim)
 
 
 def rope_tables(max_seq_len: int, head_dim: int, base: float = 10000.0):
@@ -69,18 +66,6 @@ class Embedding(nn.Module):
         if self.pos is not None:
             x = x + self.pos(torch.arange(idx.shape[1], device=idx.device))
         return self.drop(x)
-
-
-class OutputHead(nn.Module):
-    """Final norm + vocabulary projection; usable on the hidden state of any layer."""
-
-    def __init__(self, dim: int, vocab_size: int, norm: str):
-        super().__init__()
-        self.norm = make_norm(norm, dim)
-        self.proj = nn.Linear(dim, vocab_size, bias=False)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(h))
 
 
 class MLP(nn.Module):
@@ -197,6 +182,8 @@ class DeepSupervisionTransformer(nn.Module):
             A token is predicted at the first exit where its confidence reaches that exit's threshold.
         max_seq_len: longest sequence the position tables cover.
         norm / pos / ffn: "layernorm"|"rmsnorm", "learned"|"rope", "gelu"|"swiglu".
+        exit_head / exit_rank: "separate"|"tied"|"lowrank" vocabulary heads, the rank of a low-rank
+            one (`lego.heads`); tied heads share `output_head.proj`, which freezes with Block 1.
         deep_head: give layers above `exit_layer` their own output head (see `grow`); with more
             exits, each exit above the first reads its own head too (`exit_heads`).
         upper_context: how layers above `exit_layer` treat easy tokens when routing:
@@ -229,12 +216,15 @@ class DeepSupervisionTransformer(nn.Module):
         precision: str = "fp32",
         exit_layers: Optional[Sequence[int]] = None,
         routing_thresholds: Optional[Sequence[Optional[float]]] = None,
+        exit_head: str = "separate",
+        exit_rank: Optional[int] = None,
     ):
         super().__init__()
         for key, value in (("vocab_size", vocab_size), ("num_layers", num_layers)):
             check_positive(key, value)
         self.config = ModelConfig(dim=dim, num_heads=num_heads, max_seq_len=max_seq_len, dropout=dropout, norm=norm,
-                                  pos=pos, ffn=ffn, ffn_mult=ffn_mult, precision=precision)
+                                  pos=pos, ffn=ffn, ffn_mult=ffn_mult, precision=precision,
+                                  exit_head=exit_head, exit_rank=exit_rank)
         check_model(self.config)
         exits = list(exit_layers) if exit_layers is not None else [] if exit_layer is None else [exit_layer]
         if exit_layer is not None and exits[:1] != [exit_layer]:
@@ -265,10 +255,15 @@ class DeepSupervisionTransformer(nn.Module):
         self.precision = precision
         self.embedding = Embedding(vocab_size, dim, max_seq_len, pos, dropout)
         self.layers = nn.ModuleList(Layer(dim, num_heads, norm, ffn, ffn_mult, dropout) for _ in range(num_layers))
-        self.output_head = OutputHead(dim, vocab_size, norm)
+        self.output_head = make_head(dim, vocab_size, norm, exit_rank if exit_head == "lowrank" else None)
+
+        def head():  # every head after the first: tied ones share its projection
+            return make_head(dim, vocab_size, norm, exit_rank if exit_head == "lowrank" else None,
+                             self.output_head.proj if exit_head == "tied" else None)
+
         # exit_heads[j]: the head of exit j + 2 (the head its Block trained with); empty for two Blocks
-        self.exit_heads = nn.ModuleList(OutputHead(dim, vocab_size, norm) for _ in exits[1:] if deep_head)
-        self.deep_head = OutputHead(dim, vocab_size, norm) if deep_head else None
+        self.exit_heads = nn.ModuleList(head() for _ in exits[1:] if deep_head)
+        self.deep_head = head() if deep_head else None
         if pos == "rope":
             cos, sin = rope_tables(max_seq_len, dim // num_heads)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -299,7 +294,8 @@ class DeepSupervisionTransformer(nn.Module):
         """A model of `config`'s shape (`config.precision` already resolved to fp32 or bf16)."""
         return cls(vocab_size, config.dim, num_layers, config.num_heads, max_seq_len=config.max_seq_len,
                    dropout=config.dropout, norm=config.norm, pos=config.pos, ffn=config.ffn,
-                   ffn_mult=config.ffn_mult, precision=config.precision, **routing)
+                   ffn_mult=config.ffn_mult, precision=config.precision, exit_head=config.exit_head,
+                   exit_rank=config.exit_rank, **routing)
 
     @property
     def shape(self) -> dict:
@@ -307,7 +303,7 @@ class DeepSupervisionTransformer(nn.Module):
         c = self.config
         return dict(vocab_size=self.vocab_size, dim=c.dim, num_layers=self.num_layers, num_heads=c.num_heads,
                     max_seq_len=c.max_seq_len, dropout=c.dropout, norm=c.norm, pos=c.pos, ffn=c.ffn,
-                    ffn_mult=c.ffn_mult)
+                    ffn_mult=c.ffn_mult, exit_head=c.exit_head, exit_rank=c.exit_rank)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -352,7 +348,7 @@ class DeepSupervisionTransformer(nn.Module):
             h = layer.forward_routed(h, hard, policy, self.rope) if routed else layer(h, self.rope)
         return h
 
-    def head_for(self, layer: int) -> OutputHead:
+    def head_for(self, layer: int) -> nn.Module:
         """The head that reads layer `layer`: with deep heads, the head of the first exit at or above it
         (`output_head` up to the first exit, `exit_heads[j]` up to exit j + 2), above the last exit the deep head."""
         if self.deep_head is None or layer <= self.exit_layer:
@@ -409,7 +405,8 @@ class DeepSupervisionTransformer(nn.Module):
         Freezes the embedding, the copied layers and every exit's head, so each exit's logits stay
         bit-identical to this model's. With `deep_head` the deep exit gets a trainable copy of the
         head that read this model's last layer (which stays, frozen, as the new exit's head);
-        without it, every exit reads the frozen shared head.
+        without it, every exit reads the frozen shared head. Tied heads (`exit_head="tied"`) share the
+        first exit's projection, frozen here; the deep exit's own copy is then its final norm.
         """
         check_choice("init", init, PHASE2_INITS)
         exit_layer = self.num_layers if exit_layer is None else exit_layer

@@ -13,14 +13,11 @@ as median tokens/s over repeated steps after warm-up:
   - full-depth evaluation (`Trainer.evaluate`, no routing), the evaluation reference;
   - routed evaluation under full / propagate / skip at hard ratios 0.3 / 0.5 / 0.7 (the threshold
     is the exact quantile of the batch's own exit confidences, so the ratio is met);
-  - generation (only with --only gen): per generated token, dense KV-cached decoding
-    against routed decoding under each upper-context policy (threshold = median exit confidence
-    of the dense greedy text, so about half the tokens exit) and self-speculative decoding for
-    each --gen-k (random weights give a low acceptance; the "upper=0" row zeroes the upper
-    layers' output projections, so the deep model equals the draft: acceptance 1, the best
-    case). --gen-models x --gen-batches; FLOP ratios from `routed_macs` at the context length
-    reached. Then the share of decode time spent outside matmul/attention kernels
-    (torch.profiler self times over the unprofiled wall time): the per-token Python overhead;
+  - generation (only with --only gen; scripts/bench_generation.py): per generated token, dense KV-cached
+    decoding against routed decoding under each upper-context policy and self-speculative decoding
+    (fixed k, adaptive with --gen-adaptive), with c and the exit head's share of a step; the model's depth
+    and exit with --gen-layers / --gen-exit, its head with --exit-head / --exit-rank. The deep preset:
+    python scripts/bench.py --only gen --gen-models deep --gen-layers 8 --gen-adaptive --threads 2
   - `exact_quantile` over --threshold-n values (default 10^8) in a child process: time, peak RSS,
     and a counting check that the result is the exact order statistic.
 Each row gives time / reference time ("time ratio") next to the FLOP ratio from lego/cost.py
@@ -41,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from lego.config import IGNORE_INDEX
@@ -49,30 +45,33 @@ from lego.confidence import confidence_from_logits, exact_quantile
 from lego.ashem import train_upper_layers
 from lego.cost import phase2_step_macs, routed_macs
 from lego.config import UPPER_CONTEXTS
-from lego.generate import generate
 from lego.model import DeepSupervisionTransformer
 from lego.config import StageConfig, TrainingConfig, create_standard_config
 from lego.training import Trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_generation, also when loaded from a file path
+from bench_generation import bench_generation, format_generation  # noqa: E402
 EXIT_LAYER, NUM_LAYERS = 2, 4
 
 
-def build(preset: dict, vocab: int, seed: int) -> DeepSupervisionTransformer:
+def build(preset: dict, vocab: int, seed: int, num_layers: int = NUM_LAYERS) -> DeepSupervisionTransformer:
     torch.manual_seed(seed)
-    return DeepSupervisionTransformer(vocab, preset["dim"], NUM_LAYERS, preset["num_heads"],
+    return DeepSupervisionTransformer(vocab, preset["dim"], num_layers, preset["num_heads"],
                                       max_seq_len=preset["max_seq_len"], dropout=preset["dropout"],
                                       norm=preset["norm"], pos=preset["pos"], ffn=preset["ffn"],
-                                      ffn_mult=preset["ffn_mult"])
+                                      ffn_mult=preset["ffn_mult"], exit_head=preset.get("exit_head", "separate"),
+                                      exit_rank=preset.get("exit_rank"))
 
 
-def grown(model: DeepSupervisionTransformer, policy: str, threshold=None) -> DeepSupervisionTransformer:
-    """A 4-layer phase-2 model: lower Block and exit head of `model` frozen, as `grow` makes it."""
-    small = DeepSupervisionTransformer(**dict(model.shape, num_layers=EXIT_LAYER))
+def grown(model: DeepSupervisionTransformer, policy: str, threshold=None,
+          exit_layer: int = EXIT_LAYER) -> DeepSupervisionTransformer:
+    """A phase-2 model of `model`'s depth: lower Block and exit head of `model` frozen, as `grow` makes it."""
+    small = DeepSupervisionTransformer(**dict(model.shape, num_layers=exit_layer))
     small.load_state_dict({k: v for k, v in model.state_dict().items()
-                           if not k.startswith("layers.") or int(k.split(".")[1]) < EXIT_LAYER}, strict=False)
-    big = small.grow(NUM_LAYERS, routing_threshold=threshold, deep_head=True, upper_context=policy)
-    for i in range(EXIT_LAYER, NUM_LAYERS):  # same upper weights for every policy
+                           if not k.startswith("layers.") or int(k.split(".")[1]) < exit_layer}, strict=False)
+    big = small.grow(model.num_layers, routing_threshold=threshold, deep_head=True, upper_context=policy)
+    for i in range(exit_layer, model.num_layers):  # same upper weights for every policy
         big.layers[i].load_state_dict(model.layers[i].state_dict())
     return big
 
@@ -171,6 +170,11 @@ def main(argv=None) -> dict:
     p.add_argument("--gen-tokens", type=int, default=64, help="new tokens per prompt")
     p.add_argument("--gen-k", type=int, nargs="+", default=[2, 4], help="speculative draft lengths")
     p.add_argument("--gen-rounds", type=int, default=3, help="timed runs of each generation case")
+    p.add_argument("--gen-layers", type=int, default=NUM_LAYERS, help="generation: the model's depth")
+    p.add_argument("--gen-exit", type=int, default=EXIT_LAYER, help="generation: the exit layer")
+    p.add_argument("--exit-head", choices=["separate", "tied", "lowrank"], help="generation: model.exit_head")
+    p.add_argument("--exit-rank", type=int, help="generation: model.exit_rank (with --exit-head lowrank)")
+    p.add_argument("--gen-adaptive", action="store_true", help="generation: adaptive drafting rows, up to each k")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the table as JSON here")
     args = p.parse_args(argv)
@@ -253,7 +257,7 @@ def main(argv=None) -> dict:
         for name, (fr, hr) in ratio.items():
             add("eval", name, times[name], ref, fr, hard_ratio=hr)
 
-    gen = bench_generation(args, device) if args.only == "gen" else None
+    gen = bench_generation(args, device, build, grown, CONF) if args.only == "gen" else None
     load_after = os.getloadavg()
     result = {"model": args.model, "preset": preset, "vocab": V, "seq_len": T, "batch": B,
               "threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__,
@@ -269,10 +273,10 @@ def main(argv=None) -> dict:
 
 
 def format_table(result: dict) -> str:
-    head = (f"model={result['model']} dim={result['preset']['dim']} vocab={result['vocab']} "
-            f"seq_len={result['seq_len']} batch={result['batch']} threads={result['threads']} "
-            f"device={result['device']} torch={result['torch']} "
-            f"load avg {result['loadavg_before'][0]:.2f} -> {result['loadavg_after'][0]:.2f}")
+    shape = (f"model={result['model']} dim={result['preset']['dim']} seq_len={result['seq_len']} "
+             f"batch={result['batch']} " if result["rows"] else "")  # the training and evaluation rows' shape
+    head = (f"{shape}vocab={result['vocab']} threads={result['threads']} device={result['device']} "
+            f"torch={result['torch']} load avg {result['loadavg_before'][0]:.2f} -> {result['loadavg_after'][0]:.2f}")
     lines = [head]
     if result["rows"]:
         lines.append(f"{'case':<30} {'ms':>9} {'tokens/s':>10} {'time ratio':>10} {'flop ratio':>10}")
@@ -286,110 +290,6 @@ def format_table(result: dict) -> str:
         lines.append(f"threshold over {t['n']:.0e} values: {t['seconds']:.2f} s, peak RSS {t['peak_rss_gb']:.2f} GB "
                      f"({t['peak_over_input_gb']:.2f} GB over the {t['rss_with_input_gb']:.2f} GB holding the input), "
                      f"exact={t['exact']}")
-    return "\n".join(lines)
-
-
-MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
-
-
-def outside_matmul(fn) -> float:
-    """Share of `fn()`'s self CPU time spent outside matmul and attention kernels (torch.profiler).
-
-    Both the kernels' time and the total come from the same profiled run, so the share stays in
-    [0, 1] however busy the machine is (a wall-clock total from another run did not)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    kernels = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS or "scaled_dot_product" in e.key)
-    return 1 - kernels / total if total else float("nan")
-
-
-def bench_generation(args, device) -> dict:
-    """ms per generated token of each decoder over dense decoding, beside its FLOP ratio."""
-    V, P, N = args.vocab, args.gen_prompt, args.gen_tokens
-    rows, overhead = [], []
-    for name in args.gen_models:
-        preset = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
-        base = build(preset, V, args.seed).to(device)
-        ref = grown(base, "full").eval()
-        agree = grown(base, "full").eval()  # upper layers add nothing: the deep model equals the draft
-        with torch.no_grad():
-            for layer in agree.layers[EXIT_LAYER:]:
-                for lin in (layer.attn_out, layer.mlp.proj):
-                    lin.weight.zero_()
-                    lin.bias.zero_()
-        cost_args = dict(dim=preset["dim"], ffn_mult=preset["ffn_mult"], ffn=preset["ffn"], vocab_size=V,
-                         seq_len=P + N, exit_layer=EXIT_LAYER, num_layers=NUM_LAYERS)
-        full_macs = routed_macs(**cost_args, shallow_ratio=0.0, policy="full")["full_depth_macs_per_token"]
-        head = preset["dim"] * V
-        for B in args.gen_batches:
-            g = torch.Generator().manual_seed(args.seed + B)
-            prompts = torch.randint(0, V, (B, P), generator=g).tolist()
-            dense = generate(ref, prompts, max_new_tokens=N)
-            with torch.no_grad():  # threshold: median exit confidence over the dense greedy text
-                seq = torch.tensor([p + t for p, t in zip(prompts, dense.tokens)], device=device)
-                conf = confidence_from_logits(ref.output_head(ref.run_layers(ref.embed(seq), 0, EXIT_LAYER)).float(),
-                                              "max_prob")[:, P - 1:-1]
-            thr = exact_quantile(conf, 0.5)
-            cases = {"dense": (ref, dict(decoder="dense"))}
-            for policy in UPPER_CONTEXTS:
-                cases[f"routed {policy}"] = (grown(base, policy, thr).eval(), dict(decoder="routed"))
-            for k in args.gen_k:
-                cases[f"speculative k={k}"] = (ref, dict(decoder="speculative", k=k))
-            k = max(args.gen_k)
-            cases[f"speculative k={k} upper=0"] = (agree, dict(decoder="speculative", k=k))
-            last = {}
-
-            def timed(model, kw, last_key):
-                def fn():
-                    r = generate(model, prompts, max_new_tokens=N, **kw)
-                    last[last_key] = r
-                    return r
-                return fn
-
-            fns = {c: timed(m, kw, c) for c, (m, kw) in cases.items()}
-            for fn in fns.values():  # warm-up
-                fn()
-            per_round = {c: [] for c in cases}
-            for _ in range(args.gen_rounds):
-                for c, fn in fns.items():
-                    r = fn()
-                    per_round[c].append(r.decode_s / (r.n_tokens - B))  # the first token comes from the prefill
-            for c in cases:
-                r = last[c]
-                sec = statistics.median(per_round[c])
-                ratio = statistics.median(t / d for t, d in zip(per_round[c], per_round["dense"]))
-                if c.startswith("routed"):
-                    flop = routed_macs(**cost_args, shallow_ratio=r.exit_share, policy=c.split()[1])["flop_cost"]
-                elif c.startswith("speculative"):
-                    # every verified position runs all layers and the deep head; drafts add the exit head
-                    flop = ((r.extra["positions_verified"] * full_macs + r.drafted * head)
-                            / ((r.n_tokens - B) * full_macs))
-                else:
-                    flop = 1.0
-                rows.append({"model": name, "batch": B, "case": c, "ms_per_token": 1e3 * sec, "time_ratio": ratio,
-                             "flop_ratio": flop, "exit_share": r.exit_share if c.startswith("routed") else None,
-                             "acceptance": r.acceptance_rate, "threshold": thr if c.startswith("routed") else None})
-                if c in ("dense", "routed propagate", f"speculative k={k}"):
-                    overhead.append({"model": name, "batch": B, "case": c, "outside_matmul": outside_matmul(fns[c])})
-    return {"prompt_len": P, "new_tokens": N, "rows": rows, "overhead": overhead}
-
-
-def format_generation(gen: dict) -> str:
-    lines = [f"generation: prompt {gen['prompt_len']} + {gen['new_tokens']} new tokens; ms per generated token "
-             "(decode only), time and FLOP ratios over dense KV-cached decoding",
-             f"{'model':<6} {'batch':>5} {'case':<26} {'ms/token':>9} {'time ratio':>10} {'flop ratio':>10} "
-             f"{'exit':>6} {'accept':>6}"]
-    for r in gen["rows"]:
-        ex = "" if r["exit_share"] is None else f"{r['exit_share']:.2f}"
-        acc = "" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
-        lines.append(f"{r['model']:<6} {r['batch']:>5} {r['case']:<26} {r['ms_per_token']:9.3f} "
-                     f"{r['time_ratio']:10.3f} {r['flop_ratio']:10.3f} {ex:>6} {acc:>6}")
-    lines.append("share of generation time outside matmul/attention kernels (per-token overhead): " + ", ".join(
-        f"{o['model']} b{o['batch']} {o['case']} {o['outside_matmul']:.2f}" for o in gen["overhead"]))
     return "\n".join(lines)
 
 

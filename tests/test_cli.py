@@ -104,7 +104,7 @@ def test_sweep_trains_phase1_once(tmp_path, launcher):
 def test_help_lists_groups_and_description(tmp_path):
     res = _lego_run(["--help"], cwd=tmp_path)
     assert res.returncode == 0
-    for word in ["lego-run", "ASHEM", "model: narrow, reference, small, tiny", "hard_example_ratio", "phase2"]:
+    for word in ["lego-run", "ASHEM", "model: deep, gpt2_small, narrow, reference, small, tiny", "hard_example_ratio", "phase2"]:
         assert word in res.stdout, word
 
 

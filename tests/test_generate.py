@@ -11,17 +11,11 @@ import torch.nn.functional as F
 
 from lego.confidence import confidence_from_logits
 from lego.config import ConfigError
-from lego.generate import (
-    Sampler,
-    agreement,
-    generate,
-    probabilities,
-    run_generation,
-    speculative_round,
-    teacher_forced_logits,
-)
+from lego.generate import agreement, generate, run_generation, teacher_forced_logits
 from lego.generate import test_prompts as pick_prompts
-from lego.kvcache import CachedModel
+from lego.kvcache import CachedModel, Positions
+from lego.sampling import Sampler, probabilities
+from lego.speculative import draft_confident, speculative_round
 from lego.training import StageConfig, Trainer, TrainingConfig
 
 PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]  # different lengths on purpose
@@ -136,6 +130,36 @@ def test_routed_decoding_logits_equal_teacher_forced_routed_forward(grown, polic
         assert torch.equal(exited[b, :len(s)], easy[0])
 
 
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_routed_steps_on_a_mixed_batch_keep_the_cache_invariant(grown, policy):
+    """Mixed steps (propagate: one upper pass over every row; skip: the hard rows only) leave the cache a
+    prefill of the same tokens writes: exited rows' keys from their exit state, or none (an invalid slot is 0)."""
+    model = calibrated(grown(policy=policy))
+    B, n = len(PROMPTS), 10
+    state = CachedModel(model, B, MAX_LEN, routed=True)
+    padded = torch.tensor([p + [0] * (5 - len(p)) for p in PROMPTS])
+    mixed = 0
+    with torch.no_grad():
+        logits, _ = state.prefill(padded, [len(p) for p in PROMPTS])
+        seqs = [list(p) for p in PROMPTS]
+        tok = logits[torch.arange(B), torch.tensor([len(p) - 1 for p in PROMPTS])].argmax(-1)
+        for i in range(n):
+            for b, t in enumerate(tok.tolist()):
+                seqs[b].append(t)
+            at = Positions(None, None, torch.tensor([[len(s) - 1] for s in seqs]), 1, max(map(len, seqs)))
+            logits, exited = state.step(tok, at)
+            mixed += 0 < int(exited.sum()) < B
+            tok = logits.argmax(-1)
+        ref = CachedModel(model, B, MAX_LEN, routed=True)
+        ref.prefill(torch.tensor([s + [0] * (max(map(len, seqs)) - len(s)) for s in seqs]), list(map(len, seqs)))
+    assert mixed > 0, "test is vacuous: no mixed step"
+    assert torch.equal(state.cache.valid, ref.cache.valid)
+    upper = ref.cache.valid[1].view(1, B, 1, MAX_LEN, 1)
+    for mine, theirs in ((state.cache.k, ref.cache.k), (state.cache.v, ref.cache.v)):
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-5)
+        assert torch.count_nonzero(mine[2:] * ~upper) == 0
+
+
 @pytest.mark.parametrize("measure", ["margin", "entropy"])
 def test_routed_decoding_follows_the_models_confidence_measure(grown, measure):
     model = grown(policy="propagate", pos="rope")
@@ -177,6 +201,51 @@ def test_speculative_greedy_equals_dense_greedy(grown, k, pos):
     assert spec.acceptance_rate == spec.accepted / spec.drafted
 
 
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("k", [2, 4])
+def test_adaptive_drafting_greedy_equals_dense_greedy(grown, k, pos):
+    model = grown(pos=pos)
+    dense = generate(model, PROMPTS, max_new_tokens=14)
+    # most positions confident: a batch stops drafting as soon as one row is unsure
+    model.routing_threshold = float(exit_confidences(model, [p + t for p, t in zip(PROMPTS, dense.tokens)])
+                                    .quantile(0.1))
+    fixed = generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=k)
+    spec = generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=k, adaptive=True)
+    assert spec.tokens == dense.tokens and spec.extra["adaptive"]
+    assert 0 < spec.drafted < fixed.drafted, "test is vacuous: drafting never stopped early, or never drafted"
+    assert sum(map(sum, spec.exited)) == spec.accepted
+    # a stricter threshold drafts less; a threshold of 0 drafts as the fixed-k decoder does
+    model.routing_threshold = 0.0
+    assert generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=k,
+                    adaptive=True).drafted == fixed.drafted
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_aligned_batch_never_takes_the_ragged_path(grown, adaptive):
+    model = grown()
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]  # one length: rows start aligned
+    dense = generate(model, prompts, max_new_tokens=14)
+    model.routing_threshold = float(exit_confidences(model, [p + t for p, t in zip(prompts, dense.tokens)])
+                                    .quantile(0.1))
+    spec = generate(model, prompts, max_new_tokens=14, decoder="speculative", k=2, adaptive=adaptive)
+    assert spec.tokens == dense.tokens
+    assert spec.extra["ragged_chunks"] == 0 and spec.extra["rounds"] > 0
+    per_row = [sum(e) for e in spec.exited]
+    assert len(set(per_row)) == 1 and 0 < spec.accepted < spec.drafted  # every row keeps the fewest
+    # prompts of different lengths are at per-row positions from the start: the counter sees it
+    assert generate(model, PROMPTS, max_new_tokens=4, decoder="speculative", k=3).extra["ragged_chunks"] > 0
+
+
+def test_draft_confidence_is_the_max_prob_test_in_log_space():
+    logits = torch.randn(64, 50) * 3
+    p = logits.softmax(-1).amax(-1)
+    for thr in (0.05, 0.2, 0.5):
+        assert torch.equal(draft_confident(logits, "max_prob", thr), p >= thr) or \
+            (draft_confident(logits, "max_prob", thr) != (p >= thr)).sum() <= 1  # a tie at the last bit
+    assert torch.equal(draft_confident(logits, "margin", 0.1),
+                       confidence_from_logits(logits, "margin") >= 0.1)
+
+
 def test_rejected_drafts_leave_the_cache_as_if_never_drafted(grown):
     """After rounds with rejections, the cache equals a prefill of the kept tokens: valid slots
     allclose, validity identical, every other slot exactly zero."""
@@ -194,7 +263,7 @@ def test_rejected_drafts_leave_the_cache_as_if_never_drafted(grown):
         for b, t in enumerate(tok.tolist()):
             seqs[b].append(t)
         for _ in range(3):
-            tok, new = speculative_round(state, tok, cached, list(range(B)), k, sampler)
+            tok, new, _, _ = speculative_round(state, tok, cached, list(range(B)), k, sampler)
             rejected += sum(len(row) - 1 < k for row in new)
             for b, row in enumerate(new):
                 seqs[b] += row
@@ -209,12 +278,15 @@ def test_rejected_drafts_leave_the_cache_as_if_never_drafted(grown):
         assert torch.count_nonzero(mine * ~valid) == 0
 
 
-def test_speculative_sampling_keeps_the_dense_distribution(grown):
-    """The second new token (drafted, then accepted or resampled) follows the dense model's p."""
+@pytest.mark.parametrize("align", [False, True])
+def test_speculative_sampling_keeps_the_dense_distribution(grown, align):
+    """The second new token (drafted, then accepted or resampled) follows the dense model's p; aligned,
+    every row keeps the fewest drafts (none of 20,000), and the accepted ones are its second token."""
     model = grown()
     n = 20000
-    out = generate(model, [[1, 2, 3]] * n, max_new_tokens=3, decoder="speculative", k=1, temperature=1.0, seed=0)
-    assert 0 < out.accepted < out.drafted
+    out = generate(model, [[1, 2, 3]] * n, max_new_tokens=3, decoder="speculative", k=1, temperature=1.0, seed=0,
+                   align=align)
+    assert (0 < out.accepted < out.drafted) if not align else out.accepted == 0
     first = torch.tensor([t[0] for t in out.tokens])
     t0 = int(first.mode().values)  # condition on the most common first token
     rows = (first == t0).nonzero().flatten()
@@ -319,9 +391,11 @@ class CharTokenizer:
 def test_run_generation_writes_samples_and_metrics(grown, tmp_path):
     model = calibrated(grown(policy="skip"))
     metrics = run_generation(model, CharTokenizer(), PROMPTS, k_values=(1, 3), max_new_tokens=8,
-                             temperature=0.0, top_k=None, top_p=None, seed=0, out_dir=tmp_path)
+                             temperature=0.0, top_k=None, top_p=None, seed=0, adaptive=True, out_dir=tmp_path)
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(on_disk) == {"settings", "dense", "routed", "speculative_k1", "speculative_k3"}
+    assert set(on_disk) == {"settings", "dense", "routed", "speculative_k1", "speculative_k3",
+                            "speculative_adaptive_k1", "speculative_adaptive_k3"}
+    assert on_disk["speculative_adaptive_k3"]["agreement_with_dense"] == 1.0
     assert on_disk["dense"]["agreement_with_dense"] == 1.0
     assert on_disk["speculative_k1"]["agreement_with_dense"] == 1.0  # greedy speculative is exact
     assert on_disk["speculative_k3"]["agreement_with_dense"] == 1.0
@@ -361,14 +435,18 @@ def test_bench_generation_rows(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(["--only", "gen", "--gen-models", "tiny", "--gen-batches", "2", "--gen-tokens", "4",
-                         "--gen-prompt", "4", "--gen-k", "2", "--gen-rounds", "1", "--vocab", "64"])
+                         "--gen-prompt", "4", "--gen-k", "2", "--gen-rounds", "1", "--vocab", "64",
+                         "--gen-adaptive"])
     assert result["rows"] == [] and "threshold" not in result
     rows = {r["case"]: r for r in result["generation"]["rows"]}
     assert set(rows) == {"dense", "routed full", "routed propagate", "routed skip", "speculative k=2",
-                         "speculative k=2 upper=0"}
+                         "speculative k<=2 adaptive", "speculative k=2 upper=0"}
+    assert all(rows[c]["ragged_chunks"] == 0 for c in rows if c.startswith("speculative"))  # one prompt length
     assert rows["dense"]["time_ratio"] == 1.0 and rows["speculative k=2 upper=0"]["acceptance"] == 1.0
     r = rows["routed skip"]
     assert r["flop_ratio"] == pytest.approx(routed_macs(
         dim=128, ffn_mult=4, ffn="gelu", vocab_size=64, seq_len=8, exit_layer=2, num_layers=4,
         shallow_ratio=r["exit_share"], policy="skip")["flop_cost"])
     assert all(0 <= o["outside_matmul"] < 1 for o in result["generation"]["overhead"])
+    step = result["generation"]["steps"][0]
+    assert 0 < step["c_flops"] < 1 and step["c_wall"] > 0 and 0 < step["head_share_flops"] < step["c_flops"]

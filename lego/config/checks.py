@@ -8,8 +8,8 @@ from typing import Any, Dict, List
 
 from lego.config.data import validate_data_config
 from lego.config.groups import ASHEMConfig, GenerateConfig, ModelConfig, check_logger
-from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE_MEASURES, DECODERS, FFNS, LOSS_TOKENS,
-                                LOWERS, NORMS, OBJECTIVES, PHASE2_INITS, POSITIONS, PRECISIONS, STAGES,
+from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE_MEASURES, DECODERS, EXIT_HEADS, FFNS,
+                                LOSS_TOKENS, LOWERS, NORMS, OBJECTIVES, PHASE2_INITS, POSITIONS, PRECISIONS, STAGES,
                                 STORES, UPPER_CONTEXTS, ConfigError, check_choice, check_non_negative, check_positive,
                                 check_ratio, check_schedule)
 
@@ -30,6 +30,15 @@ def check_model(m: "ModelConfig", prefix: str = "") -> None:
     if m.pos == "rope" and (m.dim // m.num_heads) % 2:
         raise ConfigError(f"{prefix}pos=rope needs an even head dim; {prefix}dim/{prefix}num_heads = "
                           f"{m.dim // m.num_heads}")
+    check_choice(f"{prefix}exit_head", m.exit_head, EXIT_HEADS)
+    r = m.exit_rank
+    if m.exit_head == "lowrank":
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= m.dim:
+            raise ConfigError(f"{prefix}exit_rank={r!r} is not allowed with {prefix}exit_head=lowrank; "
+                              f"allowed: an integer in [1, {prefix}dim={m.dim}]")
+    elif r is not None and r != m.dim:  # a full or tied head reads the whole width: rank = dim
+        raise ConfigError(f"{prefix}exit_rank={r!r}: {prefix}exit_head={m.exit_head} projects from the full "
+                          f"{prefix}dim={m.dim}; allowed: null, {m.dim}, or {prefix}exit_head=lowrank")
 
 
 def block_layers(cfg: ASHEMConfig) -> List[int]:

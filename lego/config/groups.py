@@ -22,6 +22,11 @@ class ModelConfig:
     pos: str = "learned"  # learned | rope
     ffn: str = "gelu"  # gelu | swiglu
     ffn_mult: int = 4  # FFN hidden width = ffn_mult * dim
+    # separate | tied | lowrank: the vocabulary heads (lego.heads). tied: every exit shares one projection
+    # (frozen with Block 1; phase2.deep_head then trains the deep exit's own norm only); lowrank: every head
+    # is factored at rank exit_rank, r * (dim + V) multiply-adds per token instead of dim * V
+    exit_head: str = "separate"
+    exit_rank: Optional[int] = None  # exit_head=lowrank: the rank, 1 <= exit_rank <= dim; else null
     compile: bool = False  # torch.compile each layer, the embedding and the heads (model.compile_blocks)
     # auto | fp32 | bf16: autocast for every forward (training, calibration, mining, eval, analysis
     # alike); auto = bf16 on a CUDA GPU that has it, else fp32. Weights, losses, confidences stay float32.
@@ -114,6 +119,7 @@ class GenerateConfig:
     max_new_tokens: Optional[int] = None  # tokens generated per prompt; None = min(32, what the context leaves)
     decoders: List[str] = field(default_factory=lambda: list(DECODERS))  # any of DECODERS
     k_values: List[int] = field(default_factory=lambda: [2, 4])  # speculative draft lengths, one run each
+    adaptive: bool = False  # also one run per k that stops drafting below the routing threshold (up to k)
     temperature: float = 0.0  # 0 = greedy
     top_k: Optional[int] = None  # sample from the k likeliest tokens; None = all
     top_p: Optional[float] = None  # nucleus sampling mass in (0, 1]; None = all

@@ -17,6 +17,7 @@ POSITIONS = ("learned", "rope")
 FFNS = ("gelu", "swiglu")
 UPPER_CONTEXTS = ("full", "propagate", "skip")  # what layers above an exit do with easy tokens
 PRECISIONS = ("fp32", "bf16")
+EXIT_HEADS = ("separate", "tied", "lowrank")  # the vocabulary heads of the exits (lego.heads)
 CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
 STORES = ("memory", "disk", "recompute")  # where hard-example states live
 SCHEDULES = ("constant", "cosine")  # learning-rate schedules (lego.schedule)

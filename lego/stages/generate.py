@@ -43,7 +43,7 @@ def stage_generate(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTran
     (out / "config.json").unlink(missing_ok=True)  # written last: it marks the files as these settings' output
     metrics = run_generation(model2.to(device), corpus.tokenizer, prompts, decoders=g.decoders,
                              k_values=g.k_values, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                             top_k=g.top_k, top_p=g.top_p, seed=g.seed, out_dir=out)
+                             top_k=g.top_k, top_p=g.top_p, seed=g.seed, adaptive=g.adaptive, out_dir=out)
     write_json(out / "config.json", settings)
     log.info("generate: %s in %s", ", ".join(k for k in metrics if k != "settings"), out)
     return metrics

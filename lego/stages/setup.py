@@ -114,7 +114,8 @@ def loop_report(cfg: ASHEMConfig, tracker, prefix: str) -> Dict[str, Any]:
 def model_macs(cfg: ASHEMConfig, vocab_size: int) -> Dict[str, Any]:
     """The shape arguments of every `lego.cost` function for this run."""
     m = cfg.model
-    return dict(dim=m.dim, ffn_mult=m.ffn_mult, ffn=m.ffn, vocab_size=vocab_size, seq_len=cfg.data.seq_len)
+    return dict(dim=m.dim, ffn_mult=m.ffn_mult, ffn=m.ffn, vocab_size=vocab_size, seq_len=cfg.data.seq_len,
+                exit_rank=m.exit_rank if m.exit_head == "lowrank" else None)
 
 
 @dataclass
