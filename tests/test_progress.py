@@ -112,7 +112,9 @@ def test_a_run_logged_to_a_file_shows_progress_lines(tmp_path):
     assert "\r" not in log  # no carriage-return bar in a file
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["provenance"]["argv"][1:] == args
-    # progress=false: neither bars nor lines
-    quiet = subprocess.run([sys.executable, "-m", "lego", *args[:-1], "progress=false", "hydra.run.dir=quiet"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    # progress=false: neither bars nor lines (lego-run's main in this process, output not a terminal either)
+    from conftest import lego_run
+
+    quiet = lego_run([*args[:-1], "progress=false", "hydra.run.dir=quiet"], cwd=tmp_path,
+                     env={"LEGO_CACHE_DIR": str(tmp_path / "cache")})
     assert quiet.returncode == 0 and "batch (" not in quiet.stdout + quiet.stderr
