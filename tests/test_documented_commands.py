@@ -226,6 +226,7 @@ def test_documented_command_composes_and_validates(cmd, tmp_path, monkeypatch):
                 assert str(OmegaConf.select(hc, key[len("hydra."):])) == value, a
 
 
+@pytest.mark.slow
 def test_plain_lego_run_runs_end_to_end(tmp_path):
     """The README's first command, with the tiny budget of the subprocess tests appended (lego-run's
     main in this process; tests/test_cli.py runs the installed console script)."""

@@ -108,6 +108,7 @@ def test_summarize_sweep_script_keeps_its_command_line(tmp_path, capsys):
 TINY = [*TINY_RUN, "eval.standard_baseline=false"]  # debug=tiny, one thread
 
 
+@pytest.mark.slow
 def test_multirun_writes_summary_at_the_sweep_root(tmp_path):
     """`lego-run -m seed=0,1` (main in this process; tests/test_cli.py drives a sweep in a subprocess)."""
     # microseconds in the sweep dir: the callback must see the very directory the jobs were written to
