@@ -44,11 +44,6 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
-    def id_to_token(self, i: int) -> str:
-        """The text of one token as a reader would see it (' the', not 'Ġthe');
-        a token that is part of a multi-byte character decodes to '\ufffd'."""
-        return self.decode([i])
-
     def save(self, directory: Union[str, Path]) -> Path:
         """Write `directory/tokenizer.json`; returns its path."""
         path = Path(directory) / FILENAME
