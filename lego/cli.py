@@ -19,7 +19,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Optional, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -155,18 +155,33 @@ def exit_interrupted(resume_override: str) -> NoReturn:
     sys.exit(130)
 
 
-def main() -> None:
-    os.environ[ARGV_ENV] = json.dumps(list(sys.argv))  # before any rewriting: the command as typed
-    distributed.setup()  # under torchrun with several processes; no-op otherwise
-    sys.argv = [sys.argv[0], *distributed.hydra_args(rewrite_alias_overrides(sys.argv[1:]))]
-    os.environ[SWEPT_ENV] = "\n".join(swept_keys(sys.argv[1:]))  # read by job_dirname, also in launcher workers
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`lego-run <argv>` (default: this process's command line): the exit status (0 done, 1 a
+    diverged loss or Hydra's own error, 2 bad input, 130 Ctrl-C); the console script passes it
+    to sys.exit. Tests call it in-process; it puts back sys.argv and the environment it set."""
+    typed = list(sys.argv) if argv is None else ["lego-run", *argv]
+    saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in (ARGV_ENV, SWEPT_ENV)}
+    os.environ[ARGV_ENV] = json.dumps(typed)  # before any rewriting: the command as typed
     try:
-        hydra_main()
-    except KeyboardInterrupt:  # before a run directory exists, e.g. while composing
-        exit_interrupted("hydra.run.dir=<run dir>")
+        distributed.setup()  # under torchrun with several processes; no-op otherwise
+        sys.argv = [typed[0], *distributed.hydra_args(rewrite_alias_overrides(typed[1:]))]
+        os.environ[SWEPT_ENV] = "\n".join(swept_keys(sys.argv[1:]))  # read by job_dirname, also in launcher workers
+        try:
+            hydra_main()
+        except KeyboardInterrupt:  # before a run directory exists, e.g. while composing
+            exit_interrupted("hydra.run.dir=<run dir>")
+    except SystemExit as e:  # ours (2, 1, 130) and Hydra's (1 for its own errors, 0 after --help)
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     finally:
         distributed.teardown()
+        sys.argv = saved_argv
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

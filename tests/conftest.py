@@ -1,10 +1,16 @@
 """Shared pytest fixtures. Each block names the test files it serves; add new ones in their own block."""
 
+import contextlib
+import io
+import logging
+import os
+import subprocess
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lego.cli import CONF_DIR, to_config
+from lego.cli import CONF_DIR, main, to_config
 from lego.config import ASHEMConfig
 from lego.model import DeepSupervisionTransformer
 
@@ -106,3 +112,34 @@ def tiny_config(cache_dir, **overrides) -> ASHEMConfig:
             obj = getattr(obj, p)
         setattr(obj, last, value)
     return cfg
+
+
+def lego_run(args, *, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """`lego-run <args>` in this process: `lego.cli.main`, which the console script calls, from `cwd`
+    with `env` added to the environment; returns what `subprocess.run(..., capture_output=True,
+    text=True)` would. Working directory, environment and logging (Hydra's handlers, one of them
+    writing the run's lego.log) and torch's thread count are put back afterwards. For bad input and whole runs that need no
+    process of their own (one subprocess test per contract keeps the console script honest)."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                     if isinstance(v, logging.Logger))]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        os.chdir(saved_cwd)
+        torch.set_num_threads(threads)  # a run sets its num_threads
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for lg, handlers, level, propagate, disabled in saved:
+            for h in lg.handlers:
+                if h not in handlers:  # Hydra's console and lego.log handlers
+                    h.close()
+            lg.handlers[:] = handlers
+            lg.level, lg.propagate, lg.disabled = level, propagate, disabled
+    return subprocess.CompletedProcess(["lego-run", *args], code, out.getvalue(), err.getvalue())

@@ -5,14 +5,12 @@ cascaded routing and compute_cost against a hand computation; bad `blocks` / `ha
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 import torch
-from conftest import TINY, tiny_config
+from conftest import TINY, lego_run, tiny_config
 
 from lego.analysis import oracle_router, routed_from_tokens, token_outputs, tradeoff_curve
 from lego.ashem import gather_confidences
@@ -261,9 +259,8 @@ def test_the_default_preset_runs_any_blocks_with_every_boundary_on_the_frontier(
 
 
 def test_the_cli_refuses_bad_blocks_in_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "lego", *TINY, "blocks=[4,2]", f"hydra.run.dir={tmp_path}/r",
-                          f"data.cache_dir={tmp_path}/c"], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).parent.parent)
+    res = lego_run([*TINY, "blocks=[4,2]", f"hydra.run.dir={tmp_path}/r", f"data.cache_dir={tmp_path}/c"],
+                   cwd=Path(__file__).parent.parent)
     assert res.returncode == 2
     lines = [l for l in res.stderr.splitlines() if "blocks" in l]
     assert len(lines) == 1 and "strictly increasing" in lines[0], res.stderr[-2000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY as TINY_RUN
-from conftest import compose_config
+from conftest import compose_config, lego_run
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -82,14 +82,17 @@ def test_installed_lego_run_from_another_directory(tmp_path):
     assert "phase2 epoch 1" in (d / "lego.log").read_text()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow)])
 def test_sweep_trains_phase1_once(tmp_path, launcher):
-    """Sequential (basic) or two jobs at once (conf/hydra/launcher/joblib.yaml): phase 1 is trained
-    by one job; the other finds it in the cache (with joblib, after waiting on the cache lock)."""
-    args = ["hydra/launcher=joblib"] if launcher == "joblib" else []
-    res = _lego_run(["-m", "hard_example_ratio=0.3,0.7", *TINY, *args, "hydra.sweep.dir=sweep"], cwd=tmp_path,
-                    env_extra={"LEGO_CACHE_DIR": str(tmp_path / "c")})
+    """Sequential (basic, in this process) or two jobs at once (conf/hydra/launcher/joblib.yaml, the
+    installed lego-run in a subprocess): phase 1 is trained by one job; the other finds it in the
+    cache (with joblib, after waiting on the cache lock)."""
+    args = ["-m", "hard_example_ratio=0.3,0.7", *TINY, "hydra.sweep.dir=sweep"]
+    env = {"LEGO_CACHE_DIR": str(tmp_path / "c")}
+    if launcher == "joblib":
+        res = _lego_run([*args, "hydra/launcher=joblib"], cwd=tmp_path, env_extra=env)
+    else:
+        res = lego_run(args, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "is validated against ConfigStore schema" not in res.stderr  # our joblib.yaml, warning filtered
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and (p / "metrics.json").exists())
@@ -102,7 +105,7 @@ def test_sweep_trains_phase1_once(tmp_path, launcher):
 
 
 def test_help_lists_groups_and_description(tmp_path):
-    res = _lego_run(["--help"], cwd=tmp_path)
+    res = lego_run(["--help"], cwd=tmp_path)
     assert res.returncode == 0
     for word in ["lego-run", "ASHEM", "model: deep, gpt2_small, narrow, reference, small, tiny", "hard_example_ratio", "phase2"]:
         assert word in res.stdout, word

@@ -246,7 +246,16 @@ def test_tokenizers_round_trip_and_save(shakespeare, tmp_path):
     tok.save(tmp_path / "run")
     again = load_tokenizer(tmp_path / "run")
     assert again.encode(text) == tok.encode(text) and again.vocab_size == tok.vocab_size
-    assert again.id_to_token(tok.encode(" the")[0]) == " the"
+    assert again.decode(tok.encode(" the")[:1]) == " the"  # one token reads as text (' the', not 'Ġthe')
+
+
+def test_byte_tokenizer_encodes_as_its_backend_would():
+    """byte_tokenizer() skips the Rust backend (id == UTF-8 byte): the ids are the backend's."""
+    tok = byte_tokenizer()
+    texts = ["Whát's in a name? 🌹\n  That which we call a rose", "", " \t\n\r x\x00\x7f\u00ff\u0100",
+             data._shakespeare()["test"][0][:20000]]
+    backend = [e.ids for e in tok.backend.encode_batch(texts, add_special_tokens=False)]
+    assert tok.encode_batch(texts) == backend and [tok.encode(t) for t in texts] == backend
 
 
 # ------------------------------------------------------------------------------ loaders

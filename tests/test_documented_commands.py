@@ -9,11 +9,8 @@ command whose quoting the shell would strip fails here as it would for a user.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import shlex
-import subprocess
-import sys
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -231,13 +228,14 @@ def test_documented_command_composes_and_validates(cmd, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_plain_lego_run_runs_end_to_end(tmp_path):
-    """The README's first command, with the tiny budget of the subprocess tests appended."""
+    """The README's first command, with the tiny budget of the subprocess tests appended (lego-run's
+    main in this process; tests/test_cli.py runs the installed console script)."""
+    from conftest import lego_run
     from test_cli import TINY
 
     assert "lego-run" in COMMANDS
     app, hydra_args, _ = split_command("lego-run", tmp_path)
-    env = dict(os.environ, PYTHONPATH=str(REPO), LEGO_CACHE_DIR=str(tmp_path / "cache"))
-    res = subprocess.run([sys.executable, "-m", "lego", *app, *hydra_args, *TINY, "hydra.run.dir=run"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = lego_run([*app, *hydra_args, *TINY, "hydra.run.dir=run"], cwd=tmp_path,
+                   env={"LEGO_CACHE_DIR": str(tmp_path / "cache")})
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / "metrics.json").is_file() and "run dir:" in res.stdout

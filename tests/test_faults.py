@@ -1,7 +1,9 @@
 """Never lose a run: bad input is answered in one line, and a run killed, interrupted or diverged
 keeps what it finished; the rerun of the same command ends with the numbers of an uninterrupted run.
 
-Every `lego-run` here is the installed console script in a subprocess, as a user meets it:
+A run that is killed or interrupted is the installed console script in a subprocess, as a user
+meets it; the rerun, the reference run and the bad-input cases call `lego.cli.main` (what the
+console script calls) in this process, and one bad-input case drives the console script:
 
     lego-run <FAULT overrides> hydra.run.dir=<dir>      # killed with SIGKILL, then run again
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY
+from conftest import lego_run as lego_run_here
 
 from lego.artifacts import load_checkpoint
 
@@ -37,19 +40,19 @@ def _exe() -> str:
 
 
 def _env(cache: Path) -> dict:
-    return dict(os.environ, LEGO_CACHE_DIR=str(cache), HYDRA_FULL_ERROR="0")
+    return {"LEGO_CACHE_DIR": str(cache), "HYDRA_FULL_ERROR": "0"}
 
 
-def lego_run(args, cwd: Path, cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([_exe(), *args], cwd=cwd, env=_env(cache), capture_output=True, text=True,
-                          timeout=timeout)
+def lego_run(args, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    """`lego-run <args>` in this process (lego.cli.main)."""
+    return lego_run_here(args, cwd=cwd, env=_env(cache))
 
 
 def start(args, cwd: Path, cache: Path, log_name: str) -> subprocess.Popen:
     """`lego-run` in the background; output to files (a full pipe would stall it)."""
     out = open(cwd / f"{log_name}.out", "w")
-    return subprocess.Popen([_exe(), *args], cwd=cwd, env=_env(cache), stdout=out, stderr=subprocess.STDOUT,
-                            preexec_fn=_default_sigint)
+    return subprocess.Popen([_exe(), *args], cwd=cwd, env=dict(os.environ, **_env(cache)), stdout=out,
+                            stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
 
 
 def _default_sigint() -> None:
@@ -143,7 +146,6 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name,args,setup,statuses,words", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
 def test_bad_input_is_one_clear_line(workspace, name, args, setup, statuses, words):
     if name == "cuda_without_cuda" and torch.cuda.is_available():
@@ -160,6 +162,18 @@ def test_bad_input_is_one_clear_line(workspace, name, args, setup, statuses, wor
     if statuses != (1,) or name == "diverged_loss":  # ours, not Hydra's: the error line and the run dir
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert len(lines) == 2 and lines[0].startswith("lego-run: error: ") and lines[1].startswith("run dir: "), lines
+
+
+@pytest.mark.slow
+def test_console_script_exits_2_on_bad_input(tmp_path):
+    """The exit-status contract as a shell sees it: the installed `lego-run` passes main()'s 2 to exit."""
+    res = subprocess.run([_exe(), *FAULT, "hard_example_ratio=0", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                         env=dict(os.environ, **_env(tmp_path / "cache")), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines == ["lego-run: error: hard_example_ratio=0.0 must be strictly between 0 and 1",
+                     f"run dir: {tmp_path / 'run'}"], lines
+    assert "Traceback" not in res.stdout
 
 
 # -- faults ----------------------------------------------------------------------------------------

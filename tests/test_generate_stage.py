@@ -1,23 +1,19 @@
 """Stage `generate` in a run: its files, `stages=[generate]` on a finished run, bad input.
 
-One tiny finished run (`finished`) serves the module; the bad-input checks drive `python -m lego`
-in a subprocess as a user meets it, and stop at validation (no training).
+One tiny finished run (`finished`) serves the module; the bad-input checks call `lego-run`'s
+main in this process (tests/test_faults.py drives the console script) and stop at validation
+(no training).
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import TINY, tiny_config
+from conftest import TINY, lego_run, tiny_config
 
 from lego.config import ConfigError
 from lego.run import run
 
-REPO = Path(__file__).resolve().parent.parent
 DECODERS = ["dense", "routed", "speculative_k2", "speculative_k4"]  # debug=tiny's: every decoder, k = 2 and 4
 
 
@@ -102,12 +98,10 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name,args,words", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
 def test_bad_generate_input_is_one_clear_line(tmp_path, name, args, words):
-    env = dict(os.environ, PYTHONPATH=str(REPO), LEGO_CACHE_DIR=str(tmp_path / "cache"), HYDRA_FULL_ERROR="0")
-    res = subprocess.run([sys.executable, "-m", "lego", *TINY, *args, "hydra.run.dir=run"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = lego_run([*TINY, *args, "hydra.run.dir=run"], cwd=tmp_path,
+                   env={"LEGO_CACHE_DIR": str(tmp_path / "cache"), "HYDRA_FULL_ERROR": "0"})
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 2 and lines[0].startswith("lego-run: error: ") and lines[1].startswith("run dir: "), lines

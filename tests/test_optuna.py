@@ -2,11 +2,7 @@
 and the sweep summary picks the best trial on validation before it shows test numbers."""
 
 import json
-import os
-import subprocess
-import sys
 from importlib.util import find_spec
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -15,8 +11,6 @@ from lego.cli import job_dirname
 from lego.config import ASHEMConfig, validate
 from lego.sweep import best_trial as summarize
 from lego.sweep import main as summary_main
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _has_optuna_sweeper() -> bool:
@@ -118,13 +112,14 @@ def test_preset_composes_with_the_optuna_sweeper():
 
 @pytest.mark.slow
 @needs_optuna
+@pytest.mark.filterwarnings("ignore:Deprecated API features detected")  # optuna 2.x on SQLAlchemy 1.4 (pyproject)
 def test_optuna_sweep_reports_the_best_validation_trial(tmp_path):
+    """`lego-run -m hparams_search=lr_ratio` with three trials (lego-run's main in this process)."""
+    from conftest import lego_run
     from test_cli import TINY
 
-    env = dict(os.environ, PYTHONPATH=str(REPO), LEGO_CACHE_DIR=str(tmp_path / "cache"))
-    res = subprocess.run([sys.executable, "-m", "lego", "-m", "hparams_search=lr_ratio", "hydra.sweeper.n_trials=3",
-                          *TINY, "hydra.sweep.dir=sweep"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=900)
+    res = lego_run(["-m", "hparams_search=lr_ratio", "hydra.sweeper.n_trials=3", *TINY, "hydra.sweep.dir=sweep"],
+                   cwd=tmp_path, env={"LEGO_CACHE_DIR": str(tmp_path / "cache")})
     assert res.returncode == 0, res.stderr[-3000:]
     sweep = tmp_path / "sweep"
     jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())

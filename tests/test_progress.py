@@ -112,7 +112,11 @@ def test_a_run_logged_to_a_file_shows_progress_lines(tmp_path):
     assert "\r" not in log  # no carriage-return bar in a file
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["provenance"]["argv"][1:] == args
-    # progress=false: neither bars nor lines
-    quiet = subprocess.run([sys.executable, "-m", "lego", *args[:-1], "progress=false", "hydra.run.dir=quiet"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    # progress=false: neither bars nor lines (lego-run's main in this process, output not a terminal either);
+    # phase1.cache=false, so that the phases train again instead of coming from the first run's cache
+    from conftest import lego_run
+
+    quiet = lego_run([*args[:-1], "progress=false", "phase1.cache=false", "hydra.run.dir=quiet"], cwd=tmp_path,
+                     env={"LEGO_CACHE_DIR": str(tmp_path / "cache")})
+    assert "phase1 epoch 1" in (tmp_path / "quiet" / "lego.log").read_text()  # it trained
     assert quiet.returncode == 0 and "batch (" not in quiet.stdout + quiet.stderr

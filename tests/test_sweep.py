@@ -4,13 +4,11 @@ import csv
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import TINY as TINY_RUN
+from conftest import lego_run
 from omegaconf import OmegaConf
 
 from lego.sweep import SweepSummary, write_summary
@@ -112,12 +110,10 @@ TINY = [*TINY_RUN, "eval.standard_baseline=false"]  # debug=tiny, one thread
 
 @pytest.mark.slow
 def test_multirun_writes_summary_at_the_sweep_root(tmp_path):
-    env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    """`lego-run -m seed=0,1` (main in this process; tests/test_cli.py drives a sweep in a subprocess)."""
     # microseconds in the sweep dir: the callback must see the very directory the jobs were written to
     args = ["-m", "seed=0,1", *TINY, "hydra.sweep.dir=sweep/${now:%H-%M-%S-%f}"]  # the callback is on by default
-    res = subprocess.run([sys.executable, "-m", "lego", *args], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=900, check=False)
+    res = lego_run(args, cwd=tmp_path, env={"LEGO_CACHE_DIR": str(tmp_path / "cache")})
     assert res.returncode == 0, res.stderr[-3000:]
     (sweep,) = (tmp_path / "sweep").iterdir()
     jobs = sorted(sweep.glob("*/metrics.json"))

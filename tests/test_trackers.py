@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -248,16 +247,14 @@ def test_run_sends_each_stage_to_the_tracker(tmp_path):
 
 @pytest.mark.slow
 def test_lego_run_logger_tensorboard_writes_readable_events(tmp_path):
-    """`lego-run logger=tensorboard` (the installed CLI): event files whose scalars are each stage's curves."""
+    """`lego-run logger=tensorboard` (lego-run's main in this process): event files whose scalars are
+    each stage's curves."""
     pytest.importorskip("tensorboard")
-    import subprocess
-
-    from conftest import TINY
+    from conftest import TINY, lego_run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"))
-    res = subprocess.run([sys.executable, "-m", "lego", *TINY, "logger=tensorboard", "logger.log_every=1",
-                          "eval.standard_baseline=false", "hydra.run.dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = lego_run([*TINY, "logger=tensorboard", "logger.log_every=1", "eval.standard_baseline=false",
+                    "hydra.run.dir=run"], cwd=tmp_path, env={"LEGO_CACHE_DIR": str(tmp_path / "cache")})
     assert res.returncode == 0, res.stderr[-3000:]
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     acc.Reload()
