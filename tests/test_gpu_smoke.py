@@ -6,13 +6,20 @@ described, and on a CPU it trains 2 steps a phase when shrunk on the command lin
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+import torch
 from conftest import compose_config
 
 from lego.cli import to_config
 from lego.config import block_layers, resolve, validate
 from lego.run import run
 
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 # model, data and budget shrunk to seconds on one CPU thread; everything else is the preset's
 SHRUNK = ["device=cpu", "model.precision=fp32", "model.compile=false", "model.dim=16", "model.num_heads=2",
           "model.max_seq_len=16", "blocks=[1,2]", "data.tokenizer=bytes", "data.seq_len=16", "data.batch_size=8",
@@ -39,3 +46,21 @@ def test_gpu_smoke_trains_two_steps_a_phase_on_cpu_when_shrunk(tmp_path):
         assert len(rows) == 1 and rows[0]["steps"] == 2, rows
         assert math.isfinite(rows[0]["train_loss"]) and math.isfinite(rows[0]["val_loss"]), rows
     assert math.isfinite(summary["ppl"])
+
+    # scripts/gpu_check.sh's checks on this run: finite losses pass and tokens/s is printed; a NaN fails
+    res = subprocess.run(["bash", str(SCRIPT), "--report", str(tmp_path / "run")], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHON=sys.executable), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("tokens/s") == 2 and "test ppl" in res.stdout, res.stdout
+    history = tmp_path / "run" / "phase2" / "history.jsonl"
+    history.write_text(history.read_text().replace('"train_loss": ', '"train_loss": NaN, "was": '))
+    res = subprocess.run(["bash", str(SCRIPT), "--report", str(tmp_path / "run")], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHON=sys.executable), timeout=60)
+    assert res.returncode != 0 and "FAILED" in res.stderr and "non-finite losses" in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_gpu_check_says_so_without_cuda():
+    res = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHON=sys.executable), timeout=60)
+    assert res.returncode == 2 and "no CUDA device" in res.stderr and not res.stdout, (res.stdout, res.stderr)
