@@ -124,6 +124,7 @@ def own_gpu():
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    distributed.setup()  # the tasks of a Slurm job that a launcher (submitit) started; joined already under torchrun
     distributed.quiet_logging()  # under torchrun, ranks above 0 log warnings only
     try:
         distributed.agree_run_dir(run_dir)

@@ -161,6 +161,33 @@ def test_two_slurm_tasks_are_one_ddp_run(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
 
 
+@pytest.mark.slow
+def test_slurm_tasks_train_phase1_as_torchrun_does(tmp_path):
+    """`python -m lego` started twice as Slurm tasks (no torchrun) writes one run whose phase-1 weights
+    equal, bit for bit, those of the same command under `torchrun --nproc_per_node=2`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    args = ["-m", "lego", *TINY, "stages=[phase1]", "phase1.max_epochs=1", "phase1.cache=false"]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args,
+                          "hydra.run.dir=torchrun"], cwd=tmp_path, env=dict(env, LEGO_CACHE_DIR=str(tmp_path / "c1")),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    slurm = dict(env, LEGO_CACHE_DIR=str(tmp_path / "c2"), SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))
+    procs = [subprocess.Popen([sys.executable, *args, "hydra.run.dir=slurm"], cwd=tmp_path,
+                              env=dict(slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert all(f"run dir: {tmp_path / 'slurm'}" in o for o in outs)  # both tasks in the one directory
+    assert (tmp_path / "slurm/phase1/history.jsonl").read_text().count("\n") == 1  # written once, by rank 0
+    ours, theirs = (torch.load(tmp_path / d / "phase1/model.pt", weights_only=True)["state_dict"]
+                     for d in ("slurm", "torchrun"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_slurm_env_maps_to_torchrun_names():
     job = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234567",
            "SLURM_JOB_NODELIST": "gpu[07-08,12],cpu01"}
