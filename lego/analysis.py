@@ -86,7 +86,7 @@ def token_outputs(model, loader: Iterable, device, *, exit_layer, measures: Sequ
         for layer in exits:  # as lego.evaluation.cascade_exits computes each exit (upper_context='full')
             with model.autocast():
                 h = model.run_layers(h, start, layer)  # (B, T, C)
-                logits = model.logits_at(h, layer).float()  # (B, T, V)
+                logits = model.logits_at(h, layer)  # (B, T, V)
             st = token_stats(logits, targets, first, ignore_index)
             for m in measures:
                 conf[m].append((st["conf"] if m == first else confidence_from_logits(logits, m))[valid])
@@ -95,7 +95,7 @@ def token_outputs(model, loader: Iterable, device, *, exit_layer, measures: Sequ
             start = layer
         with model.autocast():
             h_deep = model.run_layers(h, start, L)
-            deep_logits = model.logits_at(h_deep[valid], L).float()  # (N, V)
+            deep_logits = model.logits_at(h_deep[valid], L)  # (N, V)
         y = targets[valid]
         deep = token_stats(deep_logits, y, None)  # (N,)
         grid = torch.stack(torch.meshgrid(torch.arange(rows, rows + B, device=device),

@@ -12,6 +12,7 @@ fails, and rerunning the same command with hydra.run.dir=<run dir> resumes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -99,15 +101,36 @@ def to_config(cfg: DictConfig) -> ASHEMConfig:
     return obj
 
 
+@contextlib.contextmanager
+def own_gpu():
+    """Under hydra/launcher=joblib with several GPUs, this job's own one (the current CUDA device, which
+    device=auto|cuda uses) for as long as it runs; a no-op otherwise.
+
+    torch.cuda.set_device, not CUDA_VISIBLE_DEVICES: joblib reuses its worker processes, and a worker
+    that has already started CUDA for an earlier job ignores a changed CUDA_VISIBLE_DEVICES.
+    """
+    hc = HydraConfig.get()
+    joblib = hc.mode == RunMode.MULTIRUN and "joblib" in str(hc.launcher.get("_target_", ""))
+    if not joblib or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        yield
+        return
+    with distributed.job_slot(Path(hc.sweep.dir) / ".lego" / "gpu_slots") as slot:
+        gpu = distributed.gpu_for_slot(slot, torch.cuda.device_count())
+        torch.cuda.set_device(gpu)
+        log.info("sweep job %s: slot %d, cuda:%d", hc.job.num, slot, gpu)
+        yield
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    distributed.setup()  # the tasks of a Slurm job that a launcher (submitit) started; joined already under torchrun
     distributed.quiet_logging()  # under torchrun, ranks above 0 log warnings only
     try:
         distributed.agree_run_dir(run_dir)
         config = to_config(cfg)
         keep_hydra_record(run_dir)
-        with progress_logging():  # Hydra's console handler, set up by now, prints above progress bars
+        with progress_logging(), own_gpu():  # Hydra's console handler, set up by now, prints above progress bars
             summary = run(config, run_dir, argv=typed_argv())
     except (ConfigError, StageError, LockBusy, TrainingDiverged) as e:
         if isinstance(e, RunDirTaken):

@@ -27,29 +27,42 @@ def confidence_from_logits(logits: torch.Tensor, measure: str = "max_prob") -> t
 
 
 def token_stats(logits: torch.Tensor, targets: Optional[torch.Tensor], measure: Optional[str] = "max_prob",
-                ignore_index: int = IGNORE_INDEX) -> Dict[str, torch.Tensor]:
-    """What routing and scoring need per token, from one log-softmax of (..., V) logits.
+                ignore_index: int = IGNORE_INDEX, chunk: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """What routing and scoring need per token, from one log-softmax of (..., V) logits of any float dtype.
 
     Returns (...)-shaped tensors: 'conf' (float32, `measure`; absent when measure is None) and,
     with `targets`, 'nll' (the target's negative log-likelihood; 0 where the target is
-    ignore_index) and 'pred' (the top-1 token). On CPU the rows go in chunks of 4 MB: a whole
-    (B, T, V) temporary costs more than the arithmetic (page faults, cache misses), and every
-    value is computed row by row, so chunks change no bit. Replaces separate softmax, cross
-    entropy, argmax and boolean-index passes over the logits (each a full read of them).
+    ignore_index) and 'pred' (the top-1 token). Rows go `chunk` at a time (default `chunk_rows`),
+    each chunk cast to float32 on its own (float64 logits stay float64): no float32 copy of the whole
+    (B, T, V) is ever made (at B=64, T=1024, V=50k that copy alone is 13 GB). Every value is computed
+    row by row, so the chunk size changes no bit. Replaces separate softmax, cross entropy, argmax and
+    boolean-index passes over the logits (each a full read of them).
     """
     if measure is not None:
         check_choice("confidence", measure, CONFIDENCE_MEASURES)
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
     flat_t = None if targets is None else targets.reshape(-1)
-    rows = max(1, _CHUNK_ELEMENTS // V) if logits.device.type == "cpu" else max(1, flat.shape[0])
+    rows = chunk_rows(V, logits.device) if chunk is None else chunk
+    if rows < 1:
+        raise ValueError(f"chunk={chunk} must be a positive number of rows")
     starts = range(0, flat.shape[0], rows) if flat.shape[0] else [0]
-    parts = [_row_stats(flat[i:i + rows], None if flat_t is None else flat_t[i:i + rows], measure, ignore_index)
-             for i in starts]
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 -> float32; float64 stays
+    parts = [_row_stats(flat[i:i + rows].to(dtype), None if flat_t is None else flat_t[i:i + rows], measure,
+                        ignore_index) for i in starts]
     return {k: torch.cat([p[k] for p in parts]).view(logits.shape[:-1]) for k in parts[0]}
 
 
-_CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32 logits per chunk
+_CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32 logits per chunk on CPU
+_CHUNK_ELEMENTS_ACCELERATOR = 1 << 26  # 256 MB on a GPU: few kernel launches, a few chunks' worth of temporaries
+
+
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """`token_stats`' default rows per chunk. CPU: 4 MB of float32 logits, since a whole (B, T, V)
+    temporary costs more than the arithmetic (page faults, cache misses); GPU: 256 MB, large
+    enough that launches do not dominate, small enough next to the model (V=50k: 1,334 rows)."""
+    budget = _CHUNK_ELEMENTS if torch.device(device).type == "cpu" else _CHUNK_ELEMENTS_ACCELERATOR
+    return max(1, budget // vocab)
 
 
 def _row_stats(logits: torch.Tensor, targets: Optional[torch.Tensor], measure: Optional[str],
@@ -77,7 +90,7 @@ def _row_stats(logits: torch.Tensor, targets: Optional[torch.Tensor], measure: O
 def compute_confidence(model, hidden_state: torch.Tensor, measure: Optional[str] = None) -> torch.Tensor:
     """Confidence of the early exit's prediction: the exit head (`output_head`) on `hidden_state`."""
     with model.autocast():
-        logits = model.output_head(hidden_state).float()
+        logits = model.output_head(hidden_state)
     return confidence_from_logits(logits, measure or model.confidence)
 
 

@@ -3,8 +3,11 @@
     torchrun --nproc_per_node=2 -m lego device=cpu hydra.run.dir=runs/ddp   # CPU processes, gloo
     torchrun --nproc_per_node=8 -m lego device=cuda model=small             # one GPU each, nccl
 
-`setup()` joins torchrun's process group only when its WORLD_SIZE is above 1; otherwise every
-helper here is the identity (rank 0 of 1) and single-process runs never touch torch.distributed.
+    srun --ntasks-per-node=8 --gpus-per-node=8 python -m lego model=small   # Slurm: one task per GPU
+
+`setup()` joins the process group only when torchrun's WORLD_SIZE (or, without it, Slurm's
+SLURM_NTASKS) is above 1; otherwise every helper here is the identity (rank 0 of 1) and
+single-process runs never touch torch.distributed.
 Collectives on CPU tensors go through gloo, gradients of CUDA models through nccl. Training
 batches are sharded per rank (`make_loader(rank=, world_size=)`), DistributedDataParallel
 averages gradients (`data_parallel`), and the sums behind every reported number are added
@@ -17,11 +20,13 @@ import contextlib
 import datetime
 import functools
 import inspect
+import itertools
 import logging
 import math
 import os
 import time
-from typing import Any, Callable, List, Sequence
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,8 +37,38 @@ _CPU = torch.device("cpu")  # control collectives: always gloo, never a GPU sync
 
 
 def launched() -> bool:
-    """True when torchrun (or another env:// launcher) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when torchrun (WORLD_SIZE), or Slurm's srun without torchrun (SLURM_NTASKS), started this
+    process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", slurm_env().get("WORLD_SIZE", "1"))) > 1
+
+
+def slurm_env(environ=os.environ) -> dict:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from a Slurm task's.
+
+    Empty unless Slurm started this process as a task (SLURM_PROCID and SLURM_NTASKS set) and
+    torchrun did not (no WORLD_SIZE: `srun torchrun ...` keeps torchrun's own). MASTER_ADDR and
+    MASTER_PORT are kept when set; otherwise the address is the job's first node and the port
+    15000 + (job id mod 20000), so every task of a job agrees on both without talking. Start the
+    tasks with srun: a batch script's own shell also carries SLURM_PROCID=0, and a plain
+    `python -m lego` there with --ntasks above 1 would wait for peers that never come.
+    """
+    if "WORLD_SIZE" in environ or "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+        return {}
+    nodes = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or "127.0.0.1"
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodes),
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(15000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[07-09,12],cpu01" -> "gpu07" (what `scontrol show
+    hostnames` prints first, without needing scontrol on the node)."""
+    head = nodelist.split(",")[0]
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)  # "gpu[07-09" of "gpu[07-09,12]"
+    return prefix + ranges.split("-")[0].rstrip("]")
 
 
 def is_distributed() -> bool:
@@ -58,7 +93,8 @@ def is_main() -> bool:
 
 
 def setup() -> bool:
-    """Join the process group from torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+    """Join the process group from torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
+    or from a Slurm task's (`slurm_env`, exported as torchrun's names so every reader agrees).
 
     Does nothing for WORLD_SIZE <= 1 or when already joined; returns True if this call joined.
     The backend holds gloo for CPU tensors, plus nccl for CUDA tensors where CUDA exists, so one
@@ -68,6 +104,7 @@ def setup() -> bool:
         return False
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    os.environ.update(slurm_env())
     backend = "gloo"
     if torch.cuda.is_available():
         backend = "cpu:gloo,cuda:nccl"
@@ -90,6 +127,32 @@ def device_for_rank(device: torch.device) -> torch.device:
         log.warning("device=%s ignored under torchrun: rank %d uses cuda:%d (LOCAL_RANK)", device, rank(), index)
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+# -- sweep jobs side by side (hydra/launcher=joblib) ---------------------------------------------------
+@contextlib.contextmanager
+def job_slot(lock_dir: Path):
+    """The lowest slot number (0, 1, ...) that no other running job holds, held for the `with` block.
+
+    A slot is a file lock in `lock_dir` (the sweep directory's), so jobs in any process of the sweep
+    agree, and the kernel frees the slot of a job that dies. n jobs at once hold slots 0..n-1.
+    """
+    from lego.artifacts import LockBusy, file_lock
+
+    with contextlib.ExitStack() as stack:
+        for slot in itertools.count():
+            try:
+                stack.enter_context(file_lock(Path(lock_dir) / f"slot-{slot}.lock", blocking=False))
+                break
+            except LockBusy:
+                continue
+        yield slot
+
+
+def gpu_for_slot(slot: int, num_gpus: int) -> Optional[int]:
+    """The GPU of the job in `slot`: jobs at once spread over the GPUs round-robin; None with fewer
+    than 2 GPUs (nothing to choose, the device stays as configured)."""
+    return slot % num_gpus if num_gpus > 1 else None
 
 
 # -- collectives (identity in a single process) ------------------------------------------------------

@@ -81,7 +81,7 @@ def cascade_exits(model, inputs: torch.Tensor, exit_layers: Sequence[int], thres
     for j, layer in enumerate(exit_layers):
         with model.autocast():
             h = model.run_layers(h, start, layer, hard=None if j == 0 else reach, policy=policy)
-            logits = model.logits_at(h, layer).float()  # (B, T, V)
+            logits = model.logits_at(h, layer)  # (B, T, V)
         st = token_stats(logits, targets, measure, ignore_index)
         stop = (st["conf"] >= thresholds[j]) & reach if j < len(thresholds) else None
         passes.append({"layer": layer, "stats": st, "reach": reach, "stop": stop})
@@ -128,7 +128,7 @@ def evaluate(config: TrainingConfig, model, loader: Iterable, device, *, progres
         if not routed:
             with model.autocast():
                 h = model.run_layers(model.embed(inputs), 0, exit_layer)
-                exit_logits = model.logits_at(h, exit_layer).float()
+                exit_logits = model.logits_at(h, exit_layer)
             st = token_stats(exit_logits, targets, None, cfg.ignore_index)
             nll += float(st["nll"].sum(dtype=torch.float64))  # 0 at ignored targets; float64: sums feed identities
             correct += float(((st["pred"] == targets) & valid).sum())
@@ -152,7 +152,7 @@ def evaluate(config: TrainingConfig, model, loader: Iterable, device, *, progres
                 correct_exit += float(ok.sum())
         with model.autocast():
             h_deep = model.run_layers(h, exits[-1], deep, hard=hard, policy=policy)
-            deep_logits = model.logits_at(h_deep[hard], deep).float()  # the tokens that reach it only
+            deep_logits = model.logits_at(h_deep[hard], deep)  # the tokens that reach it only
         d_y = targets[hard]
         dp = token_stats(deep_logits, d_y, None)
         d_nll, d_ok = dp["nll"].sum(dtype=torch.float64), (dp["pred"] == d_y).sum()

@@ -47,14 +47,14 @@ def labelled_tokens(model, loader: Iterable, device, *, exit_layer: Optional[int
         if exit_layer is not None:
             with model.autocast():
                 h = model.run_layers(h, 0, exit_layer)
-                logits = model.logits_at(h, exit_layer).float()  # (B, T, V)
+                logits = model.logits_at(h, exit_layer)  # (B, T, V)
             st = token_stats(logits, targets, measure, ignore_index)
             out.update(conf=st["conf"][valid], nll_exit=st["nll"][valid], ok_exit=(st["pred"] == targets)[valid])
             if hidden:
                 out["hidden"] = h[valid].float()  # (N, C)
         with model.autocast():
             h = model.run_layers(h, exit_layer or 0, L)
-            deep = token_stats(model.logits_at(h[valid], L).float(), targets[valid], None, ignore_index)
+            deep = token_stats(model.logits_at(h[valid], L), targets[valid], None, ignore_index)
         out.update(nll_deep=deep["nll"], ok_deep=deep["pred"] == targets[valid])
         for key, value in out.items():
             parts.setdefault(key, []).append(value.cpu())

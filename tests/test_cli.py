@@ -121,4 +121,4 @@ def test_launcher_configs():
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     slurm = OmegaConf.load(Path(CONF_DIR) / "hydra/launcher/slurm.yaml")
     assert list(slurm.defaults) == ["submitit_slurm", "_self_"]
-    assert {"partition", "timeout_min", "cpus_per_task", "gpus_per_node"} <= set(slurm)
+    assert {"partition", "timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node"} <= set(slurm)

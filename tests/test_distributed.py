@@ -4,6 +4,7 @@ whole `torchrun --nproc_per_node=2 -m lego` run on CPU checked against a single 
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -30,11 +31,41 @@ def _batches(seed: int, n: int = 4, b: int = 3, t: int = 8, vocab: int = 16):
     return [(s[:, :-1].clone(), s[:, 1:].clone()) for s in seq]
 
 
-def _worker(rank: int, init_file: str) -> None:
-    from lego.batches import make_loader
+def _ddp_equals_one_process(rank: int) -> None:
+    """In a joined 2-rank group: two epochs of DDP training equal one process stepping on the mean of both
+    ranks' losses, and every rank ends with bit-identical weights."""
     from lego.config import create_standard_config
     from lego.model import DeepSupervisionTransformer
     from lego.training import Trainer
+
+    torch.manual_seed(0)
+    model = DeepSupervisionTransformer(16, 16, 2, 2, max_seq_len=8)
+    reference = copy.deepcopy(model)
+    trainer = Trainer(create_standard_config(2), 16, "cpu", progress=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    shards = [_batches(0), _batches(1)]
+    for epoch in (1, 2):
+        loss = trainer.train_epoch(model, shards[rank], opt, epoch)
+        ref_sum = ref_n = 0.0
+        for both in zip(*shards):
+            ref_opt.zero_grad()
+            parts = [trainer.stage_loss_sum(reference, x, y) for x, y in both]
+            sum(total / n for total, n in parts).div(2).backward()
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+            ref_opt.step()
+            ref_sum += sum(float(total) for total, _ in parts)
+            ref_n += sum(float(n) for _, n in parts)  # stage_loss_sum's count is a 0-d tensor
+        assert loss == pytest.approx(ref_sum / ref_n, rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    # ... and every rank holds bit-identical weights
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(distributed.broadcast(flat), flat)
+
+
+def _worker(rank: int, init_file: str) -> None:
+    from lego.batches import make_loader
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -65,31 +96,7 @@ def _worker(rank: int, init_file: str) -> None:
                 got = [x for x, _ in mine]
                 assert len(got) == len(mine) == len(expect) and all(torch.equal(a, b) for a, b in zip(got, expect))
 
-        # DDP: two epochs (a fresh wrapper each) equal one process stepping on the mean of both ranks' losses
-        torch.manual_seed(0)
-        model = DeepSupervisionTransformer(16, 16, 2, 2, max_seq_len=8)
-        reference = copy.deepcopy(model)
-        trainer = Trainer(create_standard_config(2), 16, "cpu", progress=False)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-        shards = [_batches(0), _batches(1)]
-        for epoch in (1, 2):
-            loss = trainer.train_epoch(model, shards[rank], opt, epoch)
-            ref_sum = ref_n = 0.0
-            for both in zip(*shards):
-                ref_opt.zero_grad()
-                parts = [trainer.stage_loss_sum(reference, x, y) for x, y in both]
-                sum(total / n for total, n in parts).div(2).backward()
-                torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
-                ref_opt.step()
-                ref_sum += sum(float(total) for total, _ in parts)
-                ref_n += sum(float(n) for _, n in parts)  # stage_loss_sum's count is a 0-d tensor
-            assert loss == pytest.approx(ref_sum / ref_n, rel=1e-5)
-        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
-        # ... and every rank holds bit-identical weights
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        assert torch.equal(distributed.broadcast(flat), flat)
+        _ddp_equals_one_process(rank)
 
         # Hydra's ${now:...} reads rank 0's clock, even when rank 1's runs 3 s ahead
         import hydra.core.utils as hydra_utils
@@ -124,6 +131,86 @@ def test_single_process_helpers_are_identity():
     assert distributed.hydra_args(["a=1"]) == ["a=1"]
     distributed.barrier()
     assert distributed.setup() is False  # no WORLD_SIZE > 1 in this process
+
+
+# -- Slurm tasks and sweep jobs ---------------------------------------------------------------------
+def _slurm_task() -> None:
+    """One task of `srun --ntasks=2` (run in a subprocess): joins from Slurm's variables alone."""
+    torch.set_num_threads(1)
+    rank = int(os.environ["SLURM_PROCID"])
+    assert distributed.launched() and distributed.setup()
+    try:
+        assert (distributed.rank(), distributed.world_size(), distributed.local_rank()) == (rank, 2, rank)
+        assert os.environ["MASTER_ADDR"] == "localhost"  # the first node of SLURM_JOB_NODELIST
+        _ddp_equals_one_process(rank)
+    finally:
+        distributed.teardown()
+
+
+def test_two_slurm_tasks_are_one_ddp_run(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    base.update(SLURM_NTASKS="2", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost,other[1-3]",
+                MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_distributed as t; t._slurm_task()"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+
+
+@pytest.mark.slow
+def test_slurm_tasks_train_phase1_as_torchrun_does(tmp_path):
+    """`python -m lego` started twice as Slurm tasks (no torchrun) writes one run whose phase-1 weights
+    equal, bit for bit, those of the same command under `torchrun --nproc_per_node=2`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    args = ["-m", "lego", *TINY, "stages=[phase1]", "phase1.max_epochs=1", "phase1.cache=false"]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args,
+                          "hydra.run.dir=torchrun"], cwd=tmp_path, env=dict(env, LEGO_CACHE_DIR=str(tmp_path / "c1")),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    slurm = dict(env, LEGO_CACHE_DIR=str(tmp_path / "c2"), SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))
+    procs = [subprocess.Popen([sys.executable, *args, "hydra.run.dir=slurm"], cwd=tmp_path,
+                              env=dict(slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert all(f"run dir: {tmp_path / 'slurm'}" in o for o in outs)  # both tasks in the one directory
+    assert (tmp_path / "slurm/phase1/history.jsonl").read_text().count("\n") == 1  # written once, by rank 0
+    ours, theirs = (torch.load(tmp_path / d / "phase1/model.pt", weights_only=True)["state_dict"]
+                     for d in ("slurm", "torchrun"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_slurm_env_maps_to_torchrun_names():
+    job = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234567",
+           "SLURM_JOB_NODELIST": "gpu[07-08,12],cpu01"}
+    assert distributed.slurm_env(job) == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1",
+                                          "MASTER_ADDR": "gpu07", "MASTER_PORT": str(15000 + 1234567 % 20000)}
+    given = distributed.slurm_env({**job, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
+    assert (given["MASTER_ADDR"], given["MASTER_PORT"]) == ("10.0.0.1", "29500")
+    assert distributed.slurm_env({**job, "WORLD_SIZE": "16"}) == {}  # srun torchrun ...: torchrun's own
+    assert distributed.slurm_env({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}) == {}  # no task of a step
+    assert [distributed.first_host(n) for n in ("node1", "a,b", "x[3]", "gpu[07-09,12]", "r1n[002,005]")] == \
+        ["node1", "a", "x3", "gpu07", "r1n002"]
+
+
+def test_sweep_jobs_take_distinct_slots_and_gpus(tmp_path):
+    with distributed.job_slot(tmp_path) as a, distributed.job_slot(tmp_path) as b:
+        assert (a, b) == (0, 1)
+        with distributed.job_slot(tmp_path) as c:
+            assert c == 2
+    with distributed.job_slot(tmp_path) as again:  # freed slots are taken again, lowest first
+        assert again == 0
+    assert [distributed.gpu_for_slot(s, 4) for s in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert [distributed.gpu_for_slot(s, 2) for s in range(3)] == [0, 1, 0]
+    assert distributed.gpu_for_slot(3, 1) is None and distributed.gpu_for_slot(0, 0) is None  # one GPU or CPU
 
 
 # -- a whole run under torchrun ------------------------------------------------------------------
