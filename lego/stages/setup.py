@@ -52,6 +52,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
     else:
         d.pop("blocks"), d.pop("hard_example_ratios")
     d["model"].pop("compile", None)
+    if d["model"].get("exit_head") == "separate" and d["model"].get("exit_rank") is None:  # the specification's
+        d["model"].pop("exit_head"), d["model"].pop("exit_rank")  # heads: run dirs and cache keys from before stay valid
     for phase in ("phase1", "phase2"):  # a constant schedule ignores warmup and floor: runs from before the keys match
         if d[phase]["schedule"] == "constant":
             for key in ("schedule", "warmup_steps", "min_lr_ratio"):
