@@ -10,7 +10,7 @@ from conftest import compose_config
 
 from lego.checkpoint import build_model
 from lego.cli import to_config
-from lego.config import block_layers, validate
+from lego.config import block_layers, resolve, validate
 
 
 @pytest.mark.parametrize("blocks,exits", [(None, [2]), ("[2,4,8]", [2, 4])])
@@ -22,7 +22,7 @@ def test_experiment_deep_is_an_8_layer_model_exiting_after_layer_2(blocks, exits
 
 
 def test_gpt2_small_composes_and_trains_a_few_steps_when_shrunk():
-    cfg = to_config(compose_config(["model=gpt2_small", "blocks=[4,12]", "data.seq_len=16"]))
+    cfg = resolve(to_config(compose_config(["model=gpt2_small", "blocks=[4,12]", "data.seq_len=16"])))
     validate(cfg)
     m = cfg.model
     assert (m.dim, m.num_heads, m.max_seq_len, cfg.phase2.layers) == (768, 12, 1024, 12)
