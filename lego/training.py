@@ -224,7 +224,7 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
 def fit(model, train_one_epoch: Callable[[int, StageTotals, int], float], validate: Callable[[], float], *,
         optimizer, work_dir: Path, budget_steps: int, steps_per_epoch: int, patience: Optional[int], name: str,
         save: Callable[[Path, dict], None], macs: Callable[[StageTotals], float] = lambda totals: 0.0,
-        val_pass_macs: float = 0.0, tracker: Optional[Tracker] = None) -> dict:
+        val_pass_macs: float = 0.0, record: Optional[dict] = None, tracker: Optional[Tracker] = None) -> dict:
     """Train for `budget_steps` optimizer steps, validating every `steps_per_epoch` steps (an "epoch"; the last
     one may be shorter) and after the last, with `early_stopping_loop` in a stage directory: resume from
     `work_dir/last.pt` (written after every epoch), then history.jsonl, result.json and
@@ -236,7 +236,8 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals, int], float], valida
     seconds; the result adds the stage's totals and budget, its training multiply-adds `macs(totals)`, the
     validation passes (`validations`, `val_macs` = their count x `val_pass_macs`: reported, not training
     compute), and whether it converged (`convergence`). `patience`: the opt-in early-stopping guard (None =
-    off). Returns the result without the history. Phase 1, every later Block and every dense model train here.
+    off). `record` adds the caller's own entries to the result (e.g. how its budget was derived). Returns the
+    result without the history. Phase 1, every later Block and every dense model train here.
     With a `tracker`, each validation sends val_loss and val_ppl under the prefix `name`, at the stage's step.
     """
     if budget_steps < 1 or steps_per_epoch < 1:
@@ -264,7 +265,7 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals, int], float], valida
     summary.update(steps=totals.steps, budget_steps=budget_steps, tokens=totals.tokens, counted=totals.counted,
                    train_s=sum(row.get("train_s", 0.0) for row in result["history"]), train_macs=macs(totals),
                    last_lr=result["history"][-1]["lr"], validations=len(result["history"]),
-                   val_macs=len(result["history"]) * val_pass_macs, **convergence(result["history"]))
+                   val_macs=len(result["history"]) * val_pass_macs, **convergence(result["history"]), **(record or {}))
     if distributed.is_main():
         write_jsonl(work_dir / "history.jsonl", result["history"])
         write_json(work_dir / "result.json", summary)

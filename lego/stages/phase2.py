@@ -53,20 +53,19 @@ def grown(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float
 
 
 def rest_of_budget(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, run_dir: Path,
-                   macs_per_step: float) -> Dict[str, float]:
+                   macs_per_step: float) -> Tuple[int, Dict[str, float]]:
     """Phase 2's budget under phase1.budget_fraction: the pipeline's budget is phase1.max_epochs x
     phase1.epoch_steps phase-1 steps (data.batch_size x seq_len tokens through phase1.layers layers,
     `dense_training_macs`); phase 2 gets what phase 1 really spent (phase1/result.json) and the mining that ran
     (`lego.stages.compare.mining_compute`) left of it, as the nearest number of its own steps of
-    `macs_per_step` (at least 1): within half a step of the budget. Returns steps, budget_macs (the pipeline's),
-    rest_macs (what phase 2 was left) and step_macs."""
+    `macs_per_step` (at least 1): within half a step of the budget. Returns the steps and the record of how they
+    were derived: budget_macs (the pipeline's), rest_macs (what phase 2 was left) and step_macs."""
     step1 = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len, num_layers=cfg.phase1.layers,
                                 **model_macs(cfg, vocab_size))
     budget = pipeline_budget_steps(cfg, loaders) * step1
     spent = float(read_json(run_dir / "phase1" / "result.json")["train_macs"])
     rest = max(budget - spent - mining_compute(cfg, loaders, vocab_size)["train_macs"], 0.0)
-    return {"steps": steps_for_macs(rest, macs_per_step), "budget_macs": budget, "rest_macs": rest,
-            "step_macs": macs_per_step}
+    return steps_for_macs(rest, macs_per_step), {"budget_macs": budget, "rest_macs": rest, "step_macs": macs_per_step}
 
 
 def stage_phase2(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float, loaders: Loaders,
@@ -124,11 +123,11 @@ def train_upper(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold:
                                     num_layers=depth, policy=p2.upper_context,
                                     recompute=cfg.hard_examples.store == "recompute", **shape)
 
-    per_epoch, budget = len(train_batches), {}
+    per_epoch = len(train_batches)
+    steps, budget = budget_steps(p2, per_epoch), {}
     if cfg.phase1.budget_fraction is not None:
-        budget = rest_of_budget(cfg, loaders, model1.vocab_size, run_dir,
-                                macs(p2.batch_size * cfg.data.seq_len, hard_ratio(train_hard)))
-    steps = budget.get("steps") or budget_steps(p2, per_epoch)
+        steps, budget = rest_of_budget(cfg, loaders, model1.vocab_size, run_dir,
+                                       macs(p2.batch_size * cfg.data.seq_len, hard_ratio(train_hard)))
     schedule = lr_schedule(p2, steps)
     fit(model2,
         lambda epoch, totals, max_steps: train_upper_layers(
@@ -137,12 +136,11 @@ def train_upper(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold:
             **loop_report(cfg, tracker, name)),
         lambda: evaluate_on_hard_examples(model2, val_hard, None, device, exit_layer)["loss"],
         optimizer=optimizer, work_dir=out, budget_steps=steps, steps_per_epoch=per_epoch, patience=p2.patience,
-        name=name, save=lambda path, result: save_model(path, model2, cfg, stage=name, result={**result, **budget},
+        name=name, save=lambda path, result: save_model(path, model2, cfg, stage=name, result=result,
                                                          threshold=threshold),
         macs=lambda totals: macs(totals.tokens, totals.counted / max(totals.tokens, 1)),
-        val_pass_macs=macs(len(val_hard.dataset) * cfg.data.seq_len, hard_ratio(val_hard)) / 3, tracker=tracker)
-    if budget and distributed.is_main():  # the split of the pipeline's budget, beside the stage's record
-        write_json(out / "result.json", {**read_json(out / "result.json"), **budget})
+        val_pass_macs=macs(len(val_hard.dataset) * cfg.data.seq_len, hard_ratio(val_hard)) / 3, record=budget,
+        tracker=tracker)
     shutil.rmtree(scratch, ignore_errors=True)
     return model2
 
@@ -170,10 +168,11 @@ def train_finetune(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, thresho
     def macs(tokens: float) -> float:  # forward + backward of every layer, both heads
         return dense_training_macs(tokens=tokens, num_layers=depth, heads=2, **shape)
 
-    per_epoch, budget = len(train_batches), {}
+    per_epoch = len(train_batches)
+    steps, budget = budget_steps(p2, per_epoch), {}
     if p1.budget_fraction is not None:
-        budget = rest_of_budget(cfg, loaders, model1.vocab_size, run_dir, macs(cfg.data.batch_size * cfg.data.seq_len))
-    steps = budget.get("steps") or budget_steps(p2, per_epoch)
+        steps, budget = rest_of_budget(cfg, loaders, model1.vocab_size, run_dir,
+                                       macs(cfg.data.batch_size * cfg.data.seq_len))
     schedule = lr_schedule(p2, steps)
     fit(model2,
         lambda epoch, totals, max_steps: train_epoch(
@@ -186,9 +185,9 @@ def train_finetune(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, thresho
                                                             threshold=threshold),
         macs=lambda totals: macs(totals.tokens),
         val_pass_macs=window_positions(loaders.check, cfg.data.seq_len) * forward_macs_per_token(
-            num_layers=depth, heads=2, **shape), tracker=tracker)
-    if distributed.is_main():  # the report must not present Block 1 as the phase-1 model
-        write_json(out / "result.json", {**read_json(out / "result.json"), **budget, "block1_finetuned": True})
+            num_layers=depth, heads=2, **shape),
+        record={**budget, "block1_finetuned": True},  # the report must not present Block 1 as the phase-1 model
+        tracker=tracker)
     return model2
 
 
