@@ -261,6 +261,12 @@ def data_parallel(model: torch.nn.Module, fn: Callable, device) -> Callable:
     return ddp(_Forward(model, fn), device_ids=ids, **{no_sync: False})
 
 
+def no_sync(step: Callable):
+    """The context of a micro-batch whose gradients stay local (gradient accumulation): DDP's `no_sync()` for a
+    `data_parallel` step under torch.distributed, nothing in a single process."""
+    return step.no_sync() if isinstance(step, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+
 # -- Hydra under torchrun -------------------------------------------------------------------------
 def hydra_args(args: List[str]) -> List[str]:
     """Command-line overrides so that every rank's Hydra agrees with rank 0's and only rank 0 writes.

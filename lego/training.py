@@ -1,5 +1,5 @@
-"""Staged losses, the one training loop (`train_epoch`, `fit`: a budget of steps, validation, the opt-in
-early-stopping guard, resume, stage files), `Trainer`.
+"""Staged losses, the one training loop (`train_epoch` with gradient accumulation, `fit`: a budget of steps,
+validation, the opt-in early-stopping guard of `lego.early_stopping`, resume, stage files), `Trainer`.
 
 Three controls stay independent (SPEC section 2): `StageConfig` says where the loss is taken,
 `requires_grad` says what updates, `routing_threshold` + `exit_layer` say where a token stops
@@ -14,13 +14,14 @@ at inference. This module owns the first and the third; the second is the model'
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from lego import distributed
 from lego.artifacts import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from lego.batches import set_loader_epoch
 from lego.config import StageConfig, TrainingConfig, create_standard_config  # noqa: F401  (the API lives here)
+from lego.early_stopping import TrainingDiverged, early_stopping_loop  # noqa: F401  (the API lives here)
 from lego.evaluation import evaluate
 from lego.progress import progress as show_progress
 from lego.trackers import Tracker
@@ -36,97 +38,6 @@ from lego.trackers import Tracker
 LossSumFn = Callable[..., Tuple[torch.Tensor, object]]  # (model, inputs, targets) -> (summed loss, count)
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """Raised when a loss becomes NaN or infinite."""
-
-
-def early_stopping_loop(
-    model: torch.nn.Module,
-    train_epoch: Callable[[int], float],
-    validate: Callable[[], float],
-    *,
-    max_epochs: int,
-    patience: Optional[int],
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    on_epoch_end: Optional[Callable[[dict], None]] = None,
-    resume: Optional[dict] = None,
-    name: str = "train",
-) -> dict:
-    """Train `max_epochs` epochs, validating after each; keep the weights of the best validation loss.
-
-    With `patience` (an opt-in guard; None = off) training also stops once `patience` epochs pass
-    without a better validation loss, and the result says so (`stopped_early`).
-    `train_epoch(epoch)` returns the mean training loss, `validate()` the validation loss.
-    After every epoch `on_epoch_end(state)` receives everything needed to resume (weights,
-    optimizer, best weights, counters, history, RNG); pass such a state as `resume` to continue.
-    Returns best_val_loss, best_val_ppl, best_epoch, epochs_run, stopped_early, history.
-    """
-    if max_epochs < 1:
-        raise ValueError(f"max_epochs={max_epochs} must be >= 1")
-    if patience is not None and patience < 1:
-        raise ValueError(f"patience={patience} must be >= 1 (or None: no early stopping)")
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        if optimizer is not None and resume.get("optimizer") is not None:
-            optimizer.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng"])
-        if resume.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])  # dropout on a GPU resumes exactly too
-        best_state, best_loss, best_epoch = resume["best_state"], resume["best_val_loss"], resume["best_epoch"]
-        bad, history, start = resume["bad_epochs"], list(resume["history"]), resume["epoch"] + 1
-        stopped = resume.get("stopped_early", False)
-        log.info("%s: resuming after epoch %d (best %.4f at epoch %d)", name, resume["epoch"], best_loss, best_epoch)
-    else:
-        best_state, best_loss, best_epoch, bad, history, start, stopped = None, math.inf, 0, 0, [], 1, False
-    epoch = start - 1
-    for epoch in range(start, max_epochs + 1):
-        if stopped:
-            break
-        out = train_epoch(epoch)  # the mean training loss, or a dict with it and per-epoch extras
-        extra = dict(out) if isinstance(out, dict) else {"train_loss": out}
-        train_loss = extra.pop("train_loss")
-        val_loss = validate()
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            kept = (f"epoch {epoch - 1}'s checkpoint is kept" if epoch > 1
-                    else "nothing was saved (it diverged in the first epoch)")
-            raise TrainingDiverged(
-                f"{name}: loss became {train_loss if not math.isfinite(train_loss) else val_loss} at epoch {epoch}; "
-                f"{kept}; lower the learning rate and use a new run dir"
-            )
-        improved = val_loss < best_loss
-        if improved:
-            best_loss, best_epoch, bad = val_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-        stopped = patience is not None and bad >= patience
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
-               "best": improved, **extra}
-        history.append(row)
-        log.info("%s epoch %d: train %.4f  val %.4f (ppl %.2f)%s", name, epoch, train_loss, val_loss,
-                 row["val_ppl"], "  *" if improved else "")
-        if on_epoch_end is not None:
-            on_epoch_end({
-                "epoch": epoch, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "best_state": best_state, "best_val_loss": best_loss, "best_epoch": best_epoch,
-                "bad_epochs": bad, "history": history, "rng": torch.get_rng_state(), "stopped_early": stopped,
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-            })
-        if stopped:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return {
-        "best_val_loss": best_loss,
-        "best_val_ppl": math.exp(min(best_loss, 700)),
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "stopped_early": stopped,
-        "history": history,
-    }
 
 
 @dataclass
@@ -146,23 +57,28 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
                 grad_clip: Optional[float] = None, progress: bool = True, name: str = "train_loader",
                 lr_factor: Optional[Callable[[int], float]] = None, totals: Optional[StageTotals] = None,
                 tracker: Optional[Tracker] = None, prefix: str = "train", log_every: int = 1,
-                progress_interval_s: float = 30.0, max_steps: Optional[int] = None) -> float:
+                progress_interval_s: float = 30.0, max_steps: Optional[int] = None, grad_accum: int = 1) -> float:
     """One pass of optimizer steps over `batches`; the mean loss per counted token. Every stage trains here.
 
     `loss_sum_fn(model, inputs, targets)` returns (summed loss, counted tokens). A count read on
     the device stays there (no host sync per step; a NaN shows up in the epoch's loss, which
-    `early_stopping_loop` checks); a host int count of 0 skips the batch. With `epoch`, the
-    batches' seeded order is that epoch's. `totals` accumulates steps and tokens; with `max_steps` the
-    pass ends once `totals` holds that many steps (the stage's budget ends inside this epoch); with
-    `lr_factor`, step k (counted in `totals` over the whole stage) runs at each group's base lr
-    times `lr_factor(k)` (without it the lr is left alone: bit-identical to no schedule). Under torch.distributed each rank passes its shard,
-    gradients are averaged over ranks (DDP) and the loss is over every rank's tokens.
+    `early_stopping_loop` checks); a host int count of 0 skips the step. One optimizer step takes
+    `grad_accum` consecutive batches (micro-batches; the epoch's last step may take fewer), its loss
+    normalised over the counted tokens of them all: the gradient of one batch `grad_accum` times larger.
+    With `epoch`, the batches' seeded order is that epoch's. `totals` accumulates optimizer steps and
+    tokens (every micro-batch's); with `max_steps` the pass ends once `totals` holds that many steps (the
+    stage's budget ends inside this epoch); with `lr_factor`, step k (counted in `totals` over the whole
+    stage) runs at each group's base lr times `lr_factor(k)` (without it the lr is left alone: bit-identical
+    to no schedule). Under torch.distributed each rank passes its shard, gradients are averaged over ranks
+    (DDP, synchronised on a step's last micro-batch only) and the loss is over every rank's tokens.
 
     With a `tracker` (lego.trackers), every `log_every`-th optimizer step (the stage's step count)
     sends loss, lr, grad_norm and tokens_per_s under `prefix`; device values are read on those
     steps only. `progress` shows `<prefix> epoch <epoch>` as a bar, or a line every
     `progress_interval_s` seconds in a log (lego.progress).
     """
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum!r} must be an integer >= 1")
     device = torch.device(device)
     model.train()
     if epoch is not None:
@@ -172,20 +88,18 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     params = [p for p in model.parameters() if p.requires_grad]
     step = distributed.data_parallel(model, loss_sum_fn, device)
     steps = totals.steps if totals is not None else 0  # the stage's optimizer steps: the tracker's x axis
-    bar = show_progress(batches, desc=f"{prefix} epoch {epoch or ''}".rstrip(), interval_s=progress_interval_s,
-                        enabled=progress and distributed.is_main())
+    bar = show_progress(micro_batch_groups(batches, grad_accum), desc=f"{prefix} epoch {epoch or ''}".rstrip(),
+                        total=math.ceil(len(batches) / grad_accum) if hasattr(batches, "__len__") else None,
+                        interval_s=progress_interval_s, enabled=progress and distributed.is_main())
     start = mark = time.perf_counter()
     tokens = tokens_at_mark = 0  # tokens/s: since the epoch's start (progress), since the last logged step (tracker)
-    for inputs, targets in bar:
+    for micro in bar:  # one optimizer step's micro-batches
         if max_steps is not None and totals is not None and totals.steps >= max_steps:
             break  # the budget ends here (every rank counts the same steps)
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        total, n = step(inputs, targets)
-        if not torch.is_tensor(n) and n == 0 and not distributed.is_distributed():  # ranks step together
-            continue
         optimizer.zero_grad(set_to_none=True)
-        loss = total / (n.clamp(min=1) if torch.is_tensor(n) else max(n, 1))
-        loss.backward()
+        total, n, step_tokens = accumulate(step, micro, params, device)
+        if total is None:  # a host count of 0: nothing to learn from (ranks always step together)
+            continue
         logged = tracker is not None and (steps + 1) % log_every == 0
         grad_norm = None
         if grad_clip:
@@ -197,28 +111,70 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
             for group in optimizer.param_groups:
                 group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
         optimizer.step()
-        loss_sum += total.detach()
+        loss_sum += total
         count = count + n
         steps += 1
-        tokens += inputs.shape[0] * inputs.shape[1]
+        tokens += step_tokens
         if totals is not None:
             totals.steps += 1
-            totals.tokens += inputs.shape[0] * inputs.shape[1]
+            totals.tokens += step_tokens
+        loss = total / (n.clamp(min=1) if torch.is_tensor(n) else max(n, 1))  # the step's, for display
         if logged:
-            loss_value = float(loss.detach())  # the one host sync of a logged step: the clock is honest after it
+            loss_value = float(loss)  # the one host sync of a logged step: the clock is honest after it
             now = time.perf_counter()
             rate = (tokens - tokens_at_mark) / max(now - mark, 1e-9)
             mark, tokens_at_mark = now, tokens
             tracker.log_metrics({"loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                                  "grad_norm": float(grad_norm), "tokens_per_s": rate}, steps, prefix)
         if bar.enabled:
-            bar.update_stats(loss=loss.detach(), tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9))
+            bar.update_stats(loss=loss, tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9))
     loss_sum, count = distributed.all_reduce_sum([float(loss_sum), int(count)])
     if totals is not None:
         totals.counted += int(count)
     if count == 0:
         raise ValueError(f"{name}: empty (no batches or no counted tokens)")
     return loss_sum / count
+
+
+def micro_batch_groups(batches: Iterable, grad_accum: int) -> Iterator[list]:
+    """Lists of `grad_accum` consecutive batches (one optimizer step each); the last list may be shorter."""
+    it = iter(batches)
+    while group := list(itertools.islice(it, grad_accum)):
+        yield group
+
+
+def accumulate(step: Callable, micro: list, params: list, device) -> Tuple[Optional[torch.Tensor], object, int]:
+    """Forward and backward of one optimizer step's micro-batches: leaves in each parameter's .grad the
+    gradient of (summed loss of all of them) / (their counted tokens), N. Returns the summed loss (detached),
+    N (a host int or a 0-d device tensor; never read here) and the input positions; (None, 0, 0) when N is a
+    host 0 in a single process (nothing to step on).
+
+    Each micro-batch's summed loss is backpropagated unscaled; before the last one's backward, once N is known
+    (on the device: no host sync), the gradients so far are divided by N and the last loss is divided by N, so
+    under DDP (`step.no_sync()` on all but the last) the gradients reduced over ranks are already normalised.
+    One micro-batch is the plain `loss = total / n` step.
+    """
+    total_sum, count, positions = None, 0, 0
+    for i, (inputs, targets) in enumerate(micro):
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        last = i == len(micro) - 1
+        with contextlib.nullcontext() if last else distributed.no_sync(step):
+            total, n = step(inputs, targets)
+            count = count + n
+            positions += inputs.shape[0] * inputs.shape[1]
+            total_sum = total.detach() if total_sum is None else total_sum + total.detach()
+            if not last:
+                total.backward()
+                continue
+            if not torch.is_tensor(count) and count == 0 and not distributed.is_distributed():
+                return None, 0, 0
+            norm = count.clamp(min=1) if torch.is_tensor(count) else max(count, 1)
+            if i:  # the earlier micro-batches' gradients (local: no_sync), normalised before the reduction
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(norm)
+            (total / norm).backward()
+    return total_sum, count, positions
 
 
 def fit(model, train_one_epoch: Callable[[int, StageTotals, int], float], validate: Callable[[], float], *,

@@ -105,6 +105,7 @@ def validate(cfg: ASHEMConfig) -> None:
         check_positive(f"{name}.max_epochs", grp.max_epochs)
         if grp.epoch_steps is not None:
             check_positive(f"{name}.epoch_steps", grp.epoch_steps)
+        check_positive(f"{name}.grad_accum", grp.grad_accum)
         if grp.weight_decay < 0:
             raise ConfigError(f"{name}.weight_decay={grp.weight_decay} must be >= 0")
         check_schedule(name, grp.schedule, grp.warmup_steps, grp.min_lr_ratio)

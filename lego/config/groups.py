@@ -46,6 +46,7 @@ class Phase1Config:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     epoch_steps: Optional[int] = 50  # optimizer steps between two validations (a seeded subset); None = whole split
+    grad_accum: int = 1  # batches (micro-batches) per optimizer step, an integer >= 1; an epoch reads epoch_steps x it
     schedule: str = "cosine"  # cosine: linear warmup, then cosine decay to min_lr_ratio * lr at the last step | constant
     warmup_steps: int = 0  # cosine: optimizer steps of linear warmup
     min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at the budget's last step
@@ -77,6 +78,7 @@ class Phase2Config:
     grad_clip: float = 1.0
     batch_size: int = 32  # hard sequences per batch
     epoch_steps: Optional[int] = 50  # optimizer steps between two validations; None = every hard sequence
+    grad_accum: int = 1  # batches (micro-batches) per optimizer step, an integer >= 1; an epoch reads epoch_steps x it
     schedule: str = "cosine"  # cosine: linear warmup, then cosine decay to min_lr_ratio * lr at the last step | constant
     warmup_steps: int = 0  # cosine: optimizer steps of linear warmup
     min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at the budget's last step

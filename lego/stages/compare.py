@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from lego.artifacts import read_json
-from lego.batches import EpochSteps
 from lego.config import ASHEMConfig, block_layers
 from lego.cost import dense_training_macs, forward_macs_per_token, mining_macs, steps_for_macs
-from lego.stages.setup import Loaders, budget_steps, model_macs
+from lego.stages.setup import Loaders, budget_steps, epoch_steps, model_macs
 from lego.stages.standard import window_positions
 
 PIPELINE = ("phase1", "mining", "phase2")
@@ -85,11 +84,12 @@ def dense_budget(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, depth: int
     pipeline's training MACs to the nearest step (matched: within half of one of its steps, `steps_for_macs`),
     the pipeline's optimizer steps (steps), or phase 1's budget (phase1). Returns steps, budget_macs (matched:
     the pipeline's total) and step_macs."""
-    step_macs = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len, num_layers=depth,
+    step_macs = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len * cfg.phase1.grad_accum,
+                                    num_layers=depth,
                                     **model_macs(cfg, vocab_size))
     budget = cfg.eval.baseline_budget
     if budget == "phase1":
-        steps = budget_steps(cfg.phase1, len(EpochSteps(loaders.train, cfg.phase1.epoch_steps)))
+        steps = budget_steps(cfg.phase1, epoch_steps(loaders.train, cfg.phase1)[1])
     elif budget == "steps":
         steps = sum(compute[name]["steps"] for name in pipeline_names(cfg) if name != "mining")
     else:

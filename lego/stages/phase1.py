@@ -13,8 +13,7 @@ from lego.checkpoint import build_model, load_model, model_args
 from lego.config import ASHEMConfig
 from lego.data import Corpus
 from lego.model import DeepSupervisionTransformer
-from lego.batches import EpochSteps
-from lego.stages.setup import Loaders, budget_steps
+from lego.stages.setup import Loaders, budget_steps, epoch_steps
 from lego.stages.standard import cached_standard
 from lego.trackers import Tracker
 
@@ -29,7 +28,7 @@ def stage_phase1(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, run_dir: Pa
 def pipeline_budget_steps(cfg: ASHEMConfig, loaders: Loaders) -> int:
     """phase1.max_epochs x phase1.epoch_steps: phase 1's budget in steps, or under phase1.budget_fraction the
     whole pipeline's budget, counted in phase-1 steps (`lego.stages.phase2.budget_steps` turns it into MACs)."""
-    return budget_steps(cfg.phase1, len(EpochSteps(loaders.train, cfg.phase1.epoch_steps)))
+    return budget_steps(cfg.phase1, epoch_steps(loaders.train, cfg.phase1)[1])
 
 
 def phase1_steps(cfg: ASHEMConfig, loaders: Loaders) -> int:

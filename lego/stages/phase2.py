@@ -28,7 +28,6 @@ import torch
 from lego import __version__, distributed
 from lego.artifacts import StageError, read_json, write_json
 from lego.ashem import evaluate_on_hard_examples, train_upper_layers
-from lego.batches import EpochSteps
 from lego.checkpoint import load_model, model_args, save_model
 from lego.config import IGNORE_INDEX, ASHEMConfig, StageConfig, TrainingConfig, block_layers, exit_ratios
 from lego.cost import dense_training_macs, forward_macs_per_token, phase2_training_macs, steps_for_macs
@@ -37,8 +36,8 @@ from lego.stages.cache import through_cache
 from lego.stages.hard_examples import calibrate, hard_loader
 from lego.stages.compare import mining_compute
 from lego.stages.phase1 import pipeline_budget_steps
-from lego.stages.setup import (Loaders, budget_steps, loop_report, lr_schedule, make_optimizer, model_macs,
-                               science_config)
+from lego.stages.setup import (Loaders, budget_steps, epoch_steps, loop_report, lr_schedule, make_optimizer,
+                               model_macs, science_config)
 from lego.stages.standard import window_positions
 from lego.trackers import Tracker
 from lego.training import Trainer, fit, train_epoch
@@ -55,12 +54,13 @@ def grown(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float
 def rest_of_budget(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, run_dir: Path,
                    macs_per_step: float) -> Tuple[int, Dict[str, float]]:
     """Phase 2's budget under phase1.budget_fraction: the pipeline's budget is phase1.max_epochs x
-    phase1.epoch_steps phase-1 steps (data.batch_size x seq_len tokens through phase1.layers layers,
+    phase1.epoch_steps phase-1 steps (data.batch_size x seq_len x phase1.grad_accum tokens through phase1.layers layers,
     `dense_training_macs`); phase 2 gets what phase 1 really spent (phase1/result.json) and the mining that ran
     (`lego.stages.compare.mining_compute`) left of it, as the nearest number of its own steps of
     `macs_per_step` (at least 1): within half a step of the budget. Returns the steps and the record of how they
     were derived: budget_macs (the pipeline's), rest_macs (what phase 2 was left) and step_macs."""
-    step1 = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len, num_layers=cfg.phase1.layers,
+    step1 = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len * cfg.phase1.grad_accum,
+                                num_layers=cfg.phase1.layers,
                                 **model_macs(cfg, vocab_size))
     budget = pipeline_budget_steps(cfg, loaders) * step1
     spent = float(read_json(run_dir / "phase1" / "result.json")["train_macs"])
@@ -114,7 +114,7 @@ def train_upper(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold:
     if cfg.model.compile:
         model2.compile_blocks()
     optimizer = make_optimizer(model2, p2.lr, p2.weight_decay, device)
-    train_batches = EpochSteps(train_hard, p2.epoch_steps)
+    train_batches, per_epoch = epoch_steps(train_hard, p2)
     shape = model_macs(cfg, model1.vocab_size)
     easy_weight = None if not every else 1.0 if p2.loss_tokens == "all" else p2.easy_weight
 
@@ -123,17 +123,16 @@ def train_upper(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold:
                                     num_layers=depth, policy=p2.upper_context,
                                     recompute=cfg.hard_examples.store == "recompute", **shape)
 
-    per_epoch = len(train_batches)
     steps, budget = budget_steps(p2, per_epoch), {}
     if cfg.phase1.budget_fraction is not None:
         steps, budget = rest_of_budget(cfg, loaders, model1.vocab_size, run_dir,
-                                       macs(p2.batch_size * cfg.data.seq_len, hard_ratio(train_hard)))
+                                       macs(p2.batch_size * cfg.data.seq_len * p2.grad_accum, hard_ratio(train_hard)))
     schedule = lr_schedule(p2, steps)
     fit(model2,
         lambda epoch, totals, max_steps: train_upper_layers(
             model2, train_batches, optimizer, None, device, exit_layer, grad_clip=p2.grad_clip, epoch=epoch,
             lr_factor=schedule, totals=totals, easy_weight=easy_weight, max_steps=max_steps,
-            **loop_report(cfg, tracker, name)),
+            grad_accum=p2.grad_accum, **loop_report(cfg, tracker, name)),
         lambda: evaluate_on_hard_examples(model2, val_hard, None, device, exit_layer)["loss"],
         optimizer=optimizer, work_dir=out, budget_steps=steps, steps_per_epoch=per_epoch, patience=p2.patience,
         name=name, save=lambda path, result: save_model(path, model2, cfg, stage=name, result=result,
@@ -162,23 +161,22 @@ def train_finetune(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, thresho
     tc = TrainingConfig(stages=[StageConfig((exit_layer, exit_layer), p2.exit_loss_weight),
                                 StageConfig((depth, depth), 1.0)], grad_clip=p2.grad_clip)
     trainer = Trainer(tc, device=device)
-    train_batches = EpochSteps(loaders.train, p2.epoch_steps)
+    train_batches, per_epoch = epoch_steps(loaders.train, p2)
     shape = model_macs(cfg, model1.vocab_size)
 
     def macs(tokens: float) -> float:  # forward + backward of every layer, both heads
         return dense_training_macs(tokens=tokens, num_layers=depth, heads=2, **shape)
 
-    per_epoch = len(train_batches)
     steps, budget = budget_steps(p2, per_epoch), {}
     if p1.budget_fraction is not None:
         steps, budget = rest_of_budget(cfg, loaders, model1.vocab_size, run_dir,
-                                       macs(cfg.data.batch_size * cfg.data.seq_len))
+                                       macs(cfg.data.batch_size * cfg.data.seq_len * p2.grad_accum))
     schedule = lr_schedule(p2, steps)
     fit(model2,
         lambda epoch, totals, max_steps: train_epoch(
             model2, train_batches, optimizer, trainer.stage_loss_sum, device, epoch=p1.max_epochs + epoch,
             grad_clip=p2.grad_clip, lr_factor=schedule, totals=totals, max_steps=max_steps,
-            **loop_report(cfg, tracker, "phase2")),
+            grad_accum=p2.grad_accum, **loop_report(cfg, tracker, "phase2")),
         lambda: trainer.validation_loss(model2, loaders.check),
         optimizer=optimizer, work_dir=out, budget_steps=steps, steps_per_epoch=per_epoch, patience=p2.patience,
         name="phase2", save=lambda path, result: save_model(path, model2, cfg, stage="phase2", result=result,

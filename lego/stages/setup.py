@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from lego import distributed
-from lego.batches import make_loader
+from lego.batches import EpochSteps, make_loader
 from lego.checkpoint import resolve_device, run_precision
 from lego.config import ASHEMConfig, block_layers, exit_ratios, to_dict
 from lego.data import Corpus
@@ -60,7 +61,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
                 d[phase].pop(key)
     # The variants' defaults (the specification) are left out, and so are weights their mode ignores:
     # run dirs and cache keys from before the keys existed stay valid.
-    for phase, key, default in (("phase1", "budget_fraction", None), ("phase2", "init", "random"),
+    for phase, key, default in (("phase1", "budget_fraction", None), ("phase1", "grad_accum", 1),
+                                ("phase2", "grad_accum", 1), ("phase2", "init", "random"),
                                 ("phase2", "loss_tokens", "hard"), ("phase2", "lower", "frozen")):
         if d[phase][key] == default:
             d[phase].pop(key)
@@ -99,6 +101,14 @@ def lr_schedule(group, total_steps: int) -> Optional[Callable[[int], float]]:
         return None
     return partial(lr_factor, schedule=group.schedule, warmup_steps=group.warmup_steps, total_steps=total_steps,
                    min_lr_ratio=group.min_lr_ratio)
+
+
+def epoch_steps(loader, group) -> Tuple[EpochSteps, int]:
+    """One epoch of `group` (phase1 / phase2 settings) over `loader`: its batches, `group.epoch_steps` x
+    `group.grad_accum` of them (None: the whole loader), and the optimizer steps they make (`grad_accum` batches
+    each, the last step taking what is left)."""
+    batches = EpochSteps(loader, None if group.epoch_steps is None else group.epoch_steps * group.grad_accum)
+    return batches, math.ceil(len(batches) / group.grad_accum)
 
 
 def budget_steps(group, steps_per_epoch: int) -> int:

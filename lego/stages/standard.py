@@ -9,15 +9,14 @@ from typing import Optional
 import torch
 
 from lego import __version__, distributed
-from lego.batches import EpochSteps
 from lego.checkpoint import build_model, load_model, model_args, save_model
 from lego.config import ASHEMConfig, create_standard_config
 from lego.data import Corpus
 from lego.model import DeepSupervisionTransformer
 from lego.cost import dense_training_macs, forward_macs_per_token
 from lego.stages.cache import through_cache
-from lego.stages.setup import (Loaders, budget_steps, loop_report, lr_schedule, make_optimizer, model_macs,
-                               science_config)
+from lego.stages.setup import (Loaders, budget_steps, epoch_steps, loop_report, lr_schedule, make_optimizer,
+                               model_macs, science_config)
 from lego.trackers import Tracker
 from lego.training import Trainer, fit, train_epoch
 
@@ -46,8 +45,8 @@ def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layer
     trainer = Trainer(tc, device=device)
     if cfg.model.compile:
         model.compile_blocks()
-    train_batches = EpochSteps(loaders.train, p1.epoch_steps)
-    steps = steps or budget_steps(p1, len(train_batches))
+    train_batches, per_epoch = epoch_steps(loaders.train, p1)
+    steps = steps or budget_steps(p1, per_epoch)
     schedule = lr_schedule(p1, steps)
     shape = model_macs(cfg, corpus.vocab_size)
     step_macs = partial(dense_training_macs, num_layers=num_layers, **shape)
@@ -55,10 +54,10 @@ def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layer
     def one_epoch(epoch: int, totals, max_steps: int) -> float:
         return train_epoch(model, train_batches, optimizer, trainer.stage_loss_sum, device, epoch=epoch,
                            grad_clip=p1.grad_clip, lr_factor=schedule, totals=totals, max_steps=max_steps,
-                           **loop_report(cfg, tracker, name))
+                           grad_accum=p1.grad_accum, **loop_report(cfg, tracker, name))
 
     fit(model, one_epoch, lambda: trainer.validation_loss(model, loaders.check), optimizer=optimizer,
-        work_dir=stage_dir, budget_steps=steps, steps_per_epoch=len(train_batches), patience=p1.patience, name=name,
+        work_dir=stage_dir, budget_steps=steps, steps_per_epoch=per_epoch, patience=p1.patience, name=name,
         save=lambda path, result: save_model(path, model, cfg, stage=name, result=result),
         macs=lambda totals: step_macs(tokens=totals.tokens),
         val_pass_macs=window_positions(loaders.check, cfg.data.seq_len) * forward_macs_per_token(
@@ -89,7 +88,7 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
                "lego": __version__, "records": "budget",  # budget-first training: result.json records its budget
                # the steps that run are keyed, not how they were derived (a dense model of the same depth and
                # steps is the same model)
-               "steps": steps or budget_steps(cfg.phase1, len(EpochSteps(loaders.train, cfg.phase1.epoch_steps)))}
+               "steps": steps or budget_steps(cfg.phase1, epoch_steps(loaders.train, cfg.phase1)[1])}
     return through_cache(cfg, name, key_src, stage_dir,
                          lambda entry: train_standard(cfg, corpus, loaders, num_layers, entry, device, name, steps,
                                                       tracker),
