@@ -196,6 +196,8 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
             summary["standard_ppl"] = metrics["standard"]["ppl"]
         compute = metrics["train_compute"]
         summary.update({f"train_macs_{k}": v["train_macs"] for k, v in compute.items()})
+        for key in ("tokens_per_s", "mfu", "peak_memory_bytes"):  # how fast each training stage ran (None: unknown)
+            summary.update({f"{key}_{k}": v[key] for k, v in compute.items() if v.get(key) is not None})
         for depth, dense in metrics.get("dense", {}).items():
             summary[f"dense{depth}_ppl"] = dense["ppl"]
             summary[f"train_macs_dense{depth}"] = dense["train_macs"]
@@ -266,6 +268,12 @@ def format_table(summary: dict) -> str:
     if "gen_routed_wall_ratio" in summary:
         rows.append(("generation: routed time / dense",
                      f"{summary['gen_routed_wall_ratio']:.3f}, exit share {summary['gen_routed_exit_share']:.3f}"))
+    for key, what, show in (("tokens_per_s", "training tokens/s", "{:,.0f}".format),
+                            ("mfu", "MFU", "{:.1%}".format),
+                            ("peak_memory_bytes", "peak device memory", lambda b: f"{b / 1e9:.2f} GB")):
+        shown = [f"{k[len(key) + 1:]} {show(v)}" for k, v in summary.items() if k.startswith(key + "_")]
+        if shown:  # MFU and memory only on a GPU (a known one for MFU)
+            rows.append((what, ", ".join(shown)))
     rows.append(("wall time", ", ".join(f"{k} {v:.1f}s" for k, v in summary["wall_s"].items())))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]

@@ -33,6 +33,7 @@ from lego.config import StageConfig, TrainingConfig, create_standard_config  # n
 from lego.early_stopping import TrainingDiverged, early_stopping_loop  # noqa: F401  (the API lives here)
 from lego.evaluation import evaluate
 from lego.progress import progress as show_progress
+from lego.throughput import reset_peak_memory, stage_throughput
 from lego.trackers import Tracker
 
 LossSumFn = Callable[..., Tuple[torch.Tensor, object]]  # (model, inputs, targets) -> (summed loss, count)
@@ -189,7 +190,8 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals, int], float], valida
     `train_one_epoch(epoch, totals, budget_steps)` trains one epoch, adding its steps and tokens to `totals`
     (the stage's running totals, restored from the history on resume) and stopping once they reach
     `budget_steps` (`train_epoch(..., max_steps=...)`). Each history row holds its epoch's steps, tokens and
-    seconds; the result adds the stage's totals and budget, its training multiply-adds `macs(totals)`, the
+    seconds; the result adds the stage's totals and budget, its training multiply-adds `macs(totals)`, how fast
+    it trained (tokens_per_s, model_tflops_per_s, mfu, peak_memory_bytes: `lego.throughput.stage_throughput`), the
     validation passes (`validations`, `val_macs` = their count x `val_pass_macs`: reported, not training
     compute), and whether it converged (`convergence`). `patience`: the opt-in early-stopping guard (None =
     off). `record` adds the caller's own entries to the result (e.g. how its budget was derived). Returns the
@@ -200,6 +202,8 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals, int], float], valida
         raise ValueError(f"{name}: budget_steps={budget_steps} and steps_per_epoch={steps_per_epoch} must be >= 1")
     resume = load_resume(work_dir / "last.pt", model, name)
     totals = StageTotals.from_history(resume["history"] if resume else [])
+    device = next(model.parameters()).device
+    reset_peak_memory(device)  # a resumed stage's peak is that of the part that ran in this process
 
     def one_epoch(epoch: int) -> dict:
         before, start = replace(totals), time.perf_counter()
@@ -218,10 +222,12 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals, int], float], valida
                                  patience=patience, optimizer=optimizer, resume=resume, name=name,
                                  on_epoch_end=lambda state: save_resume(work_dir, state))
     summary = {k: v for k, v in result.items() if k != "history"}
+    train_s = sum(row.get("train_s", 0.0) for row in result["history"])
     summary.update(steps=totals.steps, budget_steps=budget_steps, tokens=totals.tokens, counted=totals.counted,
-                   train_s=sum(row.get("train_s", 0.0) for row in result["history"]), train_macs=macs(totals),
-                   last_lr=result["history"][-1]["lr"], validations=len(result["history"]),
-                   val_macs=len(result["history"]) * val_pass_macs, **convergence(result["history"]), **(record or {}))
+                   train_s=train_s, train_macs=macs(totals), last_lr=result["history"][-1]["lr"],
+                   validations=len(result["history"]), val_macs=len(result["history"]) * val_pass_macs,
+                   **stage_throughput(tokens=totals.tokens, train_s=train_s, train_macs=macs(totals), device=device),
+                   **convergence(result["history"]), **(record or {}))
     if distributed.is_main():
         write_jsonl(work_dir / "history.jsonl", result["history"])
         write_json(work_dir / "result.json", summary)

@@ -2,6 +2,8 @@
 batch n times larger, one micro-batch like the loop without accumulation, and under DDP the gradients are
 exchanged on each step's last micro-batch only."""
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -137,3 +139,45 @@ def test_under_ddp_no_sync_skips_all_but_the_last_micro_batch_and_equals_one_pro
     got = torch.load(out)
     for name, p in single.named_parameters():
         torch.testing.assert_close(got[name], p.detach(), msg=name)
+
+
+# -- observability: lego.throughput, fit's result.json, the final table ------------------------------------
+def test_gpu_names_match_their_dense_bf16_peak():
+    from lego.throughput import peak_tflops
+
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == peak_tflops("NVIDIA A100 80GB PCIe") == 312.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == peak_tflops("NVIDIA H200") == peak_tflops("NVIDIA GH200 480GB") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert peak_tflops("NVIDIA L4") == 121.0 and peak_tflops("NVIDIA L40S") == 362.0  # L40S is not an L4
+    assert peak_tflops("NVIDIA A10G") == peak_tflops("NVIDIA A10") == 125.0
+    assert peak_tflops("Tesla V100-SXM2-16GB") == 125.0
+    assert peak_tflops("NVIDIA GeForce RTX 4090") is None and peak_tflops("cpu") is None
+
+
+def test_a_stages_result_says_how_fast_it_trained(tmp_path):
+    """fit's result.json: tokens_per_s = tokens / train_s, model_tflops_per_s = 2 x train_macs / train_s, and on
+    CPU no MFU and no peak memory; the final table shows tokens/s and leaves MFU out."""
+    import json
+
+    from lego.run import format_table
+    from lego.training import fit
+
+    model = _model()
+    trainer = Trainer(create_standard_config(2), progress=False)
+    opt = _optimizer(model)
+    batches = _batches(4)
+
+    def one_epoch(epoch, totals, max_steps):
+        return train_epoch(model, batches, opt, trainer.stage_loss_sum, "cpu", totals=totals, max_steps=max_steps,
+                           progress=False, grad_accum=2)
+
+    fit(model, one_epoch, lambda: 1.0, optimizer=opt, work_dir=tmp_path, budget_steps=2, steps_per_epoch=2,
+        patience=None, name="phase1", save=lambda path, result: None, macs=lambda totals: 1e6 * totals.tokens)
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["steps"] == 2 and r["tokens"] == 4 * B * T and r["train_s"] > 0
+    assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["train_s"])
+    assert r["model_tflops_per_s"] == pytest.approx(2 * r["train_macs"] / r["train_s"] / 1e12)
+    assert r["mfu"] is None and r["peak_memory_bytes"] is None
+    table = format_table({"run_dir": "d", "wall_s": {}, "tokens_per_s_phase1": r["tokens_per_s"]})
+    assert "training tokens/s" in table and "MFU" not in table and "peak device memory" not in table
+    assert re.search(r"^MFU +phase1 40.0%$", format_table({"run_dir": "d", "wall_s": {}, "mfu_phase1": 0.4}), re.M)

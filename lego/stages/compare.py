@@ -14,7 +14,8 @@ from lego.stages.standard import window_positions
 
 PIPELINE = ("phase1", "mining", "phase2")
 RECORDED = ("steps", "budget_steps", "tokens", "train_s", "train_macs", "epochs_run", "stopped_early", "last_lr",
-            "validations", "val_macs", "converged", "last_fifth_gain", "budget_macs", "rest_macs", "step_macs")
+            "validations", "val_macs", "converged", "last_fifth_gain", "budget_macs", "rest_macs", "step_macs",
+            "tokens_per_s", "model_tflops_per_s", "mfu", "peak_memory_bytes")
 
 
 def positions(tokens, seq_len: int) -> int:
