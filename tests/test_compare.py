@@ -240,7 +240,7 @@ def test_scoring_on_the_calibration_split_needs_saying_so(tmp_path):
 def test_sweep_summary_opens_with_a_table_read_at_a_glance():
     """summary.md's first table: one row per configuration with routed ppl, cost, MACs, both gaps, who wins at
     equal inference cost (a tie when the mean gap is within its seed spread) and how many seeds converged."""
-    from lego.sweep import glance_markdown, verdict_word
+    from lego.sweep_tables import glance_markdown, verdict_word
 
     base = {"_overrides": ["experiment=matched"], "n": 3, "ppl_mean": 95.1, "ppl_std": 1.5, "flop_cost_mean": 1.12,
             "flop_cost_std": 0.0, "train_macs_total_mean": 5.9e12, "train_macs_total_std": 1e9,
