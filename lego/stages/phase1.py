@@ -27,7 +27,7 @@ def stage_phase1(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, run_dir: Pa
 
 def pipeline_budget_steps(cfg: ASHEMConfig, loaders: Loaders) -> int:
     """phase1.max_epochs x phase1.epoch_steps: phase 1's budget in steps, or under phase1.budget_fraction the
-    whole pipeline's budget, counted in phase-1 steps (`lego.stages.phase2.budget_steps` turns it into MACs)."""
+    whole pipeline's budget, counted in phase-1 steps (`lego.stages.phase2.rest_of_budget` turns it into MACs)."""
     return budget_steps(cfg.phase1, epoch_steps(loaders.train, cfg.phase1)[1])
 
 
