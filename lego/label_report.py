@@ -77,6 +77,14 @@ def section(s: dict, plotted: bool) -> str:
                           f"whether the last layer's NLL of the target is lower than the exit's; threshold "
                           f"{r['threshold']:.6g} sends up the share {_fmt(r['hard_ratio'])} of validation tokens "
                           f"(validation exit share {_fmt(r['validation_shallow_ratio'])}).")
+            live = r.get("live", {})
+            if "ppl" in live:
+                blocks.append(f"In routed evaluation (upper_context='{live['upper_context']}', `Trainer.evaluate`), the "
+                              f"learned router gives ppl {_fmt(live['ppl'])}, accuracy {_fmt(live['acc'])} at exit "
+                              f"share {_fmt(live['shallow_ratio'])} (flop cost {_fmt(live.get('flop_cost'))}); "
+                              "eval/learned_router.pt holds it, and stage generate decodes with it.")
+            elif live:
+                blocks.append(f"Routed evaluation of the learned router: {live['skipped']}.")
     if s["models"]:
         blocks.append("![accuracy by hops](by_label.png)" if plotted else
                       f"by_label.png was not drawn: "

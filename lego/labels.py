@@ -13,7 +13,6 @@ per-label table adds up to its 'all' row: token and correct counts exactly, NLL 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from lego.chains import UNPREDICTABLE, label_name
 from lego.config import IGNORE_INDEX
 from lego.confidence import exact_quantile, token_stats
+from lego.heads import RouterProbe
 from lego.progress import progress as show_progress
 
 SOLVED_TOLERANCE = 0.02  # Block 1 "solves" k hops when its accuracy there is within 2 points of the deep exit's
@@ -124,23 +124,9 @@ def oracle_by_label(labels: torch.Tensor, solved: int) -> torch.Tensor:
 
 
 # -- the learned router ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Probe:
-    """A logistic probe on the exit's hidden state: P(the last layer beats the exit on this token)."""
-
-    mean: torch.Tensor  # (C,)
-    scale: torch.Tensor  # (C,)
-    weight: torch.Tensor  # (C,)
-    bias: float
-
-    def confidence(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, C) -> (N,): the negated logit of 'deep beats the exit'; higher means safer to exit."""
-        return -(((hidden.double() - self.mean) / self.scale) @ self.weight + self.bias).float()
-
-
-def fit_probe(hidden: torch.Tensor, deep_wins: torch.Tensor, *, l2: float = 1e-3, max_iter: int = 100) -> Probe:
+def fit_probe(hidden: torch.Tensor, deep_wins: torch.Tensor, *, l2: float = 1e-3, max_iter: int = 100) -> RouterProbe:
     """L2-regularised logistic regression of `deep_wins` (N,) on standardised `hidden` (N, C), fit by
-    full-batch L-BFGS in float64: deterministic for the same data."""
+    full-batch L-BFGS in float64 (deterministic for the same data); the router runs in float32."""
     x = hidden.double()
     mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
     z, y = (x - mean) / scale, deep_wins.double()
@@ -156,7 +142,7 @@ def fit_probe(hidden: torch.Tensor, deep_wins: torch.Tensor, *, l2: float = 1e-3
 
     with torch.enable_grad():
         opt.step(loss_fn)
-    return Probe(mean, scale, w.detach(), float(b.detach()))
+    return RouterProbe(mean, scale, w.detach(), float(b.detach()))
 
 
 def learned_threshold(conf: torch.Tensor, hard_ratio: float) -> float:

@@ -252,6 +252,7 @@ class DeepSupervisionTransformer(nn.Module):
         self.routing_thresholds: List[Optional[float]] = thresholds + [None] * (len(exits) - len(thresholds))
         self.upper_context = upper_context
         self.confidence = confidence
+        self.router_probe: Optional[nn.Module] = None  # a learned router replaces `confidence` (`route_with`)
         self.precision = precision
         self.embedding = Embedding(vocab_size, dim, max_seq_len, pos, dropout)
         self.layers = nn.ModuleList(Layer(dim, num_heads, norm, ffn, ffn_mult, dropout) for _ in range(num_layers))
@@ -288,6 +289,12 @@ class DeepSupervisionTransformer(nn.Module):
             self.routing_thresholds[0] = value
         else:
             self.routing_thresholds = [value]
+
+    def route_with(self, probe: nn.Module, threshold: float) -> "DeepSupervisionTransformer":
+        """Route at the first exit by a learned router on its hidden state (`lego.heads.RouterProbe`) instead of
+        `confidence`, at `threshold`; routed evaluation and decoding use it (`lego.confidence.exit_confidence`)."""
+        self.router_probe, self.routing_threshold = probe, threshold
+        return self
 
     @classmethod
     def from_config(cls, config: ModelConfig, vocab_size: int, num_layers: int, **routing) -> "DeepSupervisionTransformer":

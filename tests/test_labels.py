@@ -120,7 +120,7 @@ def test_learned_router_is_deterministic_and_gives_the_asked_exit_share(setting)
     probe = fit_probe(val["hidden"], wins)
     again = fit_probe(val["hidden"], wins)
     assert torch.equal(probe.weight, again.weight) and probe.bias == again.bias
-    conf = probe.confidence(val["hidden"])
+    conf = probe(val["hidden"])
     for ratio in (0.3, 0.5, 0.8):
         thr = learned_threshold(conf, ratio)
         share = float((conf >= thr).double().mean())
@@ -135,7 +135,7 @@ def test_learned_probe_separates_a_linear_target():
     x = torch.randn(2000, 8, generator=g) * 3 + 5
     y = x[:, 2] - x[:, 5] > 0
     probe = fit_probe(x, y)
-    conf = probe.confidence(x)
+    conf = probe(x)
     assert ((conf < 0) == y).double().mean() > 0.97  # confidence is the negated logit of 'deep wins'
 
 
@@ -145,7 +145,7 @@ def test_a_chains_run_reports_by_label(tmp_path):
     cfg = tiny_config(tmp_path / "cache", **{"data.name": "chains", "data.max_train_tokens": None,
                                             "data.chains": ChainsConfig(train_lines=600, eval_lines=120),
                                             "eval.learned_router": True, "num_threads": 1,
-                                            "stages": ["phase1", "hard_examples", "phase2", "eval"]})
+                                            "stages": ["phase1", "hard_examples", "phase2", "eval", "generate"]})
     run(cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run/eval/metrics.json").read_text())
     s = metrics["by_label"]
@@ -160,6 +160,14 @@ def test_a_chains_run_reports_by_label(tmp_path):
     learned = s["routers"]["learned"]  # the asked exit share on validation, up to ties at the threshold
     assert abs(learned["validation_shallow_ratio"] - 0.5) <= learned["validation_tie_share"] + 1 / learned["validation_tokens"]
     assert learned["validation_tie_share"] < 0.05
+    live = learned["live"]  # routed evaluation with it: the same tokens exit as in the one-pass table
+    assert live["upper_context"] == metrics["upper_context"] and live["shallow_ratio"] == learned["shallow_ratio"]
+    if live["upper_context"] == "full":
+        assert math.isclose(live["ppl"], learned["ppl"], rel_tol=1e-5)
+    assert (tmp_path / "run/eval/learned_router.pt").is_file()
+    gen = json.loads((tmp_path / "run/generate/metrics.json").read_text())["learned_router"]
+    assert gen["settings"]["confidence"] == "learned" and 0 <= gen["routed"]["exit_share"] <= 1
+    assert gen["routed"]["agreement_with_dense"] <= 1
     report = (tmp_path / "run/eval/report.md").read_text()
     assert report.count("## Routing by label") == 1 and "### Routers" in report
     pytest.importorskip("matplotlib")

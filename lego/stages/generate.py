@@ -7,6 +7,7 @@ as the draft), timed; it reads the models and changes nothing the other stages c
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -18,6 +19,7 @@ from lego.artifacts import read_json, write_json
 from lego.config import ASHEMConfig, to_dict
 from lego.data import Corpus
 from lego.generate import run_generation, test_prompts
+from lego.heads import RouterProbe
 from lego.model import DeepSupervisionTransformer
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,15 @@ def stage_generate(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTran
     metrics = run_generation(model2.to(device), corpus.tokenizer, prompts, decoders=g.decoders,
                              k_values=g.k_values, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                              top_k=g.top_k, top_p=g.top_p, seed=g.seed, adaptive=g.adaptive, out_dir=out)
+    learned = run_dir / "eval" / "learned_router.pt"  # eval.learned_router: routed decoding with it too
+    if learned.is_file() and "routed" in g.decoders:
+        state = torch.load(learned, map_location=device, weights_only=True)
+        live = copy.deepcopy(model2).route_with(RouterProbe.from_state(state["probe"]).to(device), state["threshold"])
+        metrics["learned_router"] = run_generation(
+            live, corpus.tokenizer, prompts, decoders=[d for d in ("dense", "routed") if d in g.decoders],
+            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
+            out_dir=out / "learned_router")
+        write_json(out / "metrics.json", metrics)
     write_json(out / "config.json", settings)
     log.info("generate: %s in %s", ", ".join(k for k in metrics if k != "settings"), out)
     return metrics
@@ -62,4 +73,8 @@ def headline(metrics: Dict[str, Any]) -> Dict[str, float]:
     if metrics.get("routed", {}).get("time_over_dense"):
         out["gen_routed_wall_ratio"] = metrics["routed"]["time_over_dense"]
         out["gen_routed_exit_share"] = metrics["routed"]["exit_share"]
+    learned = metrics.get("learned_router", {}).get("routed", {})
+    if learned.get("time_over_dense"):
+        out["gen_learned_routed_wall_ratio"] = learned["time_over_dense"]
+        out["gen_learned_routed_exit_share"] = learned["exit_share"]
     return out
