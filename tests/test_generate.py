@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lego.ashem import grow
 from lego.confidence import confidence_from_logits
 from lego.config import ConfigError
 from lego.generate import agreement, generate, run_generation, teacher_forced_logits
@@ -29,7 +30,7 @@ def grown(make_tiny_model, perturb):
 
     def make(policy="full", pos="learned", threshold=None, **shape):
         small = make_tiny_model(num_layers=2, seed=3, max_seq_len=MAX_LEN, pos=pos, **shape)
-        big = small.grow(4, routing_threshold=threshold, upper_context=policy).eval()
+        big = grow(small, 4, routing_threshold=threshold, upper_context=policy).eval()
         perturb(list(big.layers[2:].parameters()), std=0.3, seed=4)
         perturb(list(big.deep_head.parameters()), std=0.1, seed=5)
         return big

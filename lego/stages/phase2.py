@@ -27,7 +27,7 @@ import torch
 
 from lego import __version__, distributed
 from lego.artifacts import StageError, read_json, write_json
-from lego.ashem import evaluate_on_hard_examples, train_upper_layers
+from lego.ashem import evaluate_on_hard_examples, grow, train_upper_layers
 from lego.checkpoint import load_model, model_args, save_model
 from lego.config import IGNORE_INDEX, ASHEMConfig, StageConfig, TrainingConfig, block_layers, exit_ratios
 from lego.cost import dense_training_macs, forward_macs_per_token, phase2_training_macs, steps_for_macs
@@ -47,7 +47,7 @@ def grown(cfg: ASHEMConfig, model1: DeepSupervisionTransformer, threshold: float
           num_layers: Optional[int] = None) -> DeepSupervisionTransformer:
     """A Block's model before training: the model below grown to `num_layers` (default: Block 2's depth,
     phase2.layers for two Blocks), its last layer a new exit with the calibrated threshold."""
-    return model1.grow(num_layers or block_layers(cfg)[1], routing_threshold=threshold, deep_head=cfg.phase2.deep_head,
+    return grow(model1, num_layers or block_layers(cfg)[1], routing_threshold=threshold, deep_head=cfg.phase2.deep_head,
                        upper_context=cfg.phase2.upper_context, init=cfg.phase2.init)
 
 
