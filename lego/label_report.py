@@ -41,11 +41,9 @@ def section(s: dict, plotted: bool) -> str:
                        if "label_counts" in s else
                        f"The {s['split']} split ({s['n_tokens']} tokens) carries no labels (only data=chains does): "
                        "the routers' overall numbers alone. ") +
-              "The routers are applied to one unrouted pass (exact for upper_context='full'); each table's `all` row "
-              "is the sum of its rows."]
-    if s.get("upper_context", "full") != "full":
-        blocks.append(f"**Note:** the model routes with upper_context='{s['upper_context']}'; the routers' rows here "
-                      "assume 'full'.")
+              "The calibrated and learned routers' rows come from the routed pass itself (upper_context="
+              f"'{s.get('upper_context', 'full')}', as `Trainer.evaluate` runs it); the oracle by label is applied to "
+              "one unrouted pass (exact for upper_context='full'); each table's `all` row is the sum of its rows."]
     if tables:
         labels = list(next(iter(tables.values())))
         for metric in ("acc", "ppl"):

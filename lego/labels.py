@@ -20,7 +20,7 @@ import torch
 
 from lego.chains import UNPREDICTABLE, label_name
 from lego.config import IGNORE_INDEX
-from lego.confidence import exact_quantile, token_stats
+from lego.confidence import exact_quantile, exit_confidence, token_stats
 from lego.heads import RouterProbe
 from lego.progress import progress as show_progress
 
@@ -29,12 +29,15 @@ SOLVED_TOLERANCE = 0.02  # Block 1 "solves" k hops when its accuracy there is wi
 
 @torch.no_grad()
 def labelled_tokens(model, loader: Iterable, device, *, exit_layer: Optional[int] = None, measure: str = "max_prob",
-                    hidden: bool = False, ignore_index: int = IGNORE_INDEX, progress: bool = True
-                    ) -> Dict[str, torch.Tensor]:
+                    hidden: bool = False, ignore_index: int = IGNORE_INDEX, progress: bool = True,
+                    threshold: Optional[float] = None, policy: str = "full") -> Dict[str, torch.Tensor]:
     """Per counted token (target != ignore_index), in loader order, flat CPU tensors: 'label' (int8; only when
     the loader yields (inputs, targets, labels)), 'nll_deep' (float32), 'ok_deep' (bool) at the model's last
     layer; with `exit_layer` also 'conf' (`measure` at the exit, as routing computes it), 'nll_exit', 'ok_exit',
-    and with `hidden` the exit's hidden state 'hidden' (N, C) float32 (the learned router's features)."""
+    and with `hidden` the exit's hidden state 'hidden' (N, C) float32 (the learned router's features).
+    With `threshold` also the live routed pass, as `Trainer.evaluate` runs it: 'stop' (the exit's routing confidence,
+    `lego.confidence.exit_confidence`, at or above it), 'nll_live' and 'ok_live' (the exit's for stopped tokens, the
+    last layer's after the upper layers ran the others under `policy`)."""
     model.eval()
     L = model.num_layers
     parts: Dict[str, list] = {}
@@ -52,6 +55,13 @@ def labelled_tokens(model, loader: Iterable, device, *, exit_layer: Optional[int
             out.update(conf=st["conf"][valid], nll_exit=st["nll"][valid], ok_exit=(st["pred"] == targets)[valid])
             if hidden:
                 out["hidden"] = h[valid].float()  # (N, C)
+        if threshold is not None:
+            stop = exit_confidence(model, h, logits) >= threshold
+            with model.autocast():
+                up = model.logits_at(model.run_layers(h, exit_layer, L, hard=valid & ~stop, policy=policy), L)
+            live = token_stats(up, targets, None, ignore_index)
+            out.update(stop=stop[valid], nll_live=torch.where(stop, st["nll"], live["nll"])[valid],
+                       ok_live=torch.where(stop, st["pred"], live["pred"])[valid] == targets[valid])
         with model.autocast():
             h = model.run_layers(h, exit_layer or 0, L)
             deep = token_stats(model.logits_at(h[valid], L), targets[valid], None, ignore_index)
@@ -151,9 +161,14 @@ def learned_threshold(conf: torch.Tensor, hard_ratio: float) -> float:
 
 
 # -- summaries ---------------------------------------------------------------------------------------
-def router_summary(tok: Dict[str, torch.Tensor], stop: torch.Tensor, *, exit_layer: int, num_layers: int) -> dict:
-    """acc, ppl, shallow_ratio, compute_cost of routing by `stop`, and with labels its table and `truth`."""
-    nll, ok = routed(tok, stop)
+def router_summary(tok: Dict[str, torch.Tensor], stop: Optional[torch.Tensor], *, exit_layer: int, num_layers: int,
+                   live: bool = False) -> dict:
+    """acc, ppl, shallow_ratio, compute_cost of routing by `stop`, and with labels its table and `truth`; `live`:
+    the routed pass's own NLL and top-1 ('nll_live', 'ok_live'), else the exit's and the unrouted last layer's."""
+    if live:
+        stop, nll, ok = tok["stop"], tok["nll_live"], tok["ok_live"]
+    else:
+        nll, ok = routed(tok, stop)
     n, n_exit = stop.numel(), int(stop.sum())
     nll_sum = float(nll.double().sum())
     out = {"acc": int(ok.sum()) / n, "ppl": math.exp(nll_sum / n), "shallow_ratio": n_exit / n,

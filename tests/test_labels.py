@@ -139,10 +139,12 @@ def test_learned_probe_separates_a_linear_target():
     assert ((conf < 0) == y).double().mean() > 0.97  # confidence is the negated logit of 'deep wins'
 
 
-def test_a_chains_run_reports_by_label(tmp_path):
+@pytest.mark.parametrize("policy", ["full", "propagate"])
+def test_a_chains_run_reports_by_label(tmp_path, policy):
     from lego.run import run
 
     cfg = tiny_config(tmp_path / "cache", **{"data.name": "chains", "data.max_train_tokens": None,
+                                            "phase2.upper_context": policy,
                                             "data.chains": ChainsConfig(train_lines=600, eval_lines=120),
                                             "eval.learned_router": True, "num_threads": 1,
                                             "stages": ["phase1", "hard_examples", "phase2", "eval", "generate"]})
@@ -160,10 +162,11 @@ def test_a_chains_run_reports_by_label(tmp_path):
     learned = s["routers"]["learned"]  # the asked exit share on validation, up to ties at the threshold
     assert abs(learned["validation_shallow_ratio"] - 0.5) <= learned["validation_tie_share"] + 1 / learned["validation_tokens"]
     assert learned["validation_tie_share"] < 0.05
-    live = learned["live"]  # routed evaluation with it: the same tokens exit as in the one-pass table
-    assert live["upper_context"] == metrics["upper_context"] and live["shallow_ratio"] == learned["shallow_ratio"]
-    if live["upper_context"] == "full":
-        assert math.isclose(live["ppl"], learned["ppl"], rel_tol=1e-5)
+    live = learned["live"]  # Trainer.evaluate with it: the labelled routed pass's numbers, under every policy
+    assert live["upper_context"] == metrics["upper_context"] == policy
+    assert live["shallow_ratio"] == learned["shallow_ratio"] and math.isclose(live["ppl"], learned["ppl"], rel_tol=1e-5)
+    assert 0 < learned["shallow_ratio"] < 1 and learned["by_label"]["all"]["n_exit"] == round(
+        learned["shallow_ratio"] * learned["n_tokens"])
     assert (tmp_path / "run/eval/learned_router.pt").is_file()
     gen = json.loads((tmp_path / "run/generate/metrics.json").read_text())["learned_router"]
     assert gen["settings"]["confidence"] == "learned" and 0 <= gen["routed"]["exit_share"] <= 1

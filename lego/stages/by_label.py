@@ -36,7 +36,7 @@ def live_routing(cfg: ASHEMConfig, model2: DeepSupervisionTransformer, probe, th
     this rank-0 pass is skipped (evaluation all-reduces over ranks): {"skipped": why}."""
     if distributed.is_distributed():
         return {"skipped": "torch.distributed: routed evaluation of the learned router runs single-process"}
-    live = copy.deepcopy(model2).route_with(probe, threshold)
+    live = copy.deepcopy(model2).route_with(probe, threshold)  # stage eval's routed evaluation, with this router
     routed = TrainingConfig(stages=[StageConfig((cfg.phase2.layers, cfg.phase2.layers))], routing_threshold=threshold,
                             exit_layer=cfg.phase1.layers, upper_context=cfg.phase2.upper_context)
     m = Trainer(routed, device=device, progress=False).evaluate(live, loader)
@@ -67,7 +67,8 @@ def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTran
         return labelled_tokens(model, loader(name), device, progress=cfg.progress, **kw)
 
     routed_kw = dict(exit_layer=exit_layer, measure=measure, hidden=learned)
-    tok = tokens(model2, split, **routed_kw)
+    live_kw = dict(policy=cfg.phase2.upper_context) if not cascade else {}
+    tok = tokens(model2, split, **routed_kw, **({"threshold": metrics["threshold"], **live_kw} if live_kw else {}))
     val = tokens(model2, "validation", **routed_kw) if (labelled or learned) and not cascade else None
     s: Dict[str, Any] = {"split": split, "n_tokens": int(tok["nll_deep"].numel()), "exit_layer": exit_layer,
                          "num_layers": depth, "measure": measure, "upper_context": cfg.phase2.upper_context,
@@ -88,19 +89,22 @@ def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTran
                  block_layers(cfg))
     else:
         kw = dict(exit_layer=exit_layer, num_layers=depth)
-        s["routers"]["calibrated"] = {**router_summary(tok, tok["conf"] >= metrics["threshold"], **kw),
-                                      "threshold": metrics["threshold"]}
+        s["routers"]["calibrated"] = {**router_summary(tok, tok["stop"], **kw, live=True),
+                                      "threshold": metrics["threshold"], "pass": "routed"}
         if labelled:
             k = solved_hops(label_table(val["label"], val["nll_exit"], val["ok_exit"]),
                             label_table(val["label"], val["nll_deep"], val["ok_deep"]))
             s["routers"]["oracle by label"] = {**router_summary(tok, oracle_by_label(tok["label"], k), **kw),
+                                               "pass": "one unrouted pass",
                                                "solved_hops": k, "tolerance": SOLVED_TOLERANCE,
                                                "chosen_on": "validation"}
         if learned:
             probe = fit_probe(val["hidden"], val["nll_deep"] < val["nll_exit"])
             val_conf = probe(val["hidden"])
             thr = learned_threshold(val_conf, cfg.hard_example_ratio)
-            s["routers"]["learned"] = {**router_summary(tok, probe(tok["hidden"]) >= thr, **kw),
+            router = copy.deepcopy(model2).route_with(probe, thr)
+            s["routers"]["learned"] = {**router_summary(tokens(router, split, exit_layer=exit_layer, threshold=thr,
+                                                               **live_kw), None, **kw, live=True), "pass": "routed",
                                        "threshold": thr, "hard_ratio": cfg.hard_example_ratio, "fit_on": "validation",
                                        "validation_shallow_ratio": float((val_conf >= thr).double().mean()),
                                        # tokens whose score equals the threshold: the exact quantile holds up to them
