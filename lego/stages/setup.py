@@ -46,6 +46,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
     d["data"].pop("cache_dir", None)
     if d["data"]["name"] != "chains":  # only data=chains reads them: other runs' dirs and cache keys stay valid
         d["data"].pop("chains")
+    elif d["data"]["chains"]["assign"] == "=":  # the key's default: chains run dirs from before it stay valid
+        d["data"]["chains"].pop("assign")
     # Two Blocks are phase1.layers, phase2.layers and hard_example_ratio (validate set them from the lists):
     # blocks=[2, 4] is the default run. More Blocks are recorded resolved, one ratio per exit.
     if len(block_layers(cfg)) > 2:
