@@ -26,6 +26,7 @@ from lego import __version__, distributed
 from lego.artifacts import LockBusy, RunDirTaken, file_lock, read_json, remove_partial_writes, write_json, write_text
 from lego.config import ASHEMConfig, block_layers, resolve, to_dict, validate
 from lego.data import Corpus, load_corpus
+from lego.label_report import headline as by_label_headline
 from lego.provenance import provenance
 from lego.stages.compare import pipeline_names
 from lego.stages.eval import stage_eval
@@ -223,6 +224,8 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
         for k in ("ppl_compute_auc", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio"):
             if k in metrics.get("analysis", {}):
                 summary[k] = metrics["analysis"][k]
+    if metrics is not None and "by_label" in metrics:  # data=chains (accuracy per hop count), the learned router
+        summary.update(by_label_headline(metrics["by_label"]))
     if generated is not None:
         summary.update(headline(generated))
     return summary

@@ -168,6 +168,13 @@ def test_a_chains_run_reports_by_label(tmp_path, policy):
     assert 0 < learned["shallow_ratio"] < 1 and learned["by_label"]["all"]["n_exit"] == round(
         learned["shallow_ratio"] * learned["n_tokens"])
     assert (tmp_path / "run/eval/learned_router.pt").is_file()
+    flat = json.loads((tmp_path / "run/metrics.json").read_text())  # the sweep summary's numbers
+    table = s["models"]["dense 4-layer model"]
+    deep = [table[k] for k in table if k.endswith("hops") and int(k.split()[0]) >= 2]
+    assert flat["acc_2plus_dense4"] == sum(r["correct"] for r in deep) / sum(r["n_tokens"] for r in deep)
+    assert flat["acc_hops1_ashem"] == cal["by_label"]["1 hops"]["acc"]
+    assert flat["sent_up_2plus_learned"] == learned["truth"]["sent_up_2plus_hops"]
+    assert flat["ppl_router_learned"] == learned["ppl"] and "ppl_router_ashem" not in flat
     gen = json.loads((tmp_path / "run/generate/metrics.json").read_text())["learned_router"]
     assert gen["settings"]["confidence"] == "learned" and 0 <= gen["routed"]["exit_share"] <= 1
     assert gen["routed"]["agreement_with_dense"] <= 1
