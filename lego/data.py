@@ -334,15 +334,8 @@ def _publish(cfg: DataConfig, splits: Dict[str, object], meta: dict, final: Path
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_length(split: str, n: int, seq_len: int, data: str) -> None:
-    if n < seq_len + 1:
-        _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the {split} "
-              f"split of data={data} has {n}", f"an integer in [2, {max(n - 1, 2)}]")
-
-
-def _open_split(directory: Path, split: str, meta: dict, seq_len: int) -> np.ndarray:
+def _open_split(directory: Path, split: str, meta: dict) -> np.ndarray:
     n = meta["tokens"][split]
-    _check_length(split, n, seq_len, meta["data"])
     path = directory / f"{split}.bin"
     dtype = np.dtype(meta["dtype"])
     if path.stat().st_size != n * dtype.itemsize:
@@ -350,20 +343,8 @@ def _open_split(directory: Path, split: str, meta: dict, seq_len: int) -> np.nda
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
-    """The corpus `cfg` names, tokenized: from the cache when this text and tokenizer were
-    seen before, otherwise tokenized now and cached; data=shards: the shards themselves, memory-mapped
-    (`lego.shards`). Splits are fixed and never overlap; each holds at least one sequence of
-    `cfg.seq_len + 1` tokens, or ConfigError."""
-    validate_data_config(cfg)
-    t0 = time.perf_counter()
-    if cfg.name == "shards":
-        opened = shards.open_shards(cfg.shards)
-        for split in SPLITS:
-            _check_length(split, len(opened.splits[split]), cfg.seq_len, cfg.name)
-        corpus = Corpus(**opened.splits, tokenizer=opened.tokenizer, vocab_size=opened.vocab_size,
-                        cache_key=opened.key, text_bytes=opened.text_bytes)
-        return _capped(cfg, corpus, t0)
+def _tokenized(cfg: DataConfig) -> Corpus:
+    """The corpus from the cache when this text and tokenizer were seen before, else tokenized now and cached."""
     splits, labels = _chains(cfg) if cfg.name == "chains" else (_splits(cfg), None)
     key, meta = _fingerprint(cfg, splits)
     directory = cache_root(cfg) / f"{cfg.name}-{cfg.tokenizer}-{key[:16]}"
@@ -374,24 +355,38 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         _publish(cfg, splits, {"cache_key": key, **meta}, directory, labels)
     with open(directory / "meta.json") as f:
         meta = json.load(f)
-    arrays = {s: _open_split(directory, s, meta, cfg.seq_len) for s in SPLITS}
+    arrays = {s: _open_split(directory, s, meta) for s in SPLITS}
     labels = {s: chains.open_labels(directory, s, meta["tokens"][s]) for s in SPLITS} if cfg.name == "chains" else None
     tok = load_tokenizer(directory)
-    return _capped(cfg, Corpus(**arrays, tokenizer=tok, vocab_size=tok.vocab_size, cache_key=key,
-                               text_bytes={s: meta["sizes"][s]["text_bytes"] for s in SPLITS}, labels=labels), t0)
+    return Corpus(**arrays, tokenizer=tok, vocab_size=tok.vocab_size, cache_key=key,
+                  text_bytes={s: meta["sizes"][s]["text_bytes"] for s in SPLITS}, labels=labels)
 
 
-def _capped(cfg: DataConfig, corpus: Corpus, t0: float) -> Corpus:
-    """`corpus` with its splits (and labels) cut to data.max_train_tokens / max_eval_tokens; logs the sizes."""
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """The corpus `cfg` names, tokenized: from the cache when this text and tokenizer were
+    seen before, otherwise tokenized now and cached; data=shards: the shards, memory-mapped
+    (`lego.shards`). Splits are fixed and never overlap; each holds at least one sequence of
+    `cfg.seq_len + 1` tokens, or ConfigError."""
+    validate_data_config(cfg)
+    t0 = time.perf_counter()
+    if cfg.name == "shards":
+        s = shards.open_shards(cfg.shards)
+        corpus = Corpus(**s.splits, tokenizer=s.tokenizer, vocab_size=s.vocab_size, cache_key=s.key,
+                        text_bytes=s.text_bytes)
+    else:
+        corpus = _tokenized(cfg)
     for split, cap in (("train", cfg.max_train_tokens), ("validation", cfg.max_eval_tokens),
                        ("test", cfg.max_eval_tokens)):
+        n = len(getattr(corpus, split))
+        if n < cfg.seq_len + 1:
+            _fail("seq_len", f"{cfg.seq_len} needs {cfg.seq_len + 1} tokens per sequence, but the {split} "
+                  f"split of data={cfg.name} has {n}", f"an integer in [2, {max(n - 1, 2)}]")
         if cap is not None:
             setattr(corpus, split, getattr(corpus, split)[:cap])
             if corpus.labels is not None:
                 corpus.labels[split] = corpus.labels[split][:cap]
-    logger.info("tokens: %s; vocab %d; ready in %.1fs",
-                ", ".join(f"{s} {len(getattr(corpus, s)):,}" for s in SPLITS), corpus.vocab_size,
-                time.perf_counter() - t0)
+    logger.info("tokens: %s; vocab %d; ready in %.1fs", ", ".join(f"{s} {len(getattr(corpus, s)):,}" for s in SPLITS),
+                corpus.vocab_size, time.perf_counter() - t0)
     return corpus
 
 

@@ -236,12 +236,13 @@ def _write(tmp: Path, docs: Iterable[str], settings: tuple, workers: int, shard_
             pool.terminate()
     seconds = time.perf_counter() - t0
     splits = {s: {**counts[s], "shards": writers[s].close()} for s in SPLITS}
-    tokens = sum(c["tokens"] for c in counts.values())
-    log.info("lego-prepare: %s documents, %s tokens in %.1f s (%s tokens/s, %d worker(s)): %s",
-             f"{sum(c['documents'] for c in counts.values()):,}", f"{tokens:,}", seconds, f"{tokens / max(seconds, 1e-9):,.0f}", workers,
+    tokens, documents = (sum(c[k] for c in counts.values()) for k in ("tokens", "documents"))
+    rate = tokens / max(seconds, 1e-9)
+    log.info("lego-prepare: %s documents, %s tokens in %.1f s (%s tokens/s, %d worker(s)): %s", f"{documents:,}",
+             f"{tokens:,}", seconds, f"{rate:,.0f}", workers,
              "; ".join(f"{s} {len(splits[s]['shards'])} shard(s) {counts[s]['tokens']:,} tokens" for s in SPLITS))
-    return {"splits": splits, "documents": sum(c["documents"] for c in counts.values()), "tokens": tokens,
-            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / max(seconds, 1e-9))}
+    return {"splits": splits, "documents": documents, "tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(rate)}
 
 
 # ----------------------------------------------------------------------------------------- command

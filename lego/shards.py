@@ -64,7 +64,8 @@ class ShardWriter:
     ids each (the last one shorter); `close()` returns one record per shard: file, tokens, largest id."""
 
     def __init__(self, directory: Path, prefix: str, dtype, shard_tokens: int):
-        self.directory, self.prefix, self.dtype, self.shard_tokens = Path(directory), prefix, np.dtype(dtype), shard_tokens
+        self.directory, self.prefix, self.dtype = Path(directory), prefix, np.dtype(dtype)
+        self.shard_tokens = shard_tokens
         self.records: List[dict] = []
         self.f = None
 
@@ -301,5 +302,5 @@ def open_shards(s: ShardsConfig) -> ShardSet:
                   if split in index.get("splits", {})}
     logger.info("data=shards %s (%s): %s", s.dir, fmt, "; ".join(
         f"{split} {len(items)} shard(s) {sum(sh.tokens for sh in items):,} tokens" for split, items in shards.items()))
-    return ShardSet(splits=splits, tokenizer=tok, vocab_size=vocab_size, key=_key(s, shards, index_bytes, tok, vocab_size),
-                    shards=shards, text_bytes=text_bytes)
+    return ShardSet(splits=splits, tokenizer=tok, vocab_size=vocab_size,
+                    key=_key(s, shards, index_bytes, tok, vocab_size), shards=shards, text_bytes=text_bytes)

@@ -53,7 +53,8 @@ def byte_shards(tmp_path):
 def test_prepared_shards_round_trip_documents_and_eot(byte_shards):
     out, docs, index = byte_shards
     assert index["eot_id"] == 256 and index["vocab_size"] == 257 and index["dtype"] == "uint16"
-    expected = {s: [d for i, d in enumerate(docs) if split_of(i, 0.2, 0.2) == s] for s in ("train", "validation", "test")}
+    expected = {s: [d for i, d in enumerate(docs) if split_of(i, 0.2, 0.2) == s]
+                for s in ("train", "validation", "test")}
     assert [len(v) for v in expected.values()] == [72, 24, 24]
     corpus = corpus_of(out)
     assert corpus.vocab_size == 257 and corpus.tokenizer.decode([256]) == END_OF_TEXT
@@ -105,7 +106,8 @@ def test_gpt2_style_bpe_from_local_files(tmp_path):
 def test_file_documents_by_line_file_and_row(tmp_path):
     write_lines(tmp_path / "a.txt", ["one", "", "two"])
     (tmp_path / "b.jsonl").write_text('{"text": "three"}\n{"text": ""}\n{"text": "four"}\n')
-    assert list(file_documents([tmp_path / "a.txt", tmp_path / "b.jsonl"], "text", False)) == ["one", "two", "three", "four"]
+    both = [tmp_path / "a.txt", tmp_path / "b.jsonl"]
+    assert list(file_documents(both, "text", False)) == ["one", "two", "three", "four"]
     assert list(file_documents([tmp_path / "a.txt"], "text", True)) == ["one\n\ntwo\n"]
 
 
