@@ -154,7 +154,7 @@ class ShardedTokens:
     covers), and `windows`, the reads of `lego.batches`."""
 
     def __init__(self, parts: Sequence[np.ndarray]):
-        self.parts = [p for p in parts if len(p)]
+        self.parts = [np.asarray(p) for p in parts if len(p)]  # plain views of the memmaps: no read, less overhead
         self.ends = np.cumsum([len(p) for p in self.parts], dtype=np.int64)  # (P,) stream offset after each part
         self.dtype = np.result_type(*self.parts) if self.parts else np.dtype(np.uint16)
 
@@ -192,10 +192,21 @@ class ShardedTokens:
         return iter(np.asarray(self))
 
     def windows(self, rows: Sequence[int], width: int) -> np.ndarray:
-        """(len(rows), width): row r is the stream's ids [r * width, (r + 1) * width), read part by part."""
-        out = np.empty((len(rows), width), dtype=self.dtype)
-        for i, r in enumerate(rows):
-            out[i] = np.asarray(self[r * width:(r + 1) * width])
+        """(len(rows), width): row r is the stream's ids [r * width, (r + 1) * width). Rows inside one part
+        are gathered from it at once; the few that straddle two parts are read piece by piece."""
+        starts = np.asarray(rows, dtype=np.int64) * width  # (R,)
+        part_of = np.searchsorted(self.ends, starts, side="right")  # (R,) the part holding each row's first id
+        out = np.empty((len(starts), width), dtype=self.dtype)
+        for k in set(part_of.tolist()):
+            sel = np.flatnonzero(part_of == k)
+            part = self.parts[k]
+            local = starts[sel] - (int(self.ends[k]) - len(part))
+            inside = local + width <= len(part)
+            if len(part) >= width:  # every window of the part, a strided view (no copy); rows of it are gathered
+                out[sel[inside]] = np.lib.stride_tricks.as_strided(
+                    part, shape=(len(part) - width + 1, width), strides=part.strides * 2, writeable=False)[local[inside]]
+            for i in sel[~inside]:
+                out[i] = np.asarray(self[int(starts[i]):int(starts[i]) + width])
         return out
 
 

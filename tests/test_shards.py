@@ -157,6 +157,7 @@ def test_sharded_tokens_read_as_one_stream():
     assert isinstance(s[11:20], np.ndarray) and list(s[11:20]) == list(range(11, 20))  # inside one part
     np.testing.assert_array_equal(np.asarray(s[3:]), ref[3:])
     np.testing.assert_array_equal(s.windows([0, 2, 3], 6), ref[:24].reshape(4, 6)[[0, 2, 3]])
+    np.testing.assert_array_equal(s.windows([5, 1, 2, 0], 4), ref[:24].reshape(6, 4)[[5, 1, 2, 0]])  # 1, 2 straddle
     # a loader over the shards gives the batches of a loader over their concatenation
     for shuffle in (False, True):
         a = list(make_loader(s, 4, 2, shuffle=shuffle, seed=1))
