@@ -155,8 +155,10 @@ class ShardedTokens:
 
     def __init__(self, parts: Sequence[np.ndarray]):
         self.parts = [np.asarray(p) for p in parts if len(p)]  # plain views of the memmaps: no read, less overhead
-        self.ends = np.cumsum([len(p) for p in self.parts], dtype=np.int64)  # (P,) stream offset after each part
+        self.lens = np.array([len(p) for p in self.parts], dtype=np.int64)  # (P,)
+        self.ends = np.cumsum(self.lens)  # (P,) stream offset after each part
         self.dtype = np.result_type(*self.parts) if self.parts else np.dtype(np.uint16)
+        self._windows: Dict[int, list] = {}  # width -> per part, its (len - width + 1, width) strided view
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
@@ -194,19 +196,20 @@ class ShardedTokens:
     def windows(self, rows: Sequence[int], width: int) -> np.ndarray:
         """(len(rows), width): row r is the stream's ids [r * width, (r + 1) * width). Rows inside one part
         are gathered from it at once; the few that straddle two parts are read piece by piece."""
+        if width not in self._windows:  # every window of each part, a strided view (no copy)
+            self._windows[width] = [np.lib.stride_tricks.as_strided(p, shape=(max(len(p) - width + 1, 0), width),
+                                                                    strides=p.strides * 2, writeable=False)
+                                    for p in self.parts]
         starts = np.asarray(rows, dtype=np.int64) * width  # (R,)
         part_of = np.searchsorted(self.ends, starts, side="right")  # (R,) the part holding each row's first id
+        local = starts - (self.ends - self.lens)[part_of]  # (R,) where in that part
+        fits = local + width <= self.lens[part_of]
         out = np.empty((len(starts), width), dtype=self.dtype)
-        for k in set(part_of.tolist()):
-            sel = np.flatnonzero(part_of == k)
-            part = self.parts[k]
-            local = starts[sel] - (int(self.ends[k]) - len(part))
-            inside = local + width <= len(part)
-            if len(part) >= width:  # every window of the part, a strided view (no copy); rows of it are gathered
-                out[sel[inside]] = np.lib.stride_tricks.as_strided(
-                    part, shape=(len(part) - width + 1, width), strides=part.strides * 2, writeable=False)[local[inside]]
-            for i in sel[~inside]:
-                out[i] = np.asarray(self[int(starts[i]):int(starts[i]) + width])
+        for k in set(part_of[fits].tolist()):
+            sel = fits & (part_of == k)
+            out[sel] = self._windows[width][k][local[sel]]  # (r, width) rows of the view: one gather
+        for i in np.flatnonzero(~fits):
+            out[i] = np.asarray(self[int(starts[i]):int(starts[i]) + width])
         return out
 
 

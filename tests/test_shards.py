@@ -279,3 +279,21 @@ def test_lego_run_trains_from_prepared_shards(tmp_path):
     assert state["model_args"]["vocab_size"] == 320  # 257 padded to a multiple of 64
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["science_config"]["data"]["shards"]["dir"] == str(tmp_path / "shards")
+
+
+def test_bench_shards_script_prints_its_table(tmp_path, capsys):
+    """scripts/bench_shards.py at toy sizes (a smoke test; benchmarks are never timed assertions)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_shards.py"
+    spec = importlib.util.spec_from_file_location("bench_shards", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--tokens", "200000", "--shard-tokens", "60000", "--workers", "1", "--bpe-vocab", "300",
+                         "--bpe-chars", "50000", "--batches", "3", "--steps", "2", "--model-steps", "1",
+                         "--rounds", "1", "--out", str(tmp_path / "b.json")])
+    cases = [r["case"] for r in result["rows"]]
+    assert cases[:2] == ["prepare bytes, 1 worker(s)", "prepare BPE 300, 1 worker(s)"]
+    assert {"loader 32x128, shards", "train debug=tiny, shards", "train model=tiny, RAM"} <= set(cases)
+    assert result["train_shards"] > 1 and json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert "| train model=tiny, shards" in capsys.readouterr().out
