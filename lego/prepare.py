@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import itertools
 import json
 import logging
 import math
@@ -41,7 +40,7 @@ import numpy as np
 from lego.config import SPLITS, ConfigError
 from lego.progress import progress, progress_logging
 from lego.shards import INDEX, ShardWriter
-from lego.tokenizer import END_OF_TEXT, FILENAME, Tokenizer, end_of_text_id, tokenizer_from_file
+from lego.tokenizer import FILENAME, end_of_text_id, tokenizer_from_file
 
 log = logging.getLogger("lego.prepare")
 

@@ -14,8 +14,8 @@ from lego.batches import make_loader
 from lego.config import ConfigError, DataConfig, ShardsConfig
 from lego.data import load_corpus
 from lego.prepare import file_documents, main as prepare_main, prepare, split_of
-from lego.shards import MAGIC, ShardedTokens, open_shards, write_shard
-from lego.tokenizer import END_OF_TEXT, byte_tokenizer, tokenizer_from_file, train_bpe
+from lego.shards import MAGIC, ShardedTokens, write_shard
+from lego.tokenizer import END_OF_TEXT, tokenizer_from_file, train_bpe
 
 
 def documents(n: int = 120) -> list:
