@@ -44,9 +44,10 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
     for k in _NON_SCIENCE:
         d.pop(k, None)
     d["data"].pop("cache_dir", None)
-    for name in ("chains", "shards"):  # only data=<name> reads them: other runs' dirs and cache keys stay valid
-        if d["data"]["name"] != name:
-            d["data"].pop(name)
+    if d["data"]["name"] != "shards":  # only data=shards reads them: other runs' dirs and cache keys stay valid
+        d["data"].pop("shards")
+    if d["data"]["name"] != "chains":  # only data=chains reads them: other runs' dirs and cache keys stay valid
+        d["data"].pop("chains")
     # Two Blocks are phase1.layers, phase2.layers and hard_example_ratio (validate set them from the lists):
     # blocks=[2, 4] is the default run. More Blocks are recorded resolved, one ratio per exit.
     if len(block_layers(cfg)) > 2:
