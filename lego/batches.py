@@ -32,8 +32,12 @@ class _Windows(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, rows: List[int]) -> Tuple[torch.Tensor, ...]:
-        grid = self.tokens[: self.n * self.width].reshape(self.n, self.width)  # a view, no read
-        block = torch.from_numpy(grid[rows].astype(np.int64))  # (B, T+1), reads only these rows
+        if isinstance(self.tokens, np.ndarray):
+            grid = self.tokens[: self.n * self.width].reshape(self.n, self.width)  # a view, no read
+            block = grid[rows]  # (B, T+1), reads only these rows
+        else:  # several shards as one stream (lego.shards.ShardedTokens)
+            block = self.tokens.windows(rows, self.width)
+        block = torch.from_numpy(block.astype(np.int64))
         if self.labels is None:
             return block[:, :-1].contiguous(), block[:, 1:].contiguous()  # (B, T), (B, T)
         lab = self.labels[: self.n * self.width].reshape(self.n, self.width)[rows, 1:]  # (B, T): the targets'

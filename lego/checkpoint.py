@@ -1,6 +1,6 @@
 """Models on disk: build a model from the config, save it with its constructor arguments, load it back.
 
-    model = build_model(cfg, vocab_size, num_layers)
+    model = build_model(cfg, vocab_size, num_layers)       # vocabulary padded to model.vocab_multiple
     save_model(run_dir / "phase1" / "model.pt", model, cfg, stage="phase1")
     model = load_model(path, model_args(model), device, "phase1 checkpoint")
 """
@@ -53,10 +53,18 @@ def model_args(model: DeepSupervisionTransformer) -> Dict[str, Any]:
     return args
 
 
+def model_vocab_size(cfg: ASHEMConfig, vocab_size: int) -> int:
+    """The model's vocabulary for a tokenizer of `vocab_size` ids: rounded up to a multiple of
+    `model.vocab_multiple` (1: unchanged). Idempotent, so a model's own size may be passed again."""
+    m = cfg.model.vocab_multiple
+    return -(-vocab_size // m) * m
+
+
 def build_model(cfg: ASHEMConfig, vocab_size: int, num_layers: int) -> DeepSupervisionTransformer:
-    """A freshly initialised `num_layers`-layer model of the config's shape (seed first for a given init)."""
+    """A freshly initialised `num_layers`-layer model of the config's shape (seed first for a given init) for a
+    tokenizer of `vocab_size` ids; its vocabulary is `model_vocab_size(cfg, vocab_size)`."""
     shape = replace(cfg.model, precision=run_precision(cfg))
-    return DeepSupervisionTransformer.from_config(shape, vocab_size, num_layers,
+    return DeepSupervisionTransformer.from_config(shape, model_vocab_size(cfg, vocab_size), num_layers,
                                                   confidence=cfg.hard_examples.confidence,
                                                   upper_context=cfg.phase2.upper_context)
 

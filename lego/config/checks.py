@@ -18,7 +18,7 @@ from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE
 
 def check_model(m: "ModelConfig", prefix: str = "") -> None:
     """The shape checks shared by `validate` (prefix "model.") and the model's constructor (no prefix)."""
-    for key in ("dim", "num_heads", "max_seq_len", "ffn_mult"):
+    for key in ("dim", "num_heads", "max_seq_len", "ffn_mult", "vocab_multiple"):
         check_positive(f"{prefix}{key}", getattr(m, key))
     if m.dim % m.num_heads:
         raise ConfigError(f"{prefix}dim={m.dim} must be divisible by {prefix}num_heads={m.num_heads}")

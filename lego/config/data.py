@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from lego.config.values import (DATA_NAMES, DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SPLITS, TOKENIZERS, _fail)
+from lego.config.values import (DATA_NAMES, DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SHARD_DTYPES, SHARD_FORMATS,
+                                SPLITS, TOKENIZERS, _fail)
 
 
 @dataclass
@@ -28,11 +29,28 @@ class ChainsConfig:
 
 
 @dataclass
+class ShardsConfig:
+    """data=shards: pre-tokenized shards, llm.c's header format or nanoGPT's raw .bin, memory-mapped (lego.shards)."""
+
+    dir: Optional[str] = None  # the shards' directory (what lego-prepare wrote); required with data=shards
+    train: str = "*train*.bin"  # glob of the train split's shards, relative to dir (or absolute); read in name order
+    validation: str = "*val*.bin"  # glob of the validation shards (lego-prepare's validation_*, nanoGPT's val.bin)
+    test: str = "*test*.bin"  # glob of the test shards
+    format: str = "auto"  # auto (llmc when the first shard opens with llm.c's magic 20240520, else raw) | llmc | raw
+    dtype: str = "uint16"  # format=raw: the token width, uint16 (nanoGPT) | uint32; llm.c shards carry theirs
+    # decodes the ids: null = dir/tokenizer.json; a tokenizer.json, a directory with one or with vocab.json +
+    # merges.txt (GPT-2's files), or bytes
+    tokenizer: Optional[str] = None
+    # ids the model embeds: null = dir/shards.json's (lego-prepare), else the tokenizer's; every id must lie below it
+    vocab_size: Optional[int] = None
+
+
+@dataclass
 class DataConfig:
     """Which text, which tokenizer, how it is cut into batches (Hydra group `data`)."""
 
     name: str = "shakespeare"
-    """Corpus: shakespeare | kjv | wikitext2 | wikitext103 | hf | text_files | chains."""
+    """Corpus: shakespeare | kjv | wikitext2 | wikitext103 | hf | text_files | chains | shards."""
     tokenizer: str = "bpe"
     """bpe (byte-level, trained on the train split) | bytes (vocab 256) | pretrained."""
     vocab_size: int = 2048
@@ -74,10 +92,15 @@ class DataConfig:
     split); None scores all. Calibration and the frontier's choice always use the whole split."""
     chains: ChainsConfig = field(default_factory=ChainsConfig)
     """data=chains: the program generator's settings (ignored by the other corpora)."""
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    """data=shards: where the token shards are and how to read them (ignored by the other corpora); the
+    tokenizer keys above do not apply, the shards are tokens already."""
 
     def __post_init__(self):
         if isinstance(self.chains, dict):  # DataConfig(**a JSON record)
             self.chains = ChainsConfig(**self.chains)
+        if isinstance(self.shards, dict):
+            self.shards = ShardsConfig(**self.shards)
         validate_data_config(self)
 
 
@@ -118,6 +141,25 @@ def validate_data_config(cfg: DataConfig) -> None:
         _check_files(cfg)
     if cfg.name == "chains":
         _check_chains(cfg)
+    if cfg.name == "shards":
+        _check_shards(cfg.shards)
+
+
+def _check_shards(s: ShardsConfig) -> None:
+    """The values; the files themselves are checked when `lego.shards.open_shards` opens them."""
+    if not s.dir:
+        _fail("shards.dir", "data=shards needs the directory of the shards", "a directory path, e.g. the one "
+              "lego-prepare wrote")
+    for split in SPLITS:
+        if not getattr(s, split):
+            _fail(f"shards.{split}", "empty", f"a glob of .bin files, e.g. '*{split[:3]}*.bin'")
+    if s.format not in SHARD_FORMATS:
+        _fail("shards.format", f"unknown format {s.format!r}", ", ".join(SHARD_FORMATS))
+    if s.dtype not in SHARD_DTYPES:
+        _fail("shards.dtype", f"unknown dtype {s.dtype!r}", ", ".join(SHARD_DTYPES))
+    if s.vocab_size is not None and (isinstance(s.vocab_size, bool) or not isinstance(s.vocab_size, int)
+                                     or s.vocab_size < 1):
+        _fail("shards.vocab_size", f"{s.vocab_size!r}", "an integer >= 1, or null")
 
 
 def _check_chains(cfg: DataConfig) -> None:

@@ -31,6 +31,10 @@ class ModelConfig:
     # auto | fp32 | bf16: autocast for every forward (training, calibration, mining, eval, analysis
     # alike); auto = bf16 on a CUDA GPU that has it, else fp32. Weights, losses, confidences stay float32.
     precision: str = "auto"
+    # Pad the vocabulary (embedding rows, head outputs) up to a multiple of this, e.g. 64 for GPU-friendly matmuls;
+    # 1 = the tokenizer's size. Padded ids never occur in the data: nothing masks their logits, training pushes them
+    # down as it does any token never seen (nanoGPT's choice); they keep a little softmax mass early in training.
+    vocab_multiple: int = 1
 
 
 @dataclass

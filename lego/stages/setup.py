@@ -13,7 +13,7 @@ import torch
 
 from lego import distributed
 from lego.batches import EpochSteps, make_loader
-from lego.checkpoint import resolve_device, run_precision
+from lego.checkpoint import model_vocab_size, resolve_device, run_precision
 from lego.config import ASHEMConfig, block_layers, exit_ratios, to_dict
 from lego.data import Corpus
 from lego.schedule import lr_factor
@@ -44,6 +44,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
     for k in _NON_SCIENCE:
         d.pop(k, None)
     d["data"].pop("cache_dir", None)
+    if d["data"]["name"] != "shards":  # only data=shards reads them: other runs' dirs and cache keys stay valid
+        d["data"].pop("shards")
     if d["data"]["name"] != "chains":  # only data=chains reads them: other runs' dirs and cache keys stay valid
         d["data"].pop("chains")
     elif d["data"]["chains"]["assign"] == "=":  # the key's default: chains run dirs from before it stay valid
@@ -55,6 +57,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
     else:
         d.pop("blocks"), d.pop("hard_example_ratios")
     d["model"].pop("compile", None)
+    if d["model"].get("vocab_multiple") == 1:  # no padding: run dirs and cache keys from before the key stay valid
+        d["model"].pop("vocab_multiple")
     if d["model"].get("exit_head") == "separate" and d["model"].get("exit_rank") is None:  # the specification's
         d["model"].pop("exit_head"), d["model"].pop("exit_rank")  # heads: run dirs and cache keys from before stay valid
     for phase in ("phase1", "phase2"):  # a constant schedule ignores warmup and floor: runs from before the keys match
@@ -126,10 +130,11 @@ def loop_report(cfg: ASHEMConfig, tracker, prefix: str) -> Dict[str, Any]:
 
 
 def model_macs(cfg: ASHEMConfig, vocab_size: int) -> Dict[str, Any]:
-    """The shape arguments of every `lego.cost` function for this run."""
+    """The shape arguments of every `lego.cost` function for this run; the heads count the padded vocabulary
+    (`model.vocab_multiple`), as the model computes it."""
     m = cfg.model
-    return dict(dim=m.dim, ffn_mult=m.ffn_mult, ffn=m.ffn, vocab_size=vocab_size, seq_len=cfg.data.seq_len,
-                exit_rank=m.exit_rank if m.exit_head == "lowrank" else None)
+    return dict(dim=m.dim, ffn_mult=m.ffn_mult, ffn=m.ffn, vocab_size=model_vocab_size(cfg, vocab_size),
+                seq_len=cfg.data.seq_len, exit_rank=m.exit_rank if m.exit_head == "lowrank" else None)
 
 
 @dataclass
