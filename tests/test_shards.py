@@ -297,3 +297,28 @@ def test_bench_shards_script_prints_its_table(tmp_path, capsys):
     assert {"loader 32x128, shards", "train debug=tiny, shards", "train model=tiny, RAM"} <= set(cases)
     assert result["train_shards"] > 1 and json.loads((tmp_path / "b.json").read_text())["rows"]
     assert "| train model=tiny, shards" in capsys.readouterr().out
+
+
+def test_gpt2_small_preset_runs_two_steps_on_cpu_shrunk(tmp_path):
+    """`experiment=gpt2_small` (12 x 768, T 1024, bf16 + compile on CUDA) composes, and with the shape, context and
+    device shrunk on the command line trains from prepared shards: 2 phase-1 steps of 2 micro-batches each."""
+    from conftest import compose_config, lego_run
+
+    from lego.cli import to_config
+
+    cfg = to_config(compose_config(["experiment=gpt2_small", "data.shards.dir=somewhere"]))
+    assert (cfg.model.dim, cfg.model.num_heads, cfg.model.max_seq_len, cfg.blocks) == (768, 12, 1024, [6, 12])
+    assert (cfg.model.precision, cfg.model.compile, cfg.model.vocab_multiple, cfg.device) == ("bf16", True, 64, "cuda")
+    assert cfg.data.batch_size * cfg.data.seq_len * cfg.phase1.grad_accum == 524_288
+    prepare(tmp_path / "shards", documents(400), "bytes", shard_tokens=4000, validation=0.1, test=0.1)
+    shrunk = ["experiment=gpt2_small", f"data.shards.dir={tmp_path / 'shards'}", "device=cpu", "num_threads=1",
+              "model.precision=fp32", "model.compile=false", "model.dim=32", "model.num_heads=2",
+              "model.max_seq_len=32", "data.seq_len=32", "data.batch_size=2", "data.eval_batch_size=8",
+              "data.val_check_tokens=512", "data.max_eval_tokens=2048", "blocks=[1,2]", "phase1.grad_accum=2",
+              "phase2.grad_accum=2", "phase1.max_epochs=1", "phase1.epoch_steps=2", "phase1.budget_fraction=null",
+              "phase1.warmup_steps=1", "phase2.max_epochs=1", "phase2.epoch_steps=2", "phase2.warmup_steps=1",
+              "eval.standard_baseline=false", "stages=[phase1]", "progress=false", "hydra.run.dir=run"]
+    res = lego_run(shrunk, cwd=tmp_path, env={"LEGO_CACHE_DIR": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "phase1" / "result.json").read_text())
+    assert result["steps"] == 2 and result["tokens"] == 2 * 2 * 2 * 32  # steps x grad_accum x batch x T
