@@ -147,3 +147,16 @@ def test_bf16_run_records_its_precision(tmp_path):
     assert "precision" not in science_config(fp32)["model"]  # fp32 keeps the keys of older runs
     with pytest.raises(StageError, match="model.precision: 'bf16' -> None"):
         run(fp32, tmp_path / "run")
+
+
+def test_precision_choice_says_what_runs_and_why(monkeypatch):
+    from lego.model import cpu_bf16, precision_choice
+
+    assert precision_choice("bf16", "cpu") == {"asked": "bf16", "runs": "bf16", "why": "asked"}
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert cpu_bf16() == "avx512_bf16"
+    got = precision_choice("auto", "cpu")
+    assert got["runs"] == "fp32" and "avx512_bf16" in got["why"]
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert cpu_bf16() is None and "native" not in precision_choice("auto", "cpu")["why"]
