@@ -160,3 +160,16 @@ def test_precision_choice_says_what_runs_and_why(monkeypatch):
     assert got["runs"] == "fp32" and "avx512_bf16" in got["why"]
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert cpu_bf16() is None and "native" not in precision_choice("auto", "cpu")["why"]
+
+
+def test_bench_precision_script_prints_its_table():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_precision.py"
+    out = subprocess.run([sys.executable, str(script), "--layers", "1", "--vocab", "64", "--seq-len", "8", "--batch",
+                          "2", "--rounds", "1", "--steps", "1", "--threads", "1"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| fp32 |" in out.stdout and "| bf16 |" in out.stdout and "native bf16:" in out.stdout
