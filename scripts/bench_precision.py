@@ -12,6 +12,7 @@ load from other processes hits both alike). Prints a table, and whether this CPU
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -70,6 +72,10 @@ def main() -> None:
     print("| precision | ms per training step (fastest round) | vs fp32 |\n|---|---|---|")
     for precision, ms in best.items():
         print(f"| {precision} | {ms:.0f} | {best['fp32'] / ms:.2f}x |")
+    if a.out is not None:
+        a.out.write_text(json.dumps({"settings": {**vars(a), "out": str(a.out), "threads": torch.get_num_threads(),
+                                                  "native_bf16": cpu_bf16()},
+                                     "ms_per_step": best, "bf16_speedup": best["fp32"] / best["bf16"]}, indent=1))
 
 
 if __name__ == "__main__":
