@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lego import distributed
-from lego.config import _fail
+from lego.config import fail_data_key
 
 
 class _Windows(torch.utils.data.Dataset):
@@ -89,12 +89,12 @@ def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: b
     `SeededBatches`); ranks may differ by one batch. With a CUDA `device` the batches come
     in pinned memory, for asynchronous copies to it."""
     if seq_len < 2:
-        _fail("seq_len", f"{seq_len} is too small", "an integer >= 2")
+        fail_data_key("seq_len", f"{seq_len} is too small", "an integer >= 2")
     if batch_size < 1:
-        _fail("batch_size", f"{batch_size} is too small", "an integer >= 1")
+        fail_data_key("batch_size", f"{batch_size} is too small", "an integer >= 1")
     windows = _Windows(tokens, seq_len, labels)
     if len(windows) == 0:
-        _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
+        fail_data_key("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
               f"{len(tokens)}", f"an integer in [2, {max(len(tokens) - 1, 2)}]")
     sampler = SeededBatches(len(windows), batch_size, shuffle, seed, drop_last, rank, world_size)
     return torch.utils.data.DataLoader(windows, batch_size=None, sampler=sampler, collate_fn=_as_is,

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from lego.config import (DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SPLITS, ConfigError, DataConfig, _fail,
+from lego.config import (DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SPLITS, ConfigError, DataConfig, fail_data_key,
                          validate_data_config)
 from lego import chains
 from lego.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer, pretrained_tokenizer, train_bpe
@@ -180,7 +180,7 @@ def _load_split(cfg: DataConfig, split: str):
             raise ConfigError(f"data.{split}_split: {message}") from None
         raise
     if cfg.text_column not in ds.column_names:
-        _fail("text_column", f"{cfg.text_column!r} is not a column of {where}",
+        fail_data_key("text_column", f"{cfg.text_column!r} is not a column of {where}",
               ", ".join(ds.column_names))
     return ds
 
@@ -253,7 +253,7 @@ def _fingerprint(cfg: DataConfig, splits: Dict[str, object]) -> Tuple[str, dict]
                 n_rows += 1
         if n_bytes == 0:
             key = f"{split}_files" if getattr(cfg, f"{split}_files", None) else f"{split}_split"
-            _fail(key, f"the {split} split of data={cfg.name} has no text",
+            fail_data_key(key, f"the {split} split of data={cfg.name} has no text",
                   "a split with at least one non-empty row")
         digests[split] = h.hexdigest()
         sizes[split] = {"text_bytes": n_bytes, "rows": n_rows}
@@ -336,7 +336,7 @@ def _publish(cfg: DataConfig, splits: Dict[str, object], meta: dict, final: Path
 def _open_split(directory: Path, split: str, meta: dict, seq_len: int) -> np.ndarray:
     n = meta["tokens"][split]
     if n < seq_len + 1:
-        _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the {split} "
+        fail_data_key("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the {split} "
               f"split of data={meta['data']} has {n}", f"an integer in [2, {max(n - 1, 2)}]")
     path = directory / f"{split}.bin"
     dtype = np.dtype(meta["dtype"])

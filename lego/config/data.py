@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from lego.config.values import (DATA_NAMES, DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SPLITS, TOKENIZERS, _fail)
+from lego.config.values import (DATA_NAMES, DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SPLITS, TOKENIZERS, fail_data_key)
 
 
 @dataclass
@@ -84,32 +84,32 @@ def validate_data_config(cfg: DataConfig) -> None:
     Checks values and that data=text_files names existing files; the text itself is
     checked by `load_corpus`."""
     if cfg.name not in DATA_NAMES:
-        _fail("name", f"unknown corpus {cfg.name!r}", ", ".join(DATA_NAMES))
+        fail_data_key("name", f"unknown corpus {cfg.name!r}", ", ".join(DATA_NAMES))
     if cfg.tokenizer not in TOKENIZERS:
-        _fail("tokenizer", f"unknown tokenizer {cfg.tokenizer!r}", ", ".join(TOKENIZERS))
+        fail_data_key("tokenizer", f"unknown tokenizer {cfg.tokenizer!r}", ", ".join(TOKENIZERS))
     if cfg.tokenizer == "bpe" and cfg.vocab_size < 257:
-        _fail("vocab_size", f"{cfg.vocab_size} leaves no room for merges over 256 bytes",
+        fail_data_key("vocab_size", f"{cfg.vocab_size} leaves no room for merges over 256 bytes",
               "an integer >= 257")
     if cfg.tokenizer == "pretrained" and not cfg.pretrained_name:
-        _fail("pretrained_name", "tokenizer=pretrained needs a hub tokenizer name",
+        fail_data_key("pretrained_name", "tokenizer=pretrained needs a hub tokenizer name",
               "a name such as 'gpt2'")
     for key in ("seq_len", "batch_size", "eval_batch_size"):
         least = 2 if key == "seq_len" else 1
         if getattr(cfg, key) < least:
-            _fail(key, f"{getattr(cfg, key)} is too small", f"an integer >= {least}")
+            fail_data_key(key, f"{getattr(cfg, key)} is too small", f"an integer >= {least}")
     if cfg.max_eval_tokens is not None and cfg.max_eval_tokens < cfg.seq_len + 1:
-        _fail("max_eval_tokens", f"{cfg.max_eval_tokens} holds no sequence of {cfg.seq_len + 1} tokens",
+        fail_data_key("max_eval_tokens", f"{cfg.max_eval_tokens} holds no sequence of {cfg.seq_len + 1} tokens",
               f"an integer >= {cfg.seq_len + 1}, or null")
     if cfg.val_check_tokens is not None and cfg.val_check_tokens < cfg.seq_len + 1:
-        _fail("val_check_tokens", f"{cfg.val_check_tokens} holds no sequence of {cfg.seq_len + 1} tokens",
+        fail_data_key("val_check_tokens", f"{cfg.val_check_tokens} holds no sequence of {cfg.seq_len + 1} tokens",
               f"an integer >= {cfg.seq_len + 1}, or null")
     if cfg.max_train_tokens is not None and cfg.max_train_tokens < cfg.seq_len + 1:
-        _fail("max_train_tokens", f"{cfg.max_train_tokens} holds no sequence of "
+        fail_data_key("max_train_tokens", f"{cfg.max_train_tokens} holds no sequence of "
               f"seq_len + 1 = {cfg.seq_len + 1} tokens", f"None or >= {cfg.seq_len + 1}")
     if not cfg.cache_dir:
-        _fail("cache_dir", "empty", "a directory path")
+        fail_data_key("cache_dir", "empty", "a directory path")
     if cfg.name == "hf" and not cfg.path:
-        _fail("path", "data=hf needs a dataset path", "a hub name such as 'wikitext' or a directory")
+        fail_data_key("path", "data=hf needs a dataset path", "a hub name such as 'wikitext' or a directory")
     if cfg.name in ("hf", "text_files", *HF_PRESETS):
         _check_split_specs(cfg)
     if cfg.name == "text_files":
@@ -121,34 +121,34 @@ def validate_data_config(cfg: DataConfig) -> None:
 def _check_chains(cfg: DataConfig) -> None:
     c = cfg.chains
     if cfg.tokenizer != "bytes":
-        _fail("tokenizer", f"data=chains labels every byte; {cfg.tokenizer!r} merges them", "bytes")
+        fail_data_key("tokenizer", f"data=chains labels every byte; {cfg.tokenizer!r} merges them", "bytes")
     for key in ("num_vars", "queries", "train_lines", "eval_lines"):
         value = getattr(c, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            _fail(f"chains.{key}", f"{value!r} is too small", "an integer >= 1")
+            fail_data_key(f"chains.{key}", f"{value!r} is too small", "an integer >= 1")
     for key in ("names", "values"):
         chars = getattr(c, key)
         if not chars or len(set(chars)) != len(chars) or any(len(ch.encode()) != 1 or ch in "=;?\n" for ch in chars):
-            _fail(f"chains.{key}", f"{chars!r}", "distinct one-byte characters other than '=', ';', '?' and a newline")
+            fail_data_key(f"chains.{key}", f"{chars!r}", "distinct one-byte characters other than '=', ';', '?' and a newline")
     if set(c.names) & set(c.values):
-        _fail("chains.values", f"{''.join(sorted(set(c.names) & set(c.values)))!r} also in data.chains.names",
+        fail_data_key("chains.values", f"{''.join(sorted(set(c.names) & set(c.values)))!r} also in data.chains.names",
               "characters that are not variable names")
     if c.num_vars > len(c.names):
-        _fail("chains.num_vars", f"{c.num_vars} variables need as many names, data.chains.names has {len(c.names)}",
+        fail_data_key("chains.num_vars", f"{c.num_vars} variables need as many names, data.chains.names has {len(c.names)}",
               f"an integer in [1, {len(c.names)}]")
     p = list(c.depth_probs)
     if not p or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 for x in p) \
             or abs(sum(p) - 1.0) > 1e-6:
-        _fail("chains.depth_probs", f"{p} (sum {sum(x for x in p if isinstance(x, (int, float))):.6g})",
+        fail_data_key("chains.depth_probs", f"{p} (sum {sum(x for x in p if isinstance(x, (int, float))):.6g})",
               "probabilities of 1, 2, ... hops: numbers >= 0 that sum to 1")
     deepest = max(i + 1 for i, x in enumerate(p) if x > 0)
     if deepest * c.queries > c.num_vars:
-        _fail("chains.depth_probs", f"{deepest} hops x {c.queries} queries need {deepest * c.queries} variables, "
+        fail_data_key("chains.depth_probs", f"{deepest} hops x {c.queries} queries need {deepest * c.queries} variables, "
               f"data.chains.num_vars is {c.num_vars}", f"at most {c.num_vars // c.queries} hops with nonzero "
               "probability (or more num_vars, fewer queries)")
     if isinstance(c.text_fraction, bool) or not isinstance(c.text_fraction, (int, float)) \
             or not 0.0 <= c.text_fraction <= 1.0:
-        _fail("chains.text_fraction", f"{c.text_fraction!r}", "a number in [0, 1]")
+        fail_data_key("chains.text_fraction", f"{c.text_fraction!r}", "a number in [0, 1]")
 
 
 def _split_base(spec: str) -> str:
@@ -162,36 +162,36 @@ def _check_split_specs(cfg: DataConfig) -> None:
     specs = {s: getattr(cfg, f"{s}_split") for s in SPLITS}
     for split, spec in specs.items():
         if not spec or not _split_base(spec):
-            _fail(f"{split}_split", "empty", "a split name or slice such as 'train[:90%]'")
+            fail_data_key(f"{split}_split", "empty", "a split name or slice such as 'train[:90%]'")
         for other, other_spec in specs.items():
             if other != split and _split_base(other_spec) == spec:
-                _fail(f"{split}_split", f"{spec!r} also feeds data.{other}_split={other_spec!r}",
+                fail_data_key(f"{split}_split", f"{spec!r} also feeds data.{other}_split={other_spec!r}",
                       f"a slice that does not overlap it, e.g. '{spec}[:90%]'")
 
 
 def _check_files(cfg: DataConfig) -> None:
     if not cfg.train_files:
-        _fail("train_files", "data=text_files needs at least one training file",
+        fail_data_key("train_files", "data=text_files needs at least one training file",
               "a list of .txt/.jsonl/.parquet paths")
     builders = set()
     for split in SPLITS:
         for f in getattr(cfg, f"{split}_files"):
             suffix = Path(f).suffix.lower()
             if suffix not in FILE_BUILDERS:
-                _fail(f"{split}_files", f"{f!r} has an unsupported extension",
+                fail_data_key(f"{split}_files", f"{f!r} has an unsupported extension",
                       ", ".join(FILE_BUILDERS))
             if not Path(f).expanduser().is_file():
-                _fail(f"{split}_files", f"no such file {f!r}", "paths of existing files")
+                fail_data_key(f"{split}_files", f"no such file {f!r}", "paths of existing files")
             if Path(f).expanduser().stat().st_size == 0:
-                _fail(f"{split}_files", f"{f!r} is empty", "files that hold text")
+                fail_data_key(f"{split}_files", f"{f!r} is empty", "files that hold text")
             builders.add(FILE_BUILDERS[suffix])
     if len(builders) > 1:
-        _fail("train_files", f"files of different formats ({', '.join(sorted(builders))})",
+        fail_data_key("train_files", f"files of different formats ({', '.join(sorted(builders))})",
               "one format across all splits")
     with_files = [s for s in SPLITS if getattr(cfg, f"{s}_files")]
     for split in SPLITS:
         spec = getattr(cfg, f"{split}_split")
         if _split_base(spec) not in with_files:
-            _fail(f"{split}_files", f"no files, and data.{split}_split={spec!r} names no split "
+            fail_data_key(f"{split}_files", f"no files, and data.{split}_split={spec!r} names no split "
                   "that has files", f"files, or a slice of {', '.join(with_files)} such as "
                   f"'{with_files[0]}[90%:95%]' (with data.train_split sliced too)")
