@@ -1,175 +1,33 @@
-"""Writers for the evaluation analysis: tradeoff.csv, tradeoff.png, tokens.html and report.md.
-
-Formatting only: every number comes from `lego.analysis`. `scripts/plot_tradeoff.py EVAL_DIR`
-re-plots a finished run from its CSV and analysis.json.
+"""What a run reports: the evaluation analysis (`analyze`: tradeoff.csv, report.md, analysis.json, and the
+pictures of `lego.pictures`), the summary in the run's metrics.json (`summarize_run`) and the table `lego-run`
+prints at the end (`format_table`). Formatting only: every number comes from `lego.analysis` and the stages.
+`scripts/plot_tradeoff.py EVAL_DIR` re-plots a finished run from its CSV and analysis.json.
 """
 
 from __future__ import annotations
 
 import csv
-import html
 import io
 import logging
 import math
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from lego.analysis import (BUCKET_METHOD, COSTS, CSV_COLUMNS, ECE_BINS, METRICS, PLOT_HINT, _as_list, _conf, _decode,
+from lego import distributed
+from lego.analysis import (BUCKET_METHOD, COSTS, CSV_COLUMNS, ECE_BINS, METRICS, PLOT_HINT, _as_list, _conf,
                            auroc, compute_saved_at, exit_share_by_bucket, expected_calibration_error, oracle_router,
                            ppl_compute_area, routed_from_tokens, token_outputs, top_tokens, tradeoff_curve, with_stops)
-from lego.cascade import exit_index, first_agreeing
 from lego.artifacts import atomic_write, write_json
-from lego.config import CONFIDENCE_MEASURES
-from lego.data import token_counts
+from lego.cascade import exit_index, first_agreeing
+from lego.config import CONFIDENCE_MEASURES, ASHEMConfig
+from lego.data import Corpus, token_counts
+from lego.pictures import plot_points, plot_title, plot_tradeoff, tokens_html
+from lego.pipeline.compute import pipeline_names
+from lego.training import CONVERGENCE_RULE
 
 log = logging.getLogger(__name__)
-
-
-# -- pictures -----------------------------------------------------------------------------------
-def plot_points(summary: dict) -> Dict[str, dict]:
-    """The points `analyze` marks on the curve: every baseline and the oracle router."""
-    return {**summary["baselines"], "oracle router": summary["oracle"]}
-
-
-def plot_title(summary: dict) -> str:
-    exits = _as_list(summary["exit_layer"])
-    where = f"Exit at layer {exits[0]}" if len(exits) == 1 else f"Exits at layers {', '.join(map(str, exits))}"
-    return f"{where} of {summary['num_layers']}, routing on {summary['measure']}"
-
-
-def plot_tradeoff(rows: List[dict], points: Dict[str, dict], path, *, title: str = "") -> bool:
-    """Three panels of perplexity: against the specification's compute_cost (layers run), against the
-    realized inference cost (flop_cost: what the upper-context policy really runs; dense models at
-    their own cost, the dense frontier drawn as a line through them), and against training compute
-    (multiply-adds) for every point that has it. The threshold curve, the calibrated row and every
-    point in `points` (name -> metrics) are marked and named in the legend. False without matplotlib."""
-    path = Path(path)
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
-    except ImportError:
-        log.info("matplotlib is not installed: no %s (%s)", path.name, PLOT_HINT)
-        return False
-    grid = sorted((r for r in rows if r["kind"] == "grid"), key=lambda r: r["compute_cost"])
-    calibrated = [r for r in rows if r["kind"] == "calibrated"]
-    cascade = any(k.startswith("share_") for k in rows[0])  # a cascade's rows give each exit's share
-    full_ppl = next(r["ppl"] for r in rows if r["kind"] == "grid" and r["target_share"] == 0)
-    frontier = sorted((m["inference_cost"], m["ppl"]) for m in points.values() if m.get("inference_cost") is not None)
-    fig = Figure(figsize=(15, 4.6))
-    axes = fig.subplots(1, 3)
-    markers = "s^vDPXph<>"
-    panels = ((axes[0], "compute_cost", "compute_cost (layers run / full depth; the specification's)"),
-              (axes[1], "flop_cost", "realized inference cost (multiply-adds / dense full depth)"),
-              (axes[2], "train_macs", "training compute (multiply-adds)"))
-    for ax, xkey, xlabel in panels:
-        curve = [r for r in grid if r.get(xkey) is not None]
-        if curve:
-            ax.plot([r[xkey] for r in curve], [r["ppl"] for r in curve], "-o", color="tab:blue", ms=3, lw=1.2,
-                    label=f"threshold sweep (exit share {'at every exit ' if cascade else ''}0 to 1 by "
-                          f"{1 / (len(grid) - 1):.2g}, chosen on validation)")
-        if xkey == "flop_cost" and len(frontier) > 1:
-            ax.plot(*zip(*frontier), "--", color="black", lw=1.4, label="dense frontier (same training budget)")
-        for j, (name, m) in enumerate(points.items()):
-            x = m.get("inference_cost", m.get("flop_cost")) if xkey == "flop_cost" else m.get(xkey)
-            if x is None or m.get("ppl") is None:
-                continue
-            ax.plot(x, m["ppl"], markers[j % len(markers)], ms=8, mfc="none", mew=1.6, color=f"C{(j + 1) % 10}",
-                    label=name)
-        for r in calibrated:
-            if r.get(xkey) is not None:
-                ax.plot(r[xkey], r["ppl"], "*", ms=15, color="crimson", mec="black", mew=0.6, zorder=5,
-                        label=f"calibrated threshold {r['threshold']:.4g} (exit share {r['shallow_ratio']:.0%})")
-        if xkey != "train_macs":
-            ax.axhline(full_ppl * 1.01, color="gray", ls=":", lw=1, label="full depth ppl + 1%")
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel("test perplexity")
-        ax.grid(alpha=0.3)
-    seen, handles, labels = set(), [], []
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in seen:
-                seen.add(lab)
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
-    fig.suptitle(title or "Quality against compute")
-    fig.tight_layout(rect=(0, 0, 0.76, 1))
-    atomic_write(path, fig.savefig, mode="wb")
-    return True
-
-
-EARLY_BG, DEEP_BG = "#c6dbef", "#08306b"
-MID_COLOURS = (("#6baed6", "#000"), ("#2171b5", "#fff"), ("#4292c6", "#fff"))  # a cascade's exits between
-
-
-def tokens_html(tok: Dict[str, torch.Tensor], *, threshold, measure: str, exit_layer, num_layers: int,
-                tokenizer=None, max_tokens: int = 400) -> str:
-    """A self-contained page: the first `max_tokens` predicted tokens in loader order, each coloured by
-    the exit that predicted it at `threshold` (one per exit of a cascade, `exit_layer` then lists
-    them), its confidence and exit on hover."""
-    exits, thresholds = _as_list(exit_layer), [float(t) for t in _as_list(threshold)]
-    K = len(exits)
-    n = min(max_tokens, tok["target"].numel())
-    conf_at = _conf(tok, measure, every_exit=True)[:n]
-    stop = exit_index(conf_at, thresholds).tolist()  # the tensor comparison routing makes, not a float64 one
-    inp, tgt, pos = (tok[f][:n].tolist() for f in ("input", "target", "position"))
-    pred_at, conf_at = tok["pred_at"][:n].tolist(), conf_at.tolist()
-    layers = [*exits, num_layers]
-    # class, legend name and colours of each exit (the last layer last)
-    styles = [("early", "early exit", EARLY_BG, "#000"),
-              *((f"exit{lay}", f"exit {j + 1}", *MID_COLOURS[(j - 1) % len(MID_COLOURS)])
-                for j, lay in enumerate(exits) if j > 0), ("deep", "deep exit", DEEP_BG, "#fff")]
-
-    def text(i: int) -> str:
-        return html.escape(_decode(i, tokenizer) if tokenizer is not None else f"{i} ")
-
-    spans, per_exit = [], [0] * (K + 1)
-    for j in range(n):
-        if pos[j] == 0:  # a row's first token: context, predicted by nothing
-            spans.append(f'<span class="ctx" title="first token of a sequence: not predicted">{text(inp[j])}</span>')
-        k = stop[j]
-        per_exit[k] += 1
-        pred = pred_at[j][k]
-        confs = (f"{conf_at[j][0]:.4f} (threshold {thresholds[0]:.4f})" if K == 1 else
-                 f"{', '.join(f'{c:.4f}' for c in conf_at[j])} at layers {', '.join(map(str, exits))} "
-                 f"(thresholds {', '.join(f'{t:.4f}' for t in thresholds)})")
-        tip = (f"{styles[k][1]}: layer {layers[k]} of {num_layers} | {measure} {confs}"
-               f" | predicted {_decode(pred, tokenizer)!r} {'(right)' if pred == tgt[j] else '(wrong)'}")
-        spans.append(f'<span class="{styles[k][0]}" title="{html.escape(tip)}">{text(tgt[j])}</span>')
-    n_early = n - per_exit[K]
-    share = n_early / n if n else 0.0
-    css = "\n".join(f".{c} {{ background: {bg}; color: {fg}; }}" for c, _, bg, fg in styles)
-    if K == 1:
-        rule = (f"Routing on <b>{html.escape(measure)}</b> at threshold {thresholds[0]:.6g}: a token whose confidence "
-                f"at layer\n{exits[0]} is at or above the threshold is predicted there; the others go on to layer "
-                f"{num_layers}.")
-        legend = (f'<span class="swatch early">early exit (layer {exits[0]})</span><span class="swatch deep">deep exit'
-                  f'\n(layer {num_layers})</span>')
-    else:
-        rule = (f"Routing on <b>{html.escape(measure)}</b> at thresholds "
-                f"{', '.join(f'{t:.6g} (layer {e})' for e, t in zip(exits, thresholds))}: a token is predicted at the "
-                f"first exit where its confidence\nis at or above that exit's threshold; the others go on to layer "
-                f"{num_layers}.")
-        legend = "".join(f'<span class="swatch {c}">{name} (layer {lay}): {cnt}</span>'
-                         for (c, name, _, _), lay, cnt in zip(styles, layers, per_exit))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Exit per token</title>
-<style>
-body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
-.text {{ font-family: monospace; white-space: pre-wrap; line-height: 1.8; border: 1px solid #ccc; padding: 1em; }}
-{css}
-.ctx {{ color: #888; }}
-.swatch {{ display: inline-block; padding: 0 0.6em; margin-right: 1em; }}
-</style></head><body>
-<h1>Which exit predicted each token</h1>
-<p>{rule}
-Each token is coloured by the exit that <i>predicted</i> it; hover for its confidence.
-Early exits in this passage: {n_early} of {n} ({share:.0%}).</p>
-<p>{legend}<span class="swatch ctx">context only (first token of a sequence)</span></p>
-<div class="text">{"".join(spans)}</div>
-</body></html>
-"""
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -371,3 +229,136 @@ def analyze(out_dir, *, model, loader, device, threshold, measure: str, exit_lay
     atomic_write(out / "report.md", lambda f: f.write(_report(summary, rows, plotted, upper_context)))
     write_json(out / "analysis.json", summary)
     return summary
+
+
+# -- the run's summary and final table -----------------------------------------------------------
+def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Optional[dict],
+                  timings: Dict[str, float], generated: Optional[dict] = None) -> dict:
+    """The one-level summary written to metrics.json (headline numbers of eval/ and generate/metrics.json)."""
+    summary: Dict[str, Any] = {"run_dir": str(run_dir), "stages": list(cfg.stages),
+                               "hard_example_ratio": cfg.hard_example_ratio, "seed": cfg.seed,
+                               "data": cfg.data.name, "vocab_size": corpus.vocab_size, "wall_s": timings}
+    if distributed.is_distributed():
+        summary["world_size"] = distributed.world_size()
+    if metrics is not None:
+        a = metrics["ashem"]
+        summary.update({k: a[k] for k in ("acc", "ppl", "shallow_ratio", "compute_cost", "flop_cost", "wall_cost")})
+        summary["threshold"] = metrics["threshold"]
+        if "exit_layers" in metrics:  # a cascade: the share predicted at each exit (the last layer last)
+            summary.update({f"exit{e['layer']}_share": e["share"] for e in a["exits"]})
+        summary["phase1_ppl"] = metrics["phase1_only"]["ppl"]
+        summary["no_routing_ppl"] = metrics["no_routing"]["ppl"]
+        summary["val_ppl"] = metrics["ashem_validation"]["ppl"]
+        summary["val_loss"] = metrics["ashem_validation"]["loss"]
+        if "standard" in metrics:
+            summary["standard_ppl"] = metrics["standard"]["ppl"]
+        compute = metrics["train_compute"]
+        summary.update({f"train_macs_{k}": v["train_macs"] for k, v in compute.items()})
+        for key in ("tokens_per_s", "mfu", "peak_memory_bytes"):  # how fast each training stage ran (None: unknown)
+            summary.update({f"{key}_{k}": v[key] for k, v in compute.items() if v.get(key) is not None})
+        for depth, dense in metrics.get("dense", {}).items():
+            summary[f"dense{depth}_ppl"] = dense["ppl"]
+            summary[f"train_macs_dense{depth}"] = dense["train_macs"]
+        if "verdict" in metrics:
+            v = metrics["verdict"]
+            summary["gap_at_inference_cost_pct"] = v["inference"]["gap_pct"]
+            if "gap_pct" in v["training"]:
+                summary["gap_at_training_compute_pct"] = v["training"]["gap_pct"]
+            summary["gap_to_best_dense_pct"] = v["training"]["best_gap_pct"]
+            summary["verdict"] = v["line"]
+        summary["convergence"] = {name: rec.get("converged") for name, rec in
+                                  [*((s, compute[s]) for s in pipeline_names(cfg) if s != "mining"),
+                                   *((f"dense{d}", r) for d, r in metrics.get("dense", {}).items())]}
+        summary["stopped_early"] = [name for name, rec in [*((s, compute[s]) for s in pipeline_names(cfg)),
+                                                           *((f"dense{d}", r) for d, r in metrics.get("dense", {}).items())]
+                                    if rec.get("stopped_early")]
+        summary.update({f"converged_{name}": None if c is None else float(c)
+                        for name, c in summary["convergence"].items()})  # flat: a sweep's share of seeds
+        summary["train_val_macs"] = compute["total"]["val_macs"]
+        summary["hard_ppl_phase1"] = metrics["hard_tokens"]["phase1"]["ppl"]
+        summary["hard_ppl_ashem"] = metrics["hard_tokens"]["ashem"]["ppl"]
+        summary["easy_ppl_ashem"] = easy_ppl(metrics["ashem"]["exits"])
+        for k in ("ppl_compute_auc", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio"):
+            if k in metrics.get("analysis", {}):
+                summary[k] = metrics["analysis"][k]
+    if generated is not None:
+        summary.update(generation_headline(generated))
+    return summary
+
+
+def easy_ppl(exits: list) -> float:
+    """The routed model's perplexity on the tokens that stop before the last layer (the easy tokens), from
+    the per-exit records of `evaluate` (each exit's token count and perplexity); nan when none stop early."""
+    early = [e for e in exits[:-1] if e["n_tokens"]]
+    n = sum(e["n_tokens"] for e in early)
+    return math.exp(sum(e["n_tokens"] * math.log(e["ppl"]) for e in early) / n) if n else float("nan")
+
+
+def format_table(summary: dict) -> str:
+    """The table `lego-run` prints at the end."""
+    rows = [("run dir", summary["run_dir"])]
+    if "ppl" in summary:
+        rows += [("test ppl (routed)", f"{summary['ppl']:.2f}"), ("test acc (routed)", f"{summary['acc']:.4f}"),
+                 ("shallow_ratio", f"{summary['shallow_ratio']:.3f}"),
+                 ("compute_cost (layers)", f"{summary['compute_cost']:.3f}"),
+                 ("flop_cost / wall_cost", f"{summary['flop_cost']:.3f} / {summary['wall_cost']:.3f}"),
+                 ("phase-1 model ppl", f"{summary['phase1_ppl']:.2f}"),
+                 ("no-routing ppl", f"{summary['no_routing_ppl']:.2f}"),
+                 ("validation ppl (routed; sweep objective)", f"{summary['val_ppl']:.2f}")]
+        rows += [(f"dense {k[len('dense'):-len('_ppl')]}-layer ppl (same budget)", f"{v:.2f}")
+                 for k, v in summary.items() if k.startswith("dense") and k.endswith("_ppl")]
+        rows.append(("training MACs: ashem / dense", " / ".join(
+            [f"{summary['train_macs_total']:.3g}"] + [f"{v:.3g}" for k, v in summary.items()
+                                                       if k.startswith("train_macs_dense")])))
+        if "train_val_macs" in summary:
+            rows.append(("ashem's validation passes (MACs, outside the budget)", f"{summary['train_val_macs']:.3g}"))
+        rows.append(("hard-token ppl phase1 -> ashem",
+                     f"{summary['hard_ppl_phase1']:.2f} -> {summary['hard_ppl_ashem']:.2f}"))
+        rows.append(("easy-token ppl (routed)", f"{summary['easy_ppl_ashem']:.2f}"))
+        if "oracle_shallow_ratio" in summary:
+            rows += [("oracle exit share", f"{summary['oracle_shallow_ratio']:.3f}"),
+                     ("compute saved at <=1% ppl loss", f"{summary['compute_saved_at_1pct_ppl']:.3f}")]
+    if "gen_speculative_speedup" in summary:
+        rate = summary["gen_acceptance_rate"]  # None when no draft was proposed
+        rows.append((f"generation: speculative speed-up (k={summary['gen_speculative_k']})",
+                     f"{summary['gen_speculative_speedup']:.2f}x"
+                     + (f", acceptance {rate:.3f}" if rate is not None else "")))
+    if "gen_routed_wall_ratio" in summary:
+        rows.append(("generation: routed time / dense",
+                     f"{summary['gen_routed_wall_ratio']:.3f}, exit share {summary['gen_routed_exit_share']:.3f}"))
+    for key, what, show in (("tokens_per_s", "training tokens/s", "{:,.0f}".format),
+                            ("mfu", "MFU", "{:.1%}".format),
+                            ("peak_memory_bytes", "peak device memory", lambda b: f"{b / 1e9:.2f} GB")):
+        shown = [f"{k[len(key) + 1:]} {show(v)}" for k, v in summary.items() if k.startswith(key + "_")]
+        if shown:  # MFU and memory only on a GPU (a known one for MFU)
+            rows.append((what, ", ".join(shown)))
+    rows.append(("wall time", ", ".join(f"{k} {v:.1f}s" for k, v in summary["wall_s"].items())))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if summary.get("convergence"):
+        words = {True: "yes", False: "no", None: "too few validations to tell"}
+        lines.append(f"{CONVERGENCE_RULE}: " + ", ".join(f"{name} {words[c]}"
+                                                         for name, c in summary["convergence"].items()))
+        if not all(summary["convergence"].values()):
+            lines.append("not every model converged by that rule: the comparison is preliminary")
+    if summary.get("stopped_early"):
+        lines.append(f"stopped early by the patience guard (under its budget): {', '.join(summary['stopped_early'])}")
+    if "verdict" in summary:
+        lines.append(summary["verdict"])
+    return "\n".join(lines)
+
+
+def generation_headline(metrics: Dict[str, Any]) -> Dict[str, float]:
+    """The summary's numbers of generate/metrics.json: the best speculative speed-up over dense (and its k's
+    acceptance rate), the routed decoder's time per token over dense, and its exit share."""
+    out: Dict[str, float] = {}
+    spec = {k: v for k, v in metrics.items() if k.startswith("speculative_k") and v.get("time_over_dense")}
+    if spec:
+        best = min(spec, key=lambda k: spec[k]["time_over_dense"])
+        out["gen_speculative_speedup"] = 1.0 / spec[best]["time_over_dense"]
+        out["gen_speculative_k"] = int(best[len("speculative_k"):])
+        out["gen_acceptance_rate"] = spec[best]["acceptance_rate"]
+    if metrics.get("routed", {}).get("time_over_dense"):
+        out["gen_routed_wall_ratio"] = metrics["routed"]["time_over_dense"]
+        out["gen_routed_exit_share"] = metrics["routed"]["exit_share"]
+    return out

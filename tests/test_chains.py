@@ -212,7 +212,7 @@ def test_program_shape():
 
 def test_chains_keys_enter_the_science_config_only_when_used():
     from lego.config import ASHEMConfig
-    from lego.stages.setup import science_config
+    from lego.pipeline.science import science_config
 
     cfg = ASHEMConfig()
     d = science_config(cfg)

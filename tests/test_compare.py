@@ -11,9 +11,10 @@ from conftest import tiny_config
 
 from lego.analysis import compute_saved_at, routed_from_tokens, share_threshold, token_outputs, tradeoff_curve
 from lego.cost import dense_training_macs
-from lego.run import format_table, run
+from lego.report import format_table
+from lego.run import run
 from lego.schedule import lr_at
-from lego.stages.compare import interpolate, pareto, positions
+from lego.pipeline.verdict import interpolate, pareto
 
 
 def read(path):
@@ -150,8 +151,8 @@ def test_frontier_and_operating_points_do_not_depend_on_the_test_split(matched_r
 
 def test_finetune_is_charged_no_training_split_mining(tmp_path):
     """phase2.lower=finetune mines no hard sequences: its mining is calibration before and after phase 2."""
-    from lego.stages.compare import mining_compute
-    from lego.stages.setup import make_loaders
+    from lego.pipeline.compute import mining_compute
+    from lego.pipeline.setup import make_loaders
     from lego.data import load_corpus
 
     cfg = tiny_config(tmp_path, **{"phase2.lower": "finetune", "phase2.loss_tokens": "all"})

@@ -165,3 +165,21 @@ def test_run_json_records_provenance(tmp_path):
     assert p["packages"]["lego"] and p["packages"]["torch"] == torch.__version__
     assert p["torch"]["build"].split()[0] in ("cpu", "cuda", "rocm")
     assert p["threads"]["torch"] >= 1 and p["seeds"] == {"seed": 7}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"phase2.deep_head": False}, {"phase2.upper_context": "skip"},
+                                       {"model.exit_head": "lowrank", "model.exit_rank": 4}, {"blocks": [1, 2, 3]}])
+def test_expected_args_are_what_the_built_models_record(tmp_path, overrides):
+    """`expected_args` computes from the config what `model_args` reads from the models the stages build: a
+    dense model, and the model grown Block by Block."""
+    from lego.checkpoint import build_model, expected_args, model_args
+    from lego.config import block_layers, resolve
+    from lego.pipeline.upper import add_block
+
+    cfg = resolve(tiny_config(tmp_path, **overrides))
+    assert expected_args(cfg, 64, 3) == model_args(build_model(cfg, 64, 3))
+    model, thresholds = build_model(cfg, 64, block_layers(cfg)[0]), []
+    for depth in block_layers(cfg)[1:]:
+        thresholds.append(0.1 * len(thresholds) + 0.05)
+        model = add_block(cfg, model, thresholds[-1], depth)
+        assert expected_args(cfg, 64, depth, thresholds) == model_args(model)

@@ -8,7 +8,7 @@ import torch
 
 from lego.config import check_schedule
 from lego.schedule import lr_at, lr_factor
-from lego.training import StageTotals, train_epoch
+from lego.training import TrainingTotals, train_epoch
 
 COS = dict(schedule="cosine", warmup_steps=4, total_steps=15, min_lr_ratio=0.1)  # steps 0..14: cosine over 4..14
 
@@ -60,7 +60,7 @@ def _model_and_optimizer():
 
 def _train(factor, batches):
     model, opt = _model_and_optimizer()
-    train_epoch(model, batches, opt, _loss, "cpu", lr_factor=factor, totals=StageTotals(), progress=False)
+    train_epoch(model, batches, opt, _loss, "cpu", lr_factor=factor, totals=TrainingTotals(), progress=False)
     return model.state_dict()
 
 
@@ -80,13 +80,13 @@ def test_resume_continues_the_lr_sequence_from_the_stages_step_count():
     batches, factor = _batches(), partial(lr_factor, **COS)
     whole = _train(factor, batches)
     model, opt = _model_and_optimizer()
-    totals = StageTotals()
+    totals = TrainingTotals()
     train_epoch(model, batches[:3], opt, _loss, "cpu", lr_factor=factor, totals=totals, progress=False)
     state, opt_state = model.state_dict(), opt.state_dict()
     model, opt = _model_and_optimizer()
     model.load_state_dict(state)
     opt.load_state_dict(opt_state)
-    resumed = StageTotals(steps=totals.steps)
+    resumed = TrainingTotals(steps=totals.steps)
     train_epoch(model, batches[3:], opt, _loss, "cpu", lr_factor=factor, totals=resumed, progress=False)
     assert resumed.steps == 6 and all(torch.equal(whole[k], model.state_dict()[k]) for k in whole)
     assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(5, base_lr=1e-2, **COS), rel=1e-12)

@@ -104,7 +104,7 @@ class Phase1Config(OptimizerConfig):
     cache: bool = True  # true | false: share phase 1 and the dense baselines across runs/sweep jobs with identical settings
     # The pipeline's budget split in advance: the whole pipeline gets max_epochs x epoch_steps phase-1 steps' worth
     # of training MACs; phase 1 trains round(budget_fraction x those steps), mining costs what it runs, and phase 2
-    # trains the rest to the step (lego.stages.phase2.rest_of_budget). In (0, 1); None: each phase its own budget.
+    # trains the rest to the step (lego.pipeline.upper.rest_of_budget). In (0, 1); None: each phase its own budget.
     budget_fraction: Optional[float] = None
 
 
