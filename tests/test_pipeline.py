@@ -183,3 +183,27 @@ def test_expected_args_are_what_the_built_models_record(tmp_path, overrides):
         thresholds.append(0.1 * len(thresholds) + 0.05)
         model = add_block(cfg, model, thresholds[-1], depth)
         assert expected_args(cfg, 64, depth, thresholds) == model_args(model)
+
+
+def test_compare_runs_script_ignores_times_only(tmp_path):
+    """scripts/compare_runs.py: runs that differ in times, throughput and run dir agree (0); a number that
+    differs is named (1); a directory without the files is bad input (2)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_runs", Path(__file__).parent.parent / "scripts/compare_runs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def write(d: Path, ppl: float, wall: float) -> Path:
+        (d / "eval").mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"run_dir": str(d), "ppl": ppl, "wall_s": {"eval": wall},
+                                                    "tokens_per_s_phase1": wall, "easy_ppl_ashem": float("nan")}))
+        (d / "eval/metrics.json").write_text(json.dumps({"ashem": {"ppl": ppl, "wall_s": wall, "exits": [{"n": 1}]}}))
+        return d
+
+    a, b, c = write(tmp_path / "a", 100.0, 1.0), write(tmp_path / "b", 100.0, 2.0), write(tmp_path / "c", 100.5, 1.0)
+    assert script.main([str(a), str(b)]) == 0
+    assert script.differences(json.loads((a / "metrics.json").read_text()),
+                              json.loads((c / "metrics.json").read_text())) == ["ppl: 100.0 -> 100.5"]
+    assert script.main([str(a), str(c)]) == 1
+    assert script.main([str(a), str(tmp_path / "nowhere")]) == 2
