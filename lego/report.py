@@ -266,12 +266,10 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
                 summary["gap_at_training_compute_pct"] = v["training"]["gap_pct"]
             summary["gap_to_best_dense_pct"] = v["training"]["best_gap_pct"]
             summary["verdict"] = v["line"]
-        summary["convergence"] = {name: rec.get("converged") for name, rec in
-                                  [*((s, compute[s]) for s in pipeline_names(cfg) if s != "mining"),
-                                   *((f"dense{d}", r) for d, r in metrics.get("dense", {}).items())]}
-        summary["stopped_early"] = [name for name, rec in [*((s, compute[s]) for s in pipeline_names(cfg)),
-                                                           *((f"dense{d}", r) for d, r in metrics.get("dense", {}).items())]
-                                    if rec.get("stopped_early")]
+        trained = [*((s, compute[s]) for s in pipeline_names(cfg)),  # every training's record, mining's too
+                   *((f"dense{d}", r) for d, r in metrics.get("dense", {}).items())]
+        summary["convergence"] = {name: rec.get("converged") for name, rec in trained if name != "mining"}
+        summary["stopped_early"] = [name for name, rec in trained if rec.get("stopped_early")]
         summary.update({f"converged_{name}": None if c is None else float(c)
                         for name, c in summary["convergence"].items()})  # flat: a sweep's share of seeds
         summary["train_val_macs"] = compute["total"]["val_macs"]

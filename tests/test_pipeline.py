@@ -190,7 +190,8 @@ def test_compare_runs_script_ignores_times_only(tmp_path):
     differs is named (1); a directory without the files is bad input (2)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("compare_runs", Path(__file__).parent.parent / "scripts/compare_runs.py")
+    path = Path(__file__).parent.parent / "scripts/compare_runs.py"
+    spec = importlib.util.spec_from_file_location("compare_runs", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
 
