@@ -7,7 +7,7 @@ upper Block of a grown model on the hard tokens, keeping their left context (SPE
 
     threshold = compute_confidence_threshold(model, val_loader, target_ratio=0.5, device="cpu")
     hard = collect_hard_examples(model, train_loader, threshold, "cpu")
-    big = model.grow(4, routing_threshold=threshold)
+    big = grow(model, 4, routing_threshold=threshold)
     batches = create_hard_example_loader(hard, batch_size=64)
     loss = train_upper_layers(big, batches, optimizer, vocab_size, "cpu", num_lower_layers=2)
 """
@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from lego import distributed
-from lego.config import STORES, check_ratio
 from lego.confidence import IGNORE_INDEX, exact_quantile
+from lego.config import PHASE2_INITS, STORES, check_choice, check_ratio
 from lego.evaluation import cascade_exits
+from lego.model import DeepSupervisionTransformer
 from lego.progress import progress as show_progress
 from lego.store import HalfRowWriter, RowBuffer
 from lego.training import train_epoch
@@ -211,7 +212,7 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
     shared = model.deep_head is None and model.exit_layer is not None
     if shared and any(p.requires_grad for p in model.output_head.parameters()):
         log.warning("output_head is trainable and shared with the early exit: exit confidences will drift "
-                    "from the calibrated threshold (use model.grow(..., deep_head=True) or freeze it)")
+                    "from the calibrated threshold (use grow(model, ..., deep_head=True) or freeze it)")
     return train_epoch(model, hard_batches, optimizer,
                        lambda m, x, t: _upper_loss(m, x, t, num_lower_layers, ignore_index, policy, easy_weight),
                        device, epoch=epoch, grad_clip=grad_clip, name="hard_batches", lr_factor=lr_factor,
@@ -268,3 +269,63 @@ def evaluate_on_hard_examples(model, hard_batches: Iterable, vocab_size: int = N
     if count == 0:
         raise ValueError("hard_batches: no hard positions to evaluate")
     return {"loss": nll / count, "ppl": math.exp(nll / count), "acc": correct / count, "n_tokens": count}
+
+
+# -- growing a model by a Block (phase 2 and each later Block) ----------------------------------------
+def grow(model: DeepSupervisionTransformer, num_layers: int, *, exit_layer: Optional[int] = None, routing_threshold: Optional[float] = None,
+         deep_head: bool = True, upper_context: Optional[str] = None,
+         init: str = "random") -> "DeepSupervisionTransformer":
+    """Build a `num_layers`-layer model on top of `model` (phase 2 of ASHEM, and each later Block).
+
+    Its last layer becomes a new exit (`exit_layer`, which must be this depth) with
+    `routing_threshold`, after the exits it already has. Copies embedding, every layer and
+    every head (and keeps `precision`). New layers
+    are freshly initialised (`init="random"`), or, with `init="copy"`, copies of the lower
+    stack in order (progressive stacking): new layer n + j (1-based, n = this depth) starts as
+    layer (j - 1) mod n + 1, e.g. 2 -> 4 layers: layers 3, 4 := 1, 2; 2 -> 5: 3, 4, 5 := 1, 2, 1.
+    Both draw the same random numbers, so what follows is seeded alike.
+    Freezes the embedding, the copied layers and every exit's head, so each exit's logits stay
+    bit-identical to this model's. With `deep_head` the deep exit gets a trainable copy of the
+    head that read this model's last layer (which stays, frozen, as the new exit's head);
+    without it, every exit reads the frozen shared head. Tied heads (`exit_head="tied"`) share the
+    first exit's projection, frozen here; the deep exit's own copy is then its final norm.
+    """
+    check_choice("init", init, PHASE2_INITS)
+    exit_layer = model.num_layers if exit_layer is None else exit_layer
+    if exit_layer != model.num_layers:
+        raise ValueError(f"exit_layer={exit_layer} must equal the grown model's depth {model.num_layers}")
+    if num_layers <= model.num_layers:
+        raise ValueError(f"num_layers={num_layers} must exceed the current depth {model.num_layers}")
+    if model.exit_layers and deep_head != (model.deep_head is not None):
+        raise ValueError(f"deep_head={deep_head} must match the model being grown (deep_head="
+                         f"{model.deep_head is not None})")
+    shape = dict(model.shape, num_layers=num_layers)
+    exits = dict(exit_layer=exit_layer, routing_threshold=routing_threshold) if not model.exit_layers else dict(
+        exit_layers=[*model.exit_layers, exit_layer],
+        routing_thresholds=[*model.routing_thresholds[:len(model.exit_layers)], routing_threshold])
+    big = DeepSupervisionTransformer(
+        **shape, **exits, deep_head=deep_head,
+        upper_context=upper_context or model.upper_context, confidence=model.confidence,
+        precision=model.precision,
+    ).to(next(model.parameters()).device)
+    big.embedding.load_state_dict(model.embedding.state_dict())
+    for i in range(model.num_layers):
+        big.layers[i].load_state_dict(model.layers[i].state_dict())
+    if init == "copy":
+        for i in range(model.num_layers, num_layers):
+            big.layers[i].load_state_dict(model.layers[i % model.num_layers].state_dict())
+    big.output_head.load_state_dict(model.output_head.state_dict())
+    if deep_head:
+        old_heads = [*model.exit_heads, *([model.deep_head] if model.exit_layers else [])]
+        for new, old in zip(big.exit_heads, old_heads):  # the old deep head becomes the new exit's
+            new.load_state_dict(old.state_dict())
+        big.deep_head.load_state_dict(model.head_for(model.num_layers).state_dict())
+    freeze_exits(big)
+    return big
+
+
+def freeze_exits(model: DeepSupervisionTransformer) -> None:
+    """Freeze everything up to the last exit: embedding, those layers and every exit's head."""
+    if model.exit_layers:
+        for module in [model.embedding, model.output_head, *model.exit_heads, *model.layers[: model.exit_layers[-1]]]:
+            module.requires_grad_(False)

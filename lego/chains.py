@@ -13,6 +13,7 @@ uniformly at random, each chain in order. The label of a byte describes it as a 
     k >= 1         an answer that needs k hops
     UNPREDICTABLE  a freshly drawn name or value (a statement's two sides, the queried name)
     FORMAT         '=', ';', '?', the newline: predictable from the format alone
+With data.chains.assign='' the same program reads `m4;y7;bm;ib;zi;?z4`.
     TEXT           a line of Shakespeare (data.chains.text_fraction of the lines)
 """
 
@@ -57,16 +58,17 @@ def program(c: ChainsConfig, rng: random.Random) -> Tuple[str, List[int]]:
     order = [i for i, chain in enumerate(chains) for _ in chain]
     rng.shuffle(order)  # a uniform interleaving: the j-th draw of chain i is its j-th statement
     parts: List[Tuple[str, int]] = []
+    eq = [(c.assign, FORMAT)] if c.assign else []  # data.chains.assign: '=' or nothing between name and value
     done = [0] * len(chains)
     for i in order:
         j, chain = done[i], chains[i]
         rhs = value[i] if j == 0 else chain[j - 1]
-        parts += [(chain[j], UNPREDICTABLE), ("=", FORMAT), (rhs, UNPREDICTABLE), (";", FORMAT)]
+        parts += [(chain[j], UNPREDICTABLE), *eq, (rhs, UNPREDICTABLE), (";", FORMAT)]
         done[i] += 1
     asked = list(range(c.queries))
     rng.shuffle(asked)
     for n, i in enumerate(asked):
-        parts += [("?", FORMAT), (chains[i][-1], UNPREDICTABLE), ("=", FORMAT), (value[i], len(chains[i])),
+        parts += [("?", FORMAT), (chains[i][-1], UNPREDICTABLE), *eq, (value[i], len(chains[i])),
                   (";" if n + 1 < len(asked) else "\n", FORMAT)]
     return "".join(ch for ch, _ in parts), [lab for _, lab in parts]
 

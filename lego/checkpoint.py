@@ -13,6 +13,7 @@ from typing import Any, Dict, Sequence
 
 import torch
 
+from lego.ashem import freeze_exits
 from lego.artifacts import StageError, load_checkpoint, save_checkpoint
 from lego.config import ASHEMConfig, ConfigError, block_layers, to_dict
 from lego.model import DeepSupervisionTransformer, resolve_precision
@@ -95,5 +96,5 @@ def load_model(path: Path, expect_args: Dict[str, Any], device, what: str) -> De
         raise StageError(f"{what} {path} has another model shape: {'; '.join(diff[:4])}")
     model = DeepSupervisionTransformer(**{**args, **{k: expect_args[k] for k in _ROUTING_ATTRS if k in expect_args}})
     model.load_state_dict(state["state_dict"])
-    model.freeze_exits()  # a grown model: the Blocks below its last exit and their heads stay frozen
+    freeze_exits(model)  # a grown model: the Blocks below its last exit and their heads stay frozen
     return model.to(device)

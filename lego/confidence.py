@@ -87,6 +87,13 @@ def _row_stats(logits: torch.Tensor, targets: Optional[torch.Tensor], measure: O
     return out
 
 
+def exit_confidence(model, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The routing confidence at the model's first exit: its learned router (`model.router_probe`, a probe on the
+    exit's hidden state (..., C)) when it has one, else `model.confidence` of the exit logits (..., V). (...)"""
+    probe = getattr(model, "router_probe", None)
+    return probe(hidden) if probe is not None else confidence_from_logits(logits, model.confidence)
+
+
 def compute_confidence(model, hidden_state: torch.Tensor, measure: Optional[str] = None) -> torch.Tensor:
     """Confidence of the early exit's prediction: the exit head (`output_head`) on `hidden_state`."""
     with model.autocast():

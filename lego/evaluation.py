@@ -82,7 +82,10 @@ def cascade_exits(model, inputs: torch.Tensor, exit_layers: Sequence[int], thres
         with model.autocast():
             h = model.run_layers(h, start, layer, hard=None if j == 0 else reach, policy=policy)
             logits = model.logits_at(h, layer)  # (B, T, V)
-        st = token_stats(logits, targets, measure, ignore_index)
+        probe = getattr(model, "router_probe", None) if j == 0 else None  # a learned router reads the state
+        st = token_stats(logits, targets, None if probe is not None else measure, ignore_index)
+        if probe is not None:
+            st["conf"] = probe(h)
         stop = (st["conf"] >= thresholds[j]) & reach if j < len(thresholds) else None
         passes.append({"layer": layer, "stats": st, "reach": reach, "stop": stop})
         if stop is not None:

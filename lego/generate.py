@@ -32,7 +32,7 @@ import torch
 
 from lego.artifacts import write_json, write_text
 from lego.config import DECODERS, ConfigError
-from lego.confidence import confidence_from_logits
+from lego.confidence import exit_confidence
 from lego.kvcache import CachedModel, Positions
 from lego.model import DeepSupervisionTransformer
 from lego.sampling import Sampler
@@ -250,7 +250,7 @@ def teacher_forced_logits(model: DeepSupervisionTransformer, idx: torch.Tensor, 
         if not routed:
             return model.logits_at(model.run_layers(h, E, L), L).float(), torch.zeros_like(idx, dtype=torch.bool)
         ex = model.logits_at(h, E).float()
-        easy = confidence_from_logits(ex, model.confidence) >= model.routing_threshold
+        easy = exit_confidence(model, h, ex) >= model.routing_threshold
         deep = model.logits_at(model.run_layers(h, E, L, hard=~easy, policy=model.upper_context), L).float()
     return torch.where(easy.unsqueeze(-1), ex, deep), easy
 
@@ -326,7 +326,7 @@ def run_generation(model: DeepSupervisionTransformer, tokenizer, prompts: List[L
     metrics = {"settings": dict(opts, num_prompts=len(prompts), prompt_lens=[len(p) for p in prompts],
                                 exit_layer=model.exit_layer, num_layers=model.num_layers,
                                 routing_threshold=model.routing_threshold, upper_context=model.upper_context,
-                                confidence=model.confidence)}
+                                confidence="learned" if model.router_probe is not None else model.confidence)}
     dense_ms = None
     for name, r in results.items():
         ms = 1e3 * r.decode_s / max(1, r.n_tokens - len(prompts))  # the first token comes from the prefill

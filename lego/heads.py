@@ -58,3 +58,23 @@ def make_head(dim: int, vocab_size: int, norm: str, rank: Optional[int] = None,
               proj: Optional[nn.Linear] = None) -> nn.Module:
     """A low-rank head when `rank` is given, else a full one (sharing `proj` when given)."""
     return LowRankHead(dim, vocab_size, norm, rank) if rank is not None else OutputHead(dim, vocab_size, norm, proj)
+
+
+class RouterProbe(nn.Module):
+    """The learned router (`eval.learned_router`, CALM's "meta" measure): a logistic probe on the first exit's
+    hidden state (..., C) -> (...) float32, the negated logit of "the last layer beats the exit on this token";
+    higher means safer to exit, as for every confidence measure. Standardises the state by `mean` and `scale`.
+    Buffers only: it is fit (`lego.labels.fit_probe`), never trained with the model."""
+
+    def __init__(self, mean: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: float):
+        super().__init__()
+        for name, value in (("mean", mean), ("scale", scale), ("weight", weight)):
+            self.register_buffer(name, value.detach().float().clone())
+        self.register_buffer("bias", torch.tensor(float(bias)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return -(((h.float() - self.mean) / self.scale) @ self.weight + self.bias)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RouterProbe":
+        return cls(state["mean"], state["scale"], state["weight"], float(state["bias"]))

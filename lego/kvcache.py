@@ -24,7 +24,7 @@ from typing import List, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from lego.confidence import confidence_from_logits
+from lego.confidence import exit_confidence
 from lego.model import DeepSupervisionTransformer, Layer, apply_rope
 
 Mask = Union[None, str, torch.Tensor]  # None: every key below `span`; "causal": aligned from 0; else (R,1,T,span)
@@ -326,7 +326,7 @@ class CachedModel:
                 self.cache.clear_invalid(T)
                 return logits, torch.zeros(B, T, dtype=torch.bool, device=self.device)
             ex = self.exit_logits(h)
-            hard = confidence_from_logits(ex, self.model.confidence) < self.model.routing_threshold
+            hard = exit_confidence(self.model, h, ex) < self.model.routing_threshold
             flags = real & hard if self.policy == "skip" else real
             h_up = self.upper(h, at, flags, frozen=None if self.policy == "full" else ~hard)
             deep = self.deep_logits(h_up)
@@ -340,7 +340,7 @@ class CachedModel:
             if not self.routed:
                 return self.deep_logits(self.upper(h, at))[:, 0], None
             ex = self.exit_logits(h)[:, 0]  # (R, V)
-            hard = confidence_from_logits(ex, self.model.confidence) < self.model.routing_threshold
+            hard = exit_confidence(self.model, h[:, 0], ex) < self.model.routing_threshold
             R = tok.shape[0]
             n_hard = int(hard.sum())  # the one host sync of a routed step
             if n_hard == R:

@@ -31,6 +31,47 @@ def model_tables(s: dict) -> Dict[str, Dict[str, dict]]:
     return tables
 
 
+def short_name(name: str) -> str:
+    """A model's or router's name in flat keys: phase1, no_routing, dense<d>, ashem (the calibrated router), learned,
+    oracle."""
+    if name.startswith("dense "):
+        return "dense" + name.split()[1].split("-")[0]
+    return {"ashem, no routing": "no_routing", "calibrated": "ashem", "oracle by label": "oracle"}.get(
+        name, "phase1" if name.startswith("phase-1") else name.replace(" ", "_"))
+
+
+def answer_acc(table: Dict[str, dict], least: int = 1, most: Optional[int] = None) -> Optional[float]:
+    """Accuracy on the answers of `least`..`most` hops together (None when there are none)."""
+    rows = [table[f"{k} hops"] for k in _hops(table) if k >= least and (most is None or k <= most)]
+    n = sum(r["n_tokens"] for r in rows)
+    return sum(r["correct"] for r in rows) / n if n else None
+
+
+def headline(s: dict) -> Dict[str, float]:
+    """The flat numbers of a by-label summary for metrics.json and a sweep's summary: per model and router
+    `acc_2plus_<name>` (answers of 2+ hops) and `acc_hops<k>_<name>`; per router its 2+-hop answers sent up
+    (`sent_up_2plus_<router>`), the unpredictable share of what it sends up, and for the learned and oracle
+    routers their ppl and flop cost (`ppl_router_<router>`, `flop_cost_router_<router>`)."""
+    out: Dict[str, float] = {}
+    for name, table in [*s["models"].items(), *((n, r["by_label"]) for n, r in s["routers"].items()
+                                                if "by_label" in r)]:
+        key = short_name(name)
+        if answer_acc(table, 2) is not None:
+            out[f"acc_2plus_{key}"] = answer_acc(table, 2)
+        out.update({f"acc_hops{k}_{key}": table[f"{k} hops"]["acc"] for k in _hops(table)})
+    for name, r in s["routers"].items():
+        key = short_name(name)
+        truth = r.get("truth", {})
+        for field, flat in (("sent_up_2plus_hops", "sent_up_2plus"), ("unpredictable_share_of_sent_up",
+                                                                        "unpredictable_sent_up")):
+            if field in truth:
+                out[f"{flat}_{key}"] = truth[field]
+        if key != "ashem":
+            out.update({f"ppl_router_{key}": r["ppl"], f"flop_cost_router_{key}": r.get("flop_cost"),
+                        f"shallow_ratio_router_{key}": r["shallow_ratio"]})
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def section(s: dict, plotted: bool) -> str:
     """The report.md section: accuracy and ppl per label per model, exit share per label per router, and
     routing against the truth."""
@@ -41,11 +82,9 @@ def section(s: dict, plotted: bool) -> str:
                        if "label_counts" in s else
                        f"The {s['split']} split ({s['n_tokens']} tokens) carries no labels (only data=chains does): "
                        "the routers' overall numbers alone. ") +
-              "The routers are applied to one unrouted pass (exact for upper_context='full'); each table's `all` row "
-              "is the sum of its rows."]
-    if s.get("upper_context", "full") != "full":
-        blocks.append(f"**Note:** the model routes with upper_context='{s['upper_context']}'; the routers' rows here "
-                      "assume 'full'.")
+              "The calibrated and learned routers' rows come from the routed pass itself (upper_context="
+              f"'{s.get('upper_context', 'full')}', as `Trainer.evaluate` runs it); the oracle by label is applied to "
+              "one unrouted pass (exact for upper_context='full'); each table's `all` row is the sum of its rows."]
     if tables:
         labels = list(next(iter(tables.values())))
         for metric in ("acc", "ppl"):
@@ -77,6 +116,14 @@ def section(s: dict, plotted: bool) -> str:
                           f"whether the last layer's NLL of the target is lower than the exit's; threshold "
                           f"{r['threshold']:.6g} sends up the share {_fmt(r['hard_ratio'])} of validation tokens "
                           f"(validation exit share {_fmt(r['validation_shallow_ratio'])}).")
+            live = r.get("live", {})
+            if "ppl" in live:
+                blocks.append(f"In routed evaluation (upper_context='{live['upper_context']}', `Trainer.evaluate`), the "
+                              f"learned router gives ppl {_fmt(live['ppl'])}, accuracy {_fmt(live['acc'])} at exit "
+                              f"share {_fmt(live['shallow_ratio'])} (flop cost {_fmt(live.get('flop_cost'))}); "
+                              "eval/learned_router.pt holds it, and stage generate decodes with it.")
+            elif live:
+                blocks.append(f"Routed evaluation of the learned router: {live['skipped']}.")
     if s["models"]:
         blocks.append("![accuracy by hops](by_label.png)" if plotted else
                       f"by_label.png was not drawn: "

@@ -13,7 +13,6 @@ per-label table adds up to its 'all' row: token and correct counts exactly, NLL 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
 import numpy as np
@@ -21,7 +20,8 @@ import torch
 
 from lego.chains import UNPREDICTABLE, label_name
 from lego.config import IGNORE_INDEX
-from lego.confidence import exact_quantile, token_stats
+from lego.confidence import exact_quantile, exit_confidence, token_stats
+from lego.heads import RouterProbe
 from lego.progress import progress as show_progress
 
 SOLVED_TOLERANCE = 0.02  # Block 1 "solves" k hops when its accuracy there is within 2 points of the deep exit's
@@ -29,12 +29,15 @@ SOLVED_TOLERANCE = 0.02  # Block 1 "solves" k hops when its accuracy there is wi
 
 @torch.no_grad()
 def labelled_tokens(model, loader: Iterable, device, *, exit_layer: Optional[int] = None, measure: str = "max_prob",
-                    hidden: bool = False, ignore_index: int = IGNORE_INDEX, progress: bool = True
-                    ) -> Dict[str, torch.Tensor]:
+                    hidden: bool = False, ignore_index: int = IGNORE_INDEX, progress: bool = True,
+                    threshold: Optional[float] = None, policy: str = "full") -> Dict[str, torch.Tensor]:
     """Per counted token (target != ignore_index), in loader order, flat CPU tensors: 'label' (int8; only when
     the loader yields (inputs, targets, labels)), 'nll_deep' (float32), 'ok_deep' (bool) at the model's last
     layer; with `exit_layer` also 'conf' (`measure` at the exit, as routing computes it), 'nll_exit', 'ok_exit',
-    and with `hidden` the exit's hidden state 'hidden' (N, C) float32 (the learned router's features)."""
+    and with `hidden` the exit's hidden state 'hidden' (N, C) float32 (the learned router's features).
+    With `threshold` also the live routed pass, as `Trainer.evaluate` runs it: 'stop' (the exit's routing confidence,
+    `lego.confidence.exit_confidence`, at or above it), 'nll_live' and 'ok_live' (the exit's for stopped tokens, the
+    last layer's after the upper layers ran the others under `policy`)."""
     model.eval()
     L = model.num_layers
     parts: Dict[str, list] = {}
@@ -52,6 +55,13 @@ def labelled_tokens(model, loader: Iterable, device, *, exit_layer: Optional[int
             out.update(conf=st["conf"][valid], nll_exit=st["nll"][valid], ok_exit=(st["pred"] == targets)[valid])
             if hidden:
                 out["hidden"] = h[valid].float()  # (N, C)
+        if threshold is not None:
+            stop = exit_confidence(model, h, logits) >= threshold
+            with model.autocast():
+                up = model.logits_at(model.run_layers(h, exit_layer, L, hard=valid & ~stop, policy=policy), L)
+            live = token_stats(up, targets, None, ignore_index)
+            out.update(stop=stop[valid], nll_live=torch.where(stop, st["nll"], live["nll"])[valid],
+                       ok_live=torch.where(stop, st["pred"], live["pred"])[valid] == targets[valid])
         with model.autocast():
             h = model.run_layers(h, exit_layer or 0, L)
             deep = token_stats(model.logits_at(h[valid], L), targets[valid], None, ignore_index)
@@ -124,23 +134,9 @@ def oracle_by_label(labels: torch.Tensor, solved: int) -> torch.Tensor:
 
 
 # -- the learned router ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Probe:
-    """A logistic probe on the exit's hidden state: P(the last layer beats the exit on this token)."""
-
-    mean: torch.Tensor  # (C,)
-    scale: torch.Tensor  # (C,)
-    weight: torch.Tensor  # (C,)
-    bias: float
-
-    def confidence(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, C) -> (N,): the negated logit of 'deep beats the exit'; higher means safer to exit."""
-        return -(((hidden.double() - self.mean) / self.scale) @ self.weight + self.bias).float()
-
-
-def fit_probe(hidden: torch.Tensor, deep_wins: torch.Tensor, *, l2: float = 1e-3, max_iter: int = 100) -> Probe:
+def fit_probe(hidden: torch.Tensor, deep_wins: torch.Tensor, *, l2: float = 1e-3, max_iter: int = 100) -> RouterProbe:
     """L2-regularised logistic regression of `deep_wins` (N,) on standardised `hidden` (N, C), fit by
-    full-batch L-BFGS in float64: deterministic for the same data."""
+    full-batch L-BFGS in float64 (deterministic for the same data); the router runs in float32."""
     x = hidden.double()
     mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
     z, y = (x - mean) / scale, deep_wins.double()
@@ -156,7 +152,7 @@ def fit_probe(hidden: torch.Tensor, deep_wins: torch.Tensor, *, l2: float = 1e-3
 
     with torch.enable_grad():
         opt.step(loss_fn)
-    return Probe(mean, scale, w.detach(), float(b.detach()))
+    return RouterProbe(mean, scale, w.detach(), float(b.detach()))
 
 
 def learned_threshold(conf: torch.Tensor, hard_ratio: float) -> float:
@@ -165,9 +161,14 @@ def learned_threshold(conf: torch.Tensor, hard_ratio: float) -> float:
 
 
 # -- summaries ---------------------------------------------------------------------------------------
-def router_summary(tok: Dict[str, torch.Tensor], stop: torch.Tensor, *, exit_layer: int, num_layers: int) -> dict:
-    """acc, ppl, shallow_ratio, compute_cost of routing by `stop`, and with labels its table and `truth`."""
-    nll, ok = routed(tok, stop)
+def router_summary(tok: Dict[str, torch.Tensor], stop: Optional[torch.Tensor], *, exit_layer: int, num_layers: int,
+                   live: bool = False) -> dict:
+    """acc, ppl, shallow_ratio, compute_cost of routing by `stop`, and with labels its table and `truth`; `live`:
+    the routed pass's own NLL and top-1 ('nll_live', 'ok_live'), else the exit's and the unrouted last layer's."""
+    if live:
+        stop, nll, ok = tok["stop"], tok["nll_live"], tok["ok_live"]
+    else:
+        nll, ok = routed(tok, stop)
     n, n_exit = stop.numel(), int(stop.sum())
     nll_sum = float(nll.double().sum())
     out = {"acc": int(ok.sum()) / n, "ppl": math.exp(nll_sum / n), "shallow_ratio": n_exit / n,

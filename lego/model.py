@@ -21,9 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lego.config import (CONFIDENCE_MEASURES, PHASE2_INITS, PRECISIONS, UPPER_CONTEXTS, ConfigError, ModelConfig,
+from lego.config import (CONFIDENCE_MEASURES, PRECISIONS, UPPER_CONTEXTS, ConfigError, ModelConfig,
                          check_choice, check_model, check_positive)
 from lego.heads import make_head, make_norm
+from lego.rope import apply_rope, rope_tables
+from lego.routed_layer import layer_routed
 
 def resolve_precision(precision: str, device) -> str:
     """"auto" -> "bf16" on a CUDA device that supports it, else "fp32"; fp32/bf16 as given.
@@ -37,19 +39,6 @@ def resolve_precision(precision: str, device) -> str:
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("model.precision=bf16 but this CUDA device has no bfloat16; use model.precision=fp32 or auto")
     return precision
-
-
-def rope_tables(max_seq_len: int, head_dim: int, base: float = 10000.0):
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
-    return torch.cos(angles), torch.sin(angles)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hd); cos/sin: (T, hd/2) or broadcastable to (B, 1, T, hd/2)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
 
 
 class Embedding(nn.Module):
@@ -116,58 +105,8 @@ class Layer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
     def forward_routed(self, x: torch.Tensor, hard: torch.Tensor, policy: str, rope=None) -> torch.Tensor:
-        """Run this layer for hard tokens only; easy tokens keep their state (copied upward).
-
-        x: (B, T, C); hard: (B, T) bool. Easy tokens run no query, MLP or head. Under
-        `propagate` they still give keys/values (from their copied state); under `skip` they
-        take no part at all. Returns the new (B, T, C) state.
-        """
-        B, T, C = x.shape
-        nh, hd = self.num_heads, C // self.num_heads
-        flat = x.reshape(B * T, C)
-        idx = hard.reshape(-1).nonzero().squeeze(1)  # (N,) row-major flat positions of the hard tokens
-        N = idx.numel()
-        if N == 0:
-            return x
-        tpos = idx % T  # (N,) position of each hard token in its sequence
-        # Dense parts (projections, MLP) run on the N hard tokens, unpadded. Only attention needs a
-        # per-sequence layout: slot j of row b holds that row's j-th hard token, rows padded to H.
-        n_hard = hard.sum(1)  # (B,)
-        H = int(n_hard.max())
-        slot = (idx // T) * H + hard.cumsum(1).reshape(-1)[idx] - 1  # (N,) flat index into (B * H)
-        w_q, w_kv = self.qkv.weight.split([C, 2 * C], 0)
-        b_q, b_kv = self.qkv.bias.split([C, 2 * C], 0)
-        xh = flat.index_select(0, idx)  # (N, C)
-        if policy == "propagate":
-            normed = self.norm1(x)  # (B, T, C): every token gives keys/values
-            hn = normed.reshape(B * T, C).index_select(0, idx)  # (N, C)
-            kv = F.linear(normed, w_kv, b_kv)  # (B, T, 2C)
-            k, v = (t.view(B, T, nh, hd).transpose(1, 2) for t in kv.split(C, 2))  # (B, nh, T, hd)
-            if rope is not None:
-                k = apply_rope(k, rope[0][:T], rope[1][:T])
-        else:  # skip: keys and values from hard tokens only, packed like the queries
-            hn = self.norm1(xh)
-            kv = F.linear(hn, w_kv, b_kv)  # (N, 2C)
-            if rope is not None:
-                k_, v_ = kv.view(N, 2, nh, hd).unbind(1)
-                kv = torch.cat((apply_rope(k_, rope[0][tpos, None], rope[1][tpos, None]), v_), 1).view(N, 2 * C)
-            kv = kv.new_zeros(B * H, 2 * C).index_copy(0, slot, kv)
-            k, v = (t.view(B, H, nh, hd).transpose(1, 2) for t in kv.split(C, 1))  # (B, nh, H, hd)
-        q = F.linear(hn, w_q, b_q)  # (N, C)
-        if rope is not None:
-            q = apply_rope(q.view(N, nh, hd), rope[0][tpos, None], rope[1][tpos, None]).view(N, C)
-        q = q.new_zeros(B * H, C).index_copy(0, slot, q).view(B, H, nh, hd).transpose(1, 2)  # (B, nh, H, hd)
-        if policy == "propagate":
-            # padding slots sit at position T - 1, so they attend to every key and never yield NaN
-            qpos = idx.new_full((B * H,), T - 1).index_copy(0, slot, tpos).view(B, 1, H, 1)
-            mask = torch.arange(T, device=x.device).view(1, 1, 1, T) <= qpos  # (B, 1, H, T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:  # packed order is sequence order, so causal over slots is causal over positions
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = y.transpose(1, 2).reshape(B * H, C).index_select(0, slot)  # (N, C)
-        xh = xh + self.attn_out(y)
-        xh = xh + self.mlp(self.norm2(xh))
-        return flat.index_copy(0, idx, xh).view(B, T, C)
+        """This layer for hard tokens (B, T) only; easy tokens keep their state (`lego.routed_layer`)."""
+        return layer_routed(self, x, hard, policy, rope)
 
 
 class DeepSupervisionTransformer(nn.Module):
@@ -252,6 +191,7 @@ class DeepSupervisionTransformer(nn.Module):
         self.routing_thresholds: List[Optional[float]] = thresholds + [None] * (len(exits) - len(thresholds))
         self.upper_context = upper_context
         self.confidence = confidence
+        self.router_probe: Optional[nn.Module] = None  # a learned router replaces `confidence` (`route_with`)
         self.precision = precision
         self.embedding = Embedding(vocab_size, dim, max_seq_len, pos, dropout)
         self.layers = nn.ModuleList(Layer(dim, num_heads, norm, ffn, ffn_mult, dropout) for _ in range(num_layers))
@@ -288,6 +228,12 @@ class DeepSupervisionTransformer(nn.Module):
             self.routing_thresholds[0] = value
         else:
             self.routing_thresholds = [value]
+
+    def route_with(self, probe: nn.Module, threshold: float) -> "DeepSupervisionTransformer":
+        """Route at the first exit by a learned router on its hidden state (`lego.heads.RouterProbe`) instead of
+        `confidence`, at `threshold`; routed evaluation and decoding use it (`lego.confidence.exit_confidence`)."""
+        self.router_probe, self.routing_threshold = probe, threshold
+        return self
 
     @classmethod
     def from_config(cls, config: ModelConfig, vocab_size: int, num_layers: int, **routing) -> "DeepSupervisionTransformer":
@@ -388,61 +334,3 @@ class DeepSupervisionTransformer(nn.Module):
             if module is not None:
                 module.compile(**compile_kwargs)
         return self
-
-    # -- growing ---------------------------------------------------------------------------
-    def grow(self, num_layers: int, *, exit_layer: Optional[int] = None, routing_threshold: Optional[float] = None,
-             deep_head: bool = True, upper_context: Optional[str] = None,
-             init: str = "random") -> "DeepSupervisionTransformer":
-        """Build a `num_layers`-layer model on top of this one (phase 2 of ASHEM, and each later Block).
-
-        This model's last layer becomes a new exit (`exit_layer`, which must be this depth) with
-        `routing_threshold`, after the exits it already has. Copies embedding, every layer and
-        every head (and keeps `precision`). New layers
-        are freshly initialised (`init="random"`), or, with `init="copy"`, copies of the lower
-        stack in order (progressive stacking): new layer n + j (1-based, n = this depth) starts as
-        layer (j - 1) mod n + 1, e.g. 2 -> 4 layers: layers 3, 4 := 1, 2; 2 -> 5: 3, 4, 5 := 1, 2, 1.
-        Both draw the same random numbers, so what follows is seeded alike.
-        Freezes the embedding, the copied layers and every exit's head, so each exit's logits stay
-        bit-identical to this model's. With `deep_head` the deep exit gets a trainable copy of the
-        head that read this model's last layer (which stays, frozen, as the new exit's head);
-        without it, every exit reads the frozen shared head. Tied heads (`exit_head="tied"`) share the
-        first exit's projection, frozen here; the deep exit's own copy is then its final norm.
-        """
-        check_choice("init", init, PHASE2_INITS)
-        exit_layer = self.num_layers if exit_layer is None else exit_layer
-        if exit_layer != self.num_layers:
-            raise ValueError(f"exit_layer={exit_layer} must equal the grown model's depth {self.num_layers}")
-        if num_layers <= self.num_layers:
-            raise ValueError(f"num_layers={num_layers} must exceed the current depth {self.num_layers}")
-        if self.exit_layers and deep_head != (self.deep_head is not None):
-            raise ValueError(f"deep_head={deep_head} must match the model being grown (deep_head="
-                             f"{self.deep_head is not None})")
-        shape = dict(self.shape, num_layers=num_layers)
-        exits = dict(exit_layer=exit_layer, routing_threshold=routing_threshold) if not self.exit_layers else dict(
-            exit_layers=[*self.exit_layers, exit_layer],
-            routing_thresholds=[*self.routing_thresholds[:len(self.exit_layers)], routing_threshold])
-        big = DeepSupervisionTransformer(
-            **shape, **exits, deep_head=deep_head,
-            upper_context=upper_context or self.upper_context, confidence=self.confidence,
-            precision=self.precision,
-        ).to(next(self.parameters()).device)
-        big.embedding.load_state_dict(self.embedding.state_dict())
-        for i in range(self.num_layers):
-            big.layers[i].load_state_dict(self.layers[i].state_dict())
-        if init == "copy":
-            for i in range(self.num_layers, num_layers):
-                big.layers[i].load_state_dict(self.layers[i % self.num_layers].state_dict())
-        big.output_head.load_state_dict(self.output_head.state_dict())
-        if deep_head:
-            old_heads = [*self.exit_heads, *([self.deep_head] if self.exit_layers else [])]
-            for new, old in zip(big.exit_heads, old_heads):  # the old deep head becomes the new exit's
-                new.load_state_dict(old.state_dict())
-            big.deep_head.load_state_dict(self.head_for(self.num_layers).state_dict())
-        big.freeze_exits()
-        return big
-
-    def freeze_exits(self) -> None:
-        """Freeze everything up to the last exit: embedding, those layers and every exit's head."""
-        if self.exit_layers:
-            for module in [self.embedding, self.output_head, *self.exit_heads, *self.layers[: self.exit_layers[-1]]]:
-                module.requires_grad_(False)

@@ -28,7 +28,7 @@ from lego.data import Corpus, load_corpus
 from lego.pipeline.science import science_config
 from lego.pipeline.setup import Loaders, RunContext, make_loaders, setup_torch
 from lego.provenance import provenance
-from lego.report import format_table, summarize_run
+from lego.summary import format_table, summarize_run
 from lego.stages import baselines, blocks, eval as evaluation, generate, hard_examples, phase1, phase2
 from lego.trackers import Tracker, tracker_from_config
 

@@ -24,9 +24,13 @@ from lego.kvcache import CachedModel, Positions
 from lego.sampling import Sampler, sample
 
 
-def draft_confident(logits: torch.Tensor, measure: str, threshold: float) -> torch.Tensor:
+def draft_confident(logits: torch.Tensor, measure: str, threshold: float, probe=None,
+                    hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(R, V) exit logits -> (R,) bool: confidence >= threshold. max_prob is tested in log space,
-    max_logit - logsumexp >= log(threshold), without a softmax over the vocabulary."""
+    max_logit - logsumexp >= log(threshold), without a softmax over the vocabulary. With a learned router
+    (`probe`), its score of the exit states `hidden` (R, C)."""
+    if probe is not None:
+        return probe(hidden) >= threshold
     if measure != "max_prob":
         return confidence_from_logits(logits, measure) >= threshold
     if threshold <= 0:
@@ -59,7 +63,8 @@ def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], 
             if i == kk:
                 break
             ex = state.exit_logits(h)[:, 0]  # (R, V)
-            if threshold is not None and not bool(draft_confident(ex, state.model.confidence, threshold).all()):
+            if threshold is not None and not bool(draft_confident(ex, state.model.confidence, threshold,
+                                                                 state.model.router_probe, h[:, 0]).all()):
                 stopped = 1  # a row's exit is unsure: the deep model predicts this position (one host sync a draft)
                 break
             if sampler.greedy:

@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 from lego.config import IGNORE_INDEX
 from lego.confidence import confidence_from_logits, exact_quantile
-from lego.ashem import train_upper_layers
+from lego.ashem import grow, train_upper_layers
 from lego.cost import phase2_step_macs, routed_macs
 from lego.config import UPPER_CONTEXTS
 from lego.model import DeepSupervisionTransformer
@@ -70,7 +70,7 @@ def grown(model: DeepSupervisionTransformer, policy: str, threshold=None,
     small = DeepSupervisionTransformer(**dict(model.shape, num_layers=exit_layer))
     small.load_state_dict({k: v for k, v in model.state_dict().items()
                            if not k.startswith("layers.") or int(k.split(".")[1]) < exit_layer}, strict=False)
-    big = small.grow(model.num_layers, routing_threshold=threshold, deep_head=True, upper_context=policy)
+    big = grow(small, model.num_layers, routing_threshold=threshold, deep_head=True, upper_context=policy)
     for i in range(exit_layer, model.num_layers):  # same upper weights for every policy
         big.layers[i].load_state_dict(model.layers[i].state_dict())
     return big

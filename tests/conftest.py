@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from lego.ashem import grow
 from lego.cli import CONF_DIR, main, to_config
 from lego.config import ASHEMConfig
 from lego.model import DeepSupervisionTransformer
@@ -85,7 +86,7 @@ def token_batches(make_token_batches):
 def grown_pair(make_tiny_model, perturb, precision):
     """A tiny 2-layer model in `precision` and its 4-layer growth with perturbed upper layers and deep head."""
     small = make_tiny_model(num_layers=2, precision=precision)
-    big = small.grow(4)
+    big = grow(small, 4)
     perturb(list(big.layers[2:].parameters()) + list(big.deep_head.parameters()), std=0.3, seed=1)
     return small, big.eval()
 # ---- end core library ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from lego import pictures
+from lego.ashem import grow
 from lego.analysis import (
     CSV_COLUMNS,
     auroc,
@@ -51,7 +52,7 @@ def one_thread():
 def grown(make_tiny_model, perturb):
     """(phase-1 2-layer model, the 4-layer model grown from it with visibly different upper layers)."""
     small = make_tiny_model(num_layers=2)
-    big = small.grow(4)
+    big = grow(small, 4)
     perturb(list(big.layers[2:].parameters()) + list(big.deep_head.parameters()), std=0.3, seed=1)
     return small, big.eval()
 

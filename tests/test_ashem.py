@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lego.ashem import (
+from lego.ashem import (grow, 
     collect_hard_examples,
     compute_confidence_threshold,
     evaluate_on_hard_examples,
@@ -195,7 +195,7 @@ def test_target_ratio_outside_open_interval_is_refused(make_tiny_model, token_ba
 
 def test_empty_loaders_and_bad_stores_are_refused(make_tiny_model, token_batches, tmp_path):
     small = make_tiny_model(num_layers=2)
-    big = small.grow(4)
+    big = grow(small, 4)
     with pytest.raises(ValueError, match="val_batches"):
         compute_confidence_threshold(small, [], 0.5, "cpu")
     with pytest.raises(ValueError, match="batches"):
@@ -244,7 +244,7 @@ def test_phase2_keeps_the_exit_bit_identical_and_trains_only_the_upper_block(mak
     t = compute_confidence_threshold(small, token_batches, 0.5)
     hard = collect_hard_examples(small, token_batches, t)
     torch.manual_seed(1)
-    big = small.grow(4, routing_threshold=t, deep_head=deep_head)
+    big = grow(small, 4, routing_threshold=t, deep_head=deep_head)
     frozen_modules = [big.embedding, big.output_head, *big.layers[:2]]
     upper_modules = [*big.layers[2:]] + ([big.deep_head] if deep_head else [])
     frozen, upper = params_of(*frozen_modules), params_of(*upper_modules)
@@ -265,7 +265,7 @@ def test_phase2_loss_is_the_mean_over_hard_positions_only(make_tiny_model, pertu
     small = make_tiny_model(num_layers=2)
     t = compute_confidence_threshold(small, token_batches, 0.5)
     hard = collect_hard_examples(small, token_batches, t)
-    big = small.grow(4, routing_threshold=t)
+    big = grow(small, 4, routing_threshold=t)
     perturb(big.layers[2:].parameters())
     with torch.no_grad():
         logits = big(hard["inputs"])
@@ -294,7 +294,7 @@ def test_phase2_ignores_the_targets_of_easy_positions(make_tiny_model, token_bat
     for batches in (token_batches, changed):
         hard = collect_hard_examples(small, batches, t)
         torch.manual_seed(1)
-        big = small.grow(4, routing_threshold=t)
+        big = grow(small, 4, routing_threshold=t)
         runs.append((hard, phase2_step(big, hard, steps=2), big.state_dict()))
     (h1, l1, s1), (h2, l2, s2) = runs
     for key in ("inputs", "targets", "hidden_states", "confidences"):
@@ -308,7 +308,7 @@ def test_any_exit_layer_works_end_to_end(make_tiny_model, token_batches, exit_la
     small = make_tiny_model(num_layers=exit_layer)
     t = compute_confidence_threshold(small, token_batches, 0.4, "cpu")
     hard = collect_hard_examples(small, token_batches, t, "cpu")
-    big = small.grow(num_layers, routing_threshold=t)
+    big = grow(small, num_layers, routing_threshold=t)
     assert big.exit_layer == exit_layer
     phase2_step(big, hard, steps=2)
     x, _ = stack(token_batches)
@@ -350,7 +350,7 @@ def test_stores_give_the_same_phase2_loss_as_memory(make_tiny_model, token_batch
         if s == "recompute":
             assert hard["hidden_states"] is None
         torch.manual_seed(1)
-        big = small.grow(4, routing_threshold=t)
+        big = grow(small, 4, routing_threshold=t)
         runs[s] = (phase2_step(big, hard, steps=2, batch_size=3), big.state_dict())
     (mem_loss, mem_state), (loss, state) = runs["memory"], runs[store]
     if store == "recompute":
@@ -378,7 +378,7 @@ def test_phase2_training_and_routed_evaluation_agree_on_hard_tokens(make_tiny_mo
                                                                     policy):
     small = make_tiny_model(num_layers=2)
     t = compute_confidence_threshold(small, token_batches, 0.5)
-    big = small.grow(4, routing_threshold=t, upper_context=policy)
+    big = grow(small, 4, routing_threshold=t, upper_context=policy)
     perturb(big.layers[2:].parameters())
     hard = collect_hard_examples(big, token_batches, t)
     config = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=t, exit_layer=2)

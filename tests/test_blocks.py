@@ -13,7 +13,7 @@ import torch
 from conftest import TINY, lego_run, tiny_config
 
 from lego.analysis import oracle_router, routed_from_tokens, token_outputs, tradeoff_curve
-from lego.ashem import gather_confidences
+from lego.ashem import gather_confidences, grow
 from lego.checkpoint import load_model, model_args, save_model
 from lego.confidence import exact_quantile
 from lego.config import ASHEMConfig, ConfigError, StageConfig, TrainingConfig, validate
@@ -191,8 +191,8 @@ def test_cascaded_routing_and_compute_cost_match_a_hand_computation(make_tiny_mo
 
 def test_grow_twice_freezes_every_exit_and_checkpoints_round_trip(make_tiny_model, tmp_path):
     m1 = make_tiny_model(num_layers=2)
-    m2 = m1.grow(4, routing_threshold=0.3)
-    m3 = m2.grow(6, routing_threshold=0.2)
+    m2 = grow(m1, 4, routing_threshold=0.3)
+    m3 = grow(m2, 6, routing_threshold=0.2)
     assert (m3.exit_layers, m3.routing_thresholds, m3.exit_layer, m3.routing_threshold) == ([2, 4], [0.3, 0.2], 2, 0.3)
     assert torch.equal(m3.exit_heads[0].proj.weight, m2.deep_head.proj.weight)
     assert torch.equal(m3.deep_head.proj.weight, m2.deep_head.proj.weight)

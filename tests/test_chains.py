@@ -3,7 +3,6 @@ follow every window, batch and shard, and the one-line answers to bad settings."
 
 import os
 import random
-import re
 
 import numpy as np
 import pytest
@@ -18,25 +17,28 @@ from lego.data import load_corpus
 SMALL = dict(num_vars=6, depth_probs=[0.2, 0.3, 0.3, 0.2], queries=1, train_lines=300, eval_lines=60)
 
 
-def resolve(line: str):
+def resolve(line: str, assign: str = "="):
     """Brute force, from the text alone: per character, (the label it should carry, the answer when it is one).
     A query's answer is found by following `name=name` bindings to a value, counting the hops."""
+    eq = [(assign, FORMAT)] if assign else []
     body = line.rstrip("\n")
     env, out = {}, []
     for n, stmt in enumerate(body.split(";")):
         sep = [(";", FORMAT)] if n + 1 < len(body.split(";")) else [("\n", FORMAT)]
         if stmt.startswith("?"):
-            name, answer = stmt[1], stmt[3]
+            name, answer = stmt[1], stmt[-1]
+            assert len(stmt) == 3 + len(assign) and stmt[2:2 + len(assign)] == assign, line
             hops, x = 1, env[name]
             while x in env:
                 x, hops = env[x], hops + 1
             assert x == answer, (line, name, x, answer)
-            out += [("?", FORMAT), (name, UNPREDICTABLE), ("=", FORMAT), (answer, hops)]
+            out += [("?", FORMAT), (name, UNPREDICTABLE), *eq, (answer, hops)]
         else:
-            lhs, rhs = stmt.split("=")
+            assert len(stmt) == 2 + len(assign) and stmt[1:1 + len(assign)] == assign, line
+            lhs, rhs = stmt[0], stmt[-1]
             assert lhs not in env and (len(rhs) == 1), line  # every variable is bound once
             env[lhs] = rhs
-            out += [(lhs, UNPREDICTABLE), ("=", FORMAT), (rhs, UNPREDICTABLE)]
+            out += [(lhs, UNPREDICTABLE), *eq, (rhs, UNPREDICTABLE)]
         out += sep
     return out
 
@@ -51,18 +53,20 @@ def test_generator_is_deterministic_per_seed_and_split():
 
 
 @pytest.mark.parametrize("settings", [SMALL, dict(num_vars=8, depth_probs=[0, 0.5, 0, 0.5], queries=2,
-                                                   values="xyz", names="ABCDEFGH", train_lines=200, eval_lines=10)])
+                                                   values="xyz", names="ABCDEFGH", train_lines=200, eval_lines=10),
+                                      dict(SMALL, assign="")])
 def test_brute_force_resolver_matches_every_label(settings):
     c = ChainsConfig(**settings)
     rows, labels = generate(c, "train")
     assert len(labels) == sum(len(r.encode()) for r in rows)
     at, hops_seen = 0, set()
     for row in rows:
-        expected = resolve(row)
+        expected = resolve(row, c.assign)
         assert "".join(ch for ch, _ in expected) == row
         got = labels[at:at + len(row)].tolist()
         assert got == [lab for _, lab in expected], row
-        assert len(set(re.findall(r"[^=;?\n]=", row))) == c.num_vars  # num_vars distinct variables bound
+        bound = {stmt[0] for stmt in row.rstrip("\n").split(";") if not stmt.startswith("?")}
+        assert len(bound) == c.num_vars and ("=" in row) == (c.assign == "=")  # num_vars distinct variables bound
         assert row.count("?") == c.queries
         hops_seen |= {lab for lab in got if lab > 0}
         at += len(row)
@@ -171,6 +175,7 @@ BAD = [
     (dict(num_vars=6, depth_probs=[0, 0, 0, 1], queries=2), "data.chains.depth_probs: 4 hops x 2 queries"),
     (dict(text_fraction=1.5), "data.chains.text_fraction: 1.5"),
     (dict(text_fraction=-0.1), "data.chains.text_fraction: -0.1"),
+    (dict(assign=":"), "data.chains.assign: ':'"),
     (dict(values="01a"), "data.chains.values: 'a' also in data.chains.names"),
     (dict(values="0;"), "data.chains.values"),
     (dict(num_vars=27), "data.chains.num_vars: 27 variables"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lego.ashem import grow
 from lego.confidence import confidence_from_logits
 from lego.config import ConfigError
 from lego.generate import agreement, generate, run_generation, teacher_forced_logits
@@ -29,7 +30,7 @@ def grown(make_tiny_model, perturb):
 
     def make(policy="full", pos="learned", threshold=None, **shape):
         small = make_tiny_model(num_layers=2, seed=3, max_seq_len=MAX_LEN, pos=pos, **shape)
-        big = small.grow(4, routing_threshold=threshold, upper_context=policy).eval()
+        big = grow(small, 4, routing_threshold=threshold, upper_context=policy).eval()
         perturb(list(big.layers[2:].parameters()), std=0.3, seed=4)
         perturb(list(big.deep_head.parameters()), std=0.1, seed=5)
         return big
@@ -450,3 +451,48 @@ def test_bench_generation_rows(tmp_path):
     assert all(0 <= o["outside_matmul"] < 1 for o in result["generation"]["overhead"])
     step = result["generation"]["steps"][0]
     assert 0 < step["c_flops"] < 1 and step["c_wall"] > 0 and 0 < step["head_share_flops"] < step["c_flops"]
+
+
+def learned(model, seed=0):
+    """Route `model` by a random learned router (`RouterProbe`) at the median of its scores over dense greedy text."""
+    from lego.heads import RouterProbe
+
+    g = torch.Generator().manual_seed(seed)
+    C = model.dim
+    probe = RouterProbe(torch.zeros(C), torch.ones(C), torch.randn(C, generator=g), 0.0)
+    d = generate(model, PROMPTS, max_new_tokens=12)
+    with torch.no_grad():
+        scores = torch.cat([probe(model.hidden_states(torch.tensor([p + t]), upto=model.exit_layer)[-1][0])
+                            for p, t in zip(PROMPTS, d.tokens)])
+    return model.route_with(probe, float(scores.median()))
+
+
+@pytest.mark.parametrize("policy", ["full", "propagate", "skip"])
+def test_learned_router_decoding_equals_its_teacher_forced_routed_forward(grown, policy):
+    """A learned router routes decoding, the teacher-forced forward and Trainer.evaluate alike, by the exit's
+    hidden state (not its logits): the same tokens exit everywhere."""
+    model = learned(grown(policy=policy, pos="rope"))
+    out = generate(model, PROMPTS, max_new_tokens=12, decoder="routed", return_logits=True)
+    assert 0.2 < out.exit_share < 0.8, f"test is vacuous: exit share {out.exit_share}"
+    by_logits = model.router_probe
+    for b, p in enumerate(PROMPTS):
+        seq = torch.tensor([p + out.tokens[b]])
+        expected, easy = teacher_forced_logits(model, seq)
+        torch.testing.assert_close(out.logits[b], expected[0, len(p) - 1:-1], atol=2e-5, rtol=1e-5)
+        assert out.exited[b] == easy[0, len(p) - 1:-1].tolist()
+        model.router_probe = None  # the same threshold on max_prob would route other tokens
+        assert not torch.equal(teacher_forced_logits(model, seq)[1], easy)
+        model.router_probe = by_logits
+    x = torch.tensor([p + t for p, t in zip(PROMPTS, out.tokens)][:1])
+    cfg = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=model.routing_threshold, exit_layer=2,
+                         upper_context=policy)
+    stats = Trainer(cfg, model.vocab_size, progress=False).evaluate(model, [(x[:, :-1], x[:, 1:])])
+    assert stats["shallow_ratio"] == pytest.approx(float(teacher_forced_logits(model, x[:, :-1])[1].float().mean()),
+                                                   abs=0)
+
+
+def test_adaptive_drafting_with_a_learned_router_keeps_dense_greedy(grown):
+    model = learned(grown(pos="rope"))
+    dense = generate(model, PROMPTS, max_new_tokens=14)
+    spec = generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=4, adaptive=True)
+    assert spec.tokens == dense.tokens

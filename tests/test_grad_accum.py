@@ -159,7 +159,7 @@ def test_a_stages_result_says_how_fast_it_trained(tmp_path):
     CPU no MFU and no peak memory; the final table shows tokens/s and leaves MFU out."""
     import json
 
-    from lego.report import format_table
+    from lego.summary import format_table
     from lego.training import fit
 
     model = _model()

@@ -12,7 +12,7 @@ import torch
 from conftest import DIM, TINY, compose_config, lego_run
 from test_ashem import params_of, phase2_step, stack
 
-from lego.ashem import collect_hard_examples, compute_confidence_threshold
+from lego.ashem import collect_hard_examples, compute_confidence_threshold, grow
 from lego.checkpoint import build_model, load_model, model_args, save_model
 from lego.cli import to_config
 from lego.config import ASHEMConfig, ConfigError, validate
@@ -29,7 +29,7 @@ def test_phase2_keeps_block1_bit_identical(make_tiny_model, token_batches, exit_
     t = compute_confidence_threshold(small, token_batches, 0.5)
     hard = collect_hard_examples(small, token_batches, t)
     torch.manual_seed(1)
-    big = small.grow(4, routing_threshold=t, deep_head=deep_head)
+    big = grow(small, 4, routing_threshold=t, deep_head=deep_head)
     frozen = params_of(big.embedding, big.output_head, *big.layers[:2])
     trained = [big.deep_head] if deep_head else []
     before = params_of(*big.layers[2:], *trained)
@@ -53,7 +53,7 @@ def test_phase2_keeps_block1_bit_identical(make_tiny_model, token_batches, exit_
 
 @pytest.mark.parametrize("exit_head,exit_rank", HEADS)
 def test_heads_round_trip_through_checkpoints(make_tiny_model, perturb, tmp_path, exit_head, exit_rank):
-    big = make_tiny_model(num_layers=2, exit_head=exit_head, exit_rank=exit_rank).grow(4, routing_threshold=0.3)
+    big = grow(make_tiny_model(num_layers=2, exit_head=exit_head, exit_rank=exit_rank), 4, routing_threshold=0.3)
     perturb(list(big.layers[2:].parameters()) + list(big.deep_head.norm.parameters()), seed=2)
     path = tmp_path / "model.pt"
     save_model(path, big, ASHEMConfig(), stage="phase2")

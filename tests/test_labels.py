@@ -120,7 +120,7 @@ def test_learned_router_is_deterministic_and_gives_the_asked_exit_share(setting)
     probe = fit_probe(val["hidden"], wins)
     again = fit_probe(val["hidden"], wins)
     assert torch.equal(probe.weight, again.weight) and probe.bias == again.bias
-    conf = probe.confidence(val["hidden"])
+    conf = probe(val["hidden"])
     for ratio in (0.3, 0.5, 0.8):
         thr = learned_threshold(conf, ratio)
         share = float((conf >= thr).double().mean())
@@ -135,17 +135,19 @@ def test_learned_probe_separates_a_linear_target():
     x = torch.randn(2000, 8, generator=g) * 3 + 5
     y = x[:, 2] - x[:, 5] > 0
     probe = fit_probe(x, y)
-    conf = probe.confidence(x)
+    conf = probe(x)
     assert ((conf < 0) == y).double().mean() > 0.97  # confidence is the negated logit of 'deep wins'
 
 
-def test_a_chains_run_reports_by_label(tmp_path):
+@pytest.mark.parametrize("policy", ["full", "propagate"])
+def test_a_chains_run_reports_by_label(tmp_path, policy):
     from lego.run import run
 
     cfg = tiny_config(tmp_path / "cache", **{"data.name": "chains", "data.max_train_tokens": None,
+                                            "phase2.upper_context": policy,
                                             "data.chains": ChainsConfig(train_lines=600, eval_lines=120),
                                             "eval.learned_router": True, "num_threads": 1,
-                                            "stages": ["phase1", "hard_examples", "phase2", "eval"]})
+                                            "stages": ["phase1", "hard_examples", "phase2", "eval", "generate"]})
     run(cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run/eval/metrics.json").read_text())
     s = metrics["by_label"]
@@ -160,6 +162,22 @@ def test_a_chains_run_reports_by_label(tmp_path):
     learned = s["routers"]["learned"]  # the asked exit share on validation, up to ties at the threshold
     assert abs(learned["validation_shallow_ratio"] - 0.5) <= learned["validation_tie_share"] + 1 / learned["validation_tokens"]
     assert learned["validation_tie_share"] < 0.05
+    live = learned["live"]  # Trainer.evaluate with it: the labelled routed pass's numbers, under every policy
+    assert live["upper_context"] == metrics["upper_context"] == policy
+    assert live["shallow_ratio"] == learned["shallow_ratio"] and math.isclose(live["ppl"], learned["ppl"], rel_tol=1e-5)
+    assert 0 < learned["shallow_ratio"] < 1 and learned["by_label"]["all"]["n_exit"] == round(
+        learned["shallow_ratio"] * learned["n_tokens"])
+    assert (tmp_path / "run/eval/learned_router.pt").is_file()
+    flat = json.loads((tmp_path / "run/metrics.json").read_text())  # the sweep summary's numbers
+    table = s["models"]["dense 4-layer model"]
+    deep = [table[k] for k in table if k.endswith("hops") and int(k.split()[0]) >= 2]
+    assert flat["acc_2plus_dense4"] == sum(r["correct"] for r in deep) / sum(r["n_tokens"] for r in deep)
+    assert flat["acc_hops1_ashem"] == cal["by_label"]["1 hops"]["acc"]
+    assert flat["sent_up_2plus_learned"] == learned["truth"]["sent_up_2plus_hops"]
+    assert flat["ppl_router_learned"] == learned["ppl"] and "ppl_router_ashem" not in flat
+    gen = json.loads((tmp_path / "run/generate/metrics.json").read_text())["learned_router"]
+    assert gen["settings"]["confidence"] == "learned" and 0 <= gen["routed"]["exit_share"] <= 1
+    assert gen["routed"]["agreement_with_dense"] <= 1
     report = (tmp_path / "run/eval/report.md").read_text()
     assert report.count("## Routing by label") == 1 and "### Routers" in report
     pytest.importorskip("matplotlib")

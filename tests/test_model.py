@@ -6,6 +6,7 @@
 import pytest
 import torch
 
+from lego.ashem import grow
 from lego.model import DeepSupervisionTransformer
 
 
@@ -33,7 +34,7 @@ def test_causal_at_every_layer(make_tiny_model, pos):
 @pytest.mark.parametrize("policy", ["propagate", "skip"])
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_routed_upper_layers_are_causal(make_tiny_model, perturb, pos, policy):
-    big = make_tiny_model(num_layers=2, pos=pos).grow(4)
+    big = grow(make_tiny_model(num_layers=2, pos=pos), 4)
     perturb(big.layers[2:].parameters())
     x = random_tokens((3, 8), big.vocab_size)
     hard = torch.rand(3, 8, generator=torch.Generator().manual_seed(1)) < 0.5
@@ -80,7 +81,7 @@ def test_sequence_longer_than_max_seq_len_is_refused(make_tiny_model):
 @pytest.mark.parametrize("deep_head", [True, False])
 def test_grow_copies_and_freezes_the_lower_block(make_tiny_model, deep_head):
     small = make_tiny_model(num_layers=2)
-    big = small.grow(4, routing_threshold=0.3, deep_head=deep_head)
+    big = grow(small, 4, routing_threshold=0.3, deep_head=deep_head)
     assert (big.num_layers, big.exit_layer, big.routing_threshold) == (4, 2, 0.3)
     x = random_tokens((2, 8), small.vocab_size)
     assert torch.equal(big(x, layer=2), small(x))
@@ -100,15 +101,15 @@ def test_grow_copies_and_freezes_the_lower_block(make_tiny_model, deep_head):
 def test_grow_rejects_bad_depths(make_tiny_model):
     small = make_tiny_model(num_layers=2)
     with pytest.raises(ValueError, match="num_layers"):
-        small.grow(2)
+        grow(small, 2)
     with pytest.raises(ValueError, match="exit_layer"):
-        small.grow(4, exit_layer=1)
+        grow(small, 4, exit_layer=1)
 
 
 # -- upper-context policies -------------------------------------------------------------------------
 
 def routed_setup(make_tiny_model, perturb, pos, seed=0, p_hard=0.5):
-    big = make_tiny_model(num_layers=2, pos=pos, seed=seed).grow(4)
+    big = grow(make_tiny_model(num_layers=2, pos=pos, seed=seed), 4)
     perturb(big.layers[2:].parameters(), seed=seed)
     x = random_tokens((4, 8), big.vocab_size, seed=seed)
     h = big.run_layers(big.embed(x), 0, 2)
@@ -206,7 +207,7 @@ def test_compile_blocks_compiles_what_training_calls(make_tiny_model):
     """model.compile=true: the parts training calls (embed, layers, heads) run compiled, with the
     same results, parameters and checkpoint keys as eager (torch.compile(model) would compile
     only `forward`, which no stage calls)."""
-    model = make_tiny_model(num_layers=2).grow(3)
+    model = grow(make_tiny_model(num_layers=2), 3)
     x = random_tokens((2, 8), model.vocab_size)
     keys = list(model.state_dict())
     ref = model.logits_at(model.run_layers(model.embed(x), 0, 3), 3)

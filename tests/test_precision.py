@@ -13,7 +13,7 @@ import torch
 from conftest import grown_pair
 
 from lego.analysis import token_outputs
-from lego.ashem import (
+from lego.ashem import (grow, 
     collect_hard_examples,
     compute_confidence_threshold,
     evaluate_on_hard_examples,
@@ -58,7 +58,7 @@ def test_the_model_carries_its_precision(make_tiny_model):
     from lego.checkpoint import model_args
 
     model = make_tiny_model(num_layers=2, precision="bf16")
-    big = model.grow(4)
+    big = grow(model, 4)
     assert big.precision == "bf16" and model_args(big)["precision"] == "bf16"
     assert make_tiny_model(num_layers=2).precision == "fp32"
     with pytest.raises(ValueError, match="precision='fp16' is not allowed"):

@@ -5,7 +5,7 @@ same states and gradients as the reference."""
 import pytest
 import torch
 
-from lego.ashem import collect_hard_examples, compute_confidence_threshold, upper_logits
+from lego.ashem import collect_hard_examples, compute_confidence_threshold, grow, upper_logits
 from lego.config import StageConfig, TrainingConfig
 from lego.training import Trainer
 
@@ -20,7 +20,7 @@ def rows_seen(module):
 
 
 def routed_model(make_tiny_model, perturb, pos="learned", seed=0):
-    big = make_tiny_model(num_layers=2, pos=pos, seed=seed).grow(4)
+    big = grow(make_tiny_model(num_layers=2, pos=pos, seed=seed), 4)
     perturb(big.layers[2:].parameters(), seed=seed)
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, V, (4, 8), generator=g)
@@ -69,7 +69,7 @@ def test_routed_evaluation_runs_each_head_once_per_batch_on_the_right_tokens(mak
                                                                              token_batches):
     small = make_tiny_model(num_layers=2)
     t = compute_confidence_threshold(small, token_batches, 0.5)
-    big = small.grow(4, routing_threshold=t, upper_context="skip")
+    big = grow(small, 4, routing_threshold=t, upper_context="skip")
     perturb(big.layers[2:].parameters())
     exit_rows, deep_rows = rows_seen(big.output_head.proj), rows_seen(big.deep_head.proj)
     cfg = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=t, exit_layer=2)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lego.ashem import grow
 from lego.batches import SeededBatches
 from lego.confidence import confidence_from_logits
 from lego.config import StageConfig, TrainingConfig, create_standard_config
@@ -222,7 +223,7 @@ def test_evaluate_without_routing_is_the_plain_last_layer(make_tiny_model, token
 
 @pytest.mark.parametrize("exit_layer,num_layers", [(2, 4), (1, 3), (3, 6)])
 def test_evaluate_threshold_zero_exits_everything(make_tiny_model, token_batches, exit_layer, num_layers):
-    model = make_tiny_model(num_layers=exit_layer).grow(num_layers)
+    model = grow(make_tiny_model(num_layers=exit_layer), num_layers)
     stats = routed_trainer(0.0, exit_layer, num_layers).evaluate(model, token_batches)
     assert stats["shallow_ratio"] == 1.0
     assert stats["compute_cost"] == pytest.approx(exit_layer / num_layers)
@@ -237,7 +238,7 @@ def test_evaluate_threshold_above_one_is_the_full_model(make_tiny_model, perturb
     # No ignored targets here: evaluate routes a token whose target is ignored as easy (hard = low
     # confidence & counted target), which under propagate/skip changes later tokens' context.
     token_batches = make_token_batches(n_ignored=0)
-    model = make_tiny_model(num_layers=exit_layer).grow(num_layers)
+    model = grow(make_tiny_model(num_layers=exit_layer), num_layers)
     perturb(model.layers[exit_layer:].parameters())
     stats = routed_trainer(1.01, exit_layer, num_layers, upper_context=policy).evaluate(model, token_batches)
     plain = Trainer(create_standard_config(num_layers), 16, progress=False).evaluate(model, token_batches)
@@ -248,7 +249,7 @@ def test_evaluate_threshold_above_one_is_the_full_model(make_tiny_model, perturb
 
 
 def test_evaluate_mixed_threshold_matches_a_hand_computation(make_tiny_model, perturb, token_batches):
-    model = make_tiny_model(num_layers=2).grow(4)
+    model = grow(make_tiny_model(num_layers=2), 4)
     perturb(model.layers[2:].parameters())
     x = torch.cat([b[0] for b in token_batches])
     y = torch.cat([b[1] for b in token_batches])
@@ -275,7 +276,7 @@ def test_evaluate_mixed_threshold_matches_a_hand_computation(make_tiny_model, pe
 
 
 def test_evaluate_bad_routing_arguments(make_tiny_model, token_batches):
-    model = make_tiny_model(num_layers=2).grow(4)
+    model = grow(make_tiny_model(num_layers=2), 4)
     with pytest.raises(ValueError, match="exit_layer"):
         routed_trainer(0.5, 4, 4).evaluate(model, token_batches)
     with pytest.raises(ValueError, match="confidence"):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from lego.ashem import _upper_loss, collect_hard_examples, compute_confidence_threshold, train_upper_layers
+from lego.ashem import _upper_loss, collect_hard_examples, compute_confidence_threshold, grow, train_upper_layers
 from lego.checkpoint import load_model
 from lego.confidence import IGNORE_INDEX
 from lego.config import ASHEMConfig, ConfigError, validate
@@ -83,7 +83,7 @@ def test_grow_copy_stacks_the_lower_layers_in_order(make_tiny_model):
     small = make_tiny_model(2)
     for depth in (4, 5):
         torch.manual_seed(3)
-        big = small.grow(depth, init="copy")
+        big = grow(small, depth, init="copy")
         after_copy = torch.rand(3)
         for i in range(2, depth):  # layer i + 1 := layer (i mod 2) + 1
             src = small.layers[i % 2].state_dict()
@@ -91,14 +91,14 @@ def test_grow_copy_stacks_the_lower_layers_in_order(make_tiny_model):
                 assert torch.equal(v, src[k]), (depth, i, k)
             assert all(p.requires_grad for p in big.layers[i].parameters())  # copies train
         torch.manual_seed(3)
-        default = small.grow(depth)
+        default = grow(small, depth)
         assert torch.equal(torch.rand(3), after_copy)  # both draw the same random numbers
         torch.manual_seed(3)
-        random = small.grow(depth, init="random")
+        random = grow(small, depth, init="random")
         for a, b in zip(default.state_dict().values(), random.state_dict().values()):
             assert torch.equal(a, b)  # random is today's grow, bit for bit
     with pytest.raises(ConfigError, match="init='tile'"):
-        small.grow(4, init="tile")
+        grow(small, 4, init="tile")
 
 
 # -- phase2.loss_tokens -----------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def mined(make_tiny_model, make_token_batches, perturb):
     small = make_tiny_model(2)
     batches = make_token_batches(n_batches=4)
     t = compute_confidence_threshold(small, batches, 0.5)
-    big = small.grow(4)
+    big = grow(small, 4)
     perturb([p for p in big.parameters() if p.requires_grad], seed=1)  # the deep exit says something
     hard = collect_hard_examples(small, batches, t, keep_easy=True)
     return small, big, batches, t, hard
@@ -162,7 +162,7 @@ def test_weighted_with_zero_easy_weight_trains_like_hard(mined):
     trained = []
     for data, easy_weight in ((plain, None), (hard, 0.0)):
         torch.manual_seed(5)
-        big = small.grow(4)
+        big = grow(small, 4)
         opt = torch.optim.SGD([p for p in big.parameters() if p.requires_grad], lr=0.5)
         loader = create_hard_example_loader(data, batch_size=3, shuffle=True, seed=1)
         loss = train_upper_layers(big, loader, opt, None, "cpu", 2, epoch=1, easy_weight=easy_weight)

@@ -19,6 +19,8 @@ class ChainsConfig:
     queries: int = 2  # queried chains per program: an integer >= 1
     values: str = "0123456789"  # value alphabet: distinct one-byte characters, none in names or '=;?' or a newline
     names: str = "abcdefghijklmnopqrstuvwxyz"  # variable names: distinct one-byte characters, none in values
+    assign: str = "="  # between a name and what it is bound to: '=' (`z=4;?z=4`) or '' (`z4;?z4`: one lookup is
+    # the classic induction pattern, the token after the earlier occurrence of the current one)
     text_fraction: float = 0.0  # share of lines that are Shakespeare (data=shakespeare's split): a number in [0, 1]
     train_lines: int = 20000  # lines (programs or text) in the train split: an integer >= 1
     eval_lines: int = 2000  # lines in the validation split, and in the test split: an integer >= 1
@@ -131,7 +133,10 @@ def _check_chains(cfg: DataConfig) -> None:
     for key in ("names", "values"):
         chars = getattr(c, key)
         if not chars or len(set(chars)) != len(chars) or any(len(ch.encode()) != 1 or ch in "=;?\n" for ch in chars):
-            fail_data_key(f"chains.{key}", f"{chars!r}", "distinct one-byte characters other than '=', ';', '?' and a newline")
+            fail_data_key(f"chains.{key}", f"{chars!r}",
+                          "distinct one-byte characters other than '=', ';', '?' and a newline")
+    if c.assign not in ("=", ""):
+        fail_data_key("chains.assign", f"{c.assign!r}", "'=' or '' (none)")
     if set(c.names) & set(c.values):
         fail_data_key("chains.values", f"{''.join(sorted(set(c.names) & set(c.values)))!r} also in data.chains.names",
               "characters that are not variable names")

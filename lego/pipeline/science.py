@@ -31,6 +31,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
     d["data"].pop("cache_dir", None)
     if d["data"]["name"] != "chains":  # only data=chains reads them
         d["data"].pop("chains")
+    elif d["data"]["chains"]["assign"] == "=":  # the key's default
+        d["data"]["chains"].pop("assign")
     # Two Blocks are phase1.layers, phase2.layers and hard_example_ratio (validate set them from the lists):
     # blocks=[2, 4] is the default run. More Blocks are recorded resolved, one ratio per exit.
     if len(block_layers(cfg)) > 2:

@@ -12,7 +12,7 @@ import torch
 
 from lego import __version__
 from lego.artifacts import read_json
-from lego.ashem import evaluate_on_hard_examples, train_upper_layers
+from lego.ashem import evaluate_on_hard_examples, grow, train_upper_layers
 from lego.config import ASHEMConfig, block_layers, exit_ratios
 from lego.cost import dense_training_macs, phase2_training_macs, steps_for_macs
 from lego.model import DeepSupervisionTransformer
@@ -31,8 +31,8 @@ def add_block(cfg: ASHEMConfig, below: DeepSupervisionTransformer, threshold: fl
     """The model `below` with one more Block, untrained: grown to `num_layers` (default: Block 2's depth,
     phase2.layers for two Blocks), its last layer a new exit with the calibrated `threshold` (phase2's deep_head,
     upper_context and init)."""
-    return below.grow(num_layers or block_layers(cfg)[1], routing_threshold=threshold, deep_head=cfg.phase2.deep_head,
-                      upper_context=cfg.phase2.upper_context, init=cfg.phase2.init)
+    return grow(below, num_layers or block_layers(cfg)[1], routing_threshold=threshold, deep_head=cfg.phase2.deep_head,
+                upper_context=cfg.phase2.upper_context, init=cfg.phase2.init)
 
 
 def rest_of_budget(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, run_dir: Path,

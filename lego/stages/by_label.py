@@ -4,6 +4,7 @@ report.md section, and returns {'by_label': summary} for eval/metrics.json ({} w
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Dict
@@ -14,7 +15,7 @@ from lego import distributed
 from lego.batches import make_loader
 from lego.chains import label_counts
 from lego.checkpoint import build_model, load_model, model_args
-from lego.config import ASHEMConfig, block_layers
+from lego.config import ASHEMConfig, StageConfig, TrainingConfig, block_layers
 from lego.cost import routed_macs
 from lego.data import Corpus
 from lego.label_report import plot, section, write_section
@@ -22,9 +23,25 @@ from lego.labels import (SOLVED_TOLERANCE, fit_probe, label_table, labelled_toke
                          router_summary, solved_hops)
 from lego.model import DeepSupervisionTransformer
 from lego.report import read_csv
+from lego.training import Trainer
 from lego.pipeline.compute import cost_shape as model_macs
 
 log = logging.getLogger(__name__)
+
+
+def live_routing(cfg: ASHEMConfig, model2: DeepSupervisionTransformer, probe, threshold: float, loader,
+                 device: torch.device) -> Dict[str, Any]:
+    """The learned router in routed evaluation (`Trainer.evaluate`, the run's upper_context policy): ppl, acc,
+    shallow_ratio, compute_cost of a copy of `model2` that routes by `probe` at `threshold`. Under torch.distributed
+    this rank-0 pass is skipped (evaluation all-reduces over ranks): {"skipped": why}."""
+    if distributed.is_distributed():
+        return {"skipped": "torch.distributed: routed evaluation of the learned router runs single-process"}
+    live = copy.deepcopy(model2).route_with(probe, threshold)  # stage eval's routed evaluation, with this router
+    routed = TrainingConfig(stages=[StageConfig((cfg.phase2.layers, cfg.phase2.layers))], routing_threshold=threshold,
+                            exit_layer=cfg.phase1.layers, upper_context=cfg.phase2.upper_context)
+    m = Trainer(routed, device=device, progress=False).evaluate(live, loader)
+    return {k: m[k] for k in ("ppl", "acc", "shallow_ratio", "compute_cost") if k in m} | {
+        "upper_context": cfg.phase2.upper_context}
 
 
 def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransformer,
@@ -42,15 +59,16 @@ def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTran
     learned = cfg.eval.learned_router and not cascade
     split, measure = cfg.eval.split, cfg.hard_examples.confidence
 
-    def loader(name: str):
+    def loader(name: str, with_labels: bool = True):
         return make_loader(getattr(corpus, name), cfg.data.seq_len, cfg.data.eval_batch_size, shuffle=False,
-                           seed=cfg.seed, labels=corpus.labels[name] if labelled else None)
+                           seed=cfg.seed, labels=corpus.labels[name] if labelled and with_labels else None)
 
     def tokens(model, name: str, **kw):
         return labelled_tokens(model, loader(name), device, progress=cfg.progress, **kw)
 
     routed_kw = dict(exit_layer=exit_layer, measure=measure, hidden=learned)
-    tok = tokens(model2, split, **routed_kw)
+    live_kw = dict(policy=cfg.phase2.upper_context) if not cascade else {}
+    tok = tokens(model2, split, **routed_kw, **({"threshold": metrics["threshold"], **live_kw} if live_kw else {}))
     val = tokens(model2, "validation", **routed_kw) if (labelled or learned) and not cascade else None
     s: Dict[str, Any] = {"split": split, "n_tokens": int(tok["nll_deep"].numel()), "exit_layer": exit_layer,
                          "num_layers": depth, "measure": measure, "upper_context": cfg.phase2.upper_context,
@@ -71,27 +89,34 @@ def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTran
                  block_layers(cfg))
     else:
         kw = dict(exit_layer=exit_layer, num_layers=depth)
-        s["routers"]["calibrated"] = {**router_summary(tok, tok["conf"] >= metrics["threshold"], **kw),
-                                      "threshold": metrics["threshold"]}
+        s["routers"]["calibrated"] = {**router_summary(tok, tok["stop"], **kw, live=True),
+                                      "threshold": metrics["threshold"], "pass": "routed"}
         if labelled:
             k = solved_hops(label_table(val["label"], val["nll_exit"], val["ok_exit"]),
                             label_table(val["label"], val["nll_deep"], val["ok_deep"]))
             s["routers"]["oracle by label"] = {**router_summary(tok, oracle_by_label(tok["label"], k), **kw),
+                                               "pass": "one unrouted pass",
                                                "solved_hops": k, "tolerance": SOLVED_TOLERANCE,
                                                "chosen_on": "validation"}
         if learned:
             probe = fit_probe(val["hidden"], val["nll_deep"] < val["nll_exit"])
-            val_conf = probe.confidence(val["hidden"])
+            val_conf = probe(val["hidden"])
             thr = learned_threshold(val_conf, cfg.hard_example_ratio)
-            s["routers"]["learned"] = {**router_summary(tok, probe.confidence(tok["hidden"]) >= thr, **kw),
+            router = copy.deepcopy(model2).route_with(probe, thr)
+            s["routers"]["learned"] = {**router_summary(tokens(router, split, exit_layer=exit_layer, threshold=thr,
+                                                               **live_kw), None, **kw, live=True), "pass": "routed",
                                        "threshold": thr, "hard_ratio": cfg.hard_example_ratio, "fit_on": "validation",
                                        "validation_shallow_ratio": float((val_conf >= thr).double().mean()),
                                        # tokens whose score equals the threshold: the exact quantile holds up to them
                                        "validation_tie_share": float((val_conf == thr).double().mean()),
                                        "validation_tokens": int(val_conf.numel()),
                                        "target": "nll_deep < nll_exit"}
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save({"probe": probe.state_dict(), "threshold": thr, "exit_layer": exit_layer},
+                       out / "learned_router.pt")  # stage generate decodes with it too
+            s["routers"]["learned"]["live"] = live_routing(cfg, model2, probe, thr, loader(split, False), device)
         shape = model_macs(cfg, corpus.vocab_size)
-        for r in s["routers"].values():
+        for r in [*s["routers"].values(), *(r["live"] for r in s["routers"].values() if "ppl" in r.get("live", {}))]:
             r["flop_cost"] = routed_macs(exit_layer=exit_layer, num_layers=depth, shallow_ratio=r["shallow_ratio"],
                                          policy=cfg.phase2.upper_context, **shape)["flop_cost"]
     s["points"] = {f"phase-1 model ({exit_layer} layers)": {"ppl": metrics["phase1_only"]["ppl"],

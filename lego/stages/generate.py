@@ -7,13 +7,17 @@ as the draft), timed; it reads the models and changes nothing the other stages c
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Dict, Optional
+
+import torch
 
 from lego import distributed
 from lego.artifacts import read_json, write_json
 from lego.config import to_dict
 from lego.generate import run_generation, test_prompts
+from lego.heads import RouterProbe
 from lego.model import DeepSupervisionTransformer
 from lego.pipeline.setup import RunContext
 
@@ -41,6 +45,16 @@ def run(ctx: RunContext, model2: DeepSupervisionTransformer) -> Optional[Dict[st
     metrics = run_generation(model2.to(ctx.device), corpus.tokenizer, prompts, decoders=g.decoders,
                              k_values=g.k_values, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                              top_k=g.top_k, top_p=g.top_p, seed=g.seed, adaptive=g.adaptive, out_dir=out)
+    learned = ctx.run_dir / "eval" / "learned_router.pt"  # eval.learned_router: routed decoding with it too
+    if learned.is_file() and "routed" in g.decoders:
+        state = torch.load(learned, map_location=ctx.device, weights_only=True)
+        live = copy.deepcopy(model2).route_with(RouterProbe.from_state(state["probe"]).to(ctx.device),
+                                                state["threshold"])
+        metrics["learned_router"] = run_generation(
+            live, corpus.tokenizer, prompts, decoders=[d for d in ("dense", "routed") if d in g.decoders],
+            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
+            out_dir=out / "learned_router")
+        write_json(out / "metrics.json", metrics)
     write_json(out / "config.json", settings)
     log.info("generate: %s in %s", ", ".join(k for k in metrics if k != "settings"), out)
     return metrics

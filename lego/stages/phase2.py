@@ -2,7 +2,7 @@
 tokens for its budget of steps, validated on the validation split's (SPEC section 3.3).
 
 The variants (each one config key; the defaults are the specification):
-- phase2.init=copy: the new layers start as copies of the lower stack (`DeepSupervisionTransformer.grow`).
+- phase2.init=copy: the new layers start as copies of the lower stack (`lego.ashem.grow`).
 - phase2.loss_tokens=all|weighted: the deep exit's loss at every position of the mined sequences
   (easy ones weighted by easy_weight); validation still reads the validation split's hard tokens,
   the only ones the deep exit serves when routing.
