@@ -1,4 +1,4 @@
-"""The content-addressed stage cache: a stage result trained once per key and copied into each run dir.
+"""The content-addressed cache of trained models: a model trained once per key and copied into each run dir.
 
 Phase 1, the dense baselines (`lego.pipeline.standard.cached_standard`) and each upper Block
 (`lego.stages.phase2`, `lego.stages.blocks`) go through `through_cache`, on when phase1.cache is (the default):
