@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lego import distributed
-from lego.config import fail_data_key
+from lego.config import _fail
 
 
 class _Windows(torch.utils.data.Dataset):
@@ -32,8 +32,12 @@ class _Windows(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, rows: List[int]) -> Tuple[torch.Tensor, ...]:
-        grid = self.tokens[: self.n * self.width].reshape(self.n, self.width)  # a view, no read
-        block = torch.from_numpy(grid[rows].astype(np.int64))  # (B, T+1), reads only these rows
+        if isinstance(self.tokens, np.ndarray):
+            grid = self.tokens[: self.n * self.width].reshape(self.n, self.width)  # a view, no read
+            block = grid[rows]  # (B, T+1), reads only these rows
+        else:  # several shards as one stream (lego.shards.ShardedTokens)
+            block = self.tokens.windows(rows, self.width)
+        block = torch.from_numpy(block.astype(np.int64))
         if self.labels is None:
             return block[:, :-1].contiguous(), block[:, 1:].contiguous()  # (B, T), (B, T)
         lab = self.labels[: self.n * self.width].reshape(self.n, self.width)[rows, 1:]  # (B, T): the targets'
@@ -89,12 +93,12 @@ def make_loader(tokens: np.ndarray, seq_len: int, batch_size: int, *, shuffle: b
     `SeededBatches`); ranks may differ by one batch. With a CUDA `device` the batches come
     in pinned memory, for asynchronous copies to it."""
     if seq_len < 2:
-        fail_data_key("seq_len", f"{seq_len} is too small", "an integer >= 2")
+        _fail("seq_len", f"{seq_len} is too small", "an integer >= 2")
     if batch_size < 1:
-        fail_data_key("batch_size", f"{batch_size} is too small", "an integer >= 1")
+        _fail("batch_size", f"{batch_size} is too small", "an integer >= 1")
     windows = _Windows(tokens, seq_len, labels)
     if len(windows) == 0:
-        fail_data_key("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
+        _fail("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the split has "
               f"{len(tokens)}", f"an integer in [2, {max(len(tokens) - 1, 2)}]")
     sampler = SeededBatches(len(windows), batch_size, shuffle, seed, drop_last, rank, world_size)
     return torch.utils.data.DataLoader(windows, batch_size=None, sampler=sampler, collate_fn=_as_is,

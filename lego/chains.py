@@ -119,3 +119,18 @@ def open_labels(directory: Path, split: str, n_tokens: int) -> np.ndarray:
     if not path.is_file() or path.stat().st_size != n_tokens:
         raise RuntimeError(f"cache file {path} is missing or has the wrong size; delete {directory} to rebuild it")
     return np.memmap(path, dtype=np.int8, mode="r", shape=(n_tokens,))
+
+
+def guess_accuracy(c: ChainsConfig, split: str = "validation", programs: int = 20000) -> Dict[str, float]:
+    """Per hop count ('k hops'), the expected accuracy of guessing an answer uniformly among the distinct values
+    bound in its program: what a model that copies a value from the program but resolves no lookup scores.
+    Over the first `programs` programs of `split` (text lines excluded); deterministic per (config, split)."""
+    rng = split_rng(c, split)
+    sums: Dict[int, List[float]] = {}
+    for _ in range(programs):
+        line, labels = program(c, rng)
+        distinct = len({ch for ch, lab in zip(line, labels) if lab == UNPREDICTABLE and ch in c.values})
+        for lab in labels:
+            if lab > 0:
+                sums.setdefault(lab, []).append(1.0 / distinct)
+    return {label_name(k): sum(v) / len(v) for k, v in sorted(sums.items())}

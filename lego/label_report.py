@@ -49,7 +49,7 @@ def answer_acc(table: Dict[str, dict], least: int = 1, most: Optional[int] = Non
 
 def headline(s: dict) -> Dict[str, float]:
     """The flat numbers of a by-label summary for metrics.json and a sweep's summary: per model and router
-    `acc_2plus_<name>` (answers of 2+ hops) and `acc_hops<k>_<name>`; per router its 2+-hop answers sent up
+    `acc_2plus_<name>` (answers of 2+ hops) and `acc_hops<k>_<name>`, for routers `exit_share_hops<k>_<name>`; per router its 2+-hop answers sent up
     (`sent_up_2plus_<router>`), the unpredictable share of what it sends up, and for the learned and oracle
     routers their ppl and flop cost (`ppl_router_<router>`, `flop_cost_router_<router>`)."""
     out: Dict[str, float] = {}
@@ -59,6 +59,8 @@ def headline(s: dict) -> Dict[str, float]:
         if answer_acc(table, 2) is not None:
             out[f"acc_2plus_{key}"] = answer_acc(table, 2)
         out.update({f"acc_hops{k}_{key}": table[f"{k} hops"]["acc"] for k in _hops(table)})
+        out.update({f"exit_share_hops{k}_{key}": table[f"{k} hops"]["exit_share"] for k in _hops(table)
+                    if "exit_share" in table[f"{k} hops"]})
     for name, r in s["routers"].items():
         key = short_name(name)
         truth = r.get("truth", {})

@@ -27,18 +27,42 @@ from lego.heads import make_head, make_norm
 from lego.rope import apply_rope, rope_tables
 from lego.routed_layer import layer_routed
 
-def resolve_precision(precision: str, device) -> str:
-    """"auto" -> "bf16" on a CUDA device that supports it, else "fp32"; fp32/bf16 as given.
+def cpu_bf16() -> Optional[str]:
+    """The native bfloat16 matrix multiply this CPU has, as torch detects it: "amx" (AMX tiles), "avx512_bf16", or
+    None (bf16 would be emulated, slower than fp32)."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    return None
 
-    Fails early when bf16 is asked of a CUDA device without it (autocast would refuse mid-run).
-    """
+
+def precision_choice(precision: str, device) -> dict:
+    """What `model.precision` resolves to on `device` and why: {"asked", "runs", "why"} (run.json records it).
+
+    "auto" is bf16 on a CUDA device that supports it, else fp32; on a CPU that multiplies bf16 natively
+    (`cpu_bf16`) the record says so, and model.precision=bf16 uses it.
+    Fails early when bf16 is asked of a CUDA device without it (autocast would refuse mid-run)."""
     check_choice("model.precision", precision, ("auto", *PRECISIONS))
-    cuda = torch.device(device).type == "cuda"
-    if precision == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    kind = torch.device(device).type
+    cuda = kind == "cuda"
+    if cuda and precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError("model.precision=bf16 but this CUDA device has no bfloat16; use model.precision=fp32 or auto")
-    return precision
+    if precision != "auto":
+        return {"asked": precision, "runs": precision, "why": "asked"}
+    if cuda:
+        ok = torch.cuda.is_bf16_supported()
+        return {"asked": "auto", "runs": "bf16" if ok else "fp32",
+                "why": "CUDA device with bfloat16" if ok else "CUDA device without bfloat16"}
+    native = cpu_bf16() if kind == "cpu" else None
+    return {"asked": "auto", "runs": "fp32", "why": f"{kind}: auto is fp32 off CUDA" + (
+        f" (this CPU has native bf16, {native}: model.precision=bf16 uses it)" if native else "")}
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"auto" -> "bf16" on a CUDA device that supports it, else "fp32"; fp32/bf16 as given (`precision_choice`)."""
+    return precision_choice(precision, device)["runs"]
 
 
 class Embedding(nn.Module):

@@ -1,12 +1,13 @@
-"""Tokenizers for LEGO: byte-level BPE trained on a corpus, raw bytes, or a pretrained one.
+"""Tokenizers for LEGO: byte-level BPE trained on a corpus, raw bytes, a pretrained one, or a local file.
 
-All three are the same `Tokenizer` class around a Hugging Face `tokenizers.Tokenizer`, so
+All are the same `Tokenizer` class around a Hugging Face `tokenizers.Tokenizer`, so
 they share one fast batch encoder and one file format: `Tokenizer.save(run_dir)` writes
 `tokenizer.json`, and `load_tokenizer(run_dir)` reads it back to decode a checkpoint.
 
     from lego.tokenizer import train_bpe
     tok = train_bpe(iter(["some text", "more text"]), vocab_size=512)
     tok.decode(tok.encode("some text"))  # 'some text'
+    gpt2 = tokenizer_from_file("gpt2/")   # GPT-2's tokenizer.json, or its vocab.json + merges.txt
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 FILENAME = "tokenizer.json"
+END_OF_TEXT = "<|endoftext|>"  # GPT-2's document separator (id 50256 there); lego-prepare adds it where absent
 
 
 class Tokenizer:
@@ -105,3 +107,38 @@ def pretrained_tokenizer(name: str) -> Tokenizer:
     """A tokenizer from the Hugging Face hub by name, e.g. 'gpt2' (needs the network
     the first time; later the hub cache serves it)."""
     return Tokenizer(tokenizers.Tokenizer.from_pretrained(name))
+
+
+def tokenizer_from_file(spec: str) -> Tokenizer:
+    """`bytes` (`byte_tokenizer`), or a tokenizer from local files, no network: a `tokenizer.json` (GPT-2's from
+    the Hugging Face hub, or one `Tokenizer.save` wrote), or a directory holding one, or holding GPT-2's
+    `vocab.json` + `merges.txt` (read as byte-level BPE, GPT-2's pre-tokenizer). ValueError says what is wrong."""
+    if spec == "bytes":
+        return byte_tokenizer()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file() and not (path / FILENAME).is_file():
+            try:
+                model = models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt"))
+            except Exception as e:  # the Rust reader's own error type
+                raise ValueError(f"{spec}: vocab.json + merges.txt do not load ({str(e).splitlines()[0]})") from None
+            return Tokenizer(_byte_level(model))
+        if not (path / FILENAME).is_file():
+            raise ValueError(f"{spec} holds neither {FILENAME} nor vocab.json + merges.txt")
+        path = path / FILENAME
+    if not path.is_file():
+        raise ValueError(f"no such file or directory {spec!r}")
+    try:
+        return Tokenizer(tokenizers.Tokenizer.from_file(str(path)))
+    except Exception as e:
+        raise ValueError(f"{spec} is not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+
+
+def end_of_text_id(tok: Tokenizer, token: str = END_OF_TEXT) -> int:
+    """The id of `token` in `tok`; where the vocabulary lacks it, it is added as a special token, taking the
+    next id (byte_tokenizer: 256, so the vocabulary grows to 257)."""
+    eot = tok.backend.token_to_id(token)
+    if eot is None:
+        tok.backend.add_special_tokens([tokenizers.AddedToken(token, special=True)])
+        eot = tok.backend.token_to_id(token)
+    return eot

@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--depths", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--steps-shallow", type=int, required=True, help="optimizer steps of the shallowest model")
+    ap.add_argument("--budget-depth", type=int, default=None,
+                    help="the depth whose --steps-shallow steps set the budget (default: the shallowest trained)")
     ap.add_argument("--out", type=Path, default=Path("outputs/reference/chains_search"))
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
@@ -49,7 +51,8 @@ def main() -> None:
     loaders = make_loaders(cfg, corpus, device=device)
     shape = cost_shape(cfg, corpus.vocab_size)
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    budget = a.steps_shallow * dense_training_macs(tokens=tokens, num_layers=min(a.depths), **shape)
+    budget = a.steps_shallow * dense_training_macs(tokens=tokens, num_layers=a.budget_depth or min(a.depths),
+                                                   **shape)
     work = a.out / "runs" / a.name
     record = {"name": a.name, "overrides": a.overrides, "train_tokens": len(corpus.train), "budget_macs": budget,
               "models": {}}
@@ -77,6 +80,8 @@ def main() -> None:
         return sum(r["correct"] for r in rows) / max(1, sum(r["n_tokens"] for r in rows))
 
     lo, hi = record["models"][d[0]]["by_label"], record["models"][d[-1]]["by_label"]
+    if len(d) == 1:  # one depth: its numbers in both columns of the table
+        d = [d[0], d[0]]
     line = (f"| {a.name} | {' '.join(a.overrides)} | {a.steps_shallow} | "
             f"{deep_acc(lo):.3f} | {deep_acc(hi):.3f} | {lo['all']['ppl']:.3f} | {hi['all']['ppl']:.3f} | "
             f"{sum(m['train_s'] for m in record['models'].values()):.0f} |\n")

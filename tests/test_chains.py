@@ -10,7 +10,7 @@ import torch
 from conftest import lego_run
 
 from lego.batches import make_loader
-from lego.chains import FORMAT, TEXT, UNPREDICTABLE, generate, label_name, program
+from lego.chains import FORMAT, TEXT, UNPREDICTABLE, generate, label_name, program, split_rng
 from lego.config import ChainsConfig, ConfigError, DataConfig
 from lego.data import load_corpus
 
@@ -221,3 +221,17 @@ def test_chains_keys_enter_the_science_config_only_when_used():
     cfg.data.name, cfg.data.tokenizer, cfg.eval.learned_router = "chains", "bytes", True
     d = science_config(cfg)
     assert d["data"]["chains"]["num_vars"] == 8 and d["eval"]["learned_router"] is True
+
+
+def test_guess_accuracy_is_the_mean_inverse_count_of_values_and_deterministic():
+    from lego.chains import guess_accuracy
+
+    c = ChainsConfig(num_vars=4, queries=2, depth_probs=[0.5, 0.5], assign="")
+    got = guess_accuracy(c, "validation", 2000)
+    assert got == guess_accuracy(c, "validation", 2000) and set(got) == {"1 hops", "2 hops"}
+    # by hand: one program, its distinct values, one over their count for each answer
+    tiny = ChainsConfig(num_vars=2, queries=2, depth_probs=[1.0], values="01")
+    line, _ = program(tiny, split_rng(tiny, "train"))
+    assert guess_accuracy(tiny, "train", 1) == {"1 hops": 1 / len({line[2], line[6]})}  # `a=0;b=1;...`
+    # 2-hop answers come from programs with fewer distinct values: guessing does better there
+    assert 0.33 < got["1 hops"] < got["2 hops"] < 0.5

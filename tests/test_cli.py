@@ -37,6 +37,8 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
         extra = [f"data.{s}_files=[{f}]" for s in ("train", "validation", "test")]
     if (group, option) == ("data", "hf"):  # needs a dataset path
         extra = ["data.path=wikitext", "data.config_name=wikitext-2-raw-v1"]
+    if (group, option) == ("data", "shards"):  # needs the shards' directory (read when the corpus loads)
+        extra = [f"data.shards.dir={tmp_path}"]
     config = to_config(compose_config([f"{group}={option}", *extra]))
     assert isinstance(config, ASHEMConfig)
     assert getattr(config, group) == getattr(config, group).__class__(**{

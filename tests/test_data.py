@@ -342,8 +342,8 @@ def test_shipped_data_configs(path):
     assert text.startswith("# ") and "lego-run" in text.split("\nname:")[0]
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path))
     assert cfg.name == path.stem
-    if path.stem in ("hf", "text_files"):  # need the user's dataset or files
-        with pytest.raises(ValueError, match=r"^data\.(path|train_files): "):
+    if path.stem in ("hf", "text_files", "shards"):  # need the user's dataset, files or shards
+        with pytest.raises(ValueError, match=r"^data\.(path|train_files|shards\.dir): "):
             OmegaConf.to_object(cfg)
     else:
         assert isinstance(OmegaConf.to_object(cfg), DataConfig)

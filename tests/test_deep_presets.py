@@ -11,14 +11,17 @@ from conftest import compose_config
 from lego.checkpoint import build_model
 from lego.cli import to_config
 from lego.config import block_layers, resolve, validate
+from lego.pipeline.compute import dense_depths
 
 
 @pytest.mark.parametrize("blocks,exits", [(None, [2]), ("[2,4,8]", [2, 4])])
 def test_experiment_deep_is_an_8_layer_model_exiting_after_layer_2(blocks, exits):
-    cfg = to_config(compose_config(["experiment=deep"] + ([f"blocks={blocks}"] if blocks else [])))
+    cascade = [f"blocks={blocks}", "phase1.budget_fraction=null"] if blocks else []  # a budget split: two Blocks only
+    cfg = to_config(compose_config(["experiment=deep", *cascade]))
     validate(cfg)
     assert (cfg.model.name, cfg.model.dim, cfg.phase1.layers, cfg.phase2.layers) == ("deep", 384, 2, 8)
-    assert block_layers(cfg)[:-1] == exits and cfg.eval.dense_depths == [2, 8]
+    assert block_layers(cfg)[:-1] == exits and dense_depths(resolve(cfg)) == [*exits, 8]  # every Block boundary
+    assert cfg.phase1.patience is None and cfg.phase2.patience is None and cfg.phase1.budget_fraction == (None if blocks else 0.6)
 
 
 def test_gpt2_small_composes_and_trains_a_few_steps_when_shrunk():

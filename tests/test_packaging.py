@@ -31,6 +31,9 @@ def test_wheel_holds_every_config_file(wheel):
     assert {"lego/conf/config.yaml", "lego/conf/debug/tiny.yaml", "lego/conf/experiment/quick.yaml"} <= expected
     assert expected <= names, sorted(expected - names)
     assert "lego/stages/eval.py" in names and "lego/config/__init__.py" in names
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "lego-run = lego.cli:main" in scripts and "lego-prepare = lego.prepare:main" in scripts
 
 
 @pytest.mark.slow

@@ -168,7 +168,8 @@ def test_run_json_records_provenance(tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"phase2.deep_head": False}, {"phase2.upper_context": "skip"},
-                                       {"model.exit_head": "lowrank", "model.exit_rank": 4}, {"blocks": [1, 2, 3]}])
+                                       {"model.exit_head": "lowrank", "model.exit_rank": 4}, {"blocks": [1, 2, 3]},
+                                       {"model.vocab_multiple": 48}])
 def test_expected_args_are_what_the_built_models_record(tmp_path, overrides):
     """`expected_args` computes from the config what `model_args` reads from the models the stages build: a
     dense model, and the model grown Block by Block."""

@@ -147,3 +147,29 @@ def test_bf16_run_records_its_precision(tmp_path):
     assert "precision" not in science_config(fp32)["model"]  # fp32 keeps the keys of older runs
     with pytest.raises(StageError, match="model.precision: 'bf16' -> None"):
         run(fp32, tmp_path / "run")
+
+
+def test_precision_choice_says_what_runs_and_why(monkeypatch):
+    from lego.model import cpu_bf16, precision_choice
+
+    assert precision_choice("bf16", "cpu") == {"asked": "bf16", "runs": "bf16", "why": "asked"}
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert cpu_bf16() == "avx512_bf16"
+    got = precision_choice("auto", "cpu")
+    assert got["runs"] == "fp32" and "avx512_bf16" in got["why"]
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert cpu_bf16() is None and "native" not in precision_choice("auto", "cpu")["why"]
+
+
+def test_bench_precision_script_prints_its_table():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_precision.py"
+    out = subprocess.run([sys.executable, str(script), "--layers", "1", "--vocab", "64", "--seq-len", "8", "--batch",
+                          "2", "--rounds", "1", "--steps", "1", "--threads", "1"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| fp32 |" in out.stdout and "| bf16 |" in out.stdout and "native bf16:" in out.stdout

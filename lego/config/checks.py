@@ -13,6 +13,8 @@ from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE
                                 check_choice, check_non_negative, check_positive, check_ratio)
 
 
+
+
 def block_layers(cfg: ASHEMConfig) -> List[int]:
     """The cumulative layer counts of the Blocks: `blocks`, or [phase1.layers, phase2.layers]."""
     return list(cfg.blocks) if cfg.blocks is not None else [cfg.phase1.layers, cfg.phase2.layers]

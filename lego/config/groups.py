@@ -32,11 +32,16 @@ class ModelConfig:
     # auto | fp32 | bf16: autocast for every forward (training, calibration, mining, eval, analysis
     # alike); auto = bf16 on a CUDA GPU that has it, else fp32. Weights, losses, confidences stay float32.
     precision: str = "auto"
+    # Pad the vocabulary (embedding rows, head outputs) up to a multiple of this many ids, an integer >= 1, e.g. 64
+    # for GPU-friendly matmuls; 1 = the tokenizer's size. Padded ids never occur in the data: nothing masks their
+    # logits, training pushes them down as it does any token never seen (nanoGPT's choice); they keep a little
+    # softmax mass early in training.
+    vocab_multiple: int = 1
 
 
 def check_model(m: ModelConfig, prefix: str = "") -> None:
     """The shape checks shared by `validate` (prefix "model.") and the model's constructor (no prefix)."""
-    for key in ("dim", "num_heads", "max_seq_len", "ffn_mult"):
+    for key in ("dim", "num_heads", "max_seq_len", "ffn_mult", "vocab_multiple"):
         check_positive(f"{prefix}{key}", getattr(m, key))
     if m.dim % m.num_heads:
         raise ConfigError(f"{prefix}dim={m.dim} must be divisible by {prefix}num_heads={m.num_heads}")
@@ -75,7 +80,7 @@ class OptimizerConfig:
     # None = the whole split (phase2: every hard sequence)
     epoch_steps: Optional[int] = 50
     grad_accum: int = 1  # batches (micro-batches) per optimizer step: an integer >= 1; an epoch reads epoch_steps x it
-    schedule: str = "cosine"  # cosine: linear warmup, then cosine decay to min_lr_ratio * lr at the last step | constant
+    schedule: str = "cosine"  # cosine: linear warmup, then cosine decay to min_lr_ratio x lr at the last step | constant
     warmup_steps: int = 0  # cosine: optimizer steps of linear warmup, an integer >= 0
     min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at the budget's last step: in [0, 1]
 
@@ -101,7 +106,7 @@ class Phase1Config(OptimizerConfig):
     with these optimizer settings too."""
 
     layers: int = 2  # Block 1's depth, in layers: an integer >= 1, below phase2.layers
-    cache: bool = True  # true | false: share phase 1 and the dense baselines across runs/sweep jobs with identical settings
+    cache: bool = True  # true | false: share phase 1, the dense baselines and each Block across identical runs
     # The pipeline's budget split in advance: the whole pipeline gets max_epochs x epoch_steps phase-1 steps' worth
     # of training MACs; phase 1 trains round(budget_fraction x those steps), mining costs what it runs, and phase 2
     # trains the rest to the step (lego.pipeline.upper.rest_of_budget). In (0, 1); None: each phase its own budget.
@@ -212,7 +217,7 @@ class LoggerConfig:
     project: str = "lego"  # wandb project / mlflow experiment name: any text
     wandb_mode: str = "offline"  # offline | online | disabled; online only when asked (needs network + login)
     mlflow_uri: Optional[str] = None  # tracking uri (http://..., sqlite:///...); None = file store <run_dir>/mlruns
-    log_every: int = 10  # train metrics every this many optimizer steps, an integer >= 1 (a logged step reads the device)
+    log_every: int = 10  # train metrics every this many optimizer steps, an integer >= 1 (each reads the device)
 
     def __post_init__(self) -> None:
         check_logger(self)

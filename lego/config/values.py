@@ -25,9 +25,11 @@ BASELINE_BUDGETS = ("matched", "steps", "phase1")  # training budget of the dens
 PHASE2_INITS = ("random", "copy")  # how the new upper layers start (lego.model.grow)
 LOSS_TOKENS = ("hard", "all", "weighted")  # which positions phase 2's deep-exit loss counts
 LOWERS = ("frozen", "finetune")  # whether Block 1 keeps training in phase 2
-DATA_NAMES = ("shakespeare", "kjv", "wikitext2", "wikitext103", "hf", "text_files", "chains")
+DATA_NAMES = ("shakespeare", "kjv", "wikitext2", "wikitext103", "hf", "text_files", "chains", "shards")
 TOKENIZERS = ("bpe", "bytes", "pretrained")
 SPLITS = ("train", "validation", "test")
+SHARD_FORMATS = ("auto", "llmc", "raw")  # data=shards: llm.c's 256-int32 header, or nanoGPT's headerless .bin
+SHARD_DTYPES = ("uint16", "uint32")  # token width of a headerless (raw) shard
 DEFAULT_CACHE_DIR = "~/.cache/lego"
 # Hub datasets behind the named presets; data.path / data.config_name override them.
 HF_PRESETS = {
@@ -74,6 +76,6 @@ def check_non_negative(key: str, value) -> None:
         raise ConfigError(f"{key}={value!r} must be a number >= 0")
 
 
-def fail_data_key(key: str, problem: str, allowed: str) -> NoReturn:
-    """Raise ConfigError('data.<key>: <problem>; allowed: <allowed>') (the data group and the corpus checks)."""
+def _fail(key: str, problem: str, allowed: str) -> NoReturn:
+    """Raise ConfigError('data.<key>: <problem>; allowed: <allowed>') (the data group's and the corpora's checks)."""
     raise ConfigError(f"data.{key}: {problem}; allowed: {allowed}")

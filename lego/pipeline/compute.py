@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from lego.artifacts import read_json
+from lego.checkpoint import model_vocab_size
 from lego.config import ASHEMConfig, block_layers
 from lego.cost import dense_training_macs, forward_macs_per_token, mining_macs, steps_for_macs
 from lego.pipeline.setup import Loaders
@@ -20,10 +21,11 @@ RECORDED = ("steps", "budget_steps", "tokens", "train_s", "train_macs", "epochs_
 
 
 def cost_shape(cfg: ASHEMConfig, vocab_size: int) -> Dict[str, Any]:
-    """The shape arguments every `lego.cost` function takes, for this run's model."""
+    """The shape arguments every `lego.cost` function takes, for this run's model; the heads count the padded
+    vocabulary (`model.vocab_multiple`), as the model computes it."""
     m = cfg.model
-    return dict(dim=m.dim, ffn_mult=m.ffn_mult, ffn=m.ffn, vocab_size=vocab_size, seq_len=cfg.data.seq_len,
-                exit_rank=m.exit_rank if m.exit_head == "lowrank" else None)
+    return dict(dim=m.dim, ffn_mult=m.ffn_mult, ffn=m.ffn, vocab_size=model_vocab_size(cfg, vocab_size),
+                seq_len=cfg.data.seq_len, exit_rank=m.exit_rank if m.exit_head == "lowrank" else None)
 
 
 def window_positions(loader, seq_len: int) -> int:

@@ -29,6 +29,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
     for k in _NON_SCIENCE:
         d.pop(k, None)
     d["data"].pop("cache_dir", None)
+    if d["data"]["name"] != "shards":  # only data=shards reads them
+        d["data"].pop("shards")
     if d["data"]["name"] != "chains":  # only data=chains reads them
         d["data"].pop("chains")
     elif d["data"]["chains"]["assign"] == "=":  # the key's default
@@ -40,6 +42,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
     else:
         d.pop("blocks"), d.pop("hard_example_ratios")
     d["model"].pop("compile", None)
+    if d["model"].get("vocab_multiple") == 1:  # no padding
+        d["model"].pop("vocab_multiple")
     if d["model"].get("exit_head") == "separate" and d["model"].get("exit_rank") is None:  # the specification's
         d["model"].pop("exit_head"), d["model"].pop("exit_rank")  # heads
     for phase in ("phase1", "phase2"):  # a constant schedule ignores warmup and floor

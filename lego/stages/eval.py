@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-import numpy as np
 
 from lego import distributed
 from lego.artifacts import write_json
@@ -120,7 +119,7 @@ def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransf
     s = analyze(out, model=model2, loader=loader, device=device,
                 threshold=metrics["thresholds"] if cascade else metrics["threshold"],
                 measure=cfg.hard_examples.confidence, exit_layer=exits if cascade else exit_layer, baselines=baselines,
-                tokenizer=corpus.tokenizer, train_tokens=np.asarray(corpus.train), vocab_size=corpus.vocab_size,
+                tokenizer=corpus.tokenizer, train_tokens=corpus.train, vocab_size=corpus.vocab_size,
                 html_tokens=cfg.eval.html_tokens, choose_loader=choose_loader, realized_cost=realized_cost,
                 verdict=metrics.get("verdict", {}).get("line"))
     return {k: s[k] for k in HEADLINES if k in s}
