@@ -2,20 +2,20 @@
 
     model = build_model(cfg, vocab_size, num_layers)       # vocabulary padded to model.vocab_multiple
     save_model(run_dir / "phase1" / "model.pt", model, cfg, stage="phase1")
-    model = load_model(path, model_args(model), device, "phase1 checkpoint")
+    model = load_model(path, expected_args(cfg, vocab_size, num_layers), device, "phase1 checkpoint")
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import torch
 
 from lego.ashem import freeze_exits
 from lego.artifacts import StageError, load_checkpoint, save_checkpoint
-from lego.config import ASHEMConfig, ConfigError, to_dict
+from lego.config import ASHEMConfig, ConfigError, block_layers, to_dict
 from lego.model import DeepSupervisionTransformer, resolve_precision
 
 _ROUTING_ATTRS = ("routing_threshold", "routing_thresholds", "upper_context", "confidence")  # behaviour, not weights
@@ -50,6 +50,26 @@ def model_args(model: DeepSupervisionTransformer) -> Dict[str, Any]:
                 confidence=model.confidence, precision=model.precision)
     if len(model.exit_layers) > 1:  # a model grown more than once: every exit (two-Block checkpoints stay as they were)
         args.update(exit_layers=list(model.exit_layers), routing_thresholds=list(model.routing_thresholds))
+    return args
+
+
+def expected_args(cfg: ASHEMConfig, vocab_size: int, num_layers: int,
+                  thresholds: Sequence[float] = ()) -> Dict[str, Any]:
+    """What `model_args` gives for the run's `num_layers`-layer model with an exit at each of the first
+    len(`thresholds`) Block boundaries of `blocks`, routing there at `thresholds`, for a tokenizer of `vocab_size`
+    ids: a dense model (phase 1, a baseline: no thresholds) as `build_model` makes it, or one grown Block by Block
+    as phase 2 and each later Block grow it (`lego.ashem.grow` with phase2's deep_head). Computed from the config
+    alone."""
+    m = cfg.model
+    exits = block_layers(cfg)[:len(thresholds)]
+    args = dict(vocab_size=model_vocab_size(cfg, vocab_size), dim=m.dim, num_layers=num_layers,
+                num_heads=m.num_heads, max_seq_len=m.max_seq_len, dropout=m.dropout, norm=m.norm, pos=m.pos, ffn=m.ffn,
+                ffn_mult=m.ffn_mult, exit_head=m.exit_head, exit_rank=m.exit_rank,
+                exit_layer=exits[0] if exits else None, routing_threshold=thresholds[0] if exits else None,
+                deep_head=bool(exits) and cfg.phase2.deep_head, upper_context=cfg.phase2.upper_context,
+                confidence=cfg.hard_examples.confidence, precision=run_precision(cfg))
+    if len(exits) > 1:
+        args.update(exit_layers=list(exits), routing_thresholds=list(thresholds))
     return args
 
 

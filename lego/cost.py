@@ -15,7 +15,7 @@ policy runs (see `DeepSupervisionTransformer.run_layers`):
 Training compute (SPEC section 6: a baseline gets the MACs of the whole pipeline it is compared
 with): `dense_training_macs` (phase 1, a standard LM, a matched baseline), `mining_macs`
 (calibration and hard-example mining: forward through Block 1 and its exit head),
-`phase2_training_macs` (lego.stages.compare adds them up per stage from the stages' records), and
+`phase2_training_macs` (lego.pipeline.compute adds them up per training from their records), and
 `steps_for_macs` turns a MAC budget into optimizer steps of a dense model. Evaluation passes are not
 training compute. Every function takes `exit_rank`: None for full vocabulary heads (`model.exit_head`
 separate or tied, dim * V each), r for heads factored at rank r (`lowrank`, r * (dim + V) each; `head_macs`).

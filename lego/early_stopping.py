@@ -1,5 +1,5 @@
 """`early_stopping_loop`: epochs of training, a validation after each, the best weights kept, the opt-in
-patience guard and the state to resume from (`lego.training.fit` runs every stage through it).
+patience guard and the state to resume from (`lego.training.fit` runs every training through it).
 
     result = early_stopping_loop(model, train_one_epoch, validate, max_epochs=6, patience=None,
                                  optimizer=optimizer, on_epoch_end=save_state, resume=state)

@@ -1,6 +1,6 @@
 """Learning-rate schedules: `constant`, or linear warmup then cosine decay to a floor (nanoGPT's).
 
-    lr_at(k, base_lr=1e-3, schedule="cosine", warmup_steps=100, total_steps=2000, min_lr_ratio=0.1)
+    lr_factor(k, schedule="cosine", warmup_steps=100, total_steps=2000, min_lr_ratio=0.1)  # step k's lr / base lr
     # lego.training.train_epoch(..., lr_factor=partial(lr_factor, ...)) sets step k's lr to base * lr_factor(k)
 
 Steps count optimizer steps from 0; a budget of `total_steps` steps runs steps 0 .. total_steps - 1.
@@ -33,9 +33,3 @@ def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int, 
     progress = (step - warmup_steps) / (last - warmup_steps)  # 0 -> 1
     return min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_lr_ratio)
 
-
-def lr_at(step: int, *, base_lr: float, schedule: str, warmup_steps: int, total_steps: int,
-          min_lr_ratio: float) -> float:
-    """Learning rate of optimizer step `step` (0-based); see the module docstring for the shape."""
-    return base_lr * lr_factor(step, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps,
-                               min_lr_ratio=min_lr_ratio)

@@ -1,7 +1,7 @@
-"""How fast a stage trained: tokens/s, model TFLOP/s from `lego.cost`'s MACs, MFU against the GPU's peak, and
-peak device memory (each training stage's result.json; `lego.training.fit`).
+"""How fast a model trained: tokens/s, model TFLOP/s from `lego.cost`'s MACs, MFU against the GPU's peak, and
+peak device memory (each training's result.json; `lego.training.fit`).
 
-    stage_throughput(tokens=1.2e6, train_s=60.0, train_macs=3.4e14, device=torch.device("cuda"))
+    training_throughput(tokens=1.2e6, train_s=60.0, train_macs=3.4e14, device=torch.device("cuda"))
     # {"tokens_per_s": 20000.0, "model_tflops_per_s": 11.3, "mfu": 0.0115, "peak_memory_bytes": 2.1e9}
 
 Model FLOPs are 2 per multiply-add of the model's own arithmetic (`lego.cost`: no attention softmax, norms or
@@ -46,12 +46,12 @@ def device_peak_tflops(device: torch.device) -> Optional[float]:
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start counting a stage's peak device memory (CUDA only)."""
+    """Start counting a training's peak device memory (CUDA only)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def stage_throughput(*, tokens: float, train_s: float, train_macs: float, device: torch.device) -> Dict[str, object]:
+def training_throughput(*, tokens: float, train_s: float, train_macs: float, device: torch.device) -> Dict[str, object]:
     """tokens_per_s (training tokens over training seconds, validation excluded), model_tflops_per_s (2 FLOPs per
     training MAC over the same seconds), mfu (that over the device's peak; None where the peak is unknown, CPUs
     included) and peak_memory_bytes (torch.cuda.max_memory_allocated since `reset_peak_memory`; None off CUDA).

@@ -2,7 +2,7 @@
 
 One small `Tracker` protocol and one backend per tool, chosen by the `logger` config group:
 
-    lego-run logger=csv                      # default: <run_dir>/metrics/<stage>.csv
+    lego-run logger=csv                      # default: <run_dir>/metrics/<training>.csv
     lego-run logger=tensorboard              # <run_dir>/tensorboard/; tensorboard --logdir outputs
     lego-run logger=wandb                    # offline run under <run_dir>/wandb/; wandb sync it later
     lego-run logger=mlflow                   # <run_dir>/mlruns; mlflow ui --backend-store-uri <that>
@@ -44,7 +44,7 @@ _PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "
 
 @runtime_checkable
 class Tracker(Protocol):
-    """What every backend accepts. Metric values are plain floats; `step` is the stage's optimizer step."""
+    """What every backend accepts. Metric values are plain floats; `step` is the training's optimizer step."""
 
     def log_hparams(self, config: Mapping[str, Any]) -> None: ...
 
@@ -111,8 +111,8 @@ def _step(row: Mapping[str, Optional[str]]) -> Optional[int]:
 
 
 class CsvTracker:
-    """One wide csv per stage, `<run_dir>/metrics/<prefix>.csv`: a `step` column, then one column per
-    metric name in first-seen order; a row leaves blank what it did not log.
+    """One wide csv per training (phase1, phase2, dense4, ...), `<run_dir>/metrics/<prefix>.csv`: a `step` column,
+    then one column per metric name in first-seen order; a row leaves blank what it did not log.
 
     Rows are appended and flushed as they come, so a killed run leaves a valid file. A resumed run
     re-logs the steps after its last checkpoint: the first row this tracker writes to a file drops
@@ -133,7 +133,7 @@ class CsvTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str) -> None:
         row = {"step": str(int(step)), **{k: repr(float(v)) for k, v in metrics.items()}}  # repr: exact round trip
-        if prefix not in self._header:  # first row for this stage in this process
+        if prefix not in self._header:  # first row for this training in this process
             self._rewrite(prefix, keep=lambda r: _step(r) is not None and _step(r) < int(step), extra=list(row))
         elif any(k not in self._header[prefix] for k in row):
             self._rewrite(prefix, keep=lambda r: _step(r) is not None, extra=list(row))
@@ -208,8 +208,8 @@ class TensorBoardTracker:
 
 
 class WandbTracker:
-    """A wandb run in `<run_dir>/wandb/`, offline unless `mode="online"`. Each stage's metrics are
-    plotted against that stage's own step (`<prefix>/step`), since steps restart per stage."""
+    """A wandb run in `<run_dir>/wandb/`, offline unless `mode="online"`. Each training's metrics are
+    plotted against that training's own step (`<prefix>/step`), since steps restart per training."""
 
     def __init__(self, run_dir: Path, *, project: str, run_name: str, mode: str):
         wandb = _require("wandb")
@@ -240,7 +240,7 @@ class WandbTracker:
 
 class MlflowTracker:
     """One mlflow run per `lego-run` invocation, in experiment `project`, at `uri` (default: a file
-    store `<run_dir>/mlruns`). Metrics are `<prefix>/<name>` at the stage's step."""
+    store `<run_dir>/mlruns`). Metrics are `<prefix>/<name>` at the training's step."""
 
     def __init__(self, run_dir: Path, *, project: str, run_name: str, uri: Optional[str]):
         _require("mlflow")

@@ -1,5 +1,8 @@
 """Staged losses, the one training loop (`train_epoch` with gradient accumulation, `fit`: a budget of steps,
-validation, the opt-in early-stopping guard of `lego.early_stopping`, resume, stage files), `Trainer`.
+validation, the opt-in early-stopping guard of `lego.early_stopping`, resume, a training's files), `Trainer`.
+
+A *training* is one model trained to its budget (phase1, phase2, block3, dense4, ...); a `StageConfig` (the
+specification's name) is one term of its loss.
 
 Three controls stay independent (SPEC section 2): `StageConfig` says where the loss is taken,
 `requires_grad` says what updates, `routing_threshold` + `exit_layer` say where a token stops
@@ -33,7 +36,7 @@ from lego.config import StageConfig, TrainingConfig, create_standard_config  # n
 from lego.early_stopping import TrainingDiverged, early_stopping_loop  # noqa: F401  (the API lives here)
 from lego.evaluation import evaluate
 from lego.progress import progress as show_progress
-from lego.throughput import reset_peak_memory, stage_throughput
+from lego.throughput import reset_peak_memory, training_throughput
 from lego.trackers import Tracker
 
 LossSumFn = Callable[..., Tuple[torch.Tensor, object]]  # (model, inputs, targets) -> (summed loss, count)
@@ -42,24 +45,24 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class StageTotals:
-    """What a stage's optimizer steps have consumed so far (kept in its history, so resume keeps it)."""
+class TrainingTotals:
+    """What a training's optimizer steps have consumed so far (kept in its history, so resume keeps it)."""
 
     steps: int = 0  # optimizer steps
     tokens: int = 0  # input positions the model ran on
     counted: int = 0  # positions whose loss counted (phase 2: the hard ones)
 
     @classmethod
-    def from_history(cls, history: List[dict]) -> "StageTotals":
+    def from_history(cls, history: List[dict]) -> "TrainingTotals":
         return cls(*(sum(int(row.get(k, 0)) for row in history) for k in ("steps", "tokens", "counted")))
 
 
 def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, device, *, epoch: Optional[int] = None,
                 grad_clip: Optional[float] = None, progress: bool = True, name: str = "train_loader",
-                lr_factor: Optional[Callable[[int], float]] = None, totals: Optional[StageTotals] = None,
+                lr_factor: Optional[Callable[[int], float]] = None, totals: Optional[TrainingTotals] = None,
                 tracker: Optional[Tracker] = None, prefix: str = "train", log_every: int = 1,
                 progress_interval_s: float = 30.0, max_steps: Optional[int] = None, grad_accum: int = 1) -> float:
-    """One pass of optimizer steps over `batches`; the mean loss per counted token. Every stage trains here.
+    """One pass of optimizer steps over `batches`; the mean loss per counted token. Every model trains here.
 
     `loss_sum_fn(model, inputs, targets)` returns (summed loss, counted tokens). A count read on
     the device stays there (no host sync per step; a NaN shows up in the epoch's loss, which
@@ -68,12 +71,12 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     normalised over the counted tokens of them all: the gradient of one batch `grad_accum` times larger.
     With `epoch`, the batches' seeded order is that epoch's. `totals` accumulates optimizer steps and
     tokens (every micro-batch's); with `max_steps` the pass ends once `totals` holds that many steps (the
-    stage's budget ends inside this epoch); with `lr_factor`, step k (counted in `totals` over the whole
-    stage) runs at each group's base lr times `lr_factor(k)` (without it the lr is left alone: bit-identical
+    training's budget ends inside this epoch); with `lr_factor`, step k (counted in `totals` over the whole
+    training) runs at each group's base lr times `lr_factor(k)` (without it the lr is left alone: bit-identical
     to no schedule). Under torch.distributed each rank passes its shard, gradients are averaged over ranks
     (DDP, synchronised on a step's last micro-batch only) and the loss is over every rank's tokens.
 
-    With a `tracker` (lego.trackers), every `log_every`-th optimizer step (the stage's step count)
+    With a `tracker` (lego.trackers), every `log_every`-th optimizer step (the training's step count)
     sends loss, lr, grad_norm and tokens_per_s under `prefix`; device values are read on those
     steps only. `progress` shows `<prefix> epoch <epoch>` as a bar, or a line every
     `progress_interval_s` seconds in a log (lego.progress).
@@ -88,7 +91,7 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     count = 0  # a host int, or a 0-d device tensor once a device count is added (read once, at the end)
     params = [p for p in model.parameters() if p.requires_grad]
     step = distributed.data_parallel(model, loss_sum_fn, device)
-    steps = totals.steps if totals is not None else 0  # the stage's optimizer steps: the tracker's x axis
+    steps = totals.steps if totals is not None else 0  # the training's optimizer steps: the tracker's x axis
     bar = show_progress(micro_batch_groups(batches, grad_accum), desc=f"{prefix} epoch {epoch or ''}".rstrip(),
                         total=math.ceil(len(batches) / grad_accum) if hasattr(batches, "__len__") else None,
                         interval_s=progress_interval_s, enabled=progress and distributed.is_main())
@@ -178,32 +181,32 @@ def accumulate(step: Callable, micro: list, params: list, device) -> Tuple[Optio
     return total_sum, count, positions
 
 
-def fit(model, train_one_epoch: Callable[[int, StageTotals, int], float], validate: Callable[[], float], *,
+def fit(model, train_one_epoch: Callable[[int, TrainingTotals, int], float], validate: Callable[[], float], *,
         optimizer, work_dir: Path, budget_steps: int, steps_per_epoch: int, patience: Optional[int], name: str,
-        save: Callable[[Path, dict], None], macs: Callable[[StageTotals], float] = lambda totals: 0.0,
+        save: Callable[[Path, dict], None], macs: Callable[[TrainingTotals], float] = lambda totals: 0.0,
         val_pass_macs: float = 0.0, record: Optional[dict] = None, tracker: Optional[Tracker] = None) -> dict:
     """Train for `budget_steps` optimizer steps, validating every `steps_per_epoch` steps (an "epoch"; the last
-    one may be shorter) and after the last, with `early_stopping_loop` in a stage directory: resume from
+    one may be shorter) and after the last, with `early_stopping_loop` in the training's directory: resume from
     `work_dir/last.pt` (written after every epoch), then history.jsonl, result.json and
     `save(work_dir / "model.pt", result)` (rank 0). The weights kept are the best on validation.
 
     `train_one_epoch(epoch, totals, budget_steps)` trains one epoch, adding its steps and tokens to `totals`
-    (the stage's running totals, restored from the history on resume) and stopping once they reach
+    (the training's running totals, restored from the history on resume) and stopping once they reach
     `budget_steps` (`train_epoch(..., max_steps=...)`). Each history row holds its epoch's steps, tokens and
-    seconds; the result adds the stage's totals and budget, its training multiply-adds `macs(totals)`, how fast
-    it trained (tokens_per_s, model_tflops_per_s, mfu, peak_memory_bytes: `lego.throughput.stage_throughput`), the
+    seconds; the result adds the training's totals and budget, its training multiply-adds `macs(totals)`, how fast
+    it trained (tokens_per_s, model_tflops_per_s, mfu, peak_memory_bytes: `lego.throughput.training_throughput`), the
     validation passes (`validations`, `val_macs` = their count x `val_pass_macs`: reported, not training
     compute), and whether it converged (`convergence`). `patience`: the opt-in early-stopping guard (None =
     off). `record` adds the caller's own entries to the result (e.g. how its budget was derived). Returns the
     result without the history. Phase 1, every later Block and every dense model train here.
-    With a `tracker`, each validation sends val_loss and val_ppl under the prefix `name`, at the stage's step.
+    With a `tracker`, each validation sends val_loss and val_ppl under the prefix `name`, at the training's step.
     """
     if budget_steps < 1 or steps_per_epoch < 1:
         raise ValueError(f"{name}: budget_steps={budget_steps} and steps_per_epoch={steps_per_epoch} must be >= 1")
     resume = load_resume(work_dir / "last.pt", model, name)
-    totals = StageTotals.from_history(resume["history"] if resume else [])
+    totals = TrainingTotals.from_history(resume["history"] if resume else [])
     device = next(model.parameters()).device
-    reset_peak_memory(device)  # a resumed stage's peak is that of the part that ran in this process
+    reset_peak_memory(device)  # a resumed training's peak is that of the part that ran in this process
 
     def one_epoch(epoch: int) -> dict:
         before, start = replace(totals), time.perf_counter()
@@ -226,7 +229,7 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals, int], float], valida
     summary.update(steps=totals.steps, budget_steps=budget_steps, tokens=totals.tokens, counted=totals.counted,
                    train_s=train_s, train_macs=macs(totals), last_lr=result["history"][-1]["lr"],
                    validations=len(result["history"]), val_macs=len(result["history"]) * val_pass_macs,
-                   **stage_throughput(tokens=totals.tokens, train_s=train_s, train_macs=macs(totals), device=device),
+                   **training_throughput(tokens=totals.tokens, train_s=train_s, train_macs=macs(totals), device=device),
                    **convergence(result["history"]), **(record or {}))
     if distributed.is_main():
         write_jsonl(work_dir / "history.jsonl", result["history"])
@@ -237,15 +240,15 @@ def fit(model, train_one_epoch: Callable[[int, StageTotals, int], float], valida
 
 
 CONVERGED_BELOW = 0.01  # the last fifth of the steps lowered the best validation loss by less than 1%: converged
-LAST_SHARE = 0.2  # ...the last fifth of the steps a stage ran
+LAST_SHARE = 0.2  # ...the last fifth of the steps a training ran
 CONVERGENCE_RULE = (f"converged: the last {LAST_SHARE:.0%} of its steps lowered the best validation loss by less "
                     f"than {CONVERGED_BELOW:.0%} (relative)")
 
 
 def convergence(history: List[dict]) -> dict:
-    """Whether a stage converged, measured from its validations (SPEC section 6: say when it is preliminary).
+    """Whether a training converged, measured from its validations (SPEC section 6: say when it is preliminary).
 
-    `last_fifth_gain`: how much the validations in the last fifth of the steps the stage ran lowered the best
+    `last_fifth_gain`: how much the validations in the last fifth of the steps the training ran lowered the best
     validation loss of the validations before it (relative; 0 when they did not); `converged`: that gain is
     below 1% (`CONVERGENCE_RULE`), or None when the history cannot tell (fewer than 2 validations before the
     last fifth, or none in it): the budget was too small to measure it with that many validations.

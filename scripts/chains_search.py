@@ -27,8 +27,9 @@ from lego.config import resolve
 from lego.cost import dense_training_macs, steps_for_macs
 from lego.data import load_corpus
 from lego.labels import label_table, labelled_tokens
-from lego.stages.setup import make_loaders, model_macs, setup_torch
-from lego.stages.standard import train_standard
+from lego.pipeline.compute import cost_shape
+from lego.pipeline.setup import make_loaders, setup_torch
+from lego.pipeline.standard import train_standard
 
 CONF = Path(__file__).resolve().parents[1] / "lego" / "conf"
 
@@ -48,7 +49,7 @@ def main() -> None:
     device = setup_torch(cfg)
     corpus = load_corpus(cfg.data)
     loaders = make_loaders(cfg, corpus, device=device)
-    shape = model_macs(cfg, corpus.vocab_size)
+    shape = cost_shape(cfg, corpus.vocab_size)
     tokens = cfg.data.batch_size * cfg.data.seq_len
     budget = a.steps_shallow * dense_training_macs(tokens=tokens, num_layers=a.budget_depth or min(a.depths),
                                                    **shape)

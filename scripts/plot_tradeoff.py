@@ -15,7 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from lego.report import plot_points, plot_title, plot_tradeoff, read_csv
+from lego.pictures import plot_points, plot_title, plot_tradeoff
+from lego.report import read_csv
 
 
 def main(argv=None) -> int:

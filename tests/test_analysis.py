@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from lego import pictures
 from lego.ashem import grow
-from lego import report
 from lego.analysis import (
     CSV_COLUMNS,
     auroc,
@@ -282,7 +282,7 @@ def test_plot_script_redraws_from_the_eval_dir(tmp_path, grown, token_batches):
 def test_analyze_without_matplotlib(tmp_path, grown, token_batches, monkeypatch, caplog):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib...` now raises ImportError
-    caplog.set_level(logging.INFO, logger=report.__name__)
+    caplog.set_level(logging.INFO, logger=pictures.__name__)  # the picture is what needs matplotlib
     summary, _, _ = run_analyze(tmp_path, grown, token_batches)
     for name in ("tradeoff.csv", "report.md", "tokens.html", "analysis.json"):
         assert (tmp_path / name).exists(), name

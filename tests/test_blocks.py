@@ -21,7 +21,7 @@ from lego.cost import routed_macs
 from lego.data import load_corpus
 from lego.evaluation import evaluate
 from lego.run import run
-from lego.stages.setup import make_loaders
+from lego.pipeline.setup import make_loaders
 
 WALL = ("wall_s", "wall_cost", "train_s", "created")
 
@@ -251,7 +251,7 @@ def test_the_default_preset_runs_any_blocks_with_every_boundary_on_the_frontier(
 
     from lego.cli import to_config
     from lego.config import resolve
-    from lego.stages.compare import dense_depths
+    from lego.pipeline.compute import dense_depths
 
     cfg = resolve(to_config(compose_config([f"blocks={blocks}"])))
     validate(cfg)

@@ -3,13 +3,11 @@ follow every window, batch and shard, and the one-line answers to bad settings."
 
 import os
 import random
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import lego_run
 
 from lego.batches import make_loader
 from lego.chains import FORMAT, TEXT, UNPREDICTABLE, generate, label_name, program, split_rng
@@ -201,11 +199,8 @@ def test_chains_needs_byte_tokens():
                                           ("data.chains.depth_probs=[0.5,0.2]", "data.chains.depth_probs"),
                                           ("data.chains.text_fraction=2", "data.chains.text_fraction")])
 def test_lego_run_exits_2_with_one_line(tmp_path, override, key):
-    env = dict(os.environ, LEGO_CACHE_DIR=str(tmp_path / "cache"), HYDRA_FULL_ERROR="0",
-               PYTHONPATH=os.pathsep.join([str(os.path.dirname(os.path.dirname(__file__))),
-                                           os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-m", "lego", "debug=tiny", "data=chains", override,
-                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=120)
+    res = lego_run(["debug=tiny", "data=chains", override, f"hydra.run.dir={tmp_path / 'run'}"],
+                   env={"LEGO_CACHE_DIR": str(tmp_path / "cache"), "HYDRA_FULL_ERROR": "0"})
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 2 and lines[0].startswith(f"lego-run: error: {key}: "), lines
@@ -218,7 +213,7 @@ def test_program_shape():
 
 def test_chains_keys_enter_the_science_config_only_when_used():
     from lego.config import ASHEMConfig
-    from lego.stages.setup import science_config
+    from lego.pipeline.science import science_config
 
     cfg = ASHEMConfig()
     d = science_config(cfg)

@@ -12,9 +12,10 @@ from conftest import tiny_config
 from lego.ashem import grow
 from lego.analysis import compute_saved_at, routed_from_tokens, share_threshold, token_outputs, tradeoff_curve
 from lego.cost import dense_training_macs
-from lego.run import format_table, run
-from lego.schedule import lr_at
-from lego.stages.compare import interpolate, pareto, positions
+from lego.summary import format_table
+from lego.run import run
+from lego.schedule import lr_factor
+from lego.pipeline.verdict import interpolate, pareto
 
 
 def read(path):
@@ -98,8 +99,8 @@ def test_the_schedule_runs_in_the_training_loop(matched_run):
     done = 0
     for row in hist:  # each row records the lr of its epoch's last optimizer step
         done += row["steps"]
-        assert row["lr"] == pytest.approx(lr_at(done - 1, base_lr=p1.lr, schedule="cosine", warmup_steps=3,
-                                                total_steps=total, min_lr_ratio=0.2), rel=1e-12)
+        assert row["lr"] == pytest.approx(p1.lr * lr_factor(done - 1, schedule="cosine", warmup_steps=3,
+                                                            total_steps=total, min_lr_ratio=0.2), rel=1e-12)
 
 
 def test_verdict_and_flags_are_in_the_summary_and_table(matched_run):
@@ -151,8 +152,8 @@ def test_frontier_and_operating_points_do_not_depend_on_the_test_split(matched_r
 
 def test_finetune_is_charged_no_training_split_mining(tmp_path):
     """phase2.lower=finetune mines no hard sequences: its mining is calibration before and after phase 2."""
-    from lego.stages.compare import mining_compute
-    from lego.stages.setup import make_loaders
+    from lego.pipeline.compute import mining_compute
+    from lego.pipeline.setup import make_loaders
     from lego.data import load_corpus
 
     cfg = tiny_config(tmp_path, **{"phase2.lower": "finetune", "phase2.loss_tokens": "all"})

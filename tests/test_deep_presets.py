@@ -11,7 +11,7 @@ from conftest import compose_config
 from lego.checkpoint import build_model
 from lego.cli import to_config
 from lego.config import block_layers, resolve, validate
-from lego.stages.compare import dense_depths
+from lego.pipeline.compute import dense_depths
 
 
 @pytest.mark.parametrize("blocks,exits", [(None, [2]), ("[2,4,8]", [2, 4])])

@@ -269,9 +269,9 @@ def test_diverged_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatc
     import numpy as np
     from conftest import tiny_config
 
-    import lego.stages.standard as standard
-    from lego.stages.setup import make_loaders
-    from lego.stages.standard import train_standard
+    import lego.pipeline.standard as standard
+    from lego.pipeline.setup import make_loaders
+    from lego.pipeline.standard import train_standard
     from lego.training import TrainingDiverged
 
     real = standard.train_epoch

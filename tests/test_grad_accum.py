@@ -13,7 +13,7 @@ from conftest import compose_config
 from lego.cli import to_config
 from lego.config import ConfigError, create_standard_config, validate
 from lego.model import DeepSupervisionTransformer
-from lego.training import StageTotals, Trainer, train_epoch
+from lego.training import TrainingTotals, Trainer, train_epoch
 
 VOCAB, B, T = 16, 3, 8
 
@@ -46,7 +46,7 @@ def _train(batches, grad_accum: int, **kw):
     model = _model()
     trainer = Trainer(create_standard_config(2), progress=False)
     opt = _optimizer(model)
-    totals = StageTotals()
+    totals = TrainingTotals()
     loss = train_epoch(model, batches, opt, trainer.stage_loss_sum, "cpu", grad_clip=1.0, totals=totals,
                        progress=False, grad_accum=grad_accum, lr_factor=lambda k: 1.0 / (k + 1), **kw)
     return model, totals, loss
@@ -159,7 +159,7 @@ def test_a_stages_result_says_how_fast_it_trained(tmp_path):
     CPU no MFU and no peak memory; the final table shows tokens/s and leaves MFU out."""
     import json
 
-    from lego.run import format_table
+    from lego.summary import format_table
     from lego.training import fit
 
     model = _model()

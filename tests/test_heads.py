@@ -5,13 +5,11 @@ round-trip, the cost counts the factored head, bad settings fail in one line.
 """
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DIM, TINY, compose_config
+from conftest import DIM, TINY, compose_config, lego_run
 from test_ashem import params_of, phase2_step, stack
 
 from lego.ashem import collect_hard_examples, compute_confidence_threshold, grow
@@ -104,9 +102,8 @@ def test_bad_exit_heads_fail_naming_the_key(overrides, key):
 
 
 def test_the_cli_refuses_a_bad_rank_in_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "lego", *TINY, "model.exit_head=lowrank", "model.exit_rank=17",
-                          f"hydra.run.dir={tmp_path}/r", f"data.cache_dir={tmp_path}/c"], capture_output=True,
-                         text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    res = lego_run([*TINY, "model.exit_head=lowrank", "model.exit_rank=17", f"hydra.run.dir={tmp_path}/r",
+                    f"data.cache_dir={tmp_path}/c"], cwd=Path(__file__).parent.parent)
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if "exit_rank" in line]
     assert len(lines) == 1 and "[1, model.dim=16]" in lines[0], res.stderr[-2000:]

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import compose_config, tiny_config
 
 from lego.artifacts import StageError
-from lego.config import ASHEMConfig, flat_config
+from lego.config import ASHEMConfig, rewrite_alias_overrides
 from lego.run import run
 
 
@@ -138,13 +138,18 @@ def test_phase1_cache_is_shared_across_ratios(tmp_path):
 
 
 def test_flat_names_read_and_write_the_groups():
-    cfg = flat_config(phase2_lr=3e-4, hard_example_ratio=0.3)
+    from hydra.errors import ConfigCompositionException
+
+    cfg = ASHEMConfig()
+    cfg.phase2_lr, cfg.hard_example_ratio = 3e-4, 0.3
     assert cfg.phase2.lr == 3e-4 and cfg.phase2_lr == 3e-4 and cfg.hard_example_ratio == 0.3
     defaults = ASHEMConfig()
     assert (defaults.phase1_layers, defaults.phase1_lr, defaults.phase1_patience, defaults.hard_example_ratio,
             defaults.phase2_layers, defaults.phase2_lr, defaults.phase2_patience) == (2, 1e-3, 1, 0.5, 4, 1e-4, 3)
-    with pytest.raises(ValueError, match="phase3_lr"):
-        flat_config(phase3_lr=1.0)
+    # a name that is not a flat alias passes through to Hydra, which refuses it naming the key
+    assert rewrite_alias_overrides(["phase3_lr=1.0"]) == ["phase3_lr=1.0"]
+    with pytest.raises(ConfigCompositionException, match="phase3_lr"):
+        compose_config(rewrite_alias_overrides(["phase3_lr=1.0"]))
 
 
 def test_run_json_records_provenance(tmp_path):
@@ -160,3 +165,47 @@ def test_run_json_records_provenance(tmp_path):
     assert p["packages"]["lego"] and p["packages"]["torch"] == torch.__version__
     assert p["torch"]["build"].split()[0] in ("cpu", "cuda", "rocm")
     assert p["threads"]["torch"] >= 1 and p["seeds"] == {"seed": 7}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"phase2.deep_head": False}, {"phase2.upper_context": "skip"},
+                                       {"model.exit_head": "lowrank", "model.exit_rank": 4}, {"blocks": [1, 2, 3]},
+                                       {"model.vocab_multiple": 48}])
+def test_expected_args_are_what_the_built_models_record(tmp_path, overrides):
+    """`expected_args` computes from the config what `model_args` reads from the models the stages build: a
+    dense model, and the model grown Block by Block."""
+    from lego.checkpoint import build_model, expected_args, model_args
+    from lego.config import block_layers, resolve
+    from lego.pipeline.upper import add_block
+
+    cfg = resolve(tiny_config(tmp_path, **overrides))
+    assert expected_args(cfg, 64, 3) == model_args(build_model(cfg, 64, 3))
+    model, thresholds = build_model(cfg, 64, block_layers(cfg)[0]), []
+    for depth in block_layers(cfg)[1:]:
+        thresholds.append(0.1 * len(thresholds) + 0.05)
+        model = add_block(cfg, model, thresholds[-1], depth)
+        assert expected_args(cfg, 64, depth, thresholds) == model_args(model)
+
+
+def test_compare_runs_script_ignores_times_only(tmp_path):
+    """scripts/compare_runs.py: runs that differ in times, throughput and run dir agree (0); a number that
+    differs is named (1); a directory without the files is bad input (2)."""
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "scripts/compare_runs.py"
+    spec = importlib.util.spec_from_file_location("compare_runs", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def write(d: Path, ppl: float, wall: float) -> Path:
+        (d / "eval").mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"run_dir": str(d), "ppl": ppl, "wall_s": {"eval": wall},
+                                                    "tokens_per_s_phase1": wall, "easy_ppl_ashem": float("nan")}))
+        (d / "eval/metrics.json").write_text(json.dumps({"ashem": {"ppl": ppl, "wall_s": wall, "exits": [{"n": 1}]}}))
+        return d
+
+    a, b, c = write(tmp_path / "a", 100.0, 1.0), write(tmp_path / "b", 100.0, 2.0), write(tmp_path / "c", 100.5, 1.0)
+    assert script.main([str(a), str(b)]) == 0
+    assert script.differences(json.loads((a / "metrics.json").read_text()),
+                              json.loads((c / "metrics.json").read_text())) == ["ppl: 100.0 -> 100.5"]
+    assert script.main([str(a), str(c)]) == 1
+    assert script.main([str(a), str(tmp_path / "nowhere")]) == 2

@@ -127,7 +127,7 @@ def test_bf16_run_records_its_precision(tmp_path):
 
     from lego.artifacts import StageError, load_checkpoint
     from lego.run import run
-    from lego.stages.setup import science_config
+    from lego.pipeline.science import science_config
 
     cfg = tiny_config(tmp_path / "cache", **{"model.precision": "bf16", "eval.standard_baseline": False,
                                              "eval.analysis": True, "eval.html_tokens": 20})

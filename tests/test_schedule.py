@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from lego.config import check_schedule
-from lego.schedule import lr_at, lr_factor
-from lego.training import StageTotals, train_epoch
+from lego.schedule import lr_factor
+from lego.training import TrainingTotals, train_epoch
 
 COS = dict(schedule="cosine", warmup_steps=4, total_steps=15, min_lr_ratio=0.1)  # steps 0..14: cosine over 4..14
 
 
 def test_cosine_values_by_hand():
-    lr = lambda step: lr_at(step, base_lr=2.0, **COS)
+    lr = lambda step: 2.0 * lr_factor(step, **COS)  # what train_epoch sets: base lr x factor
     assert lr(0) == 2.0 * 1 / 5  # warmup start: base * (0 + 1) / (4 + 1)
     assert lr(3) == 2.0 * 4 / 5  # last warmup step
     assert lr(4) == 2.0  # end of warmup: cosine starts at the base
@@ -27,8 +27,8 @@ def test_cosine_values_by_hand():
     assert lr(15) == lr(1000) == 2.0 * 0.1  # and after
     assert all(lr(s) >= lr(s + 1) for s in range(4, 20))  # non-increasing after warmup
     no_warmup = dict(COS, warmup_steps=0)
-    assert lr_at(0, base_lr=2.0, **no_warmup) == 2.0
-    assert lr_at(7, base_lr=3e-4, schedule="constant", warmup_steps=4, total_steps=15, min_lr_ratio=0.1) == 3e-4
+    assert 2.0 * lr_factor(0, **no_warmup) == 2.0
+    assert 3e-4 * lr_factor(7, schedule="constant", warmup_steps=4, total_steps=15, min_lr_ratio=0.1) == 3e-4
 
 
 def test_check_schedule_names_the_key():
@@ -60,7 +60,7 @@ def _model_and_optimizer():
 
 def _train(factor, batches):
     model, opt = _model_and_optimizer()
-    train_epoch(model, batches, opt, _loss, "cpu", lr_factor=factor, totals=StageTotals(), progress=False)
+    train_epoch(model, batches, opt, _loss, "cpu", lr_factor=factor, totals=TrainingTotals(), progress=False)
     return model.state_dict()
 
 
@@ -76,17 +76,17 @@ def test_the_loop_applies_the_schedule_and_a_constant_factor_changes_no_bit():
 
 def test_resume_continues_the_lr_sequence_from_the_stages_step_count():
     """Two halves with the optimizer state and the stage's step count carried over (as `fit` resumes from
-    the history) train exactly like one pass: step k runs at lr_at(k) in both."""
+    the history) train exactly like one pass: step k runs at base lr x lr_factor(k) in both."""
     batches, factor = _batches(), partial(lr_factor, **COS)
     whole = _train(factor, batches)
     model, opt = _model_and_optimizer()
-    totals = StageTotals()
+    totals = TrainingTotals()
     train_epoch(model, batches[:3], opt, _loss, "cpu", lr_factor=factor, totals=totals, progress=False)
     state, opt_state = model.state_dict(), opt.state_dict()
     model, opt = _model_and_optimizer()
     model.load_state_dict(state)
     opt.load_state_dict(opt_state)
-    resumed = StageTotals(steps=totals.steps)
+    resumed = TrainingTotals(steps=totals.steps)
     train_epoch(model, batches[3:], opt, _loss, "cpu", lr_factor=factor, totals=resumed, progress=False)
     assert resumed.steps == 6 and all(torch.equal(whole[k], model.state_dict()[k]) for k in whole)
-    assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(5, base_lr=1e-2, **COS), rel=1e-12)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * lr_factor(5, **COS), rel=1e-12)

@@ -200,12 +200,12 @@ def test_train_epoch_logs_every_log_every_steps(make_tiny_model, make_token_batc
     import torch
 
     from lego.config import create_standard_config
-    from lego.training import StageTotals, Trainer, train_epoch
+    from lego.training import TrainingTotals, Trainer, train_epoch
 
     model = make_tiny_model(num_layers=2)
     trainer = Trainer(create_standard_config(2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec, totals = Recorder(), StageTotals(steps=10)  # a resumed stage: steps count on from 10
+    rec, totals = Recorder(), TrainingTotals(steps=10)  # a resumed stage: steps count on from 10
     batches = make_token_batches(n_batches=5)
     train_epoch(model, batches, opt, trainer.stage_loss_sum, "cpu", grad_clip=1.0, totals=totals, tracker=rec,
                 prefix="phase1", log_every=2, progress=False)

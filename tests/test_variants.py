@@ -16,7 +16,7 @@ from lego.confidence import IGNORE_INDEX
 from lego.config import ASHEMConfig, ConfigError, validate
 from lego.run import run
 from lego.stages.phase1 import phase1_steps
-from lego.stages.setup import science_config
+from lego.pipeline.science import science_config
 from lego.store import create_hard_example_loader
 
 NEW_KEYS = {"phase1": ("budget_fraction",), "phase2": ("init", "loss_tokens", "easy_weight", "lower",
@@ -228,7 +228,7 @@ def test_tiny_run_finetune_trains_block1_and_recalibrates(tmp_path):
     # the recalibrated threshold meets the asked ratio on validation: an exact quantile, up to ties
     from lego.ashem import gather_confidences
     from lego.data import load_corpus
-    from lego.stages.setup import make_loaders
+    from lego.pipeline.setup import make_loaders
     model2 = load_model(d / "phase2/model.pt", ck["model_args"], "cpu", "test")
     loaders = make_loaders(cfg, load_corpus(cfg.data))
     conf = gather_confidences(model2, loaders.validation, "cpu")

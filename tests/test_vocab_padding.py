@@ -8,7 +8,8 @@ from conftest import tiny_config
 from lego.checkpoint import build_model, model_args, model_vocab_size
 from lego.config import ConfigError, validate
 from lego.cost import forward_macs_per_token
-from lego.stages.setup import fingerprint, model_macs, science_config
+from lego.pipeline.compute import cost_shape
+from lego.pipeline.science import fingerprint, science_config
 
 
 def test_default_pads_nothing_and_keeps_records_and_keys(tmp_path):
@@ -17,7 +18,7 @@ def test_default_pads_nothing_and_keeps_records_and_keys(tmp_path):
     for v in (1, 256, 257, 50257):
         assert model_vocab_size(cfg, v) == v
     assert build_model(cfg, 257, 2).vocab_size == 257
-    assert model_macs(cfg, 257)["vocab_size"] == 257
+    assert cost_shape(cfg, 257)["vocab_size"] == 257
     # the run dir's claim and every cache key are those of runs from before the key existed
     assert "vocab_multiple" not in science_config(cfg)["model"]
 
@@ -30,10 +31,10 @@ def test_vocab_multiple_pads_the_model_and_its_mac_counts(tmp_path):
     assert model.vocab_size == 320 and model_args(model)["vocab_size"] == 320
     assert model.output_head.proj.weight.shape[0] == 320
     # the heads are counted at the size they compute; passing the padded size again changes nothing
-    assert model_macs(cfg, 257) == model_macs(cfg, 320) == {**model_macs(plain, 257), "vocab_size": 320}
+    assert cost_shape(cfg, 257) == cost_shape(cfg, 320) == {**cost_shape(plain, 257), "vocab_size": 320}
     dim = cfg.model.dim
-    assert (forward_macs_per_token(num_layers=2, **model_macs(cfg, 257))
-            - forward_macs_per_token(num_layers=2, **model_macs(plain, 257))) == dim * (320 - 257)
+    assert (forward_macs_per_token(num_layers=2, **cost_shape(cfg, 257))
+            - forward_macs_per_token(num_layers=2, **cost_shape(plain, 257))) == dim * (320 - 257)
     assert science_config(cfg)["model"]["vocab_multiple"] == 64
     assert fingerprint(science_config(cfg)) != fingerprint(science_config(plain))
 

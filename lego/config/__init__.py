@@ -14,13 +14,32 @@ The original specification's flat names (`phase1_layers`, `phase1_lr`, `phase1_p
 
 from __future__ import annotations
 
-from lego.config.checks import *  # noqa: F401,F403
-from lego.config.data import *  # noqa: F401,F403
-from lego.config.values import _fail  # noqa: F401  (data.py and batches.py report with it)
-from lego.config.groups import *  # noqa: F401,F403
-from lego.config.library import *  # noqa: F401,F403
-from lego.config.values import *  # noqa: F401,F403
-from lego.config.groups import ASHEMConfig  # noqa: F811  (register_configs names it)
+from lego.config.checks import block_layers, check_variants, exit_ratios, resolve, to_dict, validate
+from lego.config.data import ChainsConfig, DataConfig, ShardsConfig, validate_data_config
+from lego.config.groups import (FLAT_ALIASES, ASHEMConfig, EvalConfig, GenerateConfig, HardExamplesConfig, LoggerConfig,
+                                ModelConfig, OptimizerConfig, Phase1Config, Phase2Config, check_logger, check_model,
+                                check_optimizer, check_tracker_kinds, rewrite_alias_overrides, validate_generate)
+from lego.config.library import StageConfig, TrainingConfig, create_standard_config
+from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE_MEASURES, DATA_NAMES, DECODERS,
+                                DEFAULT_CACHE_DIR, EXIT_HEADS, FFNS, FILE_BUILDERS, HF_PRESETS, IGNORE_INDEX,
+                                LOSS_TOKENS, LOWERS, NORMS, OBJECTIVES, PHASE2_INITS, POSITIONS, PRECISIONS, SCHEDULES,
+                                SHARD_DTYPES, SHARD_FORMATS, SPLITS, STAGES, STORES, TOKENIZERS, TRACKER_KINDS,
+                                UPPER_CONTEXTS, WANDB_MODES, ConfigError, check_choice, check_non_negative,
+                                check_positive, check_ratio, check_schedule)
+from lego.config.values import _fail  # noqa: F401  (the data group's one-line errors: data.py, batches.py, shards.py)
+
+__all__ = [
+    "ASHEMConfig", "BASELINE_BUDGETS", "CALIBRATION_SPLITS", "CONFIDENCE_MEASURES", "ChainsConfig", "ConfigError",
+    "DATA_NAMES", "DECODERS", "DEFAULT_CACHE_DIR", "DataConfig", "EXIT_HEADS", "EvalConfig", "FFNS", "FILE_BUILDERS",
+    "FLAT_ALIASES", "GenerateConfig", "HF_PRESETS", "HardExamplesConfig", "IGNORE_INDEX", "LOSS_TOKENS", "LOWERS",
+    "LoggerConfig", "ModelConfig", "NORMS", "OBJECTIVES", "OptimizerConfig", "PHASE2_INITS", "POSITIONS",
+    "PRECISIONS", "Phase1Config", "Phase2Config", "SCHEDULES", "SHARD_DTYPES", "SHARD_FORMATS", "SPLITS", "STAGES",
+    "STORES", "ShardsConfig", "StageConfig", "TOKENIZERS", "TRACKER_KINDS", "TrainingConfig", "UPPER_CONTEXTS",
+    "WANDB_MODES", "block_layers", "check_choice", "check_logger", "check_model", "check_non_negative",
+    "check_optimizer", "check_positive", "check_ratio", "check_schedule", "check_tracker_kinds", "check_variants",
+    "create_standard_config", "exit_ratios", "register_configs", "resolve", "rewrite_alias_overrides", "to_dict",
+    "validate", "validate_data_config", "validate_generate",
+]
 
 
 def register_configs() -> None:

@@ -7,38 +7,12 @@ from dataclasses import fields
 from typing import Any, Dict, List
 
 from lego.config.data import validate_data_config
-from lego.config.groups import ASHEMConfig, GenerateConfig, ModelConfig, check_logger
-from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE_MEASURES, DECODERS, EXIT_HEADS, FFNS,
-                                LOSS_TOKENS, LOWERS, NORMS, OBJECTIVES, PHASE2_INITS, POSITIONS, PRECISIONS, STAGES,
-                                STORES, UPPER_CONTEXTS, ConfigError, check_choice, check_non_negative, check_positive,
-                                check_ratio, check_schedule)
+from lego.config.groups import ASHEMConfig, check_logger, check_model, check_optimizer, validate_generate
+from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE_MEASURES, LOSS_TOKENS, LOWERS,
+                                OBJECTIVES, PHASE2_INITS, PRECISIONS, STAGES, STORES, UPPER_CONTEXTS, ConfigError,
+                                check_choice, check_non_negative, check_positive, check_ratio)
 
 
-
-
-def check_model(m: "ModelConfig", prefix: str = "") -> None:
-    """The shape checks shared by `validate` (prefix "model.") and the model's constructor (no prefix)."""
-    for key in ("dim", "num_heads", "max_seq_len", "ffn_mult", "vocab_multiple"):
-        check_positive(f"{prefix}{key}", getattr(m, key))
-    if m.dim % m.num_heads:
-        raise ConfigError(f"{prefix}dim={m.dim} must be divisible by {prefix}num_heads={m.num_heads}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"{prefix}dropout={m.dropout} must be in [0, 1)")
-    check_choice(f"{prefix}norm", m.norm, NORMS)
-    check_choice(f"{prefix}pos", m.pos, POSITIONS)
-    check_choice(f"{prefix}ffn", m.ffn, FFNS)
-    if m.pos == "rope" and (m.dim // m.num_heads) % 2:
-        raise ConfigError(f"{prefix}pos=rope needs an even head dim; {prefix}dim/{prefix}num_heads = "
-                          f"{m.dim // m.num_heads}")
-    check_choice(f"{prefix}exit_head", m.exit_head, EXIT_HEADS)
-    r = m.exit_rank
-    if m.exit_head == "lowrank":
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= m.dim:
-            raise ConfigError(f"{prefix}exit_rank={r!r} is not allowed with {prefix}exit_head=lowrank; "
-                              f"allowed: an integer in [1, {prefix}dim={m.dim}]")
-    elif r is not None and r != m.dim:  # a full or tied head reads the whole width: rank = dim
-        raise ConfigError(f"{prefix}exit_rank={r!r}: {prefix}exit_head={m.exit_head} projects from the full "
-                          f"{prefix}dim={m.dim}; allowed: null, {m.dim}, or {prefix}exit_head=lowrank")
 
 
 def block_layers(cfg: ASHEMConfig) -> List[int]:
@@ -99,16 +73,7 @@ def validate(cfg: ASHEMConfig) -> None:
         raise ConfigError(f"data.seq_len={d.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
     for grp, name in ((p1, "phase1"), (p2, "phase2")):
         check_positive(f"{name}.layers", grp.layers)
-        check_positive(f"{name}.lr", grp.lr, float)
-        if grp.patience is not None:
-            check_positive(f"{name}.patience", grp.patience)
-        check_positive(f"{name}.max_epochs", grp.max_epochs)
-        if grp.epoch_steps is not None:
-            check_positive(f"{name}.epoch_steps", grp.epoch_steps)
-        check_positive(f"{name}.grad_accum", grp.grad_accum)
-        if grp.weight_decay < 0:
-            raise ConfigError(f"{name}.weight_decay={grp.weight_decay} must be >= 0")
-        check_schedule(name, grp.schedule, grp.warmup_steps, grp.min_lr_ratio)
+        check_optimizer(grp, name)
     check_positive("phase2.batch_size", p2.batch_size)
     if p1.layers >= p2.layers:
         raise ConfigError(f"phase1.layers={p1.layers} must be smaller than phase2.layers={p2.layers}")
@@ -146,37 +111,6 @@ def validate(cfg: ASHEMConfig) -> None:
         raise ConfigError(f"num_threads={cfg.num_threads} must be >= 0")
     check_logger(cfg.logger)
     check_positive("progress_interval_s", cfg.progress_interval_s, float)
-
-
-def validate_generate(g: GenerateConfig, m: ModelConfig, runs: bool) -> None:
-    """The generate group's ranges and choices; the fit into model.max_seq_len only when the stage `runs`."""
-    if g.prompt == "":
-        raise ConfigError("generate.prompt is empty; give some text, or null for prompts from the test split")
-    for key in ("num_prompts", "prompt_len", "max_new_tokens"):
-        check_positive(f"generate.{key}", getattr(g, key))
-    if not g.decoders:
-        raise ConfigError(f"generate.decoders is empty; choose from {', '.join(DECODERS)}")
-    for d in g.decoders:
-        check_choice("generate.decoders", d, DECODERS)
-    if "speculative" in g.decoders and not g.k_values:
-        raise ConfigError("generate.k_values is empty; the speculative decoder needs draft lengths >= 1")
-    for k in g.k_values:
-        check_positive("generate.k_values", k)
-    if g.temperature < 0:
-        raise ConfigError(f"generate.temperature={g.temperature} must be >= 0 (0 = greedy)")
-    if g.top_k is not None:
-        check_positive("generate.top_k", g.top_k)
-    if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
-        raise ConfigError(f"generate.top_p={g.top_p} must be in (0, 1], or null")
-    if runs and g.enabled:
-        # a text prompt has at least one token; its real length is checked once it is tokenized
-        need, what = ((g.prompt_len, f"generate.prompt_len={g.prompt_len}") if g.prompt is None
-                      else (1, "a one-token generate.prompt"))
-        if need + g.max_new_tokens > m.max_seq_len:
-            raise ConfigError(f"generate.max_new_tokens={g.max_new_tokens}: {what} + new tokens exceed "
-                              f"model.max_seq_len={m.max_seq_len}")
-
-
 
 
 def check_variants(cfg: ASHEMConfig) -> None:

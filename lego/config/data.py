@@ -54,17 +54,18 @@ class DataConfig:
     tokenizer: str = "bpe"
     """bpe (byte-level, trained on the train split) | bytes (vocab 256) | pretrained."""
     vocab_size: int = 2048
-    """BPE vocabulary size, at least 257 (ignored for bytes and pretrained)."""
+    """BPE vocabulary size in tokens: an integer >= 257 (ignored for bytes and pretrained)."""
     pretrained_name: Optional[str] = None
     """Hub tokenizer name for tokenizer=pretrained, e.g. 'gpt2'."""
     seq_len: int = 128
-    """Tokens per training sequence (the model's context), at least 2."""
+    """Tokens per training sequence (the model's context): an integer >= 2, at most model.max_seq_len."""
     batch_size: int = 32
-    """Sequences per training batch."""
+    """Sequences per training batch: an integer >= 1."""
     eval_batch_size: int = 64
-    """Sequences per evaluation batch."""
+    """Sequences per evaluation batch: an integer >= 1."""
     cache_dir: str = DEFAULT_CACHE_DIR
-    """Tokenized corpora and tokenizers; env LEGO_CACHE_DIR replaces the default."""
+    """Directory of tokenized corpora, tokenizers and the model cache (not empty); env LEGO_CACHE_DIR replaces
+    the default."""
     path: Optional[str] = None
     """data=hf: `datasets.load_dataset` path, e.g. 'wikitext' or a local directory."""
     config_name: Optional[str] = None
@@ -84,12 +85,14 @@ class DataConfig:
     test_files: List[str] = field(default_factory=list)
     """data=text_files: test files (may be empty if test_split slices train)."""
     max_train_tokens: Optional[int] = None
-    """Use only the first this-many training tokens (quick runs); None uses all."""
+    """Use only the first this-many training tokens (quick runs): an integer >= seq_len + 1; None uses all."""
     max_eval_tokens: Optional[int] = None
-    """Use only the first this-many validation and test tokens (quick runs); None uses all."""
+    """Use only the first this-many validation and test tokens (quick runs): an integer >= seq_len + 1; None
+    uses all."""
     val_check_tokens: Optional[int] = None
     """Validation tokens scored at each validation during training (the first this-many of the validation
-    split); None scores all. Calibration and the frontier's choice always use the whole split."""
+    split): an integer >= seq_len + 1; None scores all. Calibration and the frontier's choice always use the whole
+    split."""
     chains: ChainsConfig = field(default_factory=ChainsConfig)
     """data=chains: the program generator's settings (ignored by the other corpora)."""
     shards: ShardsConfig = field(default_factory=ShardsConfig)
@@ -173,7 +176,8 @@ def _check_chains(cfg: DataConfig) -> None:
     for key in ("names", "values"):
         chars = getattr(c, key)
         if not chars or len(set(chars)) != len(chars) or any(len(ch.encode()) != 1 or ch in "=;?\n" for ch in chars):
-            _fail(f"chains.{key}", f"{chars!r}", "distinct one-byte characters other than '=', ';', '?' and a newline")
+            _fail(f"chains.{key}", f"{chars!r}",
+                          "distinct one-byte characters other than '=', ';', '?' and a newline")
     if c.assign not in ("=", ""):
         _fail("chains.assign", f"{c.assign!r}", "'=' or '' (none)")
     if set(c.names) & set(c.values):

@@ -12,8 +12,8 @@ from lego.config.values import IGNORE_INDEX
 class StageConfig:
     """Loss at every layer in the inclusive range `layers` (mean over them), times `loss_weight`."""
 
-    layers: Tuple[int, int]
-    loss_weight: float = 1.0
+    layers: Tuple[int, int]  # (first, last) layer, 1-based and inclusive: 1 <= first <= last <= the model's depth
+    loss_weight: float = 1.0  # the term's weight in the summed loss: a number (1 = as is)
 
     def __post_init__(self):
         a, b = self.layers
@@ -25,15 +25,15 @@ class StageConfig:
 class TrainingConfig:
     """Stages whose weighted losses add up, plus the inference-time routing controls."""
 
-    stages: List[StageConfig] = field(default_factory=list)
-    routing_threshold: Optional[float] = None
-    exit_layer: Optional[int] = None
+    stages: List[StageConfig] = field(default_factory=list)  # the loss terms, at least one to train or evaluate
+    routing_threshold: Optional[float] = None  # confidence at exit_layer at or above which a token exits; None = none
+    exit_layer: Optional[int] = None  # the layer (1-based, below the last) where easy tokens exit; None = no routing
     exit_layers: Optional[List[int]] = None  # every exit of a cascade (more than two Blocks); the first is exit_layer
     routing_thresholds: Optional[List[float]] = None  # their thresholds; the first is routing_threshold
     confidence: str = "max_prob"  # measure used by routing: one of CONFIDENCE_MEASURES
     upper_context: Optional[str] = None  # None: the model's own policy
-    grad_clip: Optional[float] = 1.0
-    ignore_index: int = IGNORE_INDEX
+    grad_clip: Optional[float] = 1.0  # Trainer.train_epoch's largest gradient norm (L2); None or 0 = no clipping
+    ignore_index: int = IGNORE_INDEX  # the target value no loss or metric counts
 
     @property
     def last_layer(self) -> Optional[int]:

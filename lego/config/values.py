@@ -71,12 +71,11 @@ def check_schedule(prefix: str, schedule: str, warmup_steps: int, min_lr_ratio: 
         raise ConfigError(f"{prefix}min_lr_ratio={min_lr_ratio!r} must be a number in [0, 1]")
 
 
-
 def check_non_negative(key: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ConfigError(f"{key}={value!r} must be a number >= 0")
 
 
-
 def _fail(key: str, problem: str, allowed: str) -> NoReturn:
+    """Raise ConfigError('data.<key>: <problem>; allowed: <allowed>') (the data group's and the corpora's checks)."""
     raise ConfigError(f"data.{key}: {problem}; allowed: {allowed}")

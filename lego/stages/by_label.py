@@ -24,7 +24,7 @@ from lego.labels import (SOLVED_TOLERANCE, fit_probe, label_table, labelled_toke
 from lego.model import DeepSupervisionTransformer
 from lego.report import read_csv
 from lego.training import Trainer
-from lego.stages.setup import model_macs
+from lego.pipeline.compute import cost_shape as model_macs
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""Stage `eval`: every reported number, on the test split: routed ASHEM, its parts, the baselines,
-and the trade-off analysis (SPEC sections 3.4 and 6)."""
+"""Stage `eval`: every reported number, on the test split: routed ASHEM, its parts, the dense baselines (trained
+by stage `baselines`) and the verdict against them, and the trade-off analysis (SPEC sections 3.4 and 6);
+writes eval/metrics.json and the analysis files."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-import torch
 
 from lego import distributed
 from lego.artifacts import write_json
@@ -17,39 +17,32 @@ from lego.config import ASHEMConfig, StageConfig, TrainingConfig, block_layers, 
 from lego.cost import routed_macs
 from lego.data import Corpus
 from lego.model import DeepSupervisionTransformer
+from lego.pipeline.compute import cost_shape, pipeline_compute
+from lego.pipeline.mining import hard_loader
+from lego.pipeline.setup import RunContext, evaluator, make_loaders
+from lego.pipeline.verdict import verdict
 from lego.report import analyze
 from lego.stages.by_label import stage_by_label
-from lego.stages.hard_examples import hard_loader
-from lego.stages.compare import dense_budget, dense_depths, inference_cost, pipeline_compute, stage_record, verdict
-from lego.stages.setup import Loaders, make_loaders, model_macs
-from lego.stages.standard import cached_standard
-from lego.trackers import Tracker
-from lego.training import Trainer
 
 HEADLINES = ("ppl_compute_auc", "ppl_compute_auc_per_unit", "compute_saved_at_1pct_ppl", "oracle_shallow_ratio",
              "auroc", "ece_exit")  # analysis numbers kept in metrics.json (the rest is in eval/analysis.json)
 
 
-def scorer(cfg: ASHEMConfig, config: TrainingConfig, device) -> Trainer:
-    """A Trainer that evaluates under `config`, showing progress as the run's `progress` keys say."""
-    return Trainer(config, device=device, progress=cfg.progress, progress_interval_s=cfg.progress_interval_s)
-
-
 def timed_evaluate(cfg: ASHEMConfig, config: TrainingConfig, model, loader, device) -> Dict[str, Any]:
     """`Trainer.evaluate` plus its wall time in seconds (`wall_s`)."""
     start = time.perf_counter()
-    out = scorer(cfg, config, device).evaluate(model, loader)
+    out = evaluator(cfg, config, device).evaluate(model, loader)
     out["wall_s"] = time.perf_counter() - start
     return out
 
 
-def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransformer,
-               model2: DeepSupervisionTransformer, threshold_info: Dict[str, Any], loaders: Loaders, run_dir: Path,
-               device: torch.device, tracker: Optional[Tracker] = None,
-               later_exits: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
-    """Writes run_dir/eval/metrics.json (and the analysis files); returns the metrics. The dense
-    baselines' curves go to `tracker`. `model2` is the final model; with more than two Blocks
-    `later_exits` holds the threshold.json of each exit above the first, and routing cascades."""
+def run(ctx: RunContext, model1: DeepSupervisionTransformer, model2: DeepSupervisionTransformer,
+        threshold_info: Dict[str, Any], later_exits: Sequence[Dict[str, Any]] = (),
+        dense: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Writes eval/metrics.json (and the analysis files); returns the metrics. `model2` is the final model; with
+    more than two Blocks `later_exits` holds the threshold.json of each exit above the first, and routing
+    cascades. `dense`: what stage baselines returned (None: no baselines, no verdict)."""
+    cfg, corpus, loaders, run_dir, device = ctx.cfg, ctx.corpus, ctx.loaders, ctx.run_dir, ctx.device
     out = run_dir / "eval"
     exit_layer, depth = cfg.phase1.layers, cfg.phase2.layers
     threshold = threshold_info["threshold"]
@@ -67,13 +60,13 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
     metrics["ashem"] = timed_evaluate(cfg, routed, model2, loader, device)
     # A sweep's objective (SPEC 6: nothing is chosen on test): the routed model on validation.
     metrics["ashem_validation"] = (metrics["ashem"] if cfg.eval.split == "validation"
-                                   else scorer(cfg, routed, device).evaluate(model2, loaders.validation))
+                                   else evaluator(cfg, routed, device).evaluate(model2, loaders.validation))
     metrics["phase1_only"] = timed_evaluate(cfg, create_standard_config(exit_layer), model1, loader, device)
     metrics["no_routing"] = timed_evaluate(cfg, create_standard_config(depth), model2, loader, device)
     shares = [e["share"] for e in metrics["ashem"]["exits"][:-1]]  # tokens predicted at each exit
     metrics["ashem"].update(routed_macs(exit_layer=exit_layer, num_layers=depth,
                                         shallow_ratio=metrics["ashem"]["shallow_ratio"],
-                                        policy=cfg.phase2.upper_context, **model_macs(cfg, corpus.vocab_size),
+                                        policy=cfg.phase2.upper_context, **cost_shape(cfg, corpus.vocab_size),
                                         **(dict(exit_layers=exits, exit_shares=shares) if cascade else {})))
     metrics["ashem"]["wall_cost"] = metrics["ashem"]["wall_s"] / metrics["no_routing"]["wall_s"]
     exit_model = model2 if cfg.phase2.lower == "finetune" else model1  # the exit that routes
@@ -85,11 +78,10 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
     }
     shutil.rmtree(out / "scratch", ignore_errors=True)
     metrics["train_compute"] = pipeline_compute(cfg, loaders, corpus.vocab_size, run_dir)
-    if cfg.eval.standard_baseline:
-        metrics["dense"] = train_dense_frontier(cfg, corpus, loaders, metrics["train_compute"], loader, run_dir,
-                                                device, tracker)
-        if str(depth) in metrics["dense"]:
-            metrics["standard"] = metrics["dense"][str(depth)]
+    if dense is not None:
+        metrics["dense"] = dense
+        if str(depth) in dense:
+            metrics["standard"] = dense[str(depth)]
         metrics["verdict"] = verdict(metrics, cfg.eval.baseline_budget)
     if cfg.eval.analysis and distributed.is_main():  # per-token analysis of the whole split, on rank 0 alone
         whole = make_loaders(cfg, corpus, shard=False, device=device) if distributed.is_distributed() else loaders
@@ -102,36 +94,13 @@ def stage_eval(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransfor
     return metrics
 
 
-def train_dense_frontier(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, compute: Dict[str, Any], loader,
-                         run_dir: Path, device: torch.device,
-                         tracker: Optional[Tracker] = None) -> Dict[str, Dict[str, Any]]:
-    """Dense models of every frontier depth, each trained on all tokens with phase 1's optimizer and schedule
-    for the steps `eval.baseline_budget` gives it (`dense_budget`; shared through the cache), scored on `loader`
-    and on the validation split (`val_ppl`, what the frontier is chosen on): depth -> metrics, training record,
-    budget (`budget_macs`, `step_macs`, and `macs_off`: what it spent minus its budget) and relative inference
-    cost."""
-    out = {}
-    for depth in dense_depths(cfg):
-        budget = dense_budget(cfg, loaders, corpus.vocab_size, depth, compute)
-        model = cached_standard(cfg, corpus, loaders, depth, run_dir / f"dense{depth}", device, f"dense{depth}",
-                                steps=budget["steps"], tracker=tracker)
-        standard = create_standard_config(depth)
-        scored = scorer(cfg, standard, device).evaluate(model, loader)
-        record = stage_record(run_dir / f"dense{depth}")
-        out[str(depth)] = {**scored, "val_ppl": scorer(cfg, standard, device).evaluate(model, loaders.validation)["ppl"],
-                           **record, "budget_macs": budget["budget_macs"], "step_macs": budget["step_macs"],
-                           "macs_off": record["train_macs"] - budget["budget_macs"],
-                           "inference_cost": inference_cost(cfg, corpus.vocab_size, depth)}
-    return out
-
-
 def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransformer, metrics: Dict[str, Any],
                  loader, choose_loader, out: Path, device) -> Dict[str, Any]:
     """Trade-off curve, oracle, confidence diagnostics and pictures (lego.report.analyze) in eval/, with
     operating points chosen on `choose_loader` (validation); returns the headline numbers kept in metrics.json."""
     exit_layer, depth = cfg.phase1.layers, cfg.phase2.layers
     exits = block_layers(cfg)[:-1]
-    shape = model_macs(cfg, corpus.vocab_size)
+    shape = cost_shape(cfg, corpus.vocab_size)
 
     def realized_cost(shares: Sequence[float]) -> float:  # shares of all tokens predicted at each exit
         return routed_macs(exit_layer=exit_layer, num_layers=depth, shallow_ratio=sum(shares),

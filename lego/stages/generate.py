@@ -9,25 +9,23 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
 from lego import distributed
 from lego.artifacts import read_json, write_json
-from lego.config import ASHEMConfig, to_dict
-from lego.data import Corpus
+from lego.config import to_dict
 from lego.generate import run_generation, test_prompts
 from lego.heads import RouterProbe
 from lego.model import DeepSupervisionTransformer
+from lego.pipeline.setup import RunContext
 
 log = logging.getLogger(__name__)
 
 
-def stage_generate(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransformer, run_dir: Path,
-                   device: torch.device) -> Optional[Dict[str, Any]]:
-    """Write run_dir/generate/samples.md and metrics.json (rank 0 alone); return the metrics.
+def run(ctx: RunContext, model2: DeepSupervisionTransformer) -> Optional[Dict[str, Any]]:
+    """Write generate/samples.md and metrics.json (rank 0 alone); return the metrics.
 
     Skipped when config.json (written after the others) holds the same generate settings;
     other settings regenerate (they are left out of the run-dir claim, so they may change on a rerun).
@@ -35,7 +33,8 @@ def stage_generate(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTran
     """
     if not distributed.is_main():
         return None
-    g, out = cfg.generate, run_dir / "generate"
+    cfg, corpus = ctx.cfg, ctx.corpus
+    g, out = cfg.generate, ctx.run_dir / "generate"
     settings = to_dict(g)
     if (out / "metrics.json").exists() and (out / "config.json").exists() \
             and read_json(out / "config.json") == settings:
@@ -43,13 +42,14 @@ def stage_generate(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTran
     prompts = (test_prompts(corpus.test, g.num_prompts, g.prompt_len, g.seed) if g.prompt is None
                else [corpus.tokenizer.encode(g.prompt)])  # lego.generate checks lengths against max_seq_len
     (out / "config.json").unlink(missing_ok=True)  # written last: it marks the files as these settings' output
-    metrics = run_generation(model2.to(device), corpus.tokenizer, prompts, decoders=g.decoders,
+    metrics = run_generation(model2.to(ctx.device), corpus.tokenizer, prompts, decoders=g.decoders,
                              k_values=g.k_values, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                              top_k=g.top_k, top_p=g.top_p, seed=g.seed, adaptive=g.adaptive, out_dir=out)
-    learned = run_dir / "eval" / "learned_router.pt"  # eval.learned_router: routed decoding with it too
+    learned = ctx.run_dir / "eval" / "learned_router.pt"  # eval.learned_router: routed decoding with it too
     if learned.is_file() and "routed" in g.decoders:
-        state = torch.load(learned, map_location=device, weights_only=True)
-        live = copy.deepcopy(model2).route_with(RouterProbe.from_state(state["probe"]).to(device), state["threshold"])
+        state = torch.load(learned, map_location=ctx.device, weights_only=True)
+        live = copy.deepcopy(model2).route_with(RouterProbe.from_state(state["probe"]).to(ctx.device),
+                                                state["threshold"])
         metrics["learned_router"] = run_generation(
             live, corpus.tokenizer, prompts, decoders=[d for d in ("dense", "routed") if d in g.decoders],
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
@@ -58,23 +58,3 @@ def stage_generate(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTran
     write_json(out / "config.json", settings)
     log.info("generate: %s in %s", ", ".join(k for k in metrics if k != "settings"), out)
     return metrics
-
-
-def headline(metrics: Dict[str, Any]) -> Dict[str, float]:
-    """Summary numbers: the best speculative speed-up over dense (and its k's acceptance rate),
-    the routed decoder's time per token over dense, and its exit share."""
-    out: Dict[str, float] = {}
-    spec = {k: v for k, v in metrics.items() if k.startswith("speculative_k") and v.get("time_over_dense")}
-    if spec:
-        best = min(spec, key=lambda k: spec[k]["time_over_dense"])
-        out["gen_speculative_speedup"] = 1.0 / spec[best]["time_over_dense"]
-        out["gen_speculative_k"] = int(best[len("speculative_k"):])
-        out["gen_acceptance_rate"] = spec[best]["acceptance_rate"]
-    if metrics.get("routed", {}).get("time_over_dense"):
-        out["gen_routed_wall_ratio"] = metrics["routed"]["time_over_dense"]
-        out["gen_routed_exit_share"] = metrics["routed"]["exit_share"]
-    learned = metrics.get("learned_router", {}).get("routed", {})
-    if learned.get("time_over_dense"):
-        out["gen_learned_routed_wall_ratio"] = learned["time_over_dense"]
-        out["gen_learned_routed_exit_share"] = learned["exit_share"]
-    return out

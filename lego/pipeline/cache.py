@@ -1,7 +1,7 @@
-"""The content-addressed stage cache: a stage result trained once per key and copied into each run dir.
+"""The content-addressed cache of trained models: a model trained once per key and copied into each run dir.
 
-Phase 1, the dense baselines (`lego.stages.standard.cached_standard`) and each upper Block
-(`lego.stages.phase2`) go through `through_cache`, on when phase1.cache is (the default):
+Phase 1, the dense baselines (`lego.pipeline.standard.cached_standard`) and each upper Block
+(`lego.stages.phase2`, `lego.stages.blocks`) go through `through_cache`, on when phase1.cache is (the default):
 
     model = through_cache(cfg, "phase2", key_source, run_dir / "phase2", lambda entry: train(entry),
                           ("model.pt", "history.jsonl", "result.json"))
@@ -19,16 +19,16 @@ from lego import distributed
 from lego.artifacts import file_lock, remove_partial_writes, write_json
 from lego.config import ASHEMConfig
 from lego.data import cache_root
-from lego.stages.setup import fingerprint
+from lego.pipeline.science import fingerprint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def through_cache(cfg: ASHEMConfig, name: str, key_src: Dict[str, Any], stage_dir: Path, make: Callable[[Path], T],
+def through_cache(cfg: ASHEMConfig, name: str, key_src: Dict[str, Any], out: Path, make: Callable[[Path], T],
                   files: Sequence[str]) -> T:
     """`make(entry)` in the cache entry of `key_src` (it trains there, or loads what is there), then `files`
-    copied from the entry into `stage_dir` with stage_dir/cache.json (key, entry, hit, key_source).
+    copied from the entry into the run dir's `out` with out/cache.json (key, entry, hit, key_source).
 
     `key_src` must hold everything that determines the result. Concurrent jobs with one key run it
     once (a file lock held by rank 0 for all ranks: they train together and only rank 0 writes)."""
@@ -44,9 +44,9 @@ def through_cache(cfg: ASHEMConfig, name: str, key_src: Dict[str, Any], stage_di
         result = make(entry)
         if not distributed.is_main():
             return result
-        stage_dir.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         for fname in files:
-            shutil.copy2(entry / fname, stage_dir / f".{fname}.tmp")
-            (stage_dir / f".{fname}.tmp").replace(stage_dir / fname)
-        write_json(stage_dir / "cache.json", {"key": key, "entry": str(entry), "hit": hit, "key_source": key_src})
+            shutil.copy2(entry / fname, out / f".{fname}.tmp")
+            (out / f".{fname}.tmp").replace(out / fname)
+        write_json(out / "cache.json", {"key": key, "entry": str(entry), "hit": hit, "key_source": key_src})
     return result
