@@ -5,6 +5,7 @@ import io
 import logging
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,13 @@ def lego_run(args, *, cwd=None, env=None) -> subprocess.CompletedProcess:
             lg.handlers[:] = handlers
             lg.level, lg.propagate, lg.disabled = level, propagate, disabled
     return subprocess.CompletedProcess(["lego-run", *args], code, out.getvalue(), err.getvalue())
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as a module (its `main` callable in-process), for the scripts' smoke tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

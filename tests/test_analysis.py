@@ -4,7 +4,6 @@
 """
 
 import csv
-import importlib.util
 import itertools
 import json
 import logging
@@ -34,6 +33,7 @@ from lego.confidence import confidence_from_logits, exact_quantile
 from lego.config import CONFIDENCE_MEASURES, StageConfig, TrainingConfig, create_standard_config
 from lego.report import analyze
 from lego.training import Trainer
+from conftest import load_script
 
 KEYS = ("acc", "ppl", "shallow_ratio", "compute_cost")
 
@@ -270,10 +270,7 @@ def test_analyze_writes_every_file(tmp_path, grown, token_batches):
 def test_plot_script_redraws_from_the_eval_dir(tmp_path, grown, token_batches):
     run_analyze(tmp_path, grown, token_batches)
     (tmp_path / "tradeoff.png").unlink()
-    path = Path(__file__).resolve().parents[1] / "scripts" / "plot_tradeoff.py"
-    spec = importlib.util.spec_from_file_location("plot_tradeoff", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("plot_tradeoff")
     assert script.main([str(tmp_path)]) == 0
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     assert script.main([str(tmp_path / "nowhere")]) == 2

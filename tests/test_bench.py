@@ -1,21 +1,18 @@
 """scripts/bench.py runs and prints its table (a smoke test; benchmarks are never timed assertions)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from lego.cost import routed_macs
+from conftest import load_script
 
 # -- what runs, and for how many tokens -----------------------------------------------------------
 
 
 def test_bench_script_smoke(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     out = tmp_path / "bench.json"
     result = bench.main(["--model", "tiny", "--vocab", "64", "--seq-len", "16", "--batch", "2", "--warmup", "0",
                          "--repeats", "1", "--rounds", "1", "--threshold-n", "1000", "--out", str(out)])

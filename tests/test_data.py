@@ -17,6 +17,7 @@ from lego.batches import make_loader
 from lego.config import DataConfig
 from lego.data import load_corpus, unigram_perplexity
 from lego.tokenizer import byte_tokenizer, load_tokenizer
+from conftest import load_script
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 
@@ -357,12 +358,7 @@ def test_unigram_perplexity():
 
 
 def test_corpus_stats_script_prints_the_table(tmp_path, capsys):
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "corpus_stats.py"
-    spec = importlib.util.spec_from_file_location("corpus_stats", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("corpus_stats")
     files = write_txt(tmp_path, {s: lines(s) for s in data.SPLITS})
     module.main(["--data", "text_files", "--tokenizer", "bytes", "seq_len=16",
                  *(f"{k}=[{v[0]}]" for k, v in files.items())])

@@ -426,15 +426,11 @@ def test_agreement_counts_matching_positions():
 
 
 def test_bench_generation_rows(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
     from lego.cost import routed_macs
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     result = bench.main(["--only", "gen", "--gen-models", "tiny", "--gen-batches", "2", "--gen-tokens", "4",
                          "--gen-prompt", "4", "--gen-k", "2", "--gen-rounds", "1", "--vocab", "64",
                          "--gen-adaptive"])

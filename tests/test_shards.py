@@ -16,6 +16,7 @@ from lego.data import load_corpus
 from lego.prepare import file_documents, main as prepare_main, prepare, split_of
 from lego.shards import MAGIC, ShardedTokens, write_shard
 from lego.tokenizer import END_OF_TEXT, tokenizer_from_file, train_bpe
+from conftest import load_script
 
 
 def documents(n: int = 120) -> list:
@@ -283,12 +284,7 @@ def test_lego_run_trains_from_prepared_shards(tmp_path):
 
 def test_bench_shards_script_prints_its_table(tmp_path, capsys):
     """scripts/bench_shards.py at toy sizes (a smoke test; benchmarks are never timed assertions)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_shards.py"
-    spec = importlib.util.spec_from_file_location("bench_shards", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_shards")
     result = bench.main(["--tokens", "200000", "--shard-tokens", "60000", "--workers", "1", "--bpe-vocab", "300",
                          "--bpe-chars", "50000", "--batches", "3", "--steps", "2", "--model-steps", "1",
                          "--rounds", "1", "--out", str(tmp_path / "b.json")])

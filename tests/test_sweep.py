@@ -1,19 +1,17 @@
 """Sweep summaries (lego/sweep.py, scripts/summarize_sweep.py): mean ± std over seeds, paired gaps to baselines."""
 
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
-from conftest import TINY as TINY_RUN
+from conftest import TINY as TINY_RUN, load_script
 from conftest import lego_run
 from omegaconf import OmegaConf
 
 from lego.sweep import SweepSummary, write_summary
 
-ROOT = Path(__file__).parent.parent
 
 # 2 configurations x 2 seeds; numbers chosen so that a per-seed pairing and an unpaired one differ.
 JOBS = [  # (job dir, ratio, seed, ppl, standard_ppl, phase1_ppl, acc)
@@ -93,9 +91,7 @@ def test_one_seed_has_no_std_and_nothing_finished_writes_nothing(tmp_path):
 
 
 def test_summarize_sweep_script_keeps_its_command_line(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("summarize_sweep", ROOT / "scripts/summarize_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("summarize_sweep")
     sweep = _fake_sweep(tmp_path / "s")
     assert mod.main([str(sweep)]) == 0
     assert "51 ± 1.414" in capsys.readouterr().out
