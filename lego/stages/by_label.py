@@ -14,7 +14,7 @@ import torch
 from lego import distributed
 from lego.batches import make_loader
 from lego.chains import label_counts
-from lego.checkpoint import build_model, load_model, model_args
+from lego.checkpoint import expected_args, load_model
 from lego.config import ASHEMConfig, StageConfig, TrainingConfig, block_layers
 from lego.cost import routed_macs
 from lego.data import Corpus
@@ -24,7 +24,7 @@ from lego.labels import (SOLVED_TOLERANCE, fit_probe, label_table, labelled_toke
 from lego.model import DeepSupervisionTransformer
 from lego.report import read_csv
 from lego.training import Trainer
-from lego.pipeline.compute import cost_shape as model_macs
+from lego.pipeline.compute import cost_shape
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTran
         s["models"][f"phase-1 model ({exit_layer} layers)"] = label_table(p1["label"], p1["nll_deep"], p1["ok_deep"])
         s["models"]["ashem, no routing"] = label_table(tok["label"], tok["nll_deep"], tok["ok_deep"])
         for d in metrics.get("dense", {}):
-            dense = load_model(run_dir / f"dense{d}" / "model.pt", model_args(build_model(cfg, corpus.vocab_size,
-                                                                                           int(d))),
-                               device, f"dense{d} checkpoint")
+            dense = load_model(run_dir / f"dense{d}" / "model.pt", expected_args(cfg, corpus.vocab_size, int(d)), device,
+                               f"dense{d} checkpoint")
             t = tokens(dense, split)
             s["models"][f"dense {d}-layer model"] = label_table(t["label"], t["nll_deep"], t["ok_deep"])
     if cascade:
@@ -115,7 +114,7 @@ def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTran
             torch.save({"probe": probe.state_dict(), "threshold": thr, "exit_layer": exit_layer},
                        out / "learned_router.pt")  # stage generate decodes with it too
             s["routers"]["learned"]["live"] = live_routing(cfg, model2, probe, thr, loader(split, False), device)
-        shape = model_macs(cfg, corpus.vocab_size)
+        shape = cost_shape(cfg, corpus.vocab_size)
         for r in [*s["routers"].values(), *(r["live"] for r in s["routers"].values() if "ppl" in r.get("live", {}))]:
             r["flop_cost"] = routed_macs(exit_layer=exit_layer, num_layers=depth, shallow_ratio=r["shallow_ratio"],
                                          policy=cfg.phase2.upper_context, **shape)["flop_cost"]
