@@ -18,7 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 
 from lego.batches import make_loader
@@ -95,5 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()
