@@ -21,7 +21,7 @@ def test_experiment_deep_is_an_8_layer_model_exiting_after_layer_2(blocks, exits
     validate(cfg)
     assert (cfg.model.name, cfg.model.dim, cfg.phase1.layers, cfg.phase2.layers) == ("deep", 384, 2, 8)
     assert block_layers(cfg)[:-1] == exits and dense_depths(resolve(cfg)) == [*exits, 8]  # every Block boundary
-    assert cfg.phase1.patience is None and cfg.phase2.patience is None and cfg.phase1.budget_fraction == (None if blocks else 0.6)
+    assert cfg.phase1.patience is None and cfg.phase2.patience is None and cfg.phase1.budget_fraction == (None if blocks else 0.45)
 
 
 def test_gpt2_small_composes_and_trains_a_few_steps_when_shrunk():
