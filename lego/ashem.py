@@ -7,9 +7,11 @@ upper Block of a grown model on the hard tokens, keeping their left context (SPE
 
     threshold = compute_confidence_threshold(model, val_loader, target_ratio=0.5, device="cpu")
     hard = collect_hard_examples(model, train_loader, threshold, "cpu")
-    big = grow(model, 4, routing_threshold=threshold)
+    big = grow(model, 4)                     # exits=(2,): Block 1 frozen, layers 3-4 fresh
     batches = create_hard_example_loader(hard, batch_size=64)
     loss = train_upper_layers(big, batches, optimizer, vocab_size, "cpu", num_lower_layers=2)
+    stats = Trainer(TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=threshold, exit_layer=2),
+                    device="cpu").evaluate(big, test_loader)
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Dict, Iterable, Optional
+from dataclasses import replace
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +29,7 @@ from lego import distributed
 from lego.confidence import IGNORE_INDEX, exact_quantile
 from lego.config import PHASE2_INITS, STORES, check_choice, check_ratio
 from lego.evaluation import cascade_exits
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model
 from lego.progress import progress as show_progress
 from lego.store import HalfRowWriter, RowBuffer
 from lego.training import train_epoch
@@ -52,56 +55,65 @@ def _batches(batches: Iterable, name: str):
 
 
 @torch.no_grad()
-def exit_states(model, inputs: torch.Tensor, exit_layer: int, measure: str, valid: torch.Tensor):
+def exit_states(model, inputs: torch.Tensor, exit_layer: int, measure: str, valid: torch.Tensor,
+                thresholds: Sequence[float] = ()):
     """(hidden state after `exit_layer` (B, T, C), confidence there (B, T), the counted tokens that reach it (B, T)),
-    under the model's precision. A token reaches it when no exit of `model` below it took it (`cascade_exits`):
-    every counted token for Block 1's exit, and in a grown model the layers between exits run as routing runs them."""
+    under the model's precision. A token reaches it when no exit of `model` below it took it at that exit's entry of
+    `thresholds` (`cascade_exits`): every counted token for Block 1's exit, and in a grown model the layers between
+    exits run as routing runs them."""
     below = [e for e in model.exit_layers if e < exit_layer]
-    h, passes, _ = cascade_exits(model, inputs, [*below, exit_layer], model.routing_thresholds[:len(below)], measure,
+    if len(thresholds) < len(below):
+        raise ValueError(f"exit_layer={exit_layer} lies above the exits {below}: thresholds={list(thresholds)} "
+                         "needs one per exit below it")
+    h, passes, _ = cascade_exits(model, inputs, [*below, exit_layer], list(thresholds)[:len(below)], measure,
                                  valid=valid)
     return h, passes[-1]["stats"]["conf"], passes[-1]["reach"]
 
 
 @torch.no_grad()
 def gather_confidences(model, batches: Iterable, device, *, exit_layer: Optional[int] = None,
-                       measure: Optional[str] = None, ignore_index: int = IGNORE_INDEX,
-                       name: str = "val_batches") -> torch.Tensor:
-    """Confidences at the exit layer of every counted token that reaches it, flattened (float32, on CPU).
+                       measure: str = "max_prob", ignore_index: int = IGNORE_INDEX,
+                       name: str = "val_batches", thresholds: Sequence[float] = ()) -> torch.Tensor:
+    """Confidences at the exit layer of every counted token that reaches it (past the exits below it, at
+    `thresholds`), flattened (float32, on CPU).
 
     Under torch.distributed each rank passes its shard of the batches and gets every rank's
     confidences (in rank order), so a quantile of them is the global one.
     """
     model.eval()
-    layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
+    layer = _exit_layer(model, exit_layer)
     out = RowBuffer()
     for inputs, targets in _batches(batches, name):
         valid = targets.to(device, non_blocking=True) != ignore_index
-        _, conf, reach = exit_states(model, inputs.to(device, non_blocking=True), layer, measure, valid)
+        _, conf, reach = exit_states(model, inputs.to(device, non_blocking=True), layer, measure, valid, thresholds)
         out.append(conf[reach])
     return distributed.all_gather_varlen(out.tensor(torch.empty(0)))
 
 
 def compute_confidence_threshold(model, val_batches: Iterable, target_ratio: float, device="cpu", *,
-                                 exit_layer: Optional[int] = None, measure: Optional[str] = None) -> float:
+                                 exit_layer: Optional[int] = None, measure: str = "max_prob",
+                                 thresholds: Sequence[float] = ()) -> float:
     """Threshold below which a share `target_ratio` of tokens falls: the exact quantile of confidences.
 
     Tokens with confidence >= threshold are easy (exit early); the rest are hard. The exit
     layer defaults to the model's `exit_layer`, or its last layer for a phase-1 model; at a later
-    exit of a grown model only the tokens that reach it count.
+    exit of a grown model only the tokens that reach it (past the exits below, at `thresholds`) count.
     """
     check_ratio("target_ratio", target_ratio)
-    conf = gather_confidences(model, val_batches, device, exit_layer=exit_layer, measure=measure)
+    conf = gather_confidences(model, val_batches, device, exit_layer=exit_layer, measure=measure,
+                              thresholds=thresholds)
     return exact_quantile(conf, target_ratio)
 
 
 @torch.no_grad()
 def collect_hard_examples(model, batches: Iterable, threshold: float, device="cpu", *,
-                          exit_layer: Optional[int] = None, measure: Optional[str] = None,
-                          store: str = "memory", store_dir: Optional[str] = None,
+                          exit_layer: Optional[int] = None, measure: str = "max_prob",
+                          thresholds: Sequence[float] = (), store: str = "memory", store_dir: Optional[str] = None,
                           ignore_index: int = IGNORE_INDEX, progress: bool = True,
                           progress_interval_s: float = 30.0, keep_easy: bool = False) -> Dict[str, object]:
     """The sequences that hold at least one hard token, with their context. A hard token reaches the
-    exit layer (no exit of `model` below it took it) and its confidence there is below `threshold`.
+    exit layer (no exit of `model` below it took it at its entry of `thresholds`) and its confidence there is below
+    `threshold`.
 
     Returns {'inputs' (N, T) long, 'hidden_states' (N, T, C) exit-layer states or None,
     'targets' (N, T) with every easy position set to `ignore_index`, 'confidences' (N, T),
@@ -116,7 +128,7 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
     if store == "disk" and not store_dir:
         raise ValueError("store='disk' needs store_dir")
     model.eval()
-    layer, measure = _exit_layer(model, exit_layer), measure or model.confidence
+    layer = _exit_layer(model, exit_layer)
     inputs_b, targets_b, conf_b, hidden_b, all_b = RowBuffer(), RowBuffer(), RowBuffer(), RowBuffer(), RowBuffer()
     disk, n_tok, n_hard = None, 0, 0
     shown = show_progress(_batches(batches, "batches"), desc="hard examples", interval_s=progress_interval_s,
@@ -125,7 +137,7 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
     for inputs, targets in shown:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         valid = targets != ignore_index
-        h, conf, reach = exit_states(model, inputs, layer, measure, valid)
+        h, conf, reach = exit_states(model, inputs, layer, measure, valid, thresholds)
         hard = (conf < threshold) & reach
         n_tok += int(valid.sum())
         n_hard += int(hard.sum())
@@ -180,7 +192,7 @@ def upper_states(model, batch_x: torch.Tensor, num_lower_layers: int) -> torch.T
 
 
 def upper_logits(model, h: torch.Tensor, targets: torch.Tensor, num_lower_layers: int,
-                 ignore_index: int = IGNORE_INDEX, policy: Optional[str] = None):
+                 ignore_index: int = IGNORE_INDEX, policy: str = "full"):
     """Deep-exit logits at the hard positions only (N_hard, V) float32, under the model's
     precision, and their targets (N_hard,)."""
     hard = targets != ignore_index
@@ -192,7 +204,7 @@ def upper_logits(model, h: torch.Tensor, targets: torch.Tensor, num_lower_layers
 
 def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_size: int, device="cpu",
                        num_lower_layers: int = 2, *, grad_clip: Optional[float] = 1.0,
-                       policy: Optional[str] = None, ignore_index: int = IGNORE_INDEX,
+                       policy: str = "full", ignore_index: int = IGNORE_INDEX,
                        epoch: Optional[int] = None, lr_factor=None, totals=None,
                        easy_weight: Optional[float] = None, **report) -> float:
     """One pass over `hard_batches` training the layers above `num_lower_layers`; mean loss per hard token.
@@ -220,7 +232,7 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
 
 
 def _upper_loss(model, x: torch.Tensor, targets: torch.Tensor, num_lower_layers: int, ignore_index: int,
-                policy: Optional[str], easy_weight: Optional[float] = None):
+                policy: str, easy_weight: Optional[float] = None):
     """Summed cross-entropy at the last layer over the hard positions of one batch, and their count;
     with `easy_weight`, over every position (easy ones weighted), and the weights' sum."""
     if easy_weight is None:
@@ -229,9 +241,9 @@ def _upper_loss(model, x: torch.Tensor, targets: torch.Tensor, num_lower_layers:
         return F.cross_entropy(logits, y, reduction="sum"), y.numel()
     if targets.dim() != 3:
         raise ValueError("easy_weight needs (B, 2, T) targets (hard-only, all): mine with keep_easy=True")
-    if (policy or model.upper_context) != "full":
+    if policy != "full":
         raise ValueError(f"easy_weight scores easy positions at the deep exit; upper_context="
-                         f"{policy or model.upper_context} never computes them there (use full)")
+                         f"{policy} never computes them there (use full)")
     hard_t, all_t = targets.unbind(1)  # (B, T) each
     valid = all_t != ignore_index
     h = upper_states(model, x, num_lower_layers)
@@ -247,7 +259,7 @@ def _upper_loss(model, x: torch.Tensor, targets: torch.Tensor, num_lower_layers:
 
 @torch.no_grad()
 def evaluate_on_hard_examples(model, hard_batches: Iterable, vocab_size: int = None, device="cpu",
-                              num_lower_layers: int = 2, *, policy: Optional[str] = None,
+                              num_lower_layers: int = 2, *, policy: str = "full",
                               ignore_index: int = IGNORE_INDEX) -> Dict[str, float]:
     """Perplexity and accuracy at the model's last layer on the hard positions alone.
 
@@ -272,14 +284,12 @@ def evaluate_on_hard_examples(model, hard_batches: Iterable, vocab_size: int = N
 
 
 # -- growing a model by a Block (phase 2 and each later Block) ----------------------------------------
-def grow(model: DeepSupervisionTransformer, num_layers: int, *, exit_layer: Optional[int] = None, routing_threshold: Optional[float] = None,
-         deep_head: bool = True, upper_context: Optional[str] = None,
-         init: str = "random") -> "DeepSupervisionTransformer":
+def grow(model: Model, num_layers: int, *, exit_layer: Optional[int] = None, deep_head: bool = True,
+         init: str = "random") -> Model:
     """Build a `num_layers`-layer model on top of `model` (phase 2 of ASHEM, and each later Block).
 
-    Its last layer becomes a new exit (`exit_layer`, which must be this depth) with
-    `routing_threshold`, after the exits it already has. Copies embedding, every layer and
-    every head (and keeps `precision`). New layers
+    Its last layer becomes a new exit (`exit_layer`, which must be this depth), after the exits it
+    already has. Copies embedding, every layer and every head (and keeps `precision`). New layers
     are freshly initialised (`init="random"`), or, with `init="copy"`, copies of the lower
     stack in order (progressive stacking): new layer n + j (1-based, n = this depth) starts as
     layer (j - 1) mod n + 1, e.g. 2 -> 4 layers: layers 3, 4 := 1, 2; 2 -> 5: 3, 4, 5 := 1, 2, 1.
@@ -289,6 +299,7 @@ def grow(model: DeepSupervisionTransformer, num_layers: int, *, exit_layer: Opti
     head that read this model's last layer (which stays, frozen, as the new exit's head);
     without it, every exit reads the frozen shared head. Tied heads (`exit_head="tied"`) share the
     first exit's projection, frozen here; the deep exit's own copy is then its final norm.
+    How the grown model routes (the new exit's threshold, the policy) is a `Routing` given at call time.
     """
     check_choice("init", init, PHASE2_INITS)
     exit_layer = model.num_layers if exit_layer is None else exit_layer
@@ -299,15 +310,8 @@ def grow(model: DeepSupervisionTransformer, num_layers: int, *, exit_layer: Opti
     if model.exit_layers and deep_head != (model.deep_head is not None):
         raise ValueError(f"deep_head={deep_head} must match the model being grown (deep_head="
                          f"{model.deep_head is not None})")
-    shape = dict(model.shape, num_layers=num_layers)
-    exits = dict(exit_layer=exit_layer, routing_threshold=routing_threshold) if not model.exit_layers else dict(
-        exit_layers=[*model.exit_layers, exit_layer],
-        routing_thresholds=[*model.routing_thresholds[:len(model.exit_layers)], routing_threshold])
-    big = DeepSupervisionTransformer(
-        **shape, **exits, deep_head=deep_head,
-        upper_context=upper_context or model.upper_context, confidence=model.confidence,
-        precision=model.precision,
-    ).to(next(model.parameters()).device)
+    args = replace(model.args, num_layers=num_layers, exits=(*model.exit_layers, exit_layer), deep_head=deep_head)
+    big = Model(args).to(next(model.parameters()).device)
     big.embedding.load_state_dict(model.embedding.state_dict())
     for i in range(model.num_layers):
         big.layers[i].load_state_dict(model.layers[i].state_dict())
@@ -324,7 +328,7 @@ def grow(model: DeepSupervisionTransformer, num_layers: int, *, exit_layer: Opti
     return big
 
 
-def freeze_exits(model: DeepSupervisionTransformer) -> None:
+def freeze_exits(model: Model) -> None:
     """Freeze everything up to the last exit: embedding, those layers and every exit's head."""
     if model.exit_layers:
         for module in [model.embedding, model.output_head, *model.exit_heads, *model.layers[: model.exit_layers[-1]]]:

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
@@ -16,9 +16,10 @@ import torch
 from lego.ashem import freeze_exits
 from lego.artifacts import StageError, load_checkpoint, save_checkpoint
 from lego.config import ASHEMConfig, ConfigError, block_layers, to_dict
-from lego.model import DeepSupervisionTransformer, resolve_precision
+from lego.model import Model, ModelArgs, resolve_precision
 
-_ROUTING_ATTRS = ("routing_threshold", "routing_thresholds", "upper_context", "confidence")  # behaviour, not weights
+# what checkpoints written before `ModelArgs` also stored: routing, not weights (`lego.config.Routing`)
+_OLD_ROUTING_KEYS = ("routing_threshold", "routing_thresholds", "upper_context", "confidence")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,34 +44,22 @@ def run_precision(cfg: ASHEMConfig) -> str:
     return resolve_precision(cfg.model.precision, resolve_device(cfg.device))
 
 
-def model_args(model: DeepSupervisionTransformer) -> Dict[str, Any]:
-    """Constructor arguments that rebuild `model` exactly (stored in every checkpoint)."""
-    args = dict(model.shape, exit_layer=model.exit_layer, routing_threshold=model.routing_threshold,
-                deep_head=model.deep_head is not None, upper_context=model.upper_context,
-                confidence=model.confidence, precision=model.precision)
-    if len(model.exit_layers) > 1:  # a model grown more than once: every exit (two-Block checkpoints stay as they were)
-        args.update(exit_layers=list(model.exit_layers), routing_thresholds=list(model.routing_thresholds))
-    return args
+def model_args(model: Model) -> Dict[str, Any]:
+    """The `ModelArgs` that rebuild `model` exactly, as a dict (stored in every checkpoint)."""
+    return {**asdict(model.args), "exits": list(model.args.exits)}
 
 
 def expected_args(cfg: ASHEMConfig, vocab_size: int, num_layers: int,
                   thresholds: Sequence[float] = ()) -> Dict[str, Any]:
     """What `model_args` gives for the run's `num_layers`-layer model with an exit at each of the first
-    len(`thresholds`) Block boundaries of `blocks`, routing there at `thresholds`, for a tokenizer of `vocab_size`
+    len(`thresholds`) Block boundaries of `blocks` (one per calibrated threshold), for a tokenizer of `vocab_size`
     ids: a dense model (phase 1, a baseline: no thresholds) as `build_model` makes it, or one grown Block by Block
     as phase 2 and each later Block grow it (`lego.ashem.grow` with phase2's deep_head). Computed from the config
     alone."""
-    m = cfg.model
     exits = block_layers(cfg)[:len(thresholds)]
-    args = dict(vocab_size=model_vocab_size(cfg, vocab_size), dim=m.dim, num_layers=num_layers,
-                num_heads=m.num_heads, max_seq_len=m.max_seq_len, dropout=m.dropout, norm=m.norm, pos=m.pos, ffn=m.ffn,
-                ffn_mult=m.ffn_mult, exit_head=m.exit_head, exit_rank=m.exit_rank,
-                exit_layer=exits[0] if exits else None, routing_threshold=thresholds[0] if exits else None,
-                deep_head=bool(exits) and cfg.phase2.deep_head, upper_context=cfg.phase2.upper_context,
-                confidence=cfg.hard_examples.confidence, precision=run_precision(cfg))
-    if len(exits) > 1:
-        args.update(exit_layers=list(exits), routing_thresholds=list(thresholds))
-    return args
+    args = ModelArgs.from_config(replace(cfg.model, precision=run_precision(cfg)), model_vocab_size(cfg, vocab_size),
+                                 num_layers, exits=tuple(exits), deep_head=bool(exits) and cfg.phase2.deep_head)
+    return {**asdict(args), "exits": list(exits)}
 
 
 def model_vocab_size(cfg: ASHEMConfig, vocab_size: int) -> int:
@@ -80,30 +69,41 @@ def model_vocab_size(cfg: ASHEMConfig, vocab_size: int) -> int:
     return -(-vocab_size // m) * m
 
 
-def build_model(cfg: ASHEMConfig, vocab_size: int, num_layers: int) -> DeepSupervisionTransformer:
+def build_model(cfg: ASHEMConfig, vocab_size: int, num_layers: int) -> Model:
     """A freshly initialised `num_layers`-layer model of the config's shape (seed first for a given init) for a
     tokenizer of `vocab_size` ids; its vocabulary is `model_vocab_size(cfg, vocab_size)`."""
     shape = replace(cfg.model, precision=run_precision(cfg))
-    return DeepSupervisionTransformer.from_config(shape, model_vocab_size(cfg, vocab_size), num_layers,
-                                                  confidence=cfg.hard_examples.confidence,
-                                                  upper_context=cfg.phase2.upper_context)
+    return Model(ModelArgs.from_config(shape, model_vocab_size(cfg, vocab_size), num_layers))
 
 
-def save_model(path: Path, model: DeepSupervisionTransformer, cfg: ASHEMConfig, **meta) -> None:
+def save_model(path: Path, model: Model, cfg: ASHEMConfig, **meta) -> None:
+    """The model's arguments and weights, the run's config and `meta` (a grown model's: its threshold)."""
     save_checkpoint(path, {"model_args": model_args(model), "state_dict": model.state_dict(),
                            "config": to_dict(cfg), "meta": meta})
 
 
-def load_model(path: Path, expect_args: Dict[str, Any], device, what: str) -> DeepSupervisionTransformer:
+def stored_args(stored: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's `model_args` as `ModelArgs` fields. Checkpoints written before `ModelArgs` held the
+    constructor's keywords (exit_layer / exit_layers and routing); those without precision or exit_head ran in
+    fp32 with separate full heads."""
+    args = {"precision": "fp32", "exit_head": "separate", "exit_rank": None, **stored}
+    if "exits" not in args:
+        exits = args.pop("exit_layers", None) or ([] if args.get("exit_layer") is None else [args["exit_layer"]])
+        args["exits"] = list(exits)
+    for key in ("exit_layer", "exit_layers", *_OLD_ROUTING_KEYS):
+        args.pop(key, None)
+    args["exits"] = list(args["exits"])
+    return args
+
+
+def load_model(path: Path, expect_args: Dict[str, Any], device, what: str) -> Model:
     """Rebuild the model stored at `path`; refuse one whose shape differs from what the config asks."""
     state = load_checkpoint(path, what=what)
-    # checkpoints without these keys ran in fp32 with separate full heads
-    args = {"precision": "fp32", "exit_head": "separate", "exit_rank": None, **state["model_args"]}
-    diff = [f"{k}: {args.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in expect_args.items()
-            if k not in _ROUTING_ATTRS and args.get(k) != v]
+    args = stored_args(state["model_args"])
+    diff = [f"{k}: {args.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in expect_args.items() if args.get(k) != v]
     if diff:
         raise StageError(f"{what} {path} has another model shape: {'; '.join(diff[:4])}")
-    model = DeepSupervisionTransformer(**{**args, **{k: expect_args[k] for k in _ROUTING_ATTRS if k in expect_args}})
+    model = Model(ModelArgs(**args))
     model.load_state_dict(state["state_dict"])
     freeze_exits(model)  # a grown model: the Blocks below its last exit and their heads stay frozen
     return model.to(device)

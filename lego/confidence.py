@@ -87,18 +87,18 @@ def _row_stats(logits: torch.Tensor, targets: Optional[torch.Tensor], measure: O
     return out
 
 
-def exit_confidence(model, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """The routing confidence at the model's first exit: its learned router (`model.router_probe`, a probe on the
-    exit's hidden state (..., C)) when it has one, else `model.confidence` of the exit logits (..., V). (...)"""
-    probe = getattr(model, "router_probe", None)
-    return probe(hidden) if probe is not None else confidence_from_logits(logits, model.confidence)
+def exit_confidence(routing, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The routing confidence at a model's first exit under `routing` (`lego.config.Routing`): its learned router
+    (`routing.probe`, a probe on the exit's hidden state (..., C)) when it has one, else `routing.measure` of the
+    exit logits (..., V). (...)"""
+    return routing.probe(hidden) if routing.probe is not None else confidence_from_logits(logits, routing.measure)
 
 
-def compute_confidence(model, hidden_state: torch.Tensor, measure: Optional[str] = None) -> torch.Tensor:
+def compute_confidence(model, hidden_state: torch.Tensor, measure: str = "max_prob") -> torch.Tensor:
     """Confidence of the early exit's prediction: the exit head (`output_head`) on `hidden_state`."""
     with model.autocast():
         logits = model.output_head(hidden_state)
-    return confidence_from_logits(logits, measure or model.confidence)
+    return confidence_from_logits(logits, measure)
 
 
 def exact_quantile(values: torch.Tensor, q: float) -> float:

@@ -3,7 +3,7 @@
 The specification's `compute_cost` counts layers: (n_easy * exit_layer + n_hard * L) / (n * L).
 It ignores the vocabulary projection (often dearer than a layer), the exit head every token
 pays for, and what upper layers still do for easy tokens. `routed_macs` counts what each
-policy runs (see `DeepSupervisionTransformer.run_layers`):
+policy runs (see `Model.run_layers`):
 
 - full: every token runs every layer; only hard tokens pay for the deep head.
 - propagate: easy tokens pay only key/value projections at upper layers; hard queries attend

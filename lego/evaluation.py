@@ -64,13 +64,14 @@ def routed_metrics(nll: float, correct: float, n_tokens: int, n_easy, nll_exit: 
 
 def cascade_exits(model, inputs: torch.Tensor, exit_layers: Sequence[int], thresholds: Sequence[float], measure: str,
                   *, valid: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = IGNORE_INDEX,
-                  policy: Optional[str] = None):
+                  policy: str = "full", probe=None):
     """Run `inputs` (B, T) up the cascade, exit by exit, under the model's precision.
 
     At each exit the head's `token_stats` (conf, and nll/pred with `targets`) are taken over every
     position, exactly as calibration and mining compute them; the layers between two exits run
-    the tokens that reached the upper one under `policy` (`DeepSupervisionTransformer.run_layers`).
-    `thresholds` may be one shorter than `exit_layers` (the last exit not yet calibrated).
+    the tokens that reached the upper one under `policy` (`Model.run_layers`).
+    `thresholds` may be one shorter than `exit_layers` (the last exit not yet calibrated). A learned router
+    (`probe`, on the first exit's state) replaces `measure` at the first exit.
     Returns (state after the last exit (B, T, C), one dict per exit {'layer', 'stats', 'reach': the
     counted tokens that got there, 'stop': those predicted there (None without a threshold)},
     the counted tokens that continue past the last thresholded exit).
@@ -82,10 +83,10 @@ def cascade_exits(model, inputs: torch.Tensor, exit_layers: Sequence[int], thres
         with model.autocast():
             h = model.run_layers(h, start, layer, hard=None if j == 0 else reach, policy=policy)
             logits = model.logits_at(h, layer)  # (B, T, V)
-        probe = getattr(model, "router_probe", None) if j == 0 else None  # a learned router reads the state
-        st = token_stats(logits, targets, None if probe is not None else measure, ignore_index)
-        if probe is not None:
-            st["conf"] = probe(h)
+        learned = probe if j == 0 else None  # a learned router reads the state
+        st = token_stats(logits, targets, None if learned is not None else measure, ignore_index)
+        if learned is not None:
+            st["conf"] = learned(h)
         stop = (st["conf"] >= thresholds[j]) & reach if j < len(thresholds) else None
         passes.append({"layer": layer, "stats": st, "reach": reach, "stop": stop})
         if stop is not None:
@@ -101,7 +102,9 @@ def evaluate(config: TrainingConfig, model, loader: Iterable, device, *, progres
 
     With `routing_threshold` and `exit_layer` (or `exit_layers` and `routing_thresholds`): a token
     is predicted at the first exit where its confidence is >= that exit's threshold, the others at
-    the last layer; deep logits are computed only for those. shallow_ratio is the share predicted
+    the last layer; deep logits are computed only for those. The layers above an exit treat easy tokens as
+    `upper_context` says (None: full), and a `router_probe` replaces `confidence` at the first exit.
+    shallow_ratio is the share predicted
     before the last layer, compute_cost the mean number of layers run over the last layer's, and
     `exits` one row per exit (`exit_table`). Without routing: plain metrics at the last stage layer.
     Under torch.distributed each rank passes its shard and gets the metrics of all shards.
@@ -119,7 +122,7 @@ def evaluate(config: TrainingConfig, model, loader: Iterable, device, *, progres
     if exits and (not 1 <= exits[0] or exits[-1] >= deep or any(b <= a for a, b in zip(exits, exits[1:]))):
         raise ValueError(f"exit_layers={exits} must increase within [1, {deep})")
     exit_layer = exits[0] if routed else deep
-    policy = cfg.upper_context or getattr(model, "upper_context", "full")
+    policy = cfg.upper_context or "full"
     nll = correct = n_tok = 0.0
     nll_exit = correct_exit = nll_hard_deep = 0.0
     K = len(exits) if routed else 0
@@ -140,7 +143,8 @@ def evaluate(config: TrainingConfig, model, loader: Iterable, device, *, progres
         # One log-softmax of each exit's logits gives the routing confidence (bit-identical to
         # calibration's), that exit's NLL and its top-1.
         h, passes, hard = cascade_exits(model, inputs, exits, thresholds, cfg.confidence, valid=valid,
-                                        targets=targets, ignore_index=cfg.ignore_index, policy=policy)
+                                        targets=targets, ignore_index=cfg.ignore_index, policy=policy,
+                                        probe=cfg.router_probe)
         batch_nll = batch_ok = 0
         for j, p in enumerate(passes):
             st, stop = p["stats"], p["stop"]

@@ -1,13 +1,14 @@
-"""Generation with early exit: dense, routed (the model's exit policy) and self-speculative decoding.
+"""Generation with early exit: dense, routed (under a `Routing`) and self-speculative decoding.
 
-    result = generate(model, [[5, 3, 9], [7]], max_new_tokens=16, decoder="routed")
+    result = generate(model, [[5, 3, 9], [7]], max_new_tokens=16, decoder="routed",
+                      routing=Routing((threshold,), policy="propagate"))
     result.tokens   # new tokens per prompt; result.exited: which came from the exit head
 
 - dense: every token through every layer, deep head at the last layer (the reference).
-- routed: at each position the exit confidence (`model.confidence`, as `Trainer.evaluate`
-  computes it) >= `model.routing_threshold` predicts the next token from the exit head;
+- routed: at each position the exit confidence (`routing.measure` or its learned router, as
+  `Trainer.evaluate` computes it) >= `routing.threshold` predicts the next token from the exit head;
   other positions continue to the last layer. What an exited position leaves in the upper
-  layers' caches follows `model.upper_context` (full: everything; propagate: keys/values of its
+  layers' caches follows `routing.policy` (full: everything; propagate: keys/values of its
   exit-layer state; skip: nothing), so the logits decoding produces equal those of the
   teacher-forced routed forward of the same sequence (`teacher_forced_logits`).
 - speculative: layers 1..exit_layer with the exit head draft k tokens; the dense model verifies
@@ -31,10 +32,10 @@ from typing import List, Optional
 import torch
 
 from lego.artifacts import write_json, write_text
-from lego.config import DECODERS, ConfigError
+from lego.config import DECODERS, ConfigError, Routing
 from lego.confidence import exit_confidence
 from lego.kvcache import CachedModel, Positions
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model
 from lego.sampling import Sampler
 from lego.speculative import speculative_round
 
@@ -67,7 +68,8 @@ class Generation:
         return sum(sum(e) for e in self.exited) / n if n else 0.0
 
 
-def check_generate_args(model, prompts, max_new_tokens, decoder, temperature, top_k, top_p, k) -> None:
+def check_generate_args(model, prompts, max_new_tokens, decoder, temperature, top_k, top_p, k,
+                        routing: Optional[Routing] = None) -> None:
     """One-line ConfigErrors (a ValueError) naming the config key, before anything runs."""
     if decoder not in DECODERS:
         raise ConfigError(f"generate.decoders: {decoder!r} is not a decoder; choose from {', '.join(DECODERS)}")
@@ -91,8 +93,8 @@ def check_generate_args(model, prompts, max_new_tokens, decoder, temperature, to
         raise ConfigError(f"generate.top_p={top_p!r} must be None or in (0, 1]")
     if decoder in ("routed", "speculative") and model.exit_layer is None:
         raise ConfigError(f"generate.decoders: {decoder} needs a model with exit_layer (a grown model)")
-    if decoder == "routed" and model.routing_threshold is None:
-        raise ConfigError("generate.decoders: routed needs model.routing_threshold")
+    if decoder == "routed" and (routing is None or routing.threshold is None):
+        raise ConfigError("generate.decoders: routed needs a routing with the exit's threshold (routing=Routing(...))")
 
 
 def _pad(prompts: List[List[int]], device) -> torch.Tensor:
@@ -106,23 +108,24 @@ def _sync(device) -> None:
 
 
 # -- decoders -----------------------------------------------------------------------------------------
-def generate(model: DeepSupervisionTransformer, prompts: List[List[int]], *, max_new_tokens: int,
-             decoder: str = "dense", temperature: float = 0.0, top_k: Optional[int] = None,
-             top_p: Optional[float] = None, seed: int = 0, stop_token: Optional[int] = None, k: int = 4,
-             adaptive: bool = False, align: Optional[bool] = None, return_logits: bool = False) -> Generation:
+def generate(model: Model, prompts: List[List[int]], *, max_new_tokens: int,
+             decoder: str = "dense", routing: Optional[Routing] = None, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+             stop_token: Optional[int] = None, k: int = 4, adaptive: bool = False, align: Optional[bool] = None,
+             return_logits: bool = False) -> Generation:
     """Continue every prompt by `max_new_tokens` tokens (fewer after `stop_token`) with `decoder`.
 
     temperature 0 is greedy; otherwise draws come from one `torch.Generator` seeded with `seed`,
-    so a call is reproducible. Routing (threshold, exit layer, policy, confidence measure) is the
-    model's own. `k` is the speculative draft length; with `adaptive` at most k, drafting stops where
-    the exit's confidence falls below `model.routing_threshold`; `align`: every row keeps the smallest
+    so a call is reproducible. `routing` (threshold, policy, confidence measure or learned router; the exit
+    layer is the model's) is how the routed decoder routes. `k` is the speculative draft length; with
+    `adaptive` at most k, drafting stops where the exit's confidence under `routing` falls below its threshold; `align`: every row keeps the smallest
     accepted count of the batch (None: when the prompts share one length, so rows never leave the aligned
     path). `return_logits` (dense, routed) keeps the
     (n_new, V) logits each new token was chosen from.
     """
-    check_generate_args(model, prompts, max_new_tokens, decoder, temperature, top_k, top_p, k)
-    if adaptive and decoder == "speculative" and model.routing_threshold is None:
-        raise ConfigError("generate.adaptive: adaptive drafting needs model.routing_threshold")
+    check_generate_args(model, prompts, max_new_tokens, decoder, temperature, top_k, top_p, k, routing)
+    if adaptive and decoder == "speculative" and (routing is None or routing.threshold is None):
+        raise ConfigError("generate.adaptive: adaptive drafting needs a routing with the exit's threshold")
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     sampler = Sampler(temperature, top_k, top_p, gen)
@@ -133,9 +136,9 @@ def generate(model: DeepSupervisionTransformer, prompts: List[List[int]], *, max
             if decoder == "speculative":
                 align = len({len(p) for p in prompts}) == 1 if align is None else align
                 return _speculative(model, prompts, max_new_tokens, sampler, stop_token, k,
-                                    model.routing_threshold if adaptive else None, align, device)
-            return _autoregressive(model, prompts, max_new_tokens, sampler, stop_token, decoder == "routed",
-                                   return_logits, device)
+                                    routing if adaptive else None, align, device)
+            return _autoregressive(model, prompts, max_new_tokens, sampler, stop_token,
+                                   routing if decoder == "routed" else None, return_logits, device)
     finally:
         model.train(was_training)
 
@@ -149,9 +152,9 @@ def _prefill(state: CachedModel, prompts, device):
     return logits[rows, last], exited[rows, last]
 
 
-def _autoregressive(model, prompts, N, sampler, stop_token, routed, return_logits, device) -> Generation:
+def _autoregressive(model, prompts, N, sampler, stop_token, routing, return_logits, device) -> Generation:
     B, lengths = len(prompts), [len(p) for p in prompts]
-    state = CachedModel(model, B, max(lengths) + N - 1, routed)  # the last new token is never fed
+    state = CachedModel(model, B, max(lengths) + N - 1, routing)  # the last new token is never fed
     t0 = time.perf_counter()
     logits, exited = _prefill(state, prompts, device)
     out = torch.empty(B, N, dtype=torch.long, device=device)
@@ -186,16 +189,16 @@ def _autoregressive(model, prompts, N, sampler, stop_token, routed, return_logit
     _sync(device)
     t2 = time.perf_counter()
     tokens, exits = _cut_at_stop(out[:, :n].tolist(), flags[:, :n].tolist(), stop_token)
-    result = Generation(tokens, exits, "routed" if routed else "dense", prefill_s=t1 - t0, decode_s=t2 - t1)
+    result = Generation(tokens, exits, "dense" if routing is None else "routed", prefill_s=t1 - t0, decode_s=t2 - t1)
     if return_logits:
         stacked = torch.stack(kept, 1)  # (B, n, V)
         result.logits = [stacked[b, :len(tokens[b])].clone() for b in range(B)]
     return result
 
 
-def _speculative(model, prompts, N, sampler, stop_token, k, threshold, align, device) -> Generation:
+def _speculative(model, prompts, N, sampler, stop_token, k, drafting, align, device) -> Generation:
     B, lengths = len(prompts), [len(p) for p in prompts]
-    state = CachedModel(model, B, max(lengths) + N - 1, routed=False)
+    state = CachedModel(model, B, max(lengths) + N - 1)
     t0 = time.perf_counter()
     logits, _ = _prefill(state, prompts, device)
     tok = sampler(logits)  # (B,) the pending token of every row: sampled, not yet in the cache
@@ -210,7 +213,7 @@ def _speculative(model, prompts, N, sampler, stop_token, k, threshold, align, de
         if not active:
             break
         kk = min(k, min(N - len(tokens[b]) - 1 for b in active))  # never past max_new_tokens
-        tok, new, n, heads = speculative_round(state, tok, cached, active, kk, sampler, threshold, align)
+        tok, new, n, heads = speculative_round(state, tok, cached, active, kk, sampler, drafting, align)
         rounds += 1
         probed += len(active) * heads  # exit-head rows: the drafts and the ones that stopped drafting
         drafted += len(active) * n
@@ -223,7 +226,7 @@ def _speculative(model, prompts, N, sampler, stop_token, k, threshold, align, de
     t2 = time.perf_counter()
     tokens, exits = _cut_at_stop(tokens, exits, stop_token)
     return Generation(tokens, exits, "speculative", drafted=drafted, accepted=accepted, prefill_s=t1 - t0,
-                      decode_s=t2 - t1, extra={"k": k, "adaptive": threshold is not None, "positions_verified": fed,
+                      decode_s=t2 - t1, extra={"k": k, "adaptive": drafting is not None, "positions_verified": fed,
                                                "rounds": rounds, "exit_heads": probed, "ragged_chunks": state.ragged_chunks,
                                                "align": align})
 
@@ -238,20 +241,20 @@ def _cut_at_stop(tokens, exits, stop_token):
     return tokens, exits
 
 
-def teacher_forced_logits(model: DeepSupervisionTransformer, idx: torch.Tensor, routed: bool = True):
-    """The logits the routed forward of `Trainer.evaluate` predicts each position from.
+def teacher_forced_logits(model: Model, idx: torch.Tensor, routing: Optional[Routing] = None):
+    """The logits the routed forward of `Trainer.evaluate` predicts each position from under `routing`.
 
     idx (B, T) -> (logits (B, T, V) float32: exit logits at exited positions, deep logits at
-    the others; exited (B, T) bool). `routed=False`: the dense model's deep logits.
+    the others; exited (B, T) bool). `routing=None`: the dense model's deep logits.
     """
     E, L = model.exit_layer or model.num_layers, model.num_layers
     with torch.inference_mode(), model.autocast():
         h = model.run_layers(model.embed(idx), 0, E)
-        if not routed:
+        if routing is None:
             return model.logits_at(model.run_layers(h, E, L), L).float(), torch.zeros_like(idx, dtype=torch.bool)
         ex = model.logits_at(h, E).float()
-        easy = exit_confidence(model, h, ex) >= model.routing_threshold
-        deep = model.logits_at(model.run_layers(h, E, L, hard=~easy, policy=model.upper_context), L).float()
+        easy = exit_confidence(routing, h, ex) >= routing.threshold
+        deep = model.logits_at(model.run_layers(h, E, L, hard=~easy, policy=routing.policy), L).float()
     return torch.where(easy.unsqueeze(-1), ex, deep), easy
 
 
@@ -289,11 +292,11 @@ def mark_exits(tokenizer, tokens: List[int], exited: List[bool]) -> str:
 TIMING_ROUNDS = 3
 
 
-def run_generation(model: DeepSupervisionTransformer, tokenizer, prompts: List[List[int]], *,
+def run_generation(model: Model, tokenizer, prompts: List[List[int]], *,
                    decoders=DECODERS, k_values=(2, 4), max_new_tokens: int, temperature: float = 0.0,
                    top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
-                   adaptive: bool = False, out_dir) -> dict:
-    """Generate with each decoder (speculative once per k, and with `adaptive` once more per k with adaptive
+                   adaptive: bool = False, routing: Optional[Routing] = None, out_dir) -> dict:
+    """Generate with each decoder (routed and adaptive drafting under `routing`; speculative once per k, and with `adaptive` once more per k with adaptive
     drafting, `speculative_adaptive_k<k>`), write `out_dir/samples.md` and
     `out_dir/metrics.json`, return the metrics.
 
@@ -307,26 +310,29 @@ def run_generation(model: DeepSupervisionTransformer, tokenizer, prompts: List[L
             raise ConfigError(f"generate.decoders: {d!r} is not a decoder; choose from {', '.join(DECODERS)}")
     runs = [(d, kk) for d in decoders for kk in (k_values if d == "speculative" else (None,))]
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    routed = dict(routing=routing)
     results, greedy = {}, {}
     named = [(d if kk is None else f"speculative_k{kk}", d, {} if kk is None else {"k": kk}) for d, kk in runs]
     named += [(f"speculative_adaptive_k{kk}", d, {"k": kk, "adaptive": True}) for d, kk in runs
               if adaptive and kk is not None]
     for name, d, kw in named:  # warm-up at the timed batch shape (allocator, kernel caches), untimed
-        generate(model, prompts, **dict(opts, max_new_tokens=min(4, max_new_tokens)), decoder=d, **kw)
+        generate(model, prompts, **dict(opts, max_new_tokens=min(4, max_new_tokens)), decoder=d, **routed, **kw)
     for _ in range(TIMING_ROUNDS):  # decoders interleaved, each keeps its fastest round: one noisy round misleads
         for name, d, kw in named:
-            r = generate(model, prompts, decoder=d, **opts, **kw)
+            r = generate(model, prompts, decoder=d, **opts, **routed, **kw)
             if name not in results or r.decode_s + r.prefill_s < results[name].decode_s + results[name].prefill_s:
                 results[name] = r
     for name, d, kw in named:
-        greedy[name] = results[name] if temperature == 0 else generate(model, prompts, decoder=d,
+        greedy[name] = results[name] if temperature == 0 else generate(model, prompts, decoder=d, **routed,
                                                                        **dict(opts, temperature=0.0), **kw)
     ref = greedy["dense"].tokens if "dense" in greedy else generate(
         model, prompts, decoder="dense", **dict(opts, temperature=0.0)).tokens
     metrics = {"settings": dict(opts, num_prompts=len(prompts), prompt_lens=[len(p) for p in prompts],
                                 exit_layer=model.exit_layer, num_layers=model.num_layers,
-                                routing_threshold=model.routing_threshold, upper_context=model.upper_context,
-                                confidence="learned" if model.router_probe is not None else model.confidence)}
+                                routing_threshold=None if routing is None else routing.threshold,
+                                upper_context=None if routing is None else routing.policy,
+                                confidence=None if routing is None else
+                                "learned" if routing.probe is not None else routing.measure)}
     dense_ms = None
     for name, r in results.items():
         ms = 1e3 * r.decode_s / max(1, r.n_tokens - len(prompts))  # the first token comes from the prefill

@@ -1,4 +1,4 @@
-"""Key/value cache for incremental decoding of a `DeepSupervisionTransformer`.
+"""Key/value cache for incremental decoding of a `Model`.
 
 The cache is preallocated once per generation: one (L, B, nh, S, hd) tensor each for keys and
 values, where slot s of row b holds the token at position s of that row. Rows may have
@@ -10,7 +10,7 @@ valid holds zeros, so a rolled-back draft leaves the cache exactly as if never w
 
 `CachedModel` runs the model over a cache chunk by chunk (`lego.generate` drives it):
 
-    state = CachedModel(model.eval(), batch=2, slots=64, routed=True)
+    state = CachedModel(model.eval(), batch=2, slots=64, routing=Routing((threshold,), "propagate"))
     logits, exited = state.prefill(idx, lengths=[5, 3])        # (2, 5, V), (2, 5): right-padded prompts
     logits, exited = state.step(tok, Positions.ragged([5, 3], 1, idx.device))  # one token per row
 """
@@ -24,8 +24,9 @@ from typing import List, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from lego.config import Routing
 from lego.confidence import exit_confidence
-from lego.model import DeepSupervisionTransformer, Layer, apply_rope
+from lego.model import Layer, Model, apply_rope
 
 Mask = Union[None, str, torch.Tensor]  # None: every key below `span`; "causal": aligned from 0; else (R,1,T,span)
 
@@ -68,7 +69,7 @@ class Positions:
 class KVCache:
     """Preallocated keys/values of every layer for `batch` rows and `slots` positions."""
 
-    def __init__(self, model: DeepSupervisionTransformer, batch: int, slots: int):
+    def __init__(self, model: Model, batch: int, slots: int):
         if slots > model.max_seq_len:
             raise ValueError(f"cache slots {slots} exceed max_seq_len={model.max_seq_len}")
         p = next(model.parameters())
@@ -143,7 +144,7 @@ def rope_at(rope, at: Positions):
     return rope[0][pos].unsqueeze(1), rope[1][pos].unsqueeze(1)  # (R, 1, T, hd/2)
 
 
-def embed_at(model: DeepSupervisionTransformer, idx: torch.Tensor, at: Positions) -> torch.Tensor:
+def embed_at(model: Model, idx: torch.Tensor, at: Positions) -> torch.Tensor:
     """Token ids (R, T) at positions `at` -> layer-0 state (R, T, C), as `model.embed` gives them."""
     emb = model.embedding
     x = emb.tok(idx)
@@ -245,7 +246,7 @@ def layer_cached(layer: LayerWeights, x: torch.Tensor, k_cache: torch.Tensor, v_
     return x + layer.mlp(_norm(layer.n2, x))
 
 
-def run_cached(model: DeepSupervisionTransformer, layers: List[LayerWeights], cache: KVCache, x: torch.Tensor,
+def run_cached(model: Model, layers: List[LayerWeights], cache: KVCache, x: torch.Tensor,
                start: int, end: int, at: Positions, mask: Mask, kv_only: bool = False,
                frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Layers start+1 .. end (1-based) on a chunk, all in one layer group, under one mask.
@@ -265,16 +266,18 @@ class CachedModel:
     """The model's forward over a `KVCache`, chunk by chunk: prefill, one-token steps, the lower
     and upper Blocks separately (for self-speculative drafting and verification).
 
-    routed=True follows the model's routing (threshold, confidence measure, `upper_context`)
-    exactly as the teacher-forced routed forward does; routed=False is the dense model.
+    With `routing` (`lego.config.Routing`: threshold, confidence measure or learned router, upper_context) it
+    routes exactly as the teacher-forced routed forward does; routing=None is the dense model.
     """
 
-    def __init__(self, model: DeepSupervisionTransformer, batch: int, slots: int, routed: bool):
-        self.model, self.routed = model, routed
+    def __init__(self, model: Model, batch: int, slots: int, routing: Optional[Routing] = None):
+        if routing is not None and routing.threshold is None:
+            raise ValueError("routed decoding needs a routing with the first exit's threshold")
+        self.model, self.routing, self.routed = model, routing, routing is not None
         self.cache = KVCache(model, batch, slots)
         self.E = model.exit_layer or model.num_layers
         self.L = model.num_layers
-        self.policy = model.upper_context if routed else "full"
+        self.policy = routing.policy if self.routed else "full"
         self.device = self.cache.k.device
         if model.training:
             raise ValueError("generation runs the model in eval mode (no dropout); call model.eval() first")
@@ -326,7 +329,7 @@ class CachedModel:
                 self.cache.clear_invalid(T)
                 return logits, torch.zeros(B, T, dtype=torch.bool, device=self.device)
             ex = self.exit_logits(h)
-            hard = exit_confidence(self.model, h, ex) < self.model.routing_threshold
+            hard = exit_confidence(self.routing, h, ex) < self.routing.threshold
             flags = real & hard if self.policy == "skip" else real
             h_up = self.upper(h, at, flags, frozen=None if self.policy == "full" else ~hard)
             deep = self.deep_logits(h_up)
@@ -340,7 +343,7 @@ class CachedModel:
             if not self.routed:
                 return self.deep_logits(self.upper(h, at))[:, 0], None
             ex = self.exit_logits(h)[:, 0]  # (R, V)
-            hard = exit_confidence(self.model, h[:, 0], ex) < self.model.routing_threshold
+            hard = exit_confidence(self.routing, h[:, 0], ex) < self.routing.threshold
             R = tok.shape[0]
             n_hard = int(hard.sum())  # the one host sync of a routed step
             if n_hard == R:

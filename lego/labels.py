@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lego.chains import UNPREDICTABLE, label_name
-from lego.config import IGNORE_INDEX
+from lego.config import IGNORE_INDEX, Routing
 from lego.confidence import exact_quantile, exit_confidence, token_stats
 from lego.heads import RouterProbe
 from lego.progress import progress as show_progress
@@ -30,14 +30,14 @@ SOLVED_TOLERANCE = 0.02  # Block 1 "solves" k hops when its accuracy there is wi
 @torch.no_grad()
 def labelled_tokens(model, loader: Iterable, device, *, exit_layer: Optional[int] = None, measure: str = "max_prob",
                     hidden: bool = False, ignore_index: int = IGNORE_INDEX, progress: bool = True,
-                    threshold: Optional[float] = None, policy: str = "full") -> Dict[str, torch.Tensor]:
+                    routing: Optional[Routing] = None) -> Dict[str, torch.Tensor]:
     """Per counted token (target != ignore_index), in loader order, flat CPU tensors: 'label' (int8; only when
     the loader yields (inputs, targets, labels)), 'nll_deep' (float32), 'ok_deep' (bool) at the model's last
     layer; with `exit_layer` also 'conf' (`measure` at the exit, as routing computes it), 'nll_exit', 'ok_exit',
     and with `hidden` the exit's hidden state 'hidden' (N, C) float32 (the learned router's features).
-    With `threshold` also the live routed pass, as `Trainer.evaluate` runs it: 'stop' (the exit's routing confidence,
-    `lego.confidence.exit_confidence`, at or above it), 'nll_live' and 'ok_live' (the exit's for stopped tokens, the
-    last layer's after the upper layers ran the others under `policy`)."""
+    With `routing` (`lego.config.Routing`) also the live routed pass, as `Trainer.evaluate` runs it: 'stop' (the
+    exit's routing confidence, `lego.confidence.exit_confidence`, at or above its threshold), 'nll_live' and 'ok_live'
+    (the exit's for stopped tokens, the last layer's after the upper layers ran the others under its policy)."""
     model.eval()
     L = model.num_layers
     parts: Dict[str, list] = {}
@@ -55,10 +55,10 @@ def labelled_tokens(model, loader: Iterable, device, *, exit_layer: Optional[int
             out.update(conf=st["conf"][valid], nll_exit=st["nll"][valid], ok_exit=(st["pred"] == targets)[valid])
             if hidden:
                 out["hidden"] = h[valid].float()  # (N, C)
-        if threshold is not None:
-            stop = exit_confidence(model, h, logits) >= threshold
+        if routing is not None:
+            stop = exit_confidence(routing, h, logits) >= routing.threshold
             with model.autocast():
-                up = model.logits_at(model.run_layers(h, exit_layer, L, hard=valid & ~stop, policy=policy), L)
+                up = model.logits_at(model.run_layers(h, exit_layer, L, hard=valid & ~stop, policy=routing.policy), L)
             live = token_stats(up, targets, None, ignore_index)
             out.update(stop=stop[valid], nll_live=torch.where(stop, st["nll"], live["nll"])[valid],
                        ok_live=torch.where(stop, st["pred"], live["pred"])[valid] == targets[valid])

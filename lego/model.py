@@ -1,13 +1,17 @@
 """The LEGO model: a causal decoder whose hidden state can be read out at any layer.
 
 A Block is a run of consecutive layers trained like a standard LM (loss at its last layer).
-`DeepSupervisionTransformer` exposes every step separately so that training, hard-example
-mining and routed inference can stop or start at any layer:
+`Model(ModelArgs(...))` is a plain LM that exposes every step separately, so that training,
+hard-example mining and routed inference can stop or start at any layer:
 
+    model = Model(ModelArgs(vocab_size=V, dim=128, num_layers=4, num_heads=4, exits=(2,)))
     h = model.embed(idx)                      # (B, T, C), layer 0
     h = model.run_layers(h, 0, 2)             # after layer 2
     logits = model.logits_at(h, layer=2)      # (B, T, V) through the head used at layer 2
-    h4 = model.run_layers(h, 2, 4, hard=mask) # upper Block, under the upper-context policy
+    h4 = model.run_layers(h, 2, 4, hard=mask, policy="skip")  # the upper Block for the hard tokens only
+
+How tokens route is not the model's state: a `lego.config.Routing` value goes to each routed call.
+`DeepSupervisionTransformer(...)`, the specification's constructor, builds a `Model` from its keywords.
 
 Layers are numbered from 1, as in the specification: "layer 2" is the output of the second
 layer, `model.layers[1]`.
@@ -15,13 +19,14 @@ layer, `model.layers[1]`.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lego.config import (CONFIDENCE_MEASURES, PRECISIONS, UPPER_CONTEXTS, ConfigError, ModelConfig,
+from lego.config import (PRECISIONS, UPPER_CONTEXTS, ConfigError, ModelConfig, Routing,
                          check_choice, check_model, check_positive)
 from lego.heads import make_head, make_norm
 from lego.rope import apply_rope, rope_tables
@@ -133,147 +138,115 @@ class Layer(nn.Module):
         return layer_routed(self, x, hard, policy, rope)
 
 
-class DeepSupervisionTransformer(nn.Module):
-    """Causal decoder LM with readout at any layer and optional cascaded routing.
+@dataclass(frozen=True)
+class ModelArgs:
+    """Everything that fixes a model's weights and their meaning (stored in every checkpoint as `model_args`).
 
-    Args:
-        vocab_size, dim, num_layers, num_heads: the model's shape (`dim % num_heads == 0`).
-        exit_layer: layer (1-based) where easy tokens may exit; None for a plain LM.
-        routing_threshold: confidence at `exit_layer` at or above which a token exits.
-        exit_layers / routing_thresholds: every exit of a model grown more than once (increasing,
-            each below `num_layers`) and its threshold; the first is `exit_layer` / `routing_threshold`.
-            A token is predicted at the first exit where its confidence reaches that exit's threshold.
-        max_seq_len: longest sequence the position tables cover.
-        norm / pos / ffn: "layernorm"|"rmsnorm", "learned"|"rope", "gelu"|"swiglu".
-        exit_head / exit_rank: "separate"|"tied"|"lowrank" vocabulary heads, the rank of a low-rank
-            one (`lego.heads`); tied heads share `output_head.proj`, which freezes with Block 1.
-        deep_head: give layers above `exit_layer` their own output head (see `grow`); with more
-            exits, each exit above the first reads its own head too (`exit_heads`).
-        upper_context: how layers above `exit_layer` treat easy tokens when routing:
-            "full" (run every token), "propagate" (easy tokens' exit states give keys/values
-            only) or "skip" (easy tokens take no part).
-        confidence: confidence measure for routing ("max_prob", "margin", "entropy").
-        precision: "fp32" or "bf16": the autocast every forward runs under (`autocast()`), in
-            training, calibration, mining and routed evaluation alike, so that routing sees the
-            confidences the threshold was calibrated on. Weights stay float32.
+    vocab_size, dim, num_layers, num_heads: the shape (`dim % num_heads == 0`); max_seq_len: the longest sequence
+    the position tables cover; norm / pos / ffn: "layernorm"|"rmsnorm", "learned"|"rope", "gelu"|"swiglu";
+    exit_head / exit_rank: "separate"|"tied"|"lowrank" vocabulary heads and a low-rank one's rank (`lego.heads`;
+    tied heads share `output_head.proj`, which freezes with Block 1); precision: "fp32"|"bf16", the autocast
+    every forward runs under (weights stay float32); exits: the layers (1-based, increasing, below num_layers)
+    whose states a head reads for an early exit, one per Block boundary of a grown model (empty: a plain LM);
+    deep_head: the layers above the first exit read heads of their own (`lego.ashem.grow`).
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        dim: int,
-        num_layers: int,
-        num_heads: int,
-        exit_layer: Optional[int] = None,
-        routing_threshold: Optional[float] = None,
-        max_seq_len: int = 512,
-        dropout: float = 0.0,
-        *,
-        norm: str = "layernorm",
-        pos: str = "learned",
-        ffn: str = "gelu",
-        ffn_mult: int = 4,
-        deep_head: bool = False,
-        upper_context: str = "full",
-        confidence: str = "max_prob",
-        precision: str = "fp32",
-        exit_layers: Optional[Sequence[int]] = None,
-        routing_thresholds: Optional[Sequence[Optional[float]]] = None,
-        exit_head: str = "separate",
-        exit_rank: Optional[int] = None,
-    ):
-        super().__init__()
-        for key, value in (("vocab_size", vocab_size), ("num_layers", num_layers)):
-            check_positive(key, value)
-        self.config = ModelConfig(dim=dim, num_heads=num_heads, max_seq_len=max_seq_len, dropout=dropout, norm=norm,
-                                  pos=pos, ffn=ffn, ffn_mult=ffn_mult, precision=precision,
-                                  exit_head=exit_head, exit_rank=exit_rank)
-        check_model(self.config)
-        exits = list(exit_layers) if exit_layers is not None else [] if exit_layer is None else [exit_layer]
-        if exit_layer is not None and exits[:1] != [exit_layer]:
-            raise ConfigError(f"exit_layer={exit_layer} must be the first of exit_layers={exits}")
-        if exit_layer is None and exits:
-            exit_layer = exits[0]
-        if exit_layer is not None and not 1 <= exit_layer < num_layers:
-            raise ConfigError(f"exit_layer={exit_layer} must be in [1, num_layers) = [1, {num_layers})")
-        if any(b <= a for a, b in zip(exits, exits[1:])) or (exits and exits[-1] >= num_layers):
-            raise ConfigError(f"exit_layers={exits} must increase and stay below num_layers={num_layers}")
-        thresholds = list(routing_thresholds) if routing_thresholds is not None else [routing_threshold]
-        if routing_thresholds is not None and routing_threshold is not None and thresholds[0] != routing_threshold:
-            raise ConfigError(f"routing_threshold={routing_threshold} must be the first of "
-                              f"routing_thresholds={thresholds}")
-        if routing_thresholds is not None and len(thresholds) != len(exits):
-            raise ConfigError(f"routing_thresholds={thresholds} needs one entry per exit of exit_layers={exits}")
-        check_choice("upper_context", upper_context, UPPER_CONTEXTS)
-        check_choice("confidence", confidence, CONFIDENCE_MEASURES)
-        check_choice("precision", precision, PRECISIONS)
-        if deep_head and exit_layer is None:
+    vocab_size: int
+    dim: int
+    num_layers: int
+    num_heads: int
+    max_seq_len: int = 512
+    dropout: float = 0.0
+    norm: str = "layernorm"
+    pos: str = "learned"
+    ffn: str = "gelu"
+    ffn_mult: int = 4
+    exit_head: str = "separate"
+    exit_rank: Optional[int] = None
+    precision: str = "fp32"
+    exits: Tuple[int, ...] = ()
+    deep_head: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "exits", tuple(int(e) for e in self.exits))
+        for key in ("vocab_size", "num_layers"):
+            check_positive(key, getattr(self, key))
+        check_model(self.model_config)
+        check_choice("precision", self.precision, PRECISIONS)
+        e = self.exits
+        if e and not 1 <= e[0] < self.num_layers:
+            raise ConfigError(f"exit_layer={e[0]} must be in [1, num_layers) = [1, {self.num_layers})")
+        if any(b <= a for a, b in zip(e, e[1:])) or (e and e[-1] >= self.num_layers):
+            raise ConfigError(f"exit_layers={list(e)} must increase and stay below num_layers={self.num_layers}")
+        if self.deep_head and not e:
             raise ConfigError("deep_head=True needs exit_layer")
-        self.vocab_size, self.dim, self.num_layers, self.num_heads = vocab_size, dim, num_layers, num_heads
-        self.max_seq_len = max_seq_len
-        self.exit_layers: List[int] = exits
-        self.routing_thresholds: List[Optional[float]] = thresholds + [None] * (len(exits) - len(thresholds))
-        self.upper_context = upper_context
-        self.confidence = confidence
-        self.router_probe: Optional[nn.Module] = None  # a learned router replaces `confidence` (`route_with`)
-        self.precision = precision
-        self.embedding = Embedding(vocab_size, dim, max_seq_len, pos, dropout)
-        self.layers = nn.ModuleList(Layer(dim, num_heads, norm, ffn, ffn_mult, dropout) for _ in range(num_layers))
-        self.output_head = make_head(dim, vocab_size, norm, exit_rank if exit_head == "lowrank" else None)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The `model` group's values for this shape."""
+        return ModelConfig(dim=self.dim, num_heads=self.num_heads, max_seq_len=self.max_seq_len, dropout=self.dropout,
+                           norm=self.norm, pos=self.pos, ffn=self.ffn, ffn_mult=self.ffn_mult,
+                           precision=self.precision, exit_head=self.exit_head, exit_rank=self.exit_rank)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, vocab_size: int, num_layers: int, **more) -> "ModelArgs":
+        """The arguments of a model of the `model` group's shape (`config.precision` resolved to fp32 or bf16)."""
+        return cls(vocab_size, config.dim, num_layers, config.num_heads, max_seq_len=config.max_seq_len,
+                   dropout=config.dropout, norm=config.norm, pos=config.pos, ffn=config.ffn, ffn_mult=config.ffn_mult,
+                   exit_head=config.exit_head, exit_rank=config.exit_rank, precision=config.precision, **more)
+
+
+class Model(nn.Module):
+    """Causal decoder LM whose hidden state can be read out at any layer, with a head at each exit.
+
+    A plain LM built from its arguments (`Model(ModelArgs(...))`): it holds weights only. How tokens route
+    (thresholds, confidence measure, upper-context policy, a learned router) is a `lego.config.Routing` value
+    that routed evaluation and decoding take at call time; the layers take the policy per call (`run_layers`).
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        a = args
+        self.embedding = Embedding(a.vocab_size, a.dim, a.max_seq_len, a.pos, a.dropout)
+        self.layers = nn.ModuleList(Layer(a.dim, a.num_heads, a.norm, a.ffn, a.ffn_mult, a.dropout)
+                                    for _ in range(a.num_layers))
+        rank = a.exit_rank if a.exit_head == "lowrank" else None
+        self.output_head = make_head(a.dim, a.vocab_size, a.norm, rank)
 
         def head():  # every head after the first: tied ones share its projection
-            return make_head(dim, vocab_size, norm, exit_rank if exit_head == "lowrank" else None,
-                             self.output_head.proj if exit_head == "tied" else None)
+            tied = self.output_head.proj if a.exit_head == "tied" else None
+            return make_head(a.dim, a.vocab_size, a.norm, rank, tied)
 
         # exit_heads[j]: the head of exit j + 2 (the head its Block trained with); empty for two Blocks
-        self.exit_heads = nn.ModuleList(head() for _ in exits[1:] if deep_head)
-        self.deep_head = head() if deep_head else None
-        if pos == "rope":
-            cos, sin = rope_tables(max_seq_len, dim // num_heads)
+        self.exit_heads = nn.ModuleList(head() for _ in a.exits[1:] if a.deep_head)
+        self.deep_head = head() if a.deep_head else None
+        if a.pos == "rope":
+            cos, sin = rope_tables(a.max_seq_len, a.dim // a.num_heads)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
         self.apply(self._init_weights)
 
+    # the shape, read from the arguments
+    vocab_size = property(lambda self: self.args.vocab_size)
+    dim = property(lambda self: self.args.dim)
+    num_layers = property(lambda self: self.args.num_layers)
+    num_heads = property(lambda self: self.args.num_heads)
+    max_seq_len = property(lambda self: self.args.max_seq_len)
+    precision = property(lambda self: self.args.precision)
+    config = property(lambda self: self.args.model_config)
+
+    @property
+    def exit_layers(self) -> List[int]:
+        """Every exit, in order (empty for a plain LM)."""
+        return list(self.args.exits)
+
     @property
     def exit_layer(self) -> Optional[int]:
         """The first exit (where Block 1 ends); None for a plain LM."""
-        return self.exit_layers[0] if self.exit_layers else None
-
-    @property
-    def routing_threshold(self) -> Optional[float]:
-        """The first exit's threshold."""
-        return self.routing_thresholds[0] if self.routing_thresholds else None
-
-    @routing_threshold.setter
-    def routing_threshold(self, value: Optional[float]) -> None:
-        if self.routing_thresholds:
-            self.routing_thresholds[0] = value
-        else:
-            self.routing_thresholds = [value]
-
-    def route_with(self, probe: nn.Module, threshold: float) -> "DeepSupervisionTransformer":
-        """Route at the first exit by a learned router on its hidden state (`lego.heads.RouterProbe`) instead of
-        `confidence`, at `threshold`; routed evaluation and decoding use it (`lego.confidence.exit_confidence`)."""
-        self.router_probe, self.routing_threshold = probe, threshold
-        return self
-
-    @classmethod
-    def from_config(cls, config: ModelConfig, vocab_size: int, num_layers: int, **routing) -> "DeepSupervisionTransformer":
-        """A model of `config`'s shape (`config.precision` already resolved to fp32 or bf16)."""
-        return cls(vocab_size, config.dim, num_layers, config.num_heads, max_seq_len=config.max_seq_len,
-                   dropout=config.dropout, norm=config.norm, pos=config.pos, ffn=config.ffn,
-                   ffn_mult=config.ffn_mult, precision=config.precision, exit_head=config.exit_head,
-                   exit_rank=config.exit_rank, **routing)
-
-    @property
-    def shape(self) -> dict:
-        """The constructor arguments that fix the weights' shapes and meaning (stored in checkpoints)."""
-        c = self.config
-        return dict(vocab_size=self.vocab_size, dim=c.dim, num_layers=self.num_layers, num_heads=c.num_heads,
-                    max_seq_len=c.max_seq_len, dropout=c.dropout, norm=c.norm, pos=c.pos, ffn=c.ffn,
-                    ffn_mult=c.ffn_mult, exit_head=c.exit_head, exit_rank=c.exit_rank)
+        return self.args.exits[0] if self.args.exits else None
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -303,15 +276,14 @@ class DeepSupervisionTransformer(nn.Module):
         return self.embedding(idx)
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, hard: Optional[torch.Tensor] = None,
-                   policy: Optional[str] = None) -> torch.Tensor:
+                   policy: str = "full") -> torch.Tensor:
         """Run layers start+1 .. end (1-based) on the state after layer `start`.
 
-        With `hard` (B, T) bool and a policy other than "full", only hard tokens are computed
+        With `hard` (B, T) bool and a policy other than "full" (`Routing.policy`), only hard tokens are computed
         (see `Layer.forward_routed`); easy tokens leave with their input state.
         """
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"layer range ({start}, {end}] is outside 0..{self.num_layers}")
-        policy = policy or self.upper_context
         check_choice("upper_context", policy, UPPER_CONTEXTS)  # forward_routed treats any unknown name as skip
         routed = hard is not None and policy != "full"
         for layer in self.layers[start:end]:
@@ -346,7 +318,7 @@ class DeepSupervisionTransformer(nn.Module):
         with self.autocast():
             return self.logits_at(self.run_layers(self.embed(idx), 0, layer), layer)
 
-    def compile_blocks(self, **compile_kwargs) -> "DeepSupervisionTransformer":
+    def compile_blocks(self, **compile_kwargs) -> "Model":
         """torch.compile each layer, the embedding and the heads in place; returns self.
 
         Not `torch.compile(model)`: training, calibration and routing call `embed`,
@@ -358,3 +330,50 @@ class DeepSupervisionTransformer(nn.Module):
             if module is not None:
                 module.compile(**compile_kwargs)
         return self
+
+
+def DeepSupervisionTransformer(
+    vocab_size: int,
+    dim: int,
+    num_layers: int,
+    num_heads: int,
+    exit_layer: Optional[int] = None,
+    routing_threshold: Optional[float] = None,
+    max_seq_len: int = 512,
+    dropout: float = 0.0,
+    *,
+    norm: str = "layernorm",
+    pos: str = "learned",
+    ffn: str = "gelu",
+    ffn_mult: int = 4,
+    deep_head: bool = False,
+    upper_context: str = "full",
+    confidence: str = "max_prob",
+    precision: str = "fp32",
+    exit_layers: Optional[Sequence[int]] = None,
+    routing_thresholds: Optional[Sequence[Optional[float]]] = None,
+    exit_head: str = "separate",
+    exit_rank: Optional[int] = None,
+) -> Model:
+    """The specification's constructor: a `Model` with exits at `exit_layer` (or every layer of `exit_layers`).
+
+    Its routing keywords (`routing_threshold` / `routing_thresholds`, `upper_context`, `confidence`) are
+    checked and returned as `model.routing`, a `lego.config.Routing` to pass where a routed call takes one
+    (`generate(..., routing=model.routing)`); the model itself does not read them. As the specification
+    does, `Trainer.evaluate` routes by its `TrainingConfig`.
+    """
+    exits = list(exit_layers) if exit_layers is not None else [] if exit_layer is None else [exit_layer]
+    if exit_layer is not None and exits[:1] != [exit_layer]:
+        raise ConfigError(f"exit_layer={exit_layer} must be the first of exit_layers={exits}")
+    thresholds = list(routing_thresholds) if routing_thresholds is not None else [routing_threshold]
+    if routing_thresholds is not None and routing_threshold is not None and thresholds[0] != routing_threshold:
+        raise ConfigError(f"routing_threshold={routing_threshold} must be the first of "
+                          f"routing_thresholds={thresholds}")
+    if routing_thresholds is not None and len(thresholds) != len(exits):
+        raise ConfigError(f"routing_thresholds={thresholds} needs one entry per exit of exit_layers={exits}")
+    model = Model(ModelArgs(vocab_size, dim, num_layers, num_heads, max_seq_len=max_seq_len, dropout=dropout,
+                            norm=norm, pos=pos, ffn=ffn, ffn_mult=ffn_mult, exit_head=exit_head, exit_rank=exit_rank,
+                            precision=precision, exits=tuple(exits), deep_head=deep_head))
+    calibrated = [t for t in thresholds if t is not None]
+    model.routing = Routing(tuple(calibrated[:len(exits)]), upper_context, confidence)
+    return model

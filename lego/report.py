@@ -147,7 +147,7 @@ def _report(s: dict, rows: List[dict], plotted: bool, upper_context: str) -> str
 
 
 def analyze(out_dir, *, model, loader, device, threshold, measure: str, exit_layer,
-            baselines: Dict[str, dict], tokenizer=None, train_tokens=None, vocab_size: int,
+            baselines: Dict[str, dict], upper_context: str = "full", tokenizer=None, train_tokens=None, vocab_size: int,
             html_tokens: int = 400, choose_loader=None,
             realized_cost: Optional[Callable[[List[float]], float]] = None, verdict: Optional[str] = None) -> dict:
     """One pass over `loader`, then tradeoff.csv, report.md, tokens.html, analysis.json and
@@ -159,14 +159,13 @@ def analyze(out_dir, *, model, loader, device, threshold, measure: str, exit_lay
     beside the calibrated and oracle routers. Operating points (the grid's thresholds, compute saved
     at 1% ppl loss) are chosen on `choose_loader` (the validation split) and reported on `loader`.
     `realized_cost(shares)` is the flop_cost of routing with these shares of all tokens predicted at
-    each exit under the model's upper-context policy (a column of the curve and the x axis of the
-    realized-cost panel).
+    each exit under `upper_context`, the policy the model routes with (a column of the curve and the x axis of
+    the realized-cost panel; the one-pass curve itself is exact for 'full').
     """
     out = Path(out_dir)
     L = model.num_layers
     exits = _as_list(exit_layer)
     cascade = len(exits) > 1
-    upper_context = getattr(model, "upper_context", "full")
     if upper_context != "full":
         log.warning("analysis: the model routes with upper_context=%r; the one-pass curve assumes 'full'",
                     upper_context)

@@ -122,7 +122,7 @@ def _run_stages(cfg: ASHEMConfig, run_dir: Path, tracker: Tracker) -> Dict[str, 
     elif (run_dir / "eval" / "metrics.json").exists():  # e.g. stages=[generate]: keep the summary's numbers
         metrics = read_json(run_dir / "eval" / "metrics.json")
     if "generate" in todo:
-        generated = timed("generate", generate.run, ctx, model2)
+        generated = timed("generate", generate.run, ctx, model2, threshold_info["threshold"])
     summary = summarize_run(cfg, run_dir, corpus, metrics, timings, generated)
     if distributed.is_main():
         write_json(run_dir / "metrics.json", summary)

@@ -2,7 +2,7 @@
 
 One round (`speculative_round`) for the cache rows still generating:
   1. the pending token and each draft run through layers 1..exit_layer (`CachedModel.lower`); the exit
-     head proposes the next draft, up to k of them. Adaptive drafting (`threshold`) stops early, as
+     head proposes the next draft, up to k of them. Adaptive drafting (a `Routing`) stops early, as
      soon as some row's exit confidence falls below the calibrated routing threshold: a token the
      router would send up is left to the deep model instead of being drafted and likely rejected;
   2. the upper Block verifies every drafted position in one pass from the stored exit-layer states;
@@ -19,6 +19,7 @@ from typing import List, Optional
 
 import torch
 
+from lego.config import Routing
 from lego.confidence import confidence_from_logits
 from lego.kvcache import CachedModel, Positions
 from lego.sampling import Sampler, sample
@@ -39,13 +40,14 @@ def draft_confident(logits: torch.Tensor, measure: str, threshold: float, probe=
 
 
 def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], active: List[int], kk: int,
-                      sampler: Sampler, threshold: Optional[float] = None, align: bool = False):
+                      sampler: Sampler, routing: Optional[Routing] = None, align: bool = False):
     """One draft-verify-accept round for the cache rows `active`; returns (pending tokens (B,), the new
     tokens of each active row: its accepted drafts then one token from the deep model, drafts proposed,
     exit-head evaluations: the drafts, plus one when adaptive drafting stopped before kk).
 
     tok (B,): each row's pending token (not in the cache yet), fed at position cached[b]. Up to kk
-    drafts (fewer under `threshold`, the same number for every row); `cached` grows by each row's kept
+    drafts (fewer with adaptive drafting under `routing`: its first exit's threshold, measure or learned router;
+    the same number for every row); `cached` grows by each row's kept
     count + 1; rejected positions are rolled back from every layer's cache. `align`: every row keeps
     the smallest accepted count (for greedy decoding the same tokens, fewer per round).
     """
@@ -63,8 +65,8 @@ def speculative_round(state: CachedModel, tok: torch.Tensor, cached: List[int], 
             if i == kk:
                 break
             ex = state.exit_logits(h)[:, 0]  # (R, V)
-            if threshold is not None and not bool(draft_confident(ex, state.model.confidence, threshold,
-                                                                 state.model.router_probe, h[:, 0]).all()):
+            if routing is not None and not bool(draft_confident(ex, routing.measure, routing.threshold,
+                                                               routing.probe, h[:, 0]).all()):
                 stopped = 1  # a row's exit is unsure: the deep model predicts this position (one host sync a draft)
                 break
             if sampler.greedy:

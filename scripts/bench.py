@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ from lego.confidence import confidence_from_logits, exact_quantile
 from lego.ashem import grow, train_upper_layers
 from lego.cost import phase2_step_macs, routed_macs
 from lego.config import UPPER_CONTEXTS
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model, ModelArgs
 from lego.config import StageConfig, TrainingConfig, create_standard_config
 from lego.training import Trainer
 
@@ -55,22 +56,20 @@ from bench_generation import bench_generation, format_generation  # noqa: E402
 EXIT_LAYER, NUM_LAYERS = 2, 4
 
 
-def build(preset: dict, vocab: int, seed: int, num_layers: int = NUM_LAYERS) -> DeepSupervisionTransformer:
+def build(preset: dict, vocab: int, seed: int, num_layers: int = NUM_LAYERS) -> Model:
     torch.manual_seed(seed)
-    return DeepSupervisionTransformer(vocab, preset["dim"], num_layers, preset["num_heads"],
-                                      max_seq_len=preset["max_seq_len"], dropout=preset["dropout"],
-                                      norm=preset["norm"], pos=preset["pos"], ffn=preset["ffn"],
-                                      ffn_mult=preset["ffn_mult"], exit_head=preset.get("exit_head", "separate"),
-                                      exit_rank=preset.get("exit_rank"))
+    return Model(ModelArgs(vocab, preset["dim"], num_layers, preset["num_heads"], max_seq_len=preset["max_seq_len"],
+                           dropout=preset["dropout"], norm=preset["norm"], pos=preset["pos"], ffn=preset["ffn"],
+                           ffn_mult=preset["ffn_mult"], exit_head=preset.get("exit_head", "separate"),
+                           exit_rank=preset.get("exit_rank")))
 
 
-def grown(model: DeepSupervisionTransformer, policy: str, threshold=None,
-          exit_layer: int = EXIT_LAYER) -> DeepSupervisionTransformer:
+def grown(model: Model, exit_layer: int = EXIT_LAYER) -> Model:
     """A phase-2 model of `model`'s depth: lower Block and exit head of `model` frozen, as `grow` makes it."""
-    small = DeepSupervisionTransformer(**dict(model.shape, num_layers=exit_layer))
+    small = Model(replace(model.args, num_layers=exit_layer))
     small.load_state_dict({k: v for k, v in model.state_dict().items()
                            if not k.startswith("layers.") or int(k.split(".")[1]) < exit_layer}, strict=False)
-    big = grow(small, model.num_layers, routing_threshold=threshold, deep_head=True, upper_context=policy)
+    big = grow(small, model.num_layers, deep_head=True)
     for i in range(exit_layer, model.num_layers):  # same upper weights for every policy
         big.layers[i].load_state_dict(model.layers[i].state_dict())
     return big
@@ -222,12 +221,12 @@ def main(argv=None) -> dict:
         cases, ratio = {"full-model step": full_step}, {}
         for policy in UPPER_CONTEXTS:
             for store in ("memory", "recompute") if policy == "full" else ("memory",):
-                m = grown(base, policy).to(device)
+                m = grown(base).to(device)
                 batch = [(h_exit if store == "memory" else x, hard_y)]
                 o = adamw(m)
                 name = f"phase-2 step {policy}" + (" (recompute)" if store == "recompute" else "")
-                cases[name] = (lambda m=m, o=o, batch=batch: train_upper_layers(
-                    m, batch, o, V, device, EXIT_LAYER, grad_clip=1.0))
+                cases[name] = (lambda m=m, o=o, batch=batch, policy=policy: train_upper_layers(
+                    m, batch, o, V, device, EXIT_LAYER, grad_clip=1.0, policy=policy))
                 ratio[name] = phase2_step_macs(**cost_args, hard_ratio=float((hard_y != IGNORE_INDEX).float().mean()),
                                                policy=policy, recompute=store == "recompute")["flop_ratio"]
         times = time_cases(cases, **run)
@@ -238,7 +237,7 @@ def main(argv=None) -> dict:
 
     if args.only in (None, "eval"):
         batches = [(x, y)]
-        ref_model = grown(base, "full").eval()
+        ref_model = grown(base).eval()
         plain = Trainer(create_standard_config(NUM_LAYERS), V, device, progress=False)
         cases, ratio = {"full-depth eval": lambda: plain.evaluate(ref_model, batches)}, {}
         for r in args.eval_ratios:

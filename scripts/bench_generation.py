@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lego.confidence import confidence_from_logits, exact_quantile
-from lego.config import UPPER_CONTEXTS
+from lego.config import UPPER_CONTEXTS, Routing
 from lego.cost import head_macs, routed_macs
 from lego.generate import generate
 from lego.kvcache import CachedModel, Positions
@@ -48,7 +48,7 @@ def step_costs(model, prompts, repeats: int = 20) -> dict:
     """Median seconds of one cached one-token step at the prompts' end: the dense step, Block 1 + the
     exit head, the exit head alone; and c = (Block 1 + exit head) / dense step, head share = head / step."""
     B, P = len(prompts), len(prompts[0])
-    state = CachedModel(model, B, P + 1, routed=False)
+    state = CachedModel(model, B, P + 1)
     tok = torch.tensor([p[-1] for p in prompts])
     at = Positions.aligned(P, 1)
     with torch.inference_mode():
@@ -69,7 +69,7 @@ def step_costs(model, prompts, repeats: int = 20) -> dict:
 
 def bench_generation(args, device, build, grown, conf_dir) -> dict:
     """Rows per (model, batch, decoder): ms per generated token, time and FLOP ratios over dense decoding.
-    `build(preset, vocab, seed, num_layers)` and `grown(model, policy, threshold, exit_layer)` make the
+    `build(preset, vocab, seed, num_layers)` and `grown(model, exit_layer)` make the
     models; presets are `conf_dir/<name>.yaml`."""
     V, P, N, E, L = args.vocab, args.gen_prompt, args.gen_tokens, args.gen_exit, args.gen_layers
     rows, overhead, steps = [], [], []
@@ -79,7 +79,7 @@ def bench_generation(args, device, build, grown, conf_dir) -> dict:
             preset.update(exit_head=args.exit_head, exit_rank=args.exit_rank)
         rank = preset.get("exit_rank") if preset.get("exit_head") == "lowrank" else None
         base = build(preset, V, args.seed, L).to(device)
-        agree = grown(base, "full", None, E).eval()  # upper layers add nothing: the deep model equals the draft
+        agree = grown(base, E).eval()  # upper layers add nothing: the deep model equals the draft
         with torch.no_grad():
             for layer in agree.layers[E:]:
                 for lin in (layer.attn_out, layer.mlp.proj):
@@ -93,23 +93,23 @@ def bench_generation(args, device, build, grown, conf_dir) -> dict:
         for B in args.gen_batches:
             g = torch.Generator().manual_seed(args.seed + B)
             prompts = torch.randint(0, V, (B, P), generator=g).tolist()
-            ref = grown(base, "full", None, E).eval()
+            ref = grown(base, E).eval()
             dense = generate(ref, prompts, max_new_tokens=N)
             with torch.no_grad():  # threshold: median exit confidence over the dense greedy text
                 seq = torch.tensor([p + t for p, t in zip(prompts, dense.tokens)], device=device)
                 conf = confidence_from_logits(ref.logits_at(ref.run_layers(ref.embed(seq), 0, E), E).float(),
                                               "max_prob")[:, P - 1:-1]
             thr = exact_quantile(conf, 0.5)
-            ref.routing_threshold = thr  # adaptive drafting stops below it; dense decoding ignores it
             steps.append({"model": name, "batch": B, "c_flops": c_flops, "head_share_flops": head / full_macs,
                           **step_costs(ref, prompts)})
             cases = {"dense": (ref, dict(decoder="dense"))}
             for policy in UPPER_CONTEXTS:
-                cases[f"routed {policy}"] = (grown(base, policy, thr, E).eval(), dict(decoder="routed"))
+                cases[f"routed {policy}"] = (ref, dict(decoder="routed", routing=Routing((thr,), policy)))
             for k in args.gen_k:
                 cases[f"speculative k={k}"] = (ref, dict(decoder="speculative", k=k))
                 if args.gen_adaptive:
-                    cases[f"speculative k<={k} adaptive"] = (ref, dict(decoder="speculative", k=k, adaptive=True))
+                    cases[f"speculative k<={k} adaptive"] = (ref, dict(decoder="speculative", k=k, adaptive=True,
+                                                                      routing=Routing((thr,))))
             k = max(args.gen_k)
             cases[f"speculative k={k} upper=0"] = (agree, dict(decoder="speculative", k=k))
             last = {}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from lego.config import ModelConfig
-from lego.model import DeepSupervisionTransformer, cpu_bf16
+from lego.model import Model, ModelArgs, cpu_bf16
 
 CONF = Path(__file__).resolve().parents[1] / "lego" / "conf" / "model"
 
@@ -48,7 +48,7 @@ def main() -> None:
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         shape.precision = precision
-        models[precision] = DeepSupervisionTransformer.from_config(shape, a.vocab, a.layers).train()
+        models[precision] = Model(ModelArgs.from_config(shape, a.vocab, a.layers)).train()
         opts[precision] = torch.optim.AdamW(models[precision].parameters(), lr=1e-4, fused=True)
 
     def step(precision: str) -> None:

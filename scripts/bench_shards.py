@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from lego.batches import make_loader
 from lego.config import DataConfig, ShardsConfig
 from lego.data import _shakespeare, load_corpus
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model, ModelArgs
 from lego.prepare import file_documents, prepare
 from lego.tokenizer import train_bpe
 
@@ -68,8 +68,7 @@ def loader_rate(tokens, seq_len: int, batch: int, batches: int) -> float:
 def train_rate(tokens, shape: dict, steps: int, vocab: int) -> float:
     """Tokens per second of `steps` optimizer steps of a dense model reading shuffled batches of `tokens`."""
     torch.manual_seed(0)
-    model = DeepSupervisionTransformer(vocab, shape["dim"], shape["layers"], shape["num_heads"],
-                                       max_seq_len=shape["seq_len"])
+    model = Model(ModelArgs(vocab, shape["dim"], shape["layers"], shape["num_heads"], max_seq_len=shape["seq_len"]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = iter(make_loader(tokens, shape["seq_len"], shape["batch"], shuffle=True, seed=0))
     L = shape["layers"]

@@ -220,7 +220,7 @@ class CharTokenizer:
         return "".join("<b>&" if i == 3 else chr(ord("a") + i) for i in ids)
 
 
-def run_analyze(out_dir, grown, batches, tokenizer=None):
+def run_analyze(out_dir, grown, batches, tokenizer=None, upper_context="full"):
     small, model = grown
     conf = token_outputs(model, batches, "cpu", exit_layer=2)["conf_max_prob"]
     threshold = exact_quantile(conf, 0.5)
@@ -232,7 +232,7 @@ def run_analyze(out_dir, grown, batches, tokenizer=None):
     train_tokens = np.random.default_rng(0).zipf(1.5, 2000) % 16
     summary = analyze(out_dir, model=model, loader=batches, device="cpu", threshold=threshold, measure="max_prob",
                       exit_layer=2, baselines=baselines, tokenizer=tokenizer, train_tokens=train_tokens,
-                      vocab_size=16, html_tokens=40)
+                      vocab_size=16, html_tokens=40, upper_context=upper_context)
     return summary, baselines, threshold
 
 
@@ -291,7 +291,6 @@ def test_analyze_without_matplotlib(tmp_path, grown, token_batches, monkeypatch,
 
 
 def test_analyze_says_when_the_model_routes_under_another_policy(tmp_path, grown, token_batches, caplog):
-    grown[1].upper_context = "skip"
-    run_analyze(tmp_path, grown, token_batches)
+    run_analyze(tmp_path, grown, token_batches, upper_context="skip")
     assert "upper_context='skip'" in (tmp_path / "report.md").read_text()
     assert any("assumes 'full'" in r.getMessage() for r in caplog.records)

@@ -88,10 +88,11 @@ def test_each_measure_picks_its_own_hardest_token():
 def test_measures_select_different_hard_sets_on_a_model(make_tiny_model, token_batches):
     masks = {}
     for measure in ("max_prob", "margin", "entropy"):
-        model = make_tiny_model(num_layers=2, confidence=measure)  # the model's measure is the default
-        t = compute_confidence_threshold(model, token_batches, 0.5)
-        assert t == compute_confidence_threshold(make_tiny_model(num_layers=2), token_batches, 0.5, measure=measure)
-        hard = collect_hard_examples(model, token_batches, t)
+        model = make_tiny_model(num_layers=2)
+        t = compute_confidence_threshold(model, token_batches, 0.5, measure=measure)
+        if measure == "max_prob":  # the default measure
+            assert t == compute_confidence_threshold(model, token_batches, 0.5)
+        hard = collect_hard_examples(model, token_batches, t, measure=measure)
         _, mask = hand_hard_mask(model, token_batches, t, 2, measure)
         _, y = stack(token_batches)
         assert torch.equal(hard["targets"], torch.where(mask, y, -100)[mask.any(1)]), measure
@@ -244,7 +245,7 @@ def test_phase2_keeps_the_exit_bit_identical_and_trains_only_the_upper_block(mak
     t = compute_confidence_threshold(small, token_batches, 0.5)
     hard = collect_hard_examples(small, token_batches, t)
     torch.manual_seed(1)
-    big = grow(small, 4, routing_threshold=t, deep_head=deep_head)
+    big = grow(small, 4, deep_head=deep_head)
     frozen_modules = [big.embedding, big.output_head, *big.layers[:2]]
     upper_modules = [*big.layers[2:]] + ([big.deep_head] if deep_head else [])
     frozen, upper = params_of(*frozen_modules), params_of(*upper_modules)
@@ -265,7 +266,7 @@ def test_phase2_loss_is_the_mean_over_hard_positions_only(make_tiny_model, pertu
     small = make_tiny_model(num_layers=2)
     t = compute_confidence_threshold(small, token_batches, 0.5)
     hard = collect_hard_examples(small, token_batches, t)
-    big = grow(small, 4, routing_threshold=t)
+    big = grow(small, 4)
     perturb(big.layers[2:].parameters())
     with torch.no_grad():
         logits = big(hard["inputs"])
@@ -294,7 +295,7 @@ def test_phase2_ignores_the_targets_of_easy_positions(make_tiny_model, token_bat
     for batches in (token_batches, changed):
         hard = collect_hard_examples(small, batches, t)
         torch.manual_seed(1)
-        big = grow(small, 4, routing_threshold=t)
+        big = grow(small, 4)
         runs.append((hard, phase2_step(big, hard, steps=2), big.state_dict()))
     (h1, l1, s1), (h2, l2, s2) = runs
     for key in ("inputs", "targets", "hidden_states", "confidences"):
@@ -308,7 +309,7 @@ def test_any_exit_layer_works_end_to_end(make_tiny_model, token_batches, exit_la
     small = make_tiny_model(num_layers=exit_layer)
     t = compute_confidence_threshold(small, token_batches, 0.4, "cpu")
     hard = collect_hard_examples(small, token_batches, t, "cpu")
-    big = grow(small, num_layers, routing_threshold=t)
+    big = grow(small, num_layers)
     assert big.exit_layer == exit_layer
     phase2_step(big, hard, steps=2)
     x, _ = stack(token_batches)
@@ -350,7 +351,7 @@ def test_stores_give_the_same_phase2_loss_as_memory(make_tiny_model, token_batch
         if s == "recompute":
             assert hard["hidden_states"] is None
         torch.manual_seed(1)
-        big = grow(small, 4, routing_threshold=t)
+        big = grow(small, 4)
         runs[s] = (phase2_step(big, hard, steps=2, batch_size=3), big.state_dict())
     (mem_loss, mem_state), (loss, state) = runs["memory"], runs[store]
     if store == "recompute":
@@ -378,24 +379,25 @@ def test_phase2_training_and_routed_evaluation_agree_on_hard_tokens(make_tiny_mo
                                                                     policy):
     small = make_tiny_model(num_layers=2)
     t = compute_confidence_threshold(small, token_batches, 0.5)
-    big = grow(small, 4, routing_threshold=t, upper_context=policy)
+    big = grow(small, 4)
     perturb(big.layers[2:].parameters())
     hard = collect_hard_examples(big, token_batches, t)
-    config = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=t, exit_layer=2)
+    config = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=t, exit_layer=2, upper_context=policy)
     stats = Trainer(config, V, progress=False).evaluate(big, token_batches)
     assert stats["shallow_ratio"] == 1 - hard["num_hard"] / hard["num_tokens"]
     # evaluate_on_hard_examples over whole-hard-set and over small shuffled batches
     for batch_size, shuffle in ((len(hard["targets"]), False), (3, True)):
         loader = create_hard_example_loader(hard, batch_size=batch_size, shuffle=shuffle)
-        on_hard = evaluate_on_hard_examples(big, loader, V, "cpu", num_lower_layers=2)
+        on_hard = evaluate_on_hard_examples(big, loader, V, "cpu", num_lower_layers=2, policy=policy)
         assert on_hard["ppl"] == pytest.approx(stats["hard_deep_ppl"], rel=1e-5)
     # the training loss (before its one step, lr 0) is the same number
     loader = create_hard_example_loader(hard, batch_size=len(hard["targets"]), shuffle=False)
-    loss = train_upper_layers(big, loader, torch.optim.SGD(big.parameters(), lr=0.0), V, "cpu", num_lower_layers=2)
+    loss = train_upper_layers(big, loader, torch.optim.SGD(big.parameters(), lr=0.0), V, "cpu", num_lower_layers=2,
+                              policy=policy)
     assert loss == pytest.approx(math.log(stats["hard_deep_ppl"]), rel=1e-5)
     # and upper_logits is exactly the routed evaluation's deep exit at the hard positions
     with torch.no_grad():
-        logits, y = upper_logits(big, hard["hidden_states"], hard["targets"], 2)
+        logits, y = upper_logits(big, hard["hidden_states"], hard["targets"], 2, policy=policy)
         hard_mask = hard["targets"] != -100
         ref = big.run_layers(hard["hidden_states"], 2, 4, hard=hard_mask, policy=policy)
         assert torch.equal(logits, big.deep_head(ref[hard_mask]))

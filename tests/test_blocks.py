@@ -113,15 +113,17 @@ def test_every_exit_stays_bit_identical_and_meets_its_ratio(sweep):
         assert torch.equal(m1(x), m3(x, layer=2)) and torch.equal(m2(x, layer=2), m3(x, layer=2))
         assert torch.equal(m2(x), m3(x, layer=4))
     assert not any(p.requires_grad for p in m3.exit_heads.parameters())
-    for path, model, layer in (("hard_examples", m1, 2), ("block3", m2, 4)):
-        info = json.loads((d / path / "threshold.json").read_text())
-        conf = gather_confidences(model, loaders.validation, "cpu", exit_layer=layer)  # tokens that reach it
+    infos = {path: json.loads((d / path / "threshold.json").read_text()) for path in ("hard_examples", "block3")}
+    for path, model, layer, below in (("hard_examples", m1, 2, []), ("block3", m2, 4, [infos["hard_examples"]])):
+        info = infos[path]
+        conf = gather_confidences(model, loaders.validation, "cpu", exit_layer=layer,  # tokens that reach it
+                                  thresholds=[b["threshold"] for b in below])
         assert info["exit_layer"] == layer and info["num_tokens"] == conf.numel()
         assert info["threshold"] == exact_quantile(conf, info["target_ratio"])
         assert float((conf < info["threshold"]).double().mean()) == pytest.approx(info["target_ratio"], abs=0.01)
     assert json.loads((d / "block3/threshold.json").read_text())["target_ratio"] == 0.4
     # the routed model on validation: each exit's calibrated share of the tokens reaching it continues
-    thresholds = [m3.routing_thresholds[0], m3.routing_thresholds[1]]
+    thresholds = [infos["hard_examples"]["threshold"], infos["block3"]["threshold"]]
     tc = TrainingConfig(stages=[StageConfig((6, 6))], exit_layers=[2, 4], routing_thresholds=thresholds)
     ex = evaluate(tc, m3, loaders.validation, "cpu", progress=False)["exits"]
     assert ex[0]["share"] == pytest.approx(0.5, abs=0.01)
@@ -162,7 +164,6 @@ def test_cascaded_routing_and_compute_cost_match_a_hand_computation(make_tiny_mo
             rows.append((conf, nll, ok))
     all_conf = [torch.cat([r[0][i] for r in rows]) for i in range(2)]
     t1, t2 = float(all_conf[0].quantile(0.6)), float(all_conf[1].quantile(0.5))
-    model.routing_thresholds = [t1, t2]
     tc = TrainingConfig(stages=[StageConfig((3, 3))], exit_layers=[1, 2], routing_thresholds=[t1, t2])
     got = evaluate(tc, model, token_batches, "cpu", progress=False)
     n = nll_sum = correct = layers = 0
@@ -191,9 +192,9 @@ def test_cascaded_routing_and_compute_cost_match_a_hand_computation(make_tiny_mo
 
 def test_grow_twice_freezes_every_exit_and_checkpoints_round_trip(make_tiny_model, tmp_path):
     m1 = make_tiny_model(num_layers=2)
-    m2 = grow(m1, 4, routing_threshold=0.3)
-    m3 = grow(m2, 6, routing_threshold=0.2)
-    assert (m3.exit_layers, m3.routing_thresholds, m3.exit_layer, m3.routing_threshold) == ([2, 4], [0.3, 0.2], 2, 0.3)
+    m2 = grow(m1, 4)
+    m3 = grow(m2, 6)
+    assert (m3.exit_layers, m3.exit_layer, m3.args.exits) == ([2, 4], 2, (2, 4))
     assert torch.equal(m3.exit_heads[0].proj.weight, m2.deep_head.proj.weight)
     assert torch.equal(m3.deep_head.proj.weight, m2.deep_head.proj.weight)
     trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("layers") else "")
@@ -279,7 +280,6 @@ def cascade(make_tiny_model, make_token_batches):
     conf = token_outputs(model, val, "cpu", exit_layer=[1, 2], measures=("max_prob",))["conf_at_max_prob"]
     t1 = exact_quantile(conf[:, 0], 0.6)
     t2 = exact_quantile(conf[:, 1][conf[:, 0] < t1], 0.5)
-    model.routing_thresholds = [t1, t2]
     return model, test, val, [t1, t2]
 
 

@@ -169,7 +169,7 @@ def test_finetune_is_charged_no_training_split_mining(tmp_path):
 
 def test_operating_points_recomputed_from_validation_and_reported_on_test(make_tiny_model, perturb, make_token_batches):
     small = make_tiny_model(num_layers=2)
-    big = grow(small, 4, routing_threshold=0.2)
+    big = grow(small, 4)
     perturb(big.layers[2:].parameters(), 0.3, 1)
     val, test = make_token_batches(n_batches=3, seed=1), make_token_batches(n_batches=3, seed=2)
     kw = dict(exit_layer=2, num_layers=4)

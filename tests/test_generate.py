@@ -4,6 +4,7 @@
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from lego.ashem import grow
 from lego.confidence import confidence_from_logits
-from lego.config import ConfigError
+from lego.config import ConfigError, Routing
 from lego.generate import agreement, generate, run_generation, teacher_forced_logits
 from lego.generate import test_prompts as pick_prompts
 from lego.kvcache import CachedModel, Positions
@@ -26,11 +27,13 @@ MAX_LEN = 24
 @pytest.fixture
 def grown(make_tiny_model, perturb):
     """`grown(policy="full", pos="learned", threshold=None, **shape)`: a 4-layer model grown from a
-    2-layer one, its new layers and deep head perturbed so that they change the predictions."""
+    2-layer one, its new layers and deep head perturbed so that they change the predictions; the routing the
+    tests decode it with is `model.routing` (a test's own attribute: the model does not read it)."""
 
     def make(policy="full", pos="learned", threshold=None, **shape):
         small = make_tiny_model(num_layers=2, seed=3, max_seq_len=MAX_LEN, pos=pos, **shape)
-        big = grow(small, 4, routing_threshold=threshold, upper_context=policy).eval()
+        big = grow(small, 4).eval()
+        big.routing = Routing(() if threshold is None else (threshold,), policy)
         perturb(list(big.layers[2:].parameters()), std=0.3, seed=4)
         perturb(list(big.deep_head.parameters()), std=0.1, seed=5)
         return big
@@ -50,7 +53,7 @@ def uncached_greedy(model, prompt, n):
 def exit_confidences(model, sequences):
     with torch.no_grad(), model.autocast():
         return torch.cat([confidence_from_logits(model.logits_at(model.run_layers(model.embed(torch.tensor([s])), 0, 2),
-                                                                 2).float(), model.confidence).flatten()
+                                                                 2).float(), model.routing.measure).flatten()
                           for s in sequences])
 
 
@@ -66,8 +69,9 @@ def mid_threshold(conf):
 
 def calibrated(model, n=12):
     """Set the model's threshold so that about half of the positions of dense greedy text exit."""
-    d = generate(model, PROMPTS, max_new_tokens=n)
-    model.routing_threshold = mid_threshold(exit_confidences(model, [p + t for p, t in zip(PROMPTS, d.tokens)]))
+    d = generate(model, PROMPTS, routing=model.routing, max_new_tokens=n)
+    threshold = mid_threshold(exit_confidences(model, [p + t for p, t in zip(PROMPTS, d.tokens)]))
+    model.routing = replace(model.routing, thresholds=(threshold,))
     return model
 
 
@@ -77,7 +81,7 @@ def calibrated(model, n=12):
                                           ("rope", "layernorm", "gelu"), ("learned", "rmsnorm", "swiglu")])
 def test_cached_greedy_equals_uncached(grown, pos, norm, ffn):
     model = grown(pos=pos, norm=norm, ffn=ffn)
-    out = generate(model, PROMPTS, max_new_tokens=10)
+    out = generate(model, PROMPTS, routing=model.routing, max_new_tokens=10)
     expected = [uncached_greedy(model, p, 10) for p in PROMPTS]
     assert out.tokens == expected
     assert len({t for row in expected for t in row}) >= 3, "test is vacuous: the model repeats one token"
@@ -88,8 +92,8 @@ def test_cached_greedy_equals_uncached(grown, pos, norm, ffn):
                                              ("routed", "propagate"), ("routed", "skip")])
 def test_batch_of_different_lengths_equals_each_prompt_alone(grown, decoder, policy):
     model = calibrated(grown(policy=policy, pos="rope"))
-    batch = generate(model, PROMPTS, max_new_tokens=10, decoder=decoder, k=3)
-    alone = [generate(model, [p], max_new_tokens=10, decoder=decoder, k=3) for p in PROMPTS]
+    batch = generate(model, PROMPTS, routing=model.routing, max_new_tokens=10, decoder=decoder, k=3)
+    alone = [generate(model, [p], routing=model.routing, max_new_tokens=10, decoder=decoder, k=3) for p in PROMPTS]
     assert batch.tokens == [a.tokens[0] for a in alone]
     assert batch.exited == [a.exited[0] for a in alone]
     if decoder == "routed":
@@ -101,8 +105,8 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(grown, decoder, pol
 @pytest.mark.parametrize("policy", ["full", "propagate", "skip"])
 def test_routed_with_threshold_above_one_equals_dense(grown, policy):
     model = grown(policy=policy, threshold=1.01)  # max_prob <= 1: nothing exits
-    routed = generate(model, PROMPTS, max_new_tokens=10, decoder="routed", return_logits=True)
-    dense = generate(model, PROMPTS, max_new_tokens=10, return_logits=True)
+    routed = generate(model, PROMPTS, routing=model.routing, max_new_tokens=10, decoder="routed", return_logits=True)
+    dense = generate(model, PROMPTS, routing=model.routing, max_new_tokens=10, return_logits=True)
     assert routed.tokens == dense.tokens and routed.exit_share == 0.0
     for a, b in zip(routed.logits, dense.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -112,21 +116,21 @@ def test_routed_with_threshold_above_one_equals_dense(grown, policy):
 @pytest.mark.parametrize("policy", ["full", "propagate", "skip"])
 def test_routed_decoding_logits_equal_teacher_forced_routed_forward(grown, policy, pos):
     model = calibrated(grown(policy=policy, pos=pos))
-    out = generate(model, PROMPTS, max_new_tokens=12, decoder="routed", return_logits=True)
+    out = generate(model, PROMPTS, routing=model.routing, max_new_tokens=12, decoder="routed", return_logits=True)
     assert 0.2 < out.exit_share < 0.8, f"test is vacuous: exit share {out.exit_share}"
     for b, p in enumerate(PROMPTS):
         seq = torch.tensor([p + out.tokens[b]])
-        expected, easy = teacher_forced_logits(model, seq)
+        expected, easy = teacher_forced_logits(model, seq, model.routing)
         torch.testing.assert_close(out.logits[b], expected[0, len(p) - 1:-1], atol=2e-5, rtol=1e-5)
         assert out.exited[b] == easy[0, len(p) - 1:-1].tolist()
     # prefill applies the same rule to the prompt's own positions (a prompt that is a whole generated text)
     seqs = [p + t for p, t in zip(PROMPTS, out.tokens)]
     padded = torch.tensor([s + [0] * (max(map(len, seqs)) - len(s)) for s in seqs])
-    state = CachedModel(model, len(seqs), padded.shape[1], routed=True)
+    state = CachedModel(model, len(seqs), padded.shape[1], routing=model.routing)
     with torch.no_grad():
         logits, exited = state.prefill(padded, [len(s) for s in seqs])
     for b, s in enumerate(seqs):
-        expected, easy = teacher_forced_logits(model, torch.tensor([s]))
+        expected, easy = teacher_forced_logits(model, torch.tensor([s]), model.routing)
         torch.testing.assert_close(logits[b, :len(s)], expected[0], atol=2e-5, rtol=1e-5)
         assert torch.equal(exited[b, :len(s)], easy[0])
 
@@ -137,7 +141,7 @@ def test_routed_steps_on_a_mixed_batch_keep_the_cache_invariant(grown, policy):
     prefill of the same tokens writes: exited rows' keys from their exit state, or none (an invalid slot is 0)."""
     model = calibrated(grown(policy=policy))
     B, n = len(PROMPTS), 10
-    state = CachedModel(model, B, MAX_LEN, routed=True)
+    state = CachedModel(model, B, MAX_LEN, routing=model.routing)
     padded = torch.tensor([p + [0] * (5 - len(p)) for p in PROMPTS])
     mixed = 0
     with torch.no_grad():
@@ -151,7 +155,7 @@ def test_routed_steps_on_a_mixed_batch_keep_the_cache_invariant(grown, policy):
             logits, exited = state.step(tok, at)
             mixed += 0 < int(exited.sum()) < B
             tok = logits.argmax(-1)
-        ref = CachedModel(model, B, MAX_LEN, routed=True)
+        ref = CachedModel(model, B, MAX_LEN, routing=model.routing)
         ref.prefill(torch.tensor([s + [0] * (max(map(len, seqs)) - len(s)) for s in seqs]), list(map(len, seqs)))
     assert mixed > 0, "test is vacuous: no mixed step"
     assert torch.equal(state.cache.valid, ref.cache.valid)
@@ -164,12 +168,12 @@ def test_routed_steps_on_a_mixed_batch_keep_the_cache_invariant(grown, policy):
 @pytest.mark.parametrize("measure", ["margin", "entropy"])
 def test_routed_decoding_follows_the_models_confidence_measure(grown, measure):
     model = grown(policy="propagate", pos="rope")
-    model.confidence = measure
+    model.routing = replace(model.routing, measure=measure)
     model = calibrated(model)
-    out = generate(model, PROMPTS, max_new_tokens=12, decoder="routed", return_logits=True)
+    out = generate(model, PROMPTS, routing=model.routing, max_new_tokens=12, decoder="routed", return_logits=True)
     assert 0.2 < out.exit_share < 0.8, f"test is vacuous: exit share {out.exit_share}"
     for b, p in enumerate(PROMPTS):
-        expected, easy = teacher_forced_logits(model, torch.tensor([p + out.tokens[b]]))
+        expected, easy = teacher_forced_logits(model, torch.tensor([p + out.tokens[b]]), model.routing)
         torch.testing.assert_close(out.logits[b], expected[0, len(p) - 1:-1], atol=2e-5, rtol=1e-5)
         assert out.exited[b] == easy[0, len(p) - 1:-1].tolist()
 
@@ -179,10 +183,10 @@ def test_teacher_forced_logits_are_what_trainer_evaluate_scores(grown, policy):
     model = calibrated(grown(policy=policy))
     seq = torch.randint(0, model.vocab_size, (3, MAX_LEN + 1), generator=torch.Generator().manual_seed(0))
     x, y = seq[:, :-1], seq[:, 1:]
-    logits, easy = teacher_forced_logits(model, x)
+    logits, easy = teacher_forced_logits(model, x, model.routing)
     nll = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-    cfg = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=model.routing_threshold, exit_layer=2,
-                         confidence=model.confidence, upper_context=policy)
+    cfg = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=model.routing.threshold, exit_layer=2,
+                         confidence=model.routing.measure, upper_context=policy)
     stats = Trainer(cfg, model.vocab_size, progress=False).evaluate(model, [(x, y)])
     assert stats["shallow_ratio"] == pytest.approx(float(easy.float().mean()), abs=0)
     assert stats["ppl"] == pytest.approx(float(nll.exp()), rel=1e-5)
@@ -194,8 +198,8 @@ def test_teacher_forced_logits_are_what_trainer_evaluate_scores(grown, policy):
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_speculative_greedy_equals_dense_greedy(grown, k, pos):
     model = grown(pos=pos)
-    dense = generate(model, PROMPTS, max_new_tokens=14)
-    spec = generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=k)
+    dense = generate(model, PROMPTS, routing=model.routing, max_new_tokens=14)
+    spec = generate(model, PROMPTS, routing=model.routing, max_new_tokens=14, decoder="speculative", k=k)
     assert spec.tokens == dense.tokens
     assert 0 < spec.accepted < spec.drafted, "test is vacuous: every draft accepted or none"
     assert [sum(e) for e in spec.exited] and sum(map(sum, spec.exited)) == spec.accepted
@@ -206,18 +210,18 @@ def test_speculative_greedy_equals_dense_greedy(grown, k, pos):
 @pytest.mark.parametrize("k", [2, 4])
 def test_adaptive_drafting_greedy_equals_dense_greedy(grown, k, pos):
     model = grown(pos=pos)
-    dense = generate(model, PROMPTS, max_new_tokens=14)
+    dense = generate(model, PROMPTS, routing=model.routing, max_new_tokens=14)
     # most positions confident: a batch stops drafting as soon as one row is unsure
-    model.routing_threshold = float(exit_confidences(model, [p + t for p, t in zip(PROMPTS, dense.tokens)])
-                                    .quantile(0.1))
-    fixed = generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=k)
-    spec = generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=k, adaptive=True)
+    model.routing = Routing((float(exit_confidences(model, [p + t for p, t in zip(PROMPTS, dense.tokens)])
+                                    .quantile(0.1)),))
+    fixed = generate(model, PROMPTS, routing=model.routing, max_new_tokens=14, decoder="speculative", k=k)
+    spec = generate(model, PROMPTS, routing=model.routing, max_new_tokens=14, decoder="speculative", k=k, adaptive=True)
     assert spec.tokens == dense.tokens and spec.extra["adaptive"]
     assert 0 < spec.drafted < fixed.drafted, "test is vacuous: drafting never stopped early, or never drafted"
     assert sum(map(sum, spec.exited)) == spec.accepted
     # a stricter threshold drafts less; a threshold of 0 drafts as the fixed-k decoder does
-    model.routing_threshold = 0.0
-    assert generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=k,
+    model.routing = Routing((0.0,))
+    assert generate(model, PROMPTS, routing=model.routing, max_new_tokens=14, decoder="speculative", k=k,
                     adaptive=True).drafted == fixed.drafted
 
 
@@ -225,16 +229,16 @@ def test_adaptive_drafting_greedy_equals_dense_greedy(grown, k, pos):
 def test_aligned_batch_never_takes_the_ragged_path(grown, adaptive):
     model = grown()
     prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]  # one length: rows start aligned
-    dense = generate(model, prompts, max_new_tokens=14)
-    model.routing_threshold = float(exit_confidences(model, [p + t for p, t in zip(prompts, dense.tokens)])
-                                    .quantile(0.1))
-    spec = generate(model, prompts, max_new_tokens=14, decoder="speculative", k=2, adaptive=adaptive)
+    dense = generate(model, prompts, routing=model.routing, max_new_tokens=14)
+    model.routing = Routing((float(exit_confidences(model, [p + t for p, t in zip(prompts, dense.tokens)])
+                                    .quantile(0.1)),))
+    spec = generate(model, prompts, routing=model.routing, max_new_tokens=14, decoder="speculative", k=2, adaptive=adaptive)
     assert spec.tokens == dense.tokens
     assert spec.extra["ragged_chunks"] == 0 and spec.extra["rounds"] > 0
     per_row = [sum(e) for e in spec.exited]
     assert len(set(per_row)) == 1 and 0 < spec.accepted < spec.drafted  # every row keeps the fewest
     # prompts of different lengths are at per-row positions from the start: the counter sees it
-    assert generate(model, PROMPTS, max_new_tokens=4, decoder="speculative", k=3).extra["ragged_chunks"] > 0
+    assert generate(model, PROMPTS, routing=model.routing, max_new_tokens=4, decoder="speculative", k=3).extra["ragged_chunks"] > 0
 
 
 def test_draft_confidence_is_the_max_prob_test_in_log_space():
@@ -253,7 +257,7 @@ def test_rejected_drafts_leave_the_cache_as_if_never_drafted(grown):
     model = grown()
     prompts, k = PROMPTS, 4
     B, slots = len(prompts), MAX_LEN
-    state = CachedModel(model, B, slots, routed=False)
+    state = CachedModel(model, B, slots)
     sampler = Sampler(0.0, None, None, None)
     padded = torch.tensor([p + [0] * (5 - len(p)) for p in prompts])
     rejected = 0
@@ -269,7 +273,7 @@ def test_rejected_drafts_leave_the_cache_as_if_never_drafted(grown):
             for b, row in enumerate(new):
                 seqs[b] += row
         kept = [s[:c] for s, c in zip(seqs, cached)]  # the pending token is not in the cache yet
-        ref = CachedModel(model, B, slots, routed=False)
+        ref = CachedModel(model, B, slots)
         ref.prefill(torch.tensor([s + [0] * (max(cached) - len(s)) for s in kept]), cached)
     assert rejected > 0, "test is vacuous: no draft was rejected"
     assert torch.equal(state.cache.valid, ref.cache.valid)
@@ -285,7 +289,7 @@ def test_speculative_sampling_keeps_the_dense_distribution(grown, align):
     every row keeps the fewest drafts (none of 20,000), and the accepted ones are its second token."""
     model = grown()
     n = 20000
-    out = generate(model, [[1, 2, 3]] * n, max_new_tokens=3, decoder="speculative", k=1, temperature=1.0, seed=0,
+    out = generate(model, [[1, 2, 3]] * n, routing=model.routing, max_new_tokens=3, decoder="speculative", k=1, temperature=1.0, seed=0,
                    align=align)
     assert (0 < out.accepted < out.drafted) if not align else out.accepted == 0
     first = torch.tensor([t[0] for t in out.tokens])
@@ -308,9 +312,9 @@ def test_speculative_sampling_keeps_the_dense_distribution(grown, align):
 def test_sampling_is_reproducible_with_a_seed(grown, decoder):
     model = grown(policy="propagate", threshold=0.3)
     opts = dict(max_new_tokens=10, decoder=decoder, temperature=1.0, top_k=8, top_p=0.9)
-    a = generate(model, PROMPTS, seed=7, **opts)
-    b = generate(model, PROMPTS, seed=7, **opts)
-    c = generate(model, PROMPTS, seed=8, **opts)
+    a = generate(model, PROMPTS, routing=model.routing, seed=7, **opts)
+    b = generate(model, PROMPTS, routing=model.routing, seed=7, **opts)
+    c = generate(model, PROMPTS, routing=model.routing, seed=8, **opts)
     assert a.tokens == b.tokens and a.exited == b.exited
     assert a.tokens != c.tokens
 
@@ -319,10 +323,10 @@ def test_sampling_is_reproducible_with_a_seed(grown, decoder):
 def test_one_new_token_and_a_full_context(grown, decoder):
     model = grown(policy="skip", threshold=0.3)
     long_prompt = [t % 16 for t in range(MAX_LEN - 3)]
-    one = generate(model, PROMPTS, max_new_tokens=1, decoder=decoder)
+    one = generate(model, PROMPTS, routing=model.routing, max_new_tokens=1, decoder=decoder)
     assert [len(t) for t in one.tokens] == [1, 1, 1]
-    full = generate(model, [long_prompt, [1]], max_new_tokens=3, decoder=decoder)  # 21 + 3 = max_seq_len
-    assert full.tokens[0] == generate(model, [long_prompt], max_new_tokens=3, decoder=decoder).tokens[0]
+    full = generate(model, [long_prompt, [1]], routing=model.routing, max_new_tokens=3, decoder=decoder)  # 21 + 3 = max_seq_len
+    assert full.tokens[0] == generate(model, [long_prompt], routing=model.routing, max_new_tokens=3, decoder=decoder).tokens[0]
     assert [len(t) for t in full.tokens] == [3, 3]
 
 
@@ -337,16 +341,16 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 
 def test_generate_restores_training_mode(grown):
     model = grown().train()
-    generate(model, PROMPTS, max_new_tokens=2)
+    generate(model, PROMPTS, routing=model.routing, max_new_tokens=2)
     assert model.training
 
 
 def test_stop_token_ends_a_row(grown):
     model = grown()
-    full = generate(model, PROMPTS, max_new_tokens=10)
+    full = generate(model, PROMPTS, routing=model.routing, max_new_tokens=10)
     stop = full.tokens[0][2]
     for decoder in ("dense", "speculative"):
-        out = generate(model, PROMPTS, max_new_tokens=10, decoder=decoder, stop_token=stop)
+        out = generate(model, PROMPTS, routing=model.routing, max_new_tokens=10, decoder=decoder, stop_token=stop)
         for row, ref in zip(out.tokens, full.tokens):
             cut = ref.index(stop) + 1 if stop in ref else len(ref)
             assert row == ref[:cut]
@@ -377,9 +381,14 @@ def test_bad_input_raises_naming_the_key(grown, kwargs, key):
         assert "dense, routed, speculative" in str(err.value)
 
 
-def test_routed_needs_a_threshold(make_tiny_model):
+def test_routed_needs_a_threshold(make_tiny_model, grown):
     with pytest.raises(ValueError, match="generate.decoders"):
         generate(make_tiny_model(num_layers=2, max_seq_len=MAX_LEN), PROMPTS, max_new_tokens=2, decoder="routed")
+    for routing in (None, Routing()):  # a grown model, but no threshold to route at
+        with pytest.raises(ValueError, match="generate.decoders: routed needs a routing"):
+            generate(grown(), PROMPTS, max_new_tokens=2, decoder="routed", routing=routing)
+    with pytest.raises(ValueError, match="generate.adaptive"):
+        generate(grown(), PROMPTS, max_new_tokens=2, decoder="speculative", adaptive=True)
 
 
 # -- the report -----------------------------------------------------------------------------------------------
@@ -392,7 +401,8 @@ class CharTokenizer:
 def test_run_generation_writes_samples_and_metrics(grown, tmp_path):
     model = calibrated(grown(policy="skip"))
     metrics = run_generation(model, CharTokenizer(), PROMPTS, k_values=(1, 3), max_new_tokens=8,
-                             temperature=0.0, top_k=None, top_p=None, seed=0, adaptive=True, out_dir=tmp_path)
+                             temperature=0.0, top_k=None, top_p=None, seed=0, adaptive=True, routing=model.routing,
+                             out_dir=tmp_path)
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert set(on_disk) == {"settings", "dense", "routed", "speculative_k1", "speculative_k3",
                             "speculative_adaptive_k1", "speculative_adaptive_k3"}
@@ -456,11 +466,12 @@ def learned(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     C = model.dim
     probe = RouterProbe(torch.zeros(C), torch.ones(C), torch.randn(C, generator=g), 0.0)
-    d = generate(model, PROMPTS, max_new_tokens=12)
+    d = generate(model, PROMPTS, routing=model.routing, max_new_tokens=12)
     with torch.no_grad():
         scores = torch.cat([probe(model.hidden_states(torch.tensor([p + t]), upto=model.exit_layer)[-1][0])
                             for p, t in zip(PROMPTS, d.tokens)])
-    return model.route_with(probe, float(scores.median()))
+    model.routing = model.routing.learned(probe, float(scores.median()))
+    return model
 
 
 @pytest.mark.parametrize("policy", ["full", "propagate", "skip"])
@@ -468,27 +479,27 @@ def test_learned_router_decoding_equals_its_teacher_forced_routed_forward(grown,
     """A learned router routes decoding, the teacher-forced forward and Trainer.evaluate alike, by the exit's
     hidden state (not its logits): the same tokens exit everywhere."""
     model = learned(grown(policy=policy, pos="rope"))
-    out = generate(model, PROMPTS, max_new_tokens=12, decoder="routed", return_logits=True)
+    out = generate(model, PROMPTS, routing=model.routing, max_new_tokens=12, decoder="routed", return_logits=True)
     assert 0.2 < out.exit_share < 0.8, f"test is vacuous: exit share {out.exit_share}"
-    by_logits = model.router_probe
+    by_logits = model.routing
     for b, p in enumerate(PROMPTS):
         seq = torch.tensor([p + out.tokens[b]])
-        expected, easy = teacher_forced_logits(model, seq)
+        expected, easy = teacher_forced_logits(model, seq, model.routing)
         torch.testing.assert_close(out.logits[b], expected[0, len(p) - 1:-1], atol=2e-5, rtol=1e-5)
         assert out.exited[b] == easy[0, len(p) - 1:-1].tolist()
-        model.router_probe = None  # the same threshold on max_prob would route other tokens
-        assert not torch.equal(teacher_forced_logits(model, seq)[1], easy)
-        model.router_probe = by_logits
+        by_max_prob = replace(by_logits, probe=None)  # the same threshold on max_prob would route other tokens
+        assert not torch.equal(teacher_forced_logits(model, seq, by_max_prob)[1], easy)
     x = torch.tensor([p + t for p, t in zip(PROMPTS, out.tokens)][:1])
-    cfg = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=model.routing_threshold, exit_layer=2,
-                         upper_context=policy)
+    cfg = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=model.routing.threshold, exit_layer=2,
+                         upper_context=policy, router_probe=model.routing.probe)
     stats = Trainer(cfg, model.vocab_size, progress=False).evaluate(model, [(x[:, :-1], x[:, 1:])])
-    assert stats["shallow_ratio"] == pytest.approx(float(teacher_forced_logits(model, x[:, :-1])[1].float().mean()),
+    exited = teacher_forced_logits(model, x[:, :-1], model.routing)[1]
+    assert stats["shallow_ratio"] == pytest.approx(float(exited.float().mean()),
                                                    abs=0)
 
 
 def test_adaptive_drafting_with_a_learned_router_keeps_dense_greedy(grown):
     model = learned(grown(pos="rope"))
-    dense = generate(model, PROMPTS, max_new_tokens=14)
-    spec = generate(model, PROMPTS, max_new_tokens=14, decoder="speculative", k=4, adaptive=True)
+    dense = generate(model, PROMPTS, routing=model.routing, max_new_tokens=14)
+    spec = generate(model, PROMPTS, routing=model.routing, max_new_tokens=14, decoder="speculative", k=4, adaptive=True)
     assert spec.tokens == dense.tokens

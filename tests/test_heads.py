@@ -12,6 +12,7 @@ import torch
 from conftest import DIM, TINY, compose_config, lego_run
 from test_ashem import params_of, phase2_step, stack
 
+from lego.artifacts import save_checkpoint
 from lego.ashem import collect_hard_examples, compute_confidence_threshold, grow
 from lego.checkpoint import build_model, load_model, model_args, save_model
 from lego.cli import to_config
@@ -29,7 +30,7 @@ def test_phase2_keeps_block1_bit_identical(make_tiny_model, token_batches, exit_
     t = compute_confidence_threshold(small, token_batches, 0.5)
     hard = collect_hard_examples(small, token_batches, t)
     torch.manual_seed(1)
-    big = grow(small, 4, routing_threshold=t, deep_head=deep_head)
+    big = grow(small, 4, deep_head=deep_head)
     frozen = params_of(big.embedding, big.output_head, *big.layers[:2])
     trained = [big.deep_head] if deep_head else []
     before = params_of(*big.layers[2:], *trained)
@@ -53,7 +54,7 @@ def test_phase2_keeps_block1_bit_identical(make_tiny_model, token_batches, exit_
 
 @pytest.mark.parametrize("exit_head,exit_rank", HEADS)
 def test_heads_round_trip_through_checkpoints(make_tiny_model, perturb, tmp_path, exit_head, exit_rank):
-    big = grow(make_tiny_model(num_layers=2, exit_head=exit_head, exit_rank=exit_rank), 4, routing_threshold=0.3)
+    big = grow(make_tiny_model(num_layers=2, exit_head=exit_head, exit_rank=exit_rank), 4)
     perturb(list(big.layers[2:].parameters()) + list(big.deep_head.norm.parameters()), seed=2)
     path = tmp_path / "model.pt"
     save_model(path, big, ASHEMConfig(), stage="phase2")
@@ -67,6 +68,22 @@ def test_heads_round_trip_through_checkpoints(make_tiny_model, perturb, tmp_path
     # a checkpoint of another head refuses to load
     with pytest.raises(Exception, match="exit_head"):
         load_model(path, dict(model_args(big), exit_head="separate", exit_rank=None), "cpu", "test checkpoint")
+
+
+def test_checkpoints_written_before_model_args_still_load(make_tiny_model, perturb, tmp_path):
+    """Model files and cache entries written with the constructor's keywords (exit_layer, routing_threshold,
+    upper_context, confidence; no exit_head or precision) load as the same model."""
+    big = grow(make_tiny_model(num_layers=2), 4)
+    perturb(list(big.layers[2:].parameters()), seed=2)
+    path = tmp_path / "old.pt"
+    old = {k: v for k, v in model_args(big).items() if k not in ("exits", "exit_head", "exit_rank", "precision")}
+    old.update(exit_layer=2, routing_threshold=0.3, upper_context="skip", confidence="margin")
+    save_checkpoint(path, {"model_args": old, "state_dict": big.state_dict(), "config": {}, "meta": {}})
+    back = load_model(path, model_args(big), "cpu", "old checkpoint").eval()
+    assert back.args == big.args
+    x = torch.randint(0, 16, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(back(x), big(x))
 
 
 def test_build_model_and_cost_follow_the_config():
@@ -120,7 +137,7 @@ def test_a_run_with_a_cheap_exit_head_keeps_block1(tmp_path, exit_head, exit_ran
                                              "eval.standard_baseline": False, "generate.adaptive": True})
     run(cfg, tmp_path / "run")
     small, big = (_load(tmp_path / f"run/{stage}/model.pt") for stage in ("phase1", "phase2"))
-    assert small.shape["exit_head"] == big.shape["exit_head"] == exit_head
+    assert small.args.exit_head == big.args.exit_head == exit_head
     x = torch.randint(0, small.vocab_size, (4, cfg.data.seq_len))
     with torch.no_grad():
         assert torch.equal(big.eval()(x, layer=cfg.phase1.layers), small.eval()(x))

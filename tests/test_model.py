@@ -1,4 +1,5 @@
-"""DeepSupervisionTransformer: causality, readout at any layer, growing, upper-context policies, argument checks.
+"""The model (`Model`, and the specification's `DeepSupervisionTransformer` constructor): causality, readout at any
+layer, growing, upper-context policies, argument checks, no routing state.
 
     python -m pytest tests/test_model.py -q
 """
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 from lego.ashem import grow
-from lego.model import DeepSupervisionTransformer
+from lego.config import Routing
+from lego.generate import teacher_forced_logits
+from lego.model import DeepSupervisionTransformer, Model
 
 
 def random_tokens(shape, vocab, seed=0):
@@ -81,8 +84,8 @@ def test_sequence_longer_than_max_seq_len_is_refused(make_tiny_model):
 @pytest.mark.parametrize("deep_head", [True, False])
 def test_grow_copies_and_freezes_the_lower_block(make_tiny_model, deep_head):
     small = make_tiny_model(num_layers=2)
-    big = grow(small, 4, routing_threshold=0.3, deep_head=deep_head)
-    assert (big.num_layers, big.exit_layer, big.routing_threshold) == (4, 2, 0.3)
+    big = grow(small, 4, deep_head=deep_head)
+    assert (big.num_layers, big.exit_layers, big.args.deep_head) == (4, [2], deep_head)
     x = random_tokens((2, 8), small.vocab_size)
     assert torch.equal(big(x, layer=2), small(x))
     assert torch.equal(big(x, layer=1), small(x, layer=1))
@@ -161,11 +164,53 @@ def test_skip_equals_running_each_rows_hard_subsequence(make_tiny_model, perturb
     assert not torch.allclose(out[hard], big.run_layers(h, 2, 4, hard=hard, policy="propagate")[hard])
 
 
-def test_model_policy_is_the_default_and_full_ignores_the_mask(make_tiny_model, perturb):
+def test_full_is_the_default_policy_and_ignores_the_mask(make_tiny_model, perturb):
     big, h, hard = routed_setup(make_tiny_model, perturb, "learned")
-    assert torch.equal(big.run_layers(h, 2, 4, hard=hard), big.run_layers(h, 2, 4))  # model default: full
-    big.upper_context = "skip"
-    assert torch.equal(big.run_layers(h, 2, 4, hard=hard), big.run_layers(h, 2, 4, hard=hard, policy="skip"))
+    assert torch.equal(big.run_layers(h, 2, 4, hard=hard), big.run_layers(h, 2, 4))  # default: full
+    assert torch.equal(big.run_layers(h, 2, 4, hard=hard, policy="full"), big.run_layers(h, 2, 4))
+    assert not torch.equal(big.run_layers(h, 2, 4, hard=hard, policy="skip"), big.run_layers(h, 2, 4))
+
+
+def test_the_model_holds_no_routing_state(make_tiny_model):
+    """A plain LM: a grown model has exits (structure) but no threshold, policy or measure; routing is a value
+    passed at call time, so one model evaluated under two routings gives what each routing alone gives."""
+    big = grow(make_tiny_model(num_layers=2), 4)
+    for name in ("routing_threshold", "routing_thresholds", "upper_context", "confidence", "router_probe"):
+        assert not hasattr(big, name), name
+    x = random_tokens((2, 8), big.vocab_size)
+    one = teacher_forced_logits(big, x, Routing((0.05,), "skip"))
+    other = teacher_forced_logits(big, x, Routing((0.2,), "propagate"))
+    assert torch.equal(teacher_forced_logits(big, x, Routing((0.05,), "skip"))[0], one[0])
+    assert not torch.equal(one[1], other[1])  # the thresholds route other tokens
+
+
+def test_model_is_built_from_its_arguments(make_tiny_model):
+    """Model(ModelArgs) rebuilds a model exactly: same parameters, same state-dict keys and shapes."""
+    big = grow(make_tiny_model(num_layers=2, exit_head="lowrank", exit_rank=4), 4)
+    again = Model(big.args)
+    assert again.args == big.args and again.args.exits == (2,)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in big.state_dict().items()}
+    again.load_state_dict(big.state_dict())
+    x = random_tokens((2, 8), big.vocab_size)
+    assert torch.equal(again.eval()(x), big(x))
+
+
+def test_the_specification_constructor_builds_a_model_and_returns_its_routing():
+    """`DeepSupervisionTransformer(...)` with the specification's keywords: a `Model` with those exits, and the
+    routing keywords as `model.routing` (a value the model does not read)."""
+    m = DeepSupervisionTransformer(vocab_size=32, dim=16, num_layers=4, num_heads=2, exit_layer=2,
+                                   routing_threshold=0.4, upper_context="propagate", confidence="margin")
+    assert isinstance(m, Model) and m.exit_layers == [2] and m.num_layers == 4
+    assert m.routing == Routing((0.4,), "propagate", "margin")
+    cascade = DeepSupervisionTransformer(32, 16, 6, 2, exit_layers=[2, 4], routing_thresholds=[0.3, 0.5],
+                                         deep_head=True)
+    assert cascade.args.exits == (2, 4) and cascade.routing.thresholds == (0.3, 0.5) and len(cascade.exit_heads) == 1
+    plain = DeepSupervisionTransformer(32, 16, 2, 2)
+    assert plain.exit_layer is None and plain.routing == Routing()
+    with pytest.raises(ValueError, match="routing_thresholds"):
+        DeepSupervisionTransformer(32, 16, 6, 2, exit_layers=[2, 4], routing_thresholds=[0.3])
+    with pytest.raises(ValueError, match="exit_layer=3 must be the first"):
+        DeepSupervisionTransformer(32, 16, 6, 2, exit_layer=3, exit_layers=[2, 4])
 
 
 # -- argument checks --------------------------------------------------------------------------------

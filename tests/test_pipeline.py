@@ -56,7 +56,7 @@ def test_run_writes_every_artifact(tmp_path):
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     # checkpoints: plain tensors and values only, with the config they were trained with
     ck = torch.load(d / "phase2/model.pt", weights_only=True)
-    assert ck["model_args"]["num_layers"] == 4 and ck["model_args"]["exit_layer"] == 2
+    assert ck["model_args"]["num_layers"] == 4 and ck["model_args"]["exits"] == [2]
     assert ck["config"]["hard_example_ratio"] == 0.5
     # no half-written temporaries are left behind
     assert not list(d.rglob("*.tmp"))
@@ -182,7 +182,7 @@ def test_expected_args_are_what_the_built_models_record(tmp_path, overrides):
     model, thresholds = build_model(cfg, 64, block_layers(cfg)[0]), []
     for depth in block_layers(cfg)[1:]:
         thresholds.append(0.1 * len(thresholds) + 0.05)
-        model = add_block(cfg, model, thresholds[-1], depth)
+        model = add_block(cfg, model, depth)
         assert expected_args(cfg, 64, depth, thresholds) == model_args(model)
 
 

@@ -69,10 +69,10 @@ def test_routed_evaluation_runs_each_head_once_per_batch_on_the_right_tokens(mak
                                                                              token_batches):
     small = make_tiny_model(num_layers=2)
     t = compute_confidence_threshold(small, token_batches, 0.5)
-    big = grow(small, 4, routing_threshold=t, upper_context="skip")
+    big = grow(small, 4)
     perturb(big.layers[2:].parameters())
     exit_rows, deep_rows = rows_seen(big.output_head.proj), rows_seen(big.deep_head.proj)
-    cfg = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=t, exit_layer=2)
+    cfg = TrainingConfig(stages=[StageConfig((4, 4))], routing_threshold=t, exit_layer=2, upper_context="skip")
     stats = Trainer(cfg, V, progress=False).evaluate(big, token_batches)
     n_rows = token_batches[0][0].numel()
     assert exit_rows == [n_rows] * len(token_batches)  # the exit's logits once, for every token

@@ -141,17 +141,17 @@ def test_loss_all_is_the_mean_over_every_position_and_hard_over_hard_ones(mined)
     x = hard["hidden_states"]
     both = torch.stack((hard["targets"], hard["all_targets"]), 1)
     with torch.no_grad():
-        loss, n = _upper_loss(big, x, both, 2, IGNORE_INDEX, None, 1.0)
+        loss, n = _upper_loss(big, x, both, 2, IGNORE_INDEX, "full", 1.0)
         assert int(n) == int(valid.sum())
         torch.testing.assert_close(loss / n, ce[valid].mean())
-        loss_h, n_h = _upper_loss(big, x, hard["targets"], 2, IGNORE_INDEX, None)  # the specification
+        loss_h, n_h = _upper_loss(big, x, hard["targets"], 2, IGNORE_INDEX, "full")  # the specification
         assert n_h == int(is_hard.sum()) < int(valid.sum())
         torch.testing.assert_close(loss_h / n_h, ce[is_hard].mean())
         w = torch.where(is_hard, 1.0, 0.25)[valid]
-        loss_w, n_w = _upper_loss(big, x, both, 2, IGNORE_INDEX, None, 0.25)
+        loss_w, n_w = _upper_loss(big, x, both, 2, IGNORE_INDEX, "full", 0.25)
         torch.testing.assert_close(loss_w / n_w, (w * ce[valid]).sum() / w.sum())
     with pytest.raises(ValueError, match="keep_easy"):
-        _upper_loss(big, x, hard["targets"], 2, IGNORE_INDEX, None, 1.0)
+        _upper_loss(big, x, hard["targets"], 2, IGNORE_INDEX, "full", 1.0)
     with pytest.raises(ValueError, match="upper_context=skip"):
         _upper_loss(big, x, both, 2, IGNORE_INDEX, "skip", 1.0)
 
@@ -224,7 +224,7 @@ def test_tiny_run_finetune_trains_block1_and_recalibrates(tmp_path):
     new = json.loads((d / "phase2/threshold.json").read_text())
     old = json.loads((d / "hard_examples/threshold.json").read_text())
     assert new["threshold"] != old["threshold"]
-    assert summary["threshold"] == new["threshold"] == ck["model_args"]["routing_threshold"]
+    assert summary["threshold"] == new["threshold"] == ck["meta"]["threshold"]
     # the recalibrated threshold meets the asked ratio on validation: an exact quantile, up to ties
     from lego.ashem import gather_confidences
     from lego.data import load_corpus

@@ -19,7 +19,7 @@ from lego.config.data import ChainsConfig, DataConfig, ShardsConfig, validate_da
 from lego.config.groups import (FLAT_ALIASES, ASHEMConfig, EvalConfig, GenerateConfig, HardExamplesConfig, LoggerConfig,
                                 ModelConfig, OptimizerConfig, Phase1Config, Phase2Config, check_logger, check_model,
                                 check_optimizer, check_tracker_kinds, rewrite_alias_overrides, validate_generate)
-from lego.config.library import StageConfig, TrainingConfig, create_standard_config
+from lego.config.library import Routing, StageConfig, TrainingConfig, create_standard_config
 from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE_MEASURES, DATA_NAMES, DECODERS,
                                 DEFAULT_CACHE_DIR, EXIT_HEADS, FFNS, FILE_BUILDERS, HF_PRESETS, IGNORE_INDEX,
                                 LOSS_TOKENS, LOWERS, NORMS, OBJECTIVES, PHASE2_INITS, POSITIONS, PRECISIONS, SCHEDULES,
@@ -33,7 +33,7 @@ __all__ = [
     "DATA_NAMES", "DECODERS", "DEFAULT_CACHE_DIR", "DataConfig", "EXIT_HEADS", "EvalConfig", "FFNS", "FILE_BUILDERS",
     "FLAT_ALIASES", "GenerateConfig", "HF_PRESETS", "HardExamplesConfig", "IGNORE_INDEX", "LOSS_TOKENS", "LOWERS",
     "LoggerConfig", "ModelConfig", "NORMS", "OBJECTIVES", "OptimizerConfig", "PHASE2_INITS", "POSITIONS",
-    "PRECISIONS", "Phase1Config", "Phase2Config", "SCHEDULES", "SHARD_DTYPES", "SHARD_FORMATS", "SPLITS", "STAGES",
+    "PRECISIONS", "Phase1Config", "Phase2Config", "Routing", "SCHEDULES", "SHARD_DTYPES", "SHARD_FORMATS", "SPLITS", "STAGES",
     "STORES", "ShardsConfig", "StageConfig", "TOKENIZERS", "TRACKER_KINDS", "TrainingConfig", "UPPER_CONTEXTS",
     "WANDB_MODES", "block_layers", "check_choice", "check_logger", "check_model", "check_non_negative",
     "check_optimizer", "check_positive", "check_ratio", "check_schedule", "check_tracker_kinds", "check_variants",

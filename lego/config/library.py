@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, List, Optional, Sequence, Tuple
 
-from lego.config.values import IGNORE_INDEX
+from lego.config.values import CONFIDENCE_MEASURES, IGNORE_INDEX, UPPER_CONTEXTS, check_choice
 
 
 @dataclass
@@ -31,13 +31,58 @@ class TrainingConfig:
     exit_layers: Optional[List[int]] = None  # every exit of a cascade (more than two Blocks); the first is exit_layer
     routing_thresholds: Optional[List[float]] = None  # their thresholds; the first is routing_threshold
     confidence: str = "max_prob"  # measure used by routing: one of CONFIDENCE_MEASURES
-    upper_context: Optional[str] = None  # None: the model's own policy
+    upper_context: Optional[str] = None  # what layers above an exit do with easy tokens (UPPER_CONTEXTS); None = full
+    router_probe: Any = None  # a learned router at the first exit (`lego.heads.RouterProbe`) in place of `confidence`
     grad_clip: Optional[float] = 1.0  # Trainer.train_epoch's largest gradient norm (L2); None or 0 = no clipping
     ignore_index: int = IGNORE_INDEX  # the target value no loss or metric counts
 
     @property
     def last_layer(self) -> Optional[int]:
         return max(s.layers[1] for s in self.stages) if self.stages else None
+
+    def routing(self) -> "Routing":
+        """This config's routing as the value routed evaluation and decoding take."""
+        thresholds = self.routing_thresholds if self.routing_thresholds else (
+            [] if self.routing_threshold is None else [self.routing_threshold])
+        return Routing(tuple(thresholds), self.upper_context or "full", self.confidence, self.router_probe)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a model with exits routes, passed at call time (routed evaluation, decoding, the mining of a later
+    Block): the model itself holds no routing state, so one model routes at any threshold or policy.
+
+        routing = Routing((threshold,), policy="propagate")
+        generate(model, prompts, max_new_tokens=32, decoder="routed", routing=routing)
+
+    A token stops at the first exit (`model.exit_layers`, in order) where its confidence reaches that exit's
+    threshold; the others go on to the last layer.
+    """
+
+    thresholds: Tuple[float, ...] = ()  # one per exit of the model, in order (a prefix: the exits calibrated so far)
+    policy: str = "full"  # upper_context: full | propagate | skip (what layers above an exit do with easy tokens)
+    measure: str = "max_prob"  # the confidence at every exit: max_prob | margin | entropy
+    probe: Any = None  # a learned router at the first exit (`lego.heads.RouterProbe`), replacing `measure` there
+
+    def __post_init__(self):
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        check_choice("upper_context", self.policy, UPPER_CONTEXTS)
+        check_choice("confidence", self.measure, CONFIDENCE_MEASURES)
+
+    @property
+    def threshold(self) -> Optional[float]:
+        """The first exit's threshold (None: not calibrated)."""
+        return self.thresholds[0] if self.thresholds else None
+
+    def learned(self, probe: Any, threshold: float) -> "Routing":
+        """The same routing with a learned router at the first exit, at `threshold` (the exits above unchanged)."""
+        return replace(self, probe=probe, thresholds=(threshold, *self.thresholds[1:]))
+
+    def below(self, n: int) -> Sequence[float]:
+        """The thresholds of the first `n` exits; refuses fewer."""
+        if len(self.thresholds) < n:
+            raise ValueError(f"routing has {len(self.thresholds)} thresholds; the {n} exits below need one each")
+        return self.thresholds[:n]
 
 
 def create_standard_config(num_layers: int) -> TrainingConfig:

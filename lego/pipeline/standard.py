@@ -16,7 +16,7 @@ from lego.checkpoint import build_model, expected_args, load_model
 from lego.config import ASHEMConfig, create_standard_config
 from lego.cost import dense_training_macs, forward_macs_per_token
 from lego.data import Corpus
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model
 from lego.pipeline.cache import through_cache
 from lego.pipeline.compute import cost_shape, window_positions
 from lego.pipeline.results import load_or_run, on_disk
@@ -29,12 +29,12 @@ from lego.training import Trainer, train_epoch
 
 def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, out: Path,
                    device: torch.device, name: str, steps: Optional[int] = None,
-                   tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
+                   tracker: Optional[Tracker] = None) -> Model:
     """A `num_layers`-layer LM trained on all tokens with phase 1's optimizer and schedule (`train_block`) for a
     budget of `steps` optimizer steps (default phase1.max_epochs x phase1.epoch_steps), its loss at the last
     layer; or, when out/model.pt exists, that model. Writes out/ (model.pt, history.jsonl, result.json)."""
 
-    def train() -> DeepSupervisionTransformer:
+    def train() -> Model:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, corpus.vocab_size, num_layers).to(device)
         tc = create_standard_config(num_layers)
@@ -57,7 +57,7 @@ def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layer
 
 def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, out: Path,
                     device: torch.device, name: str, steps: Optional[int] = None,
-                    tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
+                    tracker: Optional[Tracker] = None) -> Model:
     """`train_standard`, shared through the model cache when `phase1.cache` is on.
 
     The key hashes exactly what determines the result: model, data, phase-1 optimisation,

@@ -19,7 +19,7 @@ import torch
 from lego.batches import EpochSteps
 from lego.checkpoint import save_model
 from lego.config import ASHEMConfig, OptimizerConfig
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model
 from lego.schedule import lr_factor
 from lego.trackers import Tracker
 from lego.training import TrainingTotals, fit
@@ -74,11 +74,11 @@ def reporting(cfg: ASHEMConfig, tracker: Optional[Tracker], prefix: str) -> Dict
                 progress_interval_s=cfg.progress_interval_s)
 
 
-def train_block(cfg: ASHEMConfig, model: DeepSupervisionTransformer, group: OptimizerConfig, loader,
+def train_block(cfg: ASHEMConfig, model: Model, group: OptimizerConfig, loader,
                 one_pass: OnePass, validate: Callable[[], float], *, name: str, out: Path, device: torch.device,
                 macs: Callable[[TrainingTotals], float], val_pass_macs: float, steps: Optional[int] = None,
                 first_epoch: int = 0, threshold: Optional[float] = None, record: Optional[dict] = None,
-                tracker: Optional[Tracker] = None) -> DeepSupervisionTransformer:
+                tracker: Optional[Tracker] = None) -> Model:
     """Train `model` with `group`'s settings (phase1 or phase2) for `steps` optimizer steps (default: its own
     budget, `budget_steps`), the schedule spanning exactly that budget, validating every `group.epoch_steps`
     steps; `group.patience` (if set) is an early-stopping guard. Writes out/model.pt (the best weights on

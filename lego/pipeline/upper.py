@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -15,7 +15,7 @@ from lego.artifacts import read_json
 from lego.ashem import evaluate_on_hard_examples, grow, train_upper_layers
 from lego.config import ASHEMConfig, block_layers, exit_ratios
 from lego.cost import dense_training_macs, phase2_training_macs, steps_for_macs
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model
 from lego.pipeline.compute import cost_shape, mining_compute
 from lego.pipeline.mining import hard_loader, hard_ratio
 from lego.pipeline.science import science_config
@@ -26,13 +26,10 @@ from lego.trackers import Tracker
 BLOCK_FILES = ("model.pt", "history.jsonl", "result.json")  # a Block's result in its run-dir dir (and cache entry)
 
 
-def add_block(cfg: ASHEMConfig, below: DeepSupervisionTransformer, threshold: float,
-              num_layers: Optional[int] = None) -> DeepSupervisionTransformer:
+def add_block(cfg: ASHEMConfig, below: Model, num_layers: Optional[int] = None) -> Model:
     """The model `below` with one more Block, untrained: grown to `num_layers` (default: Block 2's depth,
-    phase2.layers for two Blocks), its last layer a new exit with the calibrated `threshold` (phase2's deep_head,
-    upper_context and init)."""
-    return grow(below, num_layers or block_layers(cfg)[1], routing_threshold=threshold, deep_head=cfg.phase2.deep_head,
-                upper_context=cfg.phase2.upper_context, init=cfg.phase2.init)
+    phase2.layers for two Blocks), its last layer a new exit (phase2's deep_head and init)."""
+    return grow(below, num_layers or block_layers(cfg)[1], deep_head=cfg.phase2.deep_head, init=cfg.phase2.init)
 
 
 def rest_of_budget(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, run_dir: Path,
@@ -52,24 +49,26 @@ def rest_of_budget(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, run_dir:
     return steps_for_macs(rest, macs_per_step), {"budget_macs": budget, "rest_macs": rest, "step_macs": macs_per_step}
 
 
-def train_upper(cfg: ASHEMConfig, below: DeepSupervisionTransformer, threshold: float, loaders: Loaders,
+def train_upper(cfg: ASHEMConfig, below: Model, thresholds: Sequence[float], loaders: Loaders,
                 run_dir: Path, device: torch.device, tracker: Optional[Tracker] = None, *, name: str = "phase2",
-                num_layers: Optional[int] = None, out: Optional[Path] = None) -> DeepSupervisionTransformer:
+                num_layers: Optional[int] = None, out: Optional[Path] = None) -> Model:
     """The specification's phase 2: the Blocks below frozen, the next Block (to `num_layers`, default
     Block 2's depth) trained on the hard sequences at the exit `below`'s last layer becomes, with phase2's
     settings (`train_block`); writes `out` (default run_dir/<name>/; a model-cache entry). `below` is the
-    phase-1 model, or for Block 3 on the model of Blocks 1-2."""
+    phase-1 model, or for Block 3 on the model of Blocks 1-2. `thresholds`: one per exit of the grown model,
+    `below`'s exits then the new one (its calibrated threshold, last)."""
+    threshold, lower = thresholds[-1], list(thresholds[:-1])
     out = out or run_dir / name
     exit_layer, depth = below.num_layers, num_layers or block_layers(cfg)[1]
     p2 = cfg.phase2
     every = p2.loss_tokens != "hard"  # the deep exit is scored (and its head run) at every position
     scratch = out / "scratch"
     train_hard = hard_loader(cfg, below, loaders.train_ordered, threshold, device, scratch / "train", shuffle=True,
-                             what=f"{name} train", keep_easy=every, exit_layer=exit_layer)
+                             what=f"{name} train", keep_easy=every, exit_layer=exit_layer, below=lower)
     val_hard = hard_loader(cfg, below, loaders.validation, threshold, device, scratch / "validation",
-                           shuffle=False, what=f"{name} validation", exit_layer=exit_layer)
+                           shuffle=False, what=f"{name} validation", exit_layer=exit_layer, below=lower)
     torch.manual_seed(cfg.seed + 1 + len(below.exit_layers))  # Block 2: seed + 1, Block 3: seed + 2, ...
-    model = add_block(cfg, below, threshold, depth)
+    model = add_block(cfg, below, depth)
     shape = cost_shape(cfg, below.vocab_size)
     easy_weight = None if not every else 1.0 if p2.loss_tokens == "all" else p2.easy_weight
 
@@ -84,8 +83,10 @@ def train_upper(cfg: ASHEMConfig, below: DeepSupervisionTransformer, threshold: 
                                        macs(p2.batch_size * cfg.data.seq_len * p2.grad_accum, hard_ratio(train_hard)))
     train_block(cfg, model, p2, train_hard,
                 lambda batches, optimizer, **kw: train_upper_layers(model, batches, optimizer, None, device, exit_layer,
-                                                                    easy_weight=easy_weight, **kw),
-                lambda: evaluate_on_hard_examples(model, val_hard, None, device, exit_layer)["loss"],
+                                                                    policy=p2.upper_context, easy_weight=easy_weight,
+                                                                    **kw),
+                lambda: evaluate_on_hard_examples(model, val_hard, None, device, exit_layer,
+                                                  policy=p2.upper_context)["loss"],
                 name=name, out=out, device=device, steps=steps, threshold=threshold, record=budget, tracker=tracker,
                 macs=lambda totals: macs(totals.tokens, totals.counted / max(totals.tokens, 1)),
                 val_pass_macs=macs(len(val_hard.dataset) * cfg.data.seq_len, hard_ratio(val_hard)) / 3)

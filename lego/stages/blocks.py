@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 from lego.artifacts import read_json, write_json
 from lego.checkpoint import expected_args, load_model
 from lego.config import block_layers, exit_ratios
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model
 from lego.pipeline.cache import through_cache
 from lego.pipeline.mining import calibrate
 from lego.pipeline.results import load_or_run, on_disk, require
@@ -23,8 +23,8 @@ from lego.pipeline.setup import RunContext
 from lego.pipeline.upper import BLOCK_FILES, block_key, train_upper
 
 
-def run(ctx: RunContext, model2: DeepSupervisionTransformer, threshold: float, *,
-        train: bool = True) -> Tuple[DeepSupervisionTransformer, List[Dict[str, Any]]]:
+def run(ctx: RunContext, model2: Model, threshold: float, *,
+        train: bool = True) -> Tuple[Model, List[Dict[str, Any]]]:
     """Blocks 3, 4, ... on `model2` (whose exit routes at `threshold`). With `train=False` (phase2 not in stages)
     it reads what a previous invocation wrote. With phase1.cache each Block is shared through the model cache
     (`block_key`). Returns the final model and the threshold.json of each exit above the first."""
@@ -46,8 +46,8 @@ def run(ctx: RunContext, model2: DeepSupervisionTransformer, threshold: float, *
     return model, infos
 
 
-def block(ctx: RunContext, below: DeepSupervisionTransformer, k: int, thresholds: Sequence[float],
-          entry: Path) -> Tuple[DeepSupervisionTransformer, Dict[str, Any]]:
+def block(ctx: RunContext, below: Model, k: int, thresholds: Sequence[float],
+          entry: Path) -> Tuple[Model, Dict[str, Any]]:
     """Block k + 1 of `blocks` on `below` (whose exits route at `thresholds`) in `entry` (its run-dir dir or a
     model-cache entry): calibrate the exit below it (threshold.json) and train it, or read what `entry` holds.
     Returns (the grown model, its threshold.json)."""
@@ -55,9 +55,9 @@ def block(ctx: RunContext, below: DeepSupervisionTransformer, k: int, thresholds
     name = f"block{k + 1}"
     info = load_or_run(entry / "threshold.json", read_json,
                        lambda: calibrate(cfg, below, ctx.loaders, ctx.device, exit_layer=blocks[k - 1],
-                                         ratio=ratios[k - 1]), write_json)
+                                         ratio=ratios[k - 1], below=thresholds), write_json)
     expect = expected_args(cfg, ctx.corpus.vocab_size, blocks[k], [*thresholds, info["threshold"]])
     model = load_or_run(entry / "model.pt", lambda path: load_model(path, expect, ctx.device, f"{name} checkpoint"),
-                        lambda: train_upper(cfg, below, info["threshold"], ctx.loaders, ctx.run_dir, ctx.device,
-                                            ctx.tracker, name=name, num_layers=blocks[k], out=entry))
+                        lambda: train_upper(cfg, below, [*thresholds, info["threshold"]], ctx.loaders, ctx.run_dir,
+                                            ctx.device, ctx.tracker, name=name, num_layers=blocks[k], out=entry))
     return model, info

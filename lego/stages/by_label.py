@@ -4,7 +4,6 @@ report.md section, and returns {'by_label': summary} for eval/metrics.json ({} w
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any, Dict
@@ -15,13 +14,13 @@ from lego import distributed
 from lego.batches import make_loader
 from lego.chains import label_counts
 from lego.checkpoint import expected_args, load_model
-from lego.config import ASHEMConfig, StageConfig, TrainingConfig, block_layers
+from lego.config import ASHEMConfig, Routing, StageConfig, TrainingConfig, block_layers
 from lego.cost import routed_macs
 from lego.data import Corpus
 from lego.label_report import plot, section, write_section
 from lego.labels import (SOLVED_TOLERANCE, fit_probe, label_table, labelled_tokens, learned_threshold, oracle_by_label,
                          router_summary, solved_hops)
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model
 from lego.report import read_csv
 from lego.training import Trainer
 from lego.pipeline.compute import cost_shape
@@ -29,23 +28,23 @@ from lego.pipeline.compute import cost_shape
 log = logging.getLogger(__name__)
 
 
-def live_routing(cfg: ASHEMConfig, model2: DeepSupervisionTransformer, probe, threshold: float, loader,
+def live_routing(cfg: ASHEMConfig, model2: Model, probe, threshold: float, loader,
                  device: torch.device) -> Dict[str, Any]:
     """The learned router in routed evaluation (`Trainer.evaluate`, the run's upper_context policy): ppl, acc,
     shallow_ratio, compute_cost of a copy of `model2` that routes by `probe` at `threshold`. Under torch.distributed
     this rank-0 pass is skipped (evaluation all-reduces over ranks): {"skipped": why}."""
     if distributed.is_distributed():
         return {"skipped": "torch.distributed: routed evaluation of the learned router runs single-process"}
-    live = copy.deepcopy(model2).route_with(probe, threshold)  # stage eval's routed evaluation, with this router
     routed = TrainingConfig(stages=[StageConfig((cfg.phase2.layers, cfg.phase2.layers))], routing_threshold=threshold,
-                            exit_layer=cfg.phase1.layers, upper_context=cfg.phase2.upper_context)
-    m = Trainer(routed, device=device, progress=False).evaluate(live, loader)
+                            exit_layer=cfg.phase1.layers, upper_context=cfg.phase2.upper_context,
+                            router_probe=probe)  # stage eval's routed evaluation, with this router
+    m = Trainer(routed, device=device, progress=False).evaluate(model2, loader)
     return {k: m[k] for k in ("ppl", "acc", "shallow_ratio", "compute_cost") if k in m} | {
         "upper_context": cfg.phase2.upper_context}
 
 
-def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTransformer,
-                   model2: DeepSupervisionTransformer, metrics: Dict[str, Any], run_dir: Path,
+def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: Model,
+                   model2: Model, metrics: Dict[str, Any], run_dir: Path,
                    device: torch.device) -> Dict[str, Any]:
     """Per-label accuracy and ppl of every model (phase 1, no routing, each dense depth, the routers), each
     router's exit share per label and its routing against the truth, the oracle router by label, and with
@@ -67,8 +66,8 @@ def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTran
         return labelled_tokens(model, loader(name), device, progress=cfg.progress, **kw)
 
     routed_kw = dict(exit_layer=exit_layer, measure=measure, hidden=learned)
-    live_kw = dict(policy=cfg.phase2.upper_context) if not cascade else {}
-    tok = tokens(model2, split, **routed_kw, **({"threshold": metrics["threshold"], **live_kw} if live_kw else {}))
+    routing = Routing((metrics["threshold"],), cfg.phase2.upper_context, measure)
+    tok = tokens(model2, split, **routed_kw, **({} if cascade else {"routing": routing}))
     val = tokens(model2, "validation", **routed_kw) if (labelled or learned) and not cascade else None
     s: Dict[str, Any] = {"split": split, "n_tokens": int(tok["nll_deep"].numel()), "exit_layer": exit_layer,
                          "num_layers": depth, "measure": measure, "upper_context": cfg.phase2.upper_context,
@@ -101,9 +100,9 @@ def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: DeepSupervisionTran
             probe = fit_probe(val["hidden"], val["nll_deep"] < val["nll_exit"])
             val_conf = probe(val["hidden"])
             thr = learned_threshold(val_conf, cfg.hard_example_ratio)
-            router = copy.deepcopy(model2).route_with(probe, thr)
-            s["routers"]["learned"] = {**router_summary(tokens(router, split, exit_layer=exit_layer, threshold=thr,
-                                                               **live_kw), None, **kw, live=True), "pass": "routed",
+            s["routers"]["learned"] = {**router_summary(tokens(model2, split, exit_layer=exit_layer,
+                                                               routing=routing.learned(probe, thr)),
+                                                        None, **kw, live=True), "pass": "routed",
                                        "threshold": thr, "hard_ratio": cfg.hard_example_ratio, "fit_on": "validation",
                                        "validation_shallow_ratio": float((val_conf >= thr).double().mean()),
                                        # tokens whose score equals the threshold: the exact quantile holds up to them

@@ -16,7 +16,7 @@ from lego.ashem import evaluate_on_hard_examples
 from lego.config import ASHEMConfig, StageConfig, TrainingConfig, block_layers, create_standard_config
 from lego.cost import routed_macs
 from lego.data import Corpus
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model
 from lego.pipeline.compute import cost_shape, pipeline_compute
 from lego.pipeline.mining import hard_loader
 from lego.pipeline.setup import RunContext, evaluator, make_loaders
@@ -36,7 +36,7 @@ def timed_evaluate(cfg: ASHEMConfig, config: TrainingConfig, model, loader, devi
     return out
 
 
-def run(ctx: RunContext, model1: DeepSupervisionTransformer, model2: DeepSupervisionTransformer,
+def run(ctx: RunContext, model1: Model, model2: Model,
         threshold_info: Dict[str, Any], later_exits: Sequence[Dict[str, Any]] = (),
         dense: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Writes eval/metrics.json (and the analysis files); returns the metrics. `model2` is the final model; with
@@ -74,7 +74,8 @@ def run(ctx: RunContext, model1: DeepSupervisionTransformer, model2: DeepSupervi
                              what=f"{cfg.eval.split} hard tokens")
     metrics["hard_tokens"] = {
         "phase1": evaluate_on_hard_examples(model1, split_hard, None, device, exit_layer),
-        "ashem": evaluate_on_hard_examples(model2, split_hard, None, device, exit_layer),
+        "ashem": evaluate_on_hard_examples(model2, split_hard, None, device, exit_layer,
+                                           policy=cfg.phase2.upper_context),
     }
     shutil.rmtree(out / "scratch", ignore_errors=True)
     metrics["train_compute"] = pipeline_compute(cfg, loaders, corpus.vocab_size, run_dir)
@@ -94,7 +95,7 @@ def run(ctx: RunContext, model1: DeepSupervisionTransformer, model2: DeepSupervi
     return metrics
 
 
-def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransformer, metrics: Dict[str, Any],
+def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: Model, metrics: Dict[str, Any],
                  loader, choose_loader, out: Path, device) -> Dict[str, Any]:
     """Trade-off curve, oracle, confidence diagnostics and pictures (lego.report.analyze) in eval/, with
     operating points chosen on `choose_loader` (validation); returns the headline numbers kept in metrics.json."""
@@ -119,6 +120,7 @@ def run_analysis(cfg: ASHEMConfig, corpus: Corpus, model2: DeepSupervisionTransf
     s = analyze(out, model=model2, loader=loader, device=device,
                 threshold=metrics["thresholds"] if cascade else metrics["threshold"],
                 measure=cfg.hard_examples.confidence, exit_layer=exits if cascade else exit_layer, baselines=baselines,
+                upper_context=cfg.phase2.upper_context,
                 tokenizer=corpus.tokenizer, train_tokens=corpus.train, vocab_size=corpus.vocab_size,
                 html_tokens=cfg.eval.html_tokens, choose_loader=choose_loader, realized_cost=realized_cost,
                 verdict=metrics.get("verdict", {}).get("line"))

@@ -7,7 +7,6 @@ as the draft), timed; it reads the models and changes nothing the other stages c
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, Dict, Optional
 
@@ -15,17 +14,18 @@ import torch
 
 from lego import distributed
 from lego.artifacts import read_json, write_json
-from lego.config import to_dict
+from lego.config import Routing, to_dict
 from lego.generate import run_generation, test_prompts
 from lego.heads import RouterProbe
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model
 from lego.pipeline.setup import RunContext
 
 log = logging.getLogger(__name__)
 
 
-def run(ctx: RunContext, model2: DeepSupervisionTransformer) -> Optional[Dict[str, Any]]:
-    """Write generate/samples.md and metrics.json (rank 0 alone); return the metrics.
+def run(ctx: RunContext, model2: Model, threshold: float) -> Optional[Dict[str, Any]]:
+    """Write generate/samples.md and metrics.json (rank 0 alone); return the metrics. The routed decoder and
+    adaptive drafting route at the first exit at `threshold`, under the run's upper_context and confidence.
 
     Skipped when config.json (written after the others) holds the same generate settings;
     other settings regenerate (they are left out of the run-dir claim, so they may change on a rerun).
@@ -42,18 +42,19 @@ def run(ctx: RunContext, model2: DeepSupervisionTransformer) -> Optional[Dict[st
     prompts = (test_prompts(corpus.test, g.num_prompts, g.prompt_len, g.seed) if g.prompt is None
                else [corpus.tokenizer.encode(g.prompt)])  # lego.generate checks lengths against max_seq_len
     (out / "config.json").unlink(missing_ok=True)  # written last: it marks the files as these settings' output
+    routing = Routing((threshold,), cfg.phase2.upper_context, cfg.hard_examples.confidence)
     metrics = run_generation(model2.to(ctx.device), corpus.tokenizer, prompts, decoders=g.decoders,
                              k_values=g.k_values, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                             top_k=g.top_k, top_p=g.top_p, seed=g.seed, adaptive=g.adaptive, out_dir=out)
+                             top_k=g.top_k, top_p=g.top_p, seed=g.seed, adaptive=g.adaptive, routing=routing,
+                             out_dir=out)
     learned = ctx.run_dir / "eval" / "learned_router.pt"  # eval.learned_router: routed decoding with it too
     if learned.is_file() and "routed" in g.decoders:
         state = torch.load(learned, map_location=ctx.device, weights_only=True)
-        live = copy.deepcopy(model2).route_with(RouterProbe.from_state(state["probe"]).to(ctx.device),
-                                                state["threshold"])
+        learned_routing = routing.learned(RouterProbe.from_state(state["probe"]).to(ctx.device), state["threshold"])
         metrics["learned_router"] = run_generation(
-            live, corpus.tokenizer, prompts, decoders=[d for d in ("dense", "routed") if d in g.decoders],
+            model2, corpus.tokenizer, prompts, decoders=[d for d in ("dense", "routed") if d in g.decoders],
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
-            out_dir=out / "learned_router")
+            routing=learned_routing, out_dir=out / "learned_router")
         write_json(out / "metrics.json", metrics)
     write_json(out / "config.json", settings)
     log.info("generate: %s in %s", ", ".join(k for k in metrics if k != "settings"), out)

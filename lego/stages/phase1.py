@@ -6,21 +6,21 @@ import math
 
 from lego.checkpoint import expected_args, load_model
 from lego.config import ASHEMConfig
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model
 from lego.pipeline.results import require
 from lego.pipeline.setup import Loaders, RunContext
 from lego.pipeline.standard import cached_standard
 from lego.pipeline.train import phase1_budget_steps
 
 
-def run(ctx: RunContext) -> DeepSupervisionTransformer:
+def run(ctx: RunContext) -> Model:
     """Train (or take from the model cache, or from phase1/) the phase-1 model for `phase1_steps` steps."""
     cfg = ctx.cfg
     return cached_standard(cfg, ctx.corpus, ctx.loaders, cfg.phase1.layers, ctx.run_dir / "phase1", ctx.device,
                            "phase1", tracker=ctx.tracker, steps=phase1_steps(cfg, ctx.loaders))
 
 
-def load(ctx: RunContext) -> DeepSupervisionTransformer:
+def load(ctx: RunContext) -> Model:
     """The phase-1 model a previous invocation wrote."""
     cfg = ctx.cfg
     path = require(ctx.run_dir / "phase1" / "model.pt", f"stages={cfg.stages}", "phase 1's result", "phase1")

@@ -28,7 +28,7 @@ from lego.artifacts import read_json, write_json
 from lego.checkpoint import expected_args, load_model, save_model
 from lego.config import StageConfig, TrainingConfig, block_layers
 from lego.cost import dense_training_macs, forward_macs_per_token
-from lego.model import DeepSupervisionTransformer
+from lego.model import Model
 from lego.pipeline.cache import through_cache
 from lego.pipeline.compute import cost_shape, window_positions
 from lego.pipeline.mining import calibrate
@@ -39,7 +39,7 @@ from lego.pipeline.upper import BLOCK_FILES, add_block, block_key, rest_of_budge
 from lego.training import Trainer, train_epoch
 
 
-def run(ctx: RunContext, model1: DeepSupervisionTransformer, threshold: float) -> DeepSupervisionTransformer:
+def run(ctx: RunContext, model1: Model, threshold: float) -> Model:
     """Train the upper Block (`lego.pipeline.upper.train_upper`; under phase2.lower=finetune, the whole model,
     then recalibrate), or read what phase2/ holds; writes phase2/ (model.pt, history.jsonl, result.json;
     threshold.json under finetune). With phase1.cache, Block 2 is shared through the model cache (`block_key`;
@@ -47,12 +47,12 @@ def run(ctx: RunContext, model1: DeepSupervisionTransformer, threshold: float) -
     cfg, out = ctx.cfg, ctx.run_dir / "phase2"
     finetune = cfg.phase2.lower == "finetune"
 
-    def load(path: Path, what: str = "phase2 checkpoint") -> DeepSupervisionTransformer:
+    def load(path: Path, what: str = "phase2 checkpoint") -> Model:
         return load_model(path, expected_args(cfg, ctx.corpus.vocab_size, block_layers(cfg)[1], [threshold]),
                           ctx.device, what)
 
-    def train(entry: Path) -> DeepSupervisionTransformer:
-        return train_upper(cfg, model1, threshold, ctx.loaders, ctx.run_dir, ctx.device, ctx.tracker, out=entry)
+    def train(entry: Path) -> Model:
+        return train_upper(cfg, model1, [threshold], ctx.loaders, ctx.run_dir, ctx.device, ctx.tracker, out=entry)
 
     if not finetune and cfg.phase1.cache and not on_disk(out / "model.pt"):
         return through_cache(cfg, "phase2", block_key(cfg, 2, ctx.corpus.cache_key, ctx.device), out,
@@ -65,20 +65,17 @@ def run(ctx: RunContext, model1: DeepSupervisionTransformer, threshold: float) -
     return model2
 
 
-def load(ctx: RunContext, threshold: float) -> DeepSupervisionTransformer:
-    """The phase-2 model a previous invocation wrote (routing at `threshold`, or under phase2.lower=finetune at
-    the recalibrated one)."""
+def load(ctx: RunContext, threshold: float) -> Model:
+    """The phase-2 model a previous invocation wrote (its exit calibrated at `threshold`; under
+    phase2.lower=finetune the recalibrated one is `routing_threshold_info`'s)."""
     cfg = ctx.cfg
     path = require(ctx.run_dir / "phase2" / "model.pt", f"stages={cfg.stages}", "phase 2's result", "phase2")
     expect = expected_args(cfg, ctx.corpus.vocab_size, block_layers(cfg)[1], [threshold])
-    model2 = load_model(path, expect, ctx.device, "phase2 checkpoint")
-    if cfg.phase2.lower == "finetune":
-        model2.routing_threshold = routing_threshold_info(ctx, {})["threshold"]
-    return model2
+    return load_model(path, expect, ctx.device, "phase2 checkpoint")
 
 
-def train_finetune(ctx: RunContext, model1: DeepSupervisionTransformer,
-                   threshold: float) -> DeepSupervisionTransformer:
+def train_finetune(ctx: RunContext, model1: Model,
+                   threshold: float) -> Model:
     """phase2.lower=finetune: every parameter trains on every training token, loss at the exit layer
     (weight exit_loss_weight) plus the last layer, with phase 2's optimizer settings (`train_block`). Its epochs
     continue phase 1's seeded batch order (epoch phase1.max_epochs + k), so they draw other batches."""
@@ -86,7 +83,7 @@ def train_finetune(ctx: RunContext, model1: DeepSupervisionTransformer,
     p1, p2 = cfg.phase1, cfg.phase2
     exit_layer, depth = p1.layers, p2.layers
     torch.manual_seed(cfg.seed + 1)
-    model2 = add_block(cfg, model1, threshold)
+    model2 = add_block(cfg, model1)
     model2.requires_grad_(True)  # grow froze Block 1 and the exit head
     trainer = Trainer(TrainingConfig(stages=[StageConfig((exit_layer, exit_layer), p2.exit_loss_weight),
                                              StageConfig((depth, depth), 1.0)], grad_clip=p2.grad_clip), device=device)
@@ -110,25 +107,21 @@ def train_finetune(ctx: RunContext, model1: DeepSupervisionTransformer,
             num_layers=depth, heads=2, **shape))
 
 
-def recalibrate(ctx: RunContext, model2: DeepSupervisionTransformer, out: Path) -> Dict[str, Any]:
+def recalibrate(ctx: RunContext, model2: Model, out: Path) -> Dict[str, Any]:
     """phase2.lower=finetune moved the exit's confidences: the threshold again is the exact
     hard_example_ratio quantile of them on the calibration split. Written once to out/threshold.json
-    (and into model.pt) and set on `model2`."""
+    (and into model.pt's meta)."""
     cfg = ctx.cfg
 
     def make() -> Dict[str, Any]:
-        info = {**calibrate(cfg, model2, ctx.loaders, ctx.device), "block1_finetuned": True}
-        model2.routing_threshold = info["threshold"]
-        return info
+        return {**calibrate(cfg, model2, ctx.loaders, ctx.device), "block1_finetuned": True}
 
     def write(path: Path, info: Dict[str, Any]) -> None:  # model.pt first: threshold.json marks both written
         save_model(out / "model.pt", model2, cfg, stage="phase2", result=read_json(out / "result.json"),
                    threshold=info["threshold"])
         write_json(path, info)
 
-    info = load_or_run(out / "threshold.json", read_json, make, write)
-    model2.routing_threshold = info["threshold"]
-    return info
+    return load_or_run(out / "threshold.json", read_json, make, write)
 
 
 def routing_threshold_info(ctx: RunContext, threshold_info: Dict[str, Any]) -> Dict[str, Any]:
