@@ -132,6 +132,9 @@ class HardExamplesConfig:
     confidence: str = "max_prob"  # the routing confidence measure: max_prob | margin | entropy
     calibration_split: str = "validation"  # split the threshold is calibrated on: validation | train
     store: str = "memory"  # where hard-example states live: memory | disk | recompute (from token ids)
+    # store=memory: the states' dtype, float32 | bfloat16 | float16; bytes per token: 4 x model.dim in float32
+    # (3,072 at dim 768), half that in the others. The disk store always writes float16, recompute keeps none.
+    store_dtype: str = "float32"
 
 
 @dataclass

@@ -56,6 +56,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
                                 ("phase2", "loss_tokens", "hard"), ("phase2", "lower", "frozen")):
         if d[phase][key] == default:
             d[phase].pop(key)
+    if d["hard_examples"]["store_dtype"] == "float32":
+        d["hard_examples"].pop("store_dtype")
     if not d["eval"]["learned_router"]:
         d["eval"].pop("learned_router")
     if d["phase2"].get("loss_tokens") != "weighted":
