@@ -16,7 +16,7 @@ import torch
 from lego.ashem import freeze_exits
 from lego.artifacts import StageError, load_checkpoint, save_checkpoint
 from lego.config import ASHEMConfig, ConfigError, block_layers, to_dict
-from lego.model import DeepSupervisionTransformer, resolve_precision
+from lego.model import DeepSupervisionTransformer, precision_choice
 
 _ROUTING_ATTRS = ("routing_threshold", "routing_thresholds", "upper_context", "confidence")  # behaviour, not weights
 
@@ -40,7 +40,13 @@ def resolve_device(name: str) -> torch.device:
 
 def run_precision(cfg: ASHEMConfig) -> str:
     """model.precision with "auto" resolved for the run's device."""
-    return resolve_precision(cfg.model.precision, resolve_device(cfg.device))
+    return precision_record(cfg)["runs"]
+
+
+def precision_record(cfg: ASHEMConfig) -> Dict[str, str]:
+    """What model.precision resolves to on the run's device and why: {"asked", "runs", "why"} (run.json's
+    `precision`, the final table's row; `lego.model.precision_choice`)."""
+    return precision_choice(cfg.model.precision, resolve_device(cfg.device))
 
 
 def model_args(model: DeepSupervisionTransformer) -> Dict[str, Any]:

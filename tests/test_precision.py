@@ -7,6 +7,7 @@ test files check that unchanged).
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -135,7 +136,11 @@ def test_bf16_run_records_its_precision(tmp_path):
     d = tmp_path / "run"
     for stage in ("phase1", "phase2"):
         assert load_checkpoint(d / stage / "model.pt")["model_args"]["precision"] == "bf16", stage
-    assert json.loads((d / "run.json").read_text())["science_config"]["model"]["precision"] == "bf16"
+    record = json.loads((d / "run.json").read_text())
+    assert record["science_config"]["model"]["precision"] == "bf16"
+    assert record["precision"] == {"asked": "bf16", "runs": "bf16", "why": "asked"}
+    summary = json.loads((d / "metrics.json").read_text())
+    assert (summary["precision"], summary["precision_asked"]) == ("bf16", "bf16")
     assert json.loads((d / "phase1/cache.json").read_text())["key_source"]["model"]["precision"] == "bf16"
     thr = json.loads((d / "hard_examples/threshold.json").read_text())
     assert abs(thr["achieved_ratio"] - 0.5) < 0.01
@@ -160,6 +165,32 @@ def test_precision_choice_says_what_runs_and_why(monkeypatch):
     assert got["runs"] == "fp32" and "avx512_bf16" in got["why"]
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert cpu_bf16() is None and "native" not in precision_choice("auto", "cpu")["why"]
+
+
+def test_run_json_and_the_final_table_say_which_precision_ran(tmp_path):
+    """auto on a CPU: run.json records {"asked": "auto", "runs": "fp32", "why": ...} (whatever the CPU's bf16), the
+    summary and the final table say fp32 ran; the science config leaves fp32 out, as before."""
+    from conftest import tiny_config
+
+    from lego.model import precision_choice
+    from lego.run import claim_run_dir
+    from lego.summary import format_table, summarize_run
+
+    cfg = tiny_config(tmp_path / "cache")
+    assert cfg.model.precision == "auto" and cfg.device == "cpu"
+    (tmp_path / "run").mkdir()
+    claim_run_dir(tmp_path / "run", cfg)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["precision"] == precision_choice("auto", "cpu")
+    assert record["precision"]["runs"] == "fp32" and record["precision"]["why"].startswith("cpu: auto is fp32")
+    assert "precision" not in record["science_config"]["model"]
+
+    class Vocab:
+        vocab_size = 16
+
+    summary = summarize_run(cfg, tmp_path / "run", Vocab(), None, {"phase1": 1.0})
+    assert (summary["precision"], summary["precision_asked"]) == ("fp32", "auto")
+    assert re.search(r"^precision \(model\.precision\) +fp32 \(auto\)$", format_table(summary), re.M)
 
 
 def test_bench_precision_script_prints_its_table():
