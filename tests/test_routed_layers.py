@@ -226,7 +226,8 @@ def test_the_capacity_path_compiles_as_one_graph_for_every_mask(make_tiny_model,
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["propagate", "skip"])
 def test_the_capacity_path_under_inductor_equals_eager(make_tiny_model, perturb, policy):
-    """torch.compile's default backend (C++ kernels on CPU: 10-30 s per policy on a cold cache), forward and gradients."""
+    """torch.compile's default backend (C++ kernels on CPU: 10-30 s per policy on a cold cache): forward and
+    gradients."""
     big, h, hard = routed_model(make_tiny_model, perturb, pos="rope")
 
     def f(x, mask):

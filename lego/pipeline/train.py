@@ -83,9 +83,10 @@ def train_block(cfg: ASHEMConfig, model: DeepSupervisionTransformer, group: Opti
     """Train `model` with `group`'s settings (phase1 or phase2) for `steps` optimizer steps (default: its own
     budget, `budget_steps`), the schedule spanning exactly that budget, validating every `group.epoch_steps`
     steps; `group.patience` (if set) is an early-stopping guard. Writes out/model.pt (the best weights on
-    validation; with `threshold` recorded in its meta), history.jsonl and result.json (with `record` and the
-    training compute), resumes from out/last.pt (written at each validation, or on `group.checkpoint_every_steps`
-    / `_minutes`), sends its curves to `tracker` under `name`. Returns `model` with its best weights.
+    validation; with `threshold` recorded in its meta), history.jsonl and result.json (with `record`, the
+    micro-batches per step `grad_accum` and the training compute), resumes from out/last.pt (written at each
+    validation, or on `group.checkpoint_every_steps` / `_minutes`), sends its curves to `tracker` under `name`.
+    Returns `model` with its best weights.
 
     `one_pass(batches, optimizer, epoch=, grad_clip=, lr_factor=, totals=, max_steps=, grad_accum=, **reporting)`
     trains one epoch (`lego.training.train_epoch` or `lego.ashem.train_upper_layers` with the model's loss);
@@ -106,6 +107,7 @@ def train_block(cfg: ASHEMConfig, model: DeepSupervisionTransformer, group: Opti
         validate, optimizer=optimizer, work_dir=out, budget_steps=steps, steps_per_epoch=per_epoch,
         patience=group.patience, name=name,
         save=lambda path, result: save_model(path, model, cfg, stage=name, result=result, **meta),
-        macs=macs, val_pass_macs=val_pass_macs, record=record, tracker=tracker,
+        macs=macs, val_pass_macs=val_pass_macs, record={"grad_accum": group.grad_accum, **(record or {})},
+        tracker=tracker,
         checkpoints=CheckpointSchedule(group.checkpoint_every_steps, group.checkpoint_every_minutes))
     return model
