@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from lego import distributed
 from lego.confidence import IGNORE_INDEX, exact_quantile
-from lego.config import PHASE2_INITS, STORES, check_choice, check_ratio
+from lego.config import PHASE2_INITS, STORE_DTYPES, STORES, check_choice, check_ratio
 from lego.evaluation import cascade_exits
 from lego.model import Model
 from lego.progress import progress as show_progress
-from lego.store import HalfRowWriter, RowBuffer
+from lego.store import STATE_DTYPES, HalfRowWriter, RowBuffer
 from lego.training import train_epoch
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
                           exit_layer: Optional[int] = None, measure: str = "max_prob",
                           thresholds: Sequence[float] = (), store: str = "memory", store_dir: Optional[str] = None,
                           ignore_index: int = IGNORE_INDEX, progress: bool = True,
-                          progress_interval_s: float = 30.0, keep_easy: bool = False) -> Dict[str, object]:
+                          progress_interval_s: float = 30.0, keep_easy: bool = False,
+                          store_dtype: str = "float32") -> Dict[str, object]:
     """The sequences that hold at least one hard token, with their context. A hard token reaches the
     exit layer (no exit of `model` below it took it at its entry of `thresholds`) and its confidence there is below
     `threshold`.
@@ -119,12 +120,13 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
     'targets' (N, T) with every easy position set to `ignore_index`, 'confidences' (N, T),
     'num_tokens', 'num_hard'}, and with `keep_easy` also 'all_targets' (N, T), the targets of
     every position (for phase2.loss_tokens=all|weighted; the rest is unchanged).
-    `store`: "memory" keeps float32 states in RAM, "disk" writes
+    `store`: "memory" keeps states in RAM as `store_dtype` (float32 | bfloat16 | float16), "disk" writes
     float16 states to a file in `store_dir` and reads rows back on demand (`HalfRows`),
     "recompute" keeps no states (the loader recomputes them through the frozen lower Block).
     """
     if store not in STORES:
         raise ValueError(f"store={store!r} is not allowed; choose one of {', '.join(STORES)}")
+    check_choice("store_dtype", store_dtype, STORE_DTYPES)
     if store == "disk" and not store_dir:
         raise ValueError("store='disk' needs store_dir")
     model.eval()
@@ -150,7 +152,7 @@ def collect_hard_examples(model, batches: Iterable, threshold: float, device="cp
         if keep_easy:
             all_b.append(targets[keep])
         if store == "memory":
-            hidden_b.append(h[keep].float())
+            hidden_b.append(h[keep].to(STATE_DTYPES[store_dtype]))
         elif store == "disk":
             if disk is None:
                 disk = HalfRowWriter(os.path.join(store_dir, "hidden_states.f16"), h.shape[1:])

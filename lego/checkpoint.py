@@ -16,7 +16,7 @@ import torch
 from lego.ashem import freeze_exits
 from lego.artifacts import StageError, load_checkpoint, save_checkpoint
 from lego.config import ASHEMConfig, ConfigError, block_layers, to_dict
-from lego.model import Model, ModelArgs, resolve_precision
+from lego.model import Model, ModelArgs, precision_choice
 
 # what checkpoints written before `ModelArgs` also stored: routing, not weights (`lego.config.Routing`)
 _OLD_ROUTING_KEYS = ("routing_threshold", "routing_thresholds", "upper_context", "confidence")
@@ -41,7 +41,13 @@ def resolve_device(name: str) -> torch.device:
 
 def run_precision(cfg: ASHEMConfig) -> str:
     """model.precision with "auto" resolved for the run's device."""
-    return resolve_precision(cfg.model.precision, resolve_device(cfg.device))
+    return precision_record(cfg)["runs"]
+
+
+def precision_record(cfg: ASHEMConfig) -> Dict[str, str]:
+    """What model.precision resolves to on the run's device and why: {"asked", "runs", "why"} (run.json's
+    `precision`, the final table's row; `lego.model.precision_choice`)."""
+    return precision_choice(cfg.model.precision, resolve_device(cfg.device))
 
 
 def model_args(model: Model) -> Dict[str, Any]:

@@ -76,7 +76,7 @@ def early_stopping_loop(
         improved = val_loss < best_loss
         if improved:
             best_loss, best_epoch, bad = val_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = keep_best(model, best_state)
         else:
             bad += 1
         stopped = patience is not None and bad >= patience
@@ -105,3 +105,17 @@ def early_stopping_loop(
         "stopped_early": stopped,
         "history": history,
     }
+
+
+def keep_best(model: torch.nn.Module, best: Optional[dict]) -> dict:
+    """`model`'s state dict copied into host buffers: `best`'s tensors when it has them (copied into, so a training
+    allocates its best state once, not at every improvement), else new ones, pinned for a CUDA model so the copies
+    run asynchronously; on the host, the best state takes no device memory. Returns when the copies are done."""
+    state = model.state_dict()
+    if best is None or best.keys() != state.keys() or any(best[k].shape != v.shape for k, v in state.items()):
+        best = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=v.is_cuda) for k, v in state.items()}
+    for k, v in state.items():
+        best[k].copy_(v.detach(), non_blocking=True)
+    if any(v.is_cuda for v in state.values()):
+        torch.cuda.synchronize()  # the host buffers are read (saved, restored) right after
+    return best

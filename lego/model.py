@@ -65,11 +65,6 @@ def precision_choice(precision: str, device) -> dict:
         f" (this CPU has native bf16, {native}: model.precision=bf16 uses it)" if native else "")}
 
 
-def resolve_precision(precision: str, device) -> str:
-    """"auto" -> "bf16" on a CUDA device that supports it, else "fp32"; fp32/bf16 as given (`precision_choice`)."""
-    return precision_choice(precision, device)["runs"]
-
-
 class Embedding(nn.Module):
     """Token embedding plus (optionally) learned absolute positions: everything below layer 1."""
 
@@ -133,9 +128,10 @@ class Layer(nn.Module):
         x = x + self.resid_drop(self.attn_out(y.transpose(1, 2).reshape(B, T, C)))
         return x + self.mlp(self.norm2(x))
 
-    def forward_routed(self, x: torch.Tensor, hard: torch.Tensor, policy: str, rope=None) -> torch.Tensor:
+    def forward_routed(self, x: torch.Tensor, hard: torch.Tensor, policy: str, rope=None,
+                       capacity: Optional[int] = None) -> torch.Tensor:
         """This layer for hard tokens (B, T) only; easy tokens keep their state (`lego.routed_layer`)."""
-        return layer_routed(self, x, hard, policy, rope)
+        return layer_routed(self, x, hard, policy, rope, capacity)
 
 
 @dataclass(frozen=True)
@@ -276,18 +272,20 @@ class Model(nn.Module):
         return self.embedding(idx)
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, hard: Optional[torch.Tensor] = None,
-                   policy: str = "full") -> torch.Tensor:
+                   policy: str = "full", capacity: Optional[int] = None) -> torch.Tensor:
         """Run layers start+1 .. end (1-based) on the state after layer `start`.
 
         With `hard` (B, T) bool and a policy other than "full" (`Routing.policy`), only hard tokens are computed
-        (see `Layer.forward_routed`); easy tokens leave with their input state.
+        (see `Layer.forward_routed`); easy tokens leave with their input state. With `capacity`
+        (slots per row), at most that many hard tokens per row run, in static shapes without a host
+        sync; the rest keep their state (`lego.routed_layer.capacity_mask` counts them).
         """
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"layer range ({start}, {end}] is outside 0..{self.num_layers}")
         check_choice("upper_context", policy, UPPER_CONTEXTS)  # forward_routed treats any unknown name as skip
         routed = hard is not None and policy != "full"
         for layer in self.layers[start:end]:
-            h = layer.forward_routed(h, hard, policy, self.rope) if routed else layer(h, self.rope)
+            h = layer.forward_routed(h, hard, policy, self.rope, capacity) if routed else layer(h, self.rope)
         return h
 
     def head_for(self, layer: int) -> nn.Module:

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from lego import __version__, distributed
 from lego.artifacts import LockBusy, RunDirTaken, file_lock, read_json, remove_partial_writes, write_json, write_text
+from lego.checkpoint import precision_record
 from lego.config import ASHEMConfig, block_layers, resolve, to_dict, validate
 from lego.data import Corpus, load_corpus
 from lego.pipeline.science import science_config
@@ -155,8 +156,9 @@ def _diff(a: Dict, b: Dict, prefix: str = "") -> list:
 def claim_run_dir(run_dir: Path, cfg: ASHEMConfig, argv: Optional[List[str]] = None) -> None:
     """Record the config in `run_dir`, or refuse if the directory holds a run of another config.
 
-    The first claim writes run.json: the science config, and the provenance of the process that
-    started the run (command `argv`, git state, packages, torch build, hardware, threads, seeds)."""
+    The first claim writes run.json: the science config, the precision that runs and why (`precision_record`),
+    and the provenance of the process that started the run (command `argv`, git state, packages, torch build,
+    hardware, threads, seeds)."""
     record = run_dir / "run.json"
     new = science_config(cfg)
     if record.exists():
@@ -166,5 +168,5 @@ def claim_run_dir(run_dir: Path, cfg: ASHEMConfig, argv: Optional[List[str]] = N
                               "use a new hydra.run.dir or the same overrides")
     elif distributed.is_main():  # every rank checks (and refuses alike); rank 0 writes
         write_json(record, {"science_config": new, "lego_version": __version__, "torch": torch.__version__,
-                            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "precision": precision_record(cfg),
                             "provenance": provenance(argv, {"seed": cfg.seed})})

@@ -1,14 +1,50 @@
-"""Hard-example stores: rows kept in RAM slabs, float16 rows on disk, and the loader over them."""
+"""Hard-example stores: rows kept in RAM slabs, float16 rows on disk, and the loader over them.
+
+The memory store keeps exit-layer states in `hard_examples.store_dtype` (`STATE_DTYPES`): per token at
+dim d, 4d bytes in float32 (3,072 at d=768), 2d in bfloat16 or float16 (1,536 at d=768); the disk store
+writes float16. Rows mined on a CUDA device reach the host through pinned memory without blocking (`HostCopies`).
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Callable, Dict
 
 import numpy as np
 import torch
 
 from lego.batches import SeededBatches, pin_memory_for
+from lego.config import STORE_DTYPES
+
+
+STATE_DTYPES = {name: getattr(torch, name) for name in STORE_DTYPES}  # hard_examples.store_dtype -> torch
+
+
+class HostCopies:
+    """Device rows to the host without waiting: `put(part)` starts a CUDA tensor's copy into pinned memory
+    (non_blocking) and hands the previous copy, finished, to `sink`, so a copy overlaps the next batch's
+    compute; `flush()` hands over the last one. A CPU tensor goes to `sink` at once (nothing changes on a CPU)."""
+
+    def __init__(self, sink: Callable[[torch.Tensor], None]):
+        self.sink, self.pending = sink, None
+
+    def put(self, part: torch.Tensor) -> None:
+        if not part.is_cuda:
+            self.flush()
+            self.sink(part)
+            return
+        staged = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+        staged.copy_(part, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.flush()
+        self.pending = (staged, done)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            (staged, done), self.pending = self.pending, None
+            done.synchronize()
+            self.sink(staged)
 
 
 class RowBuffer:
@@ -24,9 +60,14 @@ class RowBuffer:
     SLAB_BYTES = 64 << 20
 
     def __init__(self):
-        self.slabs, self.fill, self.rows = [], 0, 0  # fill: rows used in the last slab
+        self.slabs, self.fill, self.rows = [], 0, 0  # fill: rows used in the last slab; rows: appended so far
+        self.copies = HostCopies(self._write)
 
     def append(self, part: torch.Tensor) -> None:
+        self.rows += part.shape[0]
+        self.copies.put(part)
+
+    def _write(self, part: torch.Tensor) -> None:
         while part.shape[0]:
             if not self.slabs or self.fill == self.slabs[-1].shape[0]:
                 row_bytes = max(part[0].numel() * part.element_size(), 1)
@@ -35,10 +76,11 @@ class RowBuffer:
                 self.fill = 0
             n = min(part.shape[0], self.slabs[-1].shape[0] - self.fill)
             self.slabs[-1][self.fill:self.fill + n].copy_(part[:n])
-            part, self.fill, self.rows = part[n:], self.fill + n, self.rows + n
+            part, self.fill = part[n:], self.fill + n
 
     def tensor(self, empty: torch.Tensor) -> torch.Tensor:
         """Every row in order as one tensor (`empty` if there is none); releases the slabs."""
+        self.copies.flush()
         if not self.slabs:
             return empty
         first = self.slabs[0]
@@ -66,12 +108,14 @@ class HalfRowWriter:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path, self.row_shape, self.rows = path, tuple(row_shape), 0
         self.file = open(path, "wb")
+        self.copies = HostCopies(lambda half: self.file.write(half.contiguous().numpy()))  # its buffer, no copy
 
     def append(self, part: torch.Tensor) -> None:
-        self.file.write(part.detach().to("cpu", torch.float16).contiguous().numpy())  # its buffer, no copy
+        self.copies.put(part.detach().to(torch.float16))  # halved on the device, before the copy
         self.rows += part.shape[0]
 
     def close(self) -> "HalfRows":
+        self.copies.flush()
         self.file.close()
         return HalfRows(self.path, self.rows, self.row_shape)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from lego import distributed
+from lego.checkpoint import precision_record
 from lego.config import ASHEMConfig
 from lego.data import Corpus
 from lego.label_report import headline as by_label_headline
@@ -22,7 +23,8 @@ def summarize_run(cfg: ASHEMConfig, run_dir: Path, corpus: Corpus, metrics: Opti
     """The one-level summary written to metrics.json (headline numbers of eval/ and generate/metrics.json)."""
     summary: Dict[str, Any] = {"run_dir": str(run_dir), "stages": list(cfg.stages),
                                "hard_example_ratio": cfg.hard_example_ratio, "seed": cfg.seed,
-                               "data": cfg.data.name, "vocab_size": corpus.vocab_size, "wall_s": timings}
+                               "data": cfg.data.name, "vocab_size": corpus.vocab_size, "wall_s": timings,
+                               "precision": precision_record(cfg)["runs"], "precision_asked": cfg.model.precision}
     if distributed.is_distributed():
         summary["world_size"] = distributed.world_size()
     if metrics is not None:
@@ -117,6 +119,8 @@ def format_table(summary: dict) -> str:
         shown = [f"{k[len(key) + 1:]} {show(v)}" for k, v in summary.items() if k.startswith(key + "_")]
         if shown:  # MFU and memory only on a GPU (a known one for MFU)
             rows.append((what, ", ".join(shown)))
+    if "precision" in summary:
+        rows.append(("precision (model.precision)", f"{summary['precision']} ({summary['precision_asked']})"))
     rows.append(("wall time", ", ".join(f"{k} {v:.1f}s" for k, v in summary["wall_s"].items())))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]

@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from lego import distributed
-from lego.artifacts import load_checkpoint, save_checkpoint, write_json, write_jsonl
+from lego.artifacts import write_json, write_jsonl
 from lego.batches import set_loader_epoch
 from lego.config import StageConfig, TrainingConfig, create_standard_config  # noqa: F401  (the API lives here)
 from lego.early_stopping import TrainingDiverged, early_stopping_loop  # noqa: F401  (the API lives here)
 from lego.evaluation import evaluate
 from lego.progress import progress as show_progress
+from lego.resume import CheckpointSchedule, epoch_end_state, load_resume, save_resume, within_state
 from lego.throughput import reset_peak_memory, training_throughput
 from lego.trackers import Tracker
 
@@ -61,7 +62,9 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
                 grad_clip: Optional[float] = None, progress: bool = True, name: str = "train_loader",
                 lr_factor: Optional[Callable[[int], float]] = None, totals: Optional[TrainingTotals] = None,
                 tracker: Optional[Tracker] = None, prefix: str = "train", log_every: int = 1,
-                progress_interval_s: float = 30.0, max_steps: Optional[int] = None, grad_accum: int = 1) -> float:
+                progress_interval_s: float = 30.0, max_steps: Optional[int] = None, grad_accum: int = 1,
+                checkpoint: Optional[Callable[[Callable[[], dict]], None]] = None,
+                resume_within: Optional[dict] = None) -> float:
     """One pass of optimizer steps over `batches`; the mean loss per counted token. Every model trains here.
 
     `loss_sum_fn(model, inputs, targets)` returns (summed loss, counted tokens). A count read on
@@ -80,6 +83,9 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     sends loss, lr, grad_norm and tokens_per_s under `prefix`; device values are read on those
     steps only. `progress` shows `<prefix> epoch <epoch>` as a bar, or a line every
     `progress_interval_s` seconds in a log (lego.progress).
+    `checkpoint(partial)` runs after each optimizer step (`fit`); `partial()`, called on every rank, reads the
+    epoch's loss sum and count over all ranks. `resume_within` ({"steps", "loss_sum", "count"} from such a
+    checkpoint) skips the epoch's first `steps` optimizer steps' batches and starts from those sums.
     """
     if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum={grad_accum!r} must be an integer >= 1")
@@ -87,13 +93,21 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     model.train()
     if epoch is not None:
         set_loader_epoch(batches, epoch)
-    loss_sum = torch.zeros((), device=device)
-    count = 0  # a host int, or a 0-d device tensor once a device count is added (read once, at the end)
+    done = resume_within["steps"] if resume_within else 0  # this epoch's optimizer steps before a resume
+    carry = bool(resume_within) and distributed.is_main()  # the sums so far are every rank's: rank 0 carries them
+    loss_sum = torch.full((), resume_within["loss_sum"] if carry else 0.0, device=device)
+    count = int(resume_within["count"]) if carry else 0  # a host int, or a 0-d device tensor once one is added
     params = [p for p in model.parameters() if p.requires_grad]
     step = distributed.data_parallel(model, loss_sum_fn, device)
     steps = totals.steps if totals is not None else 0  # the training's optimizer steps: the tracker's x axis
-    bar = show_progress(micro_batch_groups(batches, grad_accum), desc=f"{prefix} epoch {epoch or ''}".rstrip(),
-                        total=math.ceil(len(batches) / grad_accum) if hasattr(batches, "__len__") else None,
+    groups = iter(micro_batch_groups(batches, grad_accum))
+    if done:  # opening the loader draws from the global RNG: the resumed state is the one after step `done`
+        rng = torch.get_rng_state()
+        for _ in itertools.islice(groups, done):
+            pass
+        torch.set_rng_state(rng)
+    bar = show_progress(groups, desc=f"{prefix} epoch {epoch or ''}".rstrip(),
+                        total=math.ceil(len(batches) / grad_accum) - done if hasattr(batches, "__len__") else None,
                         interval_s=progress_interval_s, enabled=progress and distributed.is_main())
     start = mark = time.perf_counter()
     tokens = tokens_at_mark = 0  # tokens/s: since the epoch's start (progress), since the last logged step (tracker)
@@ -132,6 +146,9 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
                                  "grad_norm": float(grad_norm), "tokens_per_s": rate}, steps, prefix)
         if bar.enabled:
             bar.update_stats(loss=loss, tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9))
+        if checkpoint is not None:
+            checkpoint(lambda: dict(zip(("loss_sum", "count"), distributed.all_reduce_sum([float(loss_sum),
+                                                                                          float(count)]))))
     loss_sum, count = distributed.all_reduce_sum([float(loss_sum), int(count)])
     if totals is not None:
         totals.counted += int(count)
@@ -184,10 +201,11 @@ def accumulate(step: Callable, micro: list, params: list, device) -> Tuple[Optio
 def fit(model, train_one_epoch: Callable[[int, TrainingTotals, int], float], validate: Callable[[], float], *,
         optimizer, work_dir: Path, budget_steps: int, steps_per_epoch: int, patience: Optional[int], name: str,
         save: Callable[[Path, dict], None], macs: Callable[[TrainingTotals], float] = lambda totals: 0.0,
-        val_pass_macs: float = 0.0, record: Optional[dict] = None, tracker: Optional[Tracker] = None) -> dict:
+        val_pass_macs: float = 0.0, record: Optional[dict] = None, tracker: Optional[Tracker] = None,
+        checkpoints: Optional[CheckpointSchedule] = None) -> dict:
     """Train for `budget_steps` optimizer steps, validating every `steps_per_epoch` steps (an "epoch"; the last
     one may be shorter) and after the last, with `early_stopping_loop` in the training's directory: resume from
-    `work_dir/last.pt` (written after every epoch), then history.jsonl, result.json and
+    `work_dir/last.pt` (written after every epoch, or on `checkpoints`), then history.jsonl, result.json and
     `save(work_dir / "model.pt", result)` (rank 0). The weights kept are the best on validation.
 
     `train_one_epoch(epoch, totals, budget_steps)` trains one epoch, adding its steps and tokens to `totals`
@@ -200,17 +218,35 @@ def fit(model, train_one_epoch: Callable[[int, TrainingTotals, int], float], val
     off). `record` adds the caller's own entries to the result (e.g. how its budget was derived). Returns the
     result without the history. Phase 1, every later Block and every dense model train here.
     With a `tracker`, each validation sends val_loss and val_ppl under the prefix `name`, at the training's step.
+    `checkpoints` (`lego.resume.CheckpointSchedule`; None: at every validation) writes last.pt on its schedule
+    instead; `train_one_epoch` then takes train_epoch's `checkpoint=` and `resume_within=` keywords.
     """
     if budget_steps < 1 or steps_per_epoch < 1:
         raise ValueError(f"{name}: budget_steps={budget_steps} and steps_per_epoch={steps_per_epoch} must be >= 1")
     resume = load_resume(work_dir / "last.pt", model, name)
+    within = resume.pop("within", None) if resume else None  # written between validations: the epoch in progress
     totals = TrainingTotals.from_history(resume["history"] if resume else [])
+    if within:
+        log.info("%s: resuming epoch %d after %d of its steps", name, within["epoch"], within["steps"])
+        totals.steps, totals.tokens = totals.steps + within["steps"], totals.tokens + within["tokens"]
+    schedule, epoch_end = checkpoints or CheckpointSchedule(), epoch_end_state(resume)
     device = next(model.parameters()).device
     reset_peak_memory(device)  # a resumed training's peak is that of the part that ran in this process
 
     def one_epoch(epoch: int) -> dict:
-        before, start = replace(totals), time.perf_counter()
-        loss = train_one_epoch(epoch, totals, budget_steps)
+        nonlocal within
+        before, start, extra = replace(totals), time.perf_counter(), {}
+        if within is not None and within["epoch"] == epoch:  # this epoch's first steps ran before the resume
+            before.steps, before.tokens = before.steps - within["steps"], before.tokens - within["tokens"]
+            start, extra["resume_within"], within = start - within["train_s"], within, None
+        if not schedule.at_validations:
+            def checkpoint(partial: Callable[[], dict]) -> None:
+                if schedule.due(totals.steps):
+                    save_resume(work_dir, within_state(epoch_end, model, optimizer, dict(
+                        epoch=epoch, steps=totals.steps - before.steps, tokens=totals.tokens - before.tokens,
+                        train_s=time.perf_counter() - start, **partial())))
+            extra["checkpoint"] = checkpoint
+        loss = train_one_epoch(epoch, totals, budget_steps, **extra)
         return {"train_loss": loss, "steps": totals.steps - before.steps, "tokens": totals.tokens - before.tokens,
                 "counted": totals.counted - before.counted, "train_s": time.perf_counter() - start,
                 "lr": optimizer.param_groups[0]["lr"]}  # the last step's
@@ -221,9 +257,16 @@ def fit(model, train_one_epoch: Callable[[int, TrainingTotals, int], float], val
             tracker.log_metrics({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))}, totals.steps, name)
         return val_loss
 
+    def on_epoch_end(state: dict) -> None:
+        epoch_end.update(epoch_end_state(state))
+        if schedule.at_validations:
+            save_resume(work_dir, state)
+        elif distributed.is_main():  # the curve so far; last.pt waits for the schedule
+            write_jsonl(work_dir / "history.jsonl", state["history"])
+
     result = early_stopping_loop(model, one_epoch, validate_and_log, max_epochs=math.ceil(budget_steps / steps_per_epoch),
                                  patience=patience, optimizer=optimizer, resume=resume, name=name,
-                                 on_epoch_end=lambda state: save_resume(work_dir, state))
+                                 on_epoch_end=on_epoch_end)
     summary = {k: v for k, v in result.items() if k != "history"}
     train_s = sum(row.get("train_s", 0.0) for row in result["history"])
     summary.update(steps=totals.steps, budget_steps=budget_steps, tokens=totals.tokens, counted=totals.counted,
@@ -261,27 +304,6 @@ def convergence(history: List[dict]) -> dict:
     best_before = min(before)
     gain = max(0.0, (best_before - min(row["val_loss"] for row in history)) / abs(best_before))
     return {"last_fifth_gain": gain, "converged": gain < CONVERGED_BELOW}
-
-
-def save_resume(work_dir: Path, state: dict) -> None:
-    if not distributed.is_main():  # the ranks hold the same state; one copy on disk
-        return
-    save_checkpoint(work_dir / "last.pt", {"resume": state})
-    write_jsonl(work_dir / "history.jsonl", state["history"])
-
-
-def load_resume(path: Path, model, name: str) -> Optional[dict]:
-    """The resume state at `path` if it exists and fits `model`; an unusable one is ignored with a warning."""
-    if not path.exists():
-        return None
-    try:
-        state = load_checkpoint(path, what=f"{name} resume checkpoint")["resume"]
-        model.load_state_dict(state["model"])  # shape check before trusting it
-    except (ValueError, RuntimeError, KeyError) as e:
-        log.warning("%s: ignoring unusable resume checkpoint %s (%s); starting this phase over", name, path,
-                    str(e).splitlines()[0])
-        return None
-    return state
 
 
 class Trainer:

@@ -106,6 +106,28 @@ def test_bad_grad_accum_is_refused_with_the_key_named():
     assert to_config(compose_config(["phase1.grad_accum=4"])).phase1.grad_accum == 4
 
 
+def test_a_whole_run_accumulates_in_both_phases_and_says_so(tmp_path):
+    """lego-run debug=tiny phase1.grad_accum=2 phase2.grad_accum=2: every stage runs, each training's result.json
+    records its grad_accum, and an optimizer step took 2 micro-batches (tokens per step: 2 batches' worth)."""
+    import json
+    import math
+
+    from conftest import tiny_config
+
+    from lego.run import run
+
+    summary = run(tiny_config(tmp_path / "cache", **{"phase1.grad_accum": 2, "phase2.grad_accum": 2,
+                                                     "eval.standard_baseline": False}), tmp_path / "run")
+    assert math.isfinite(summary["ppl"]) and 0 < summary["shallow_ratio"] < 1
+    p1, p2 = (json.loads((tmp_path / "run" / s / "result.json").read_text()) for s in ("phase1", "phase2"))
+    assert p1["grad_accum"] == p2["grad_accum"] == 2
+    assert p1["steps"] == p1["budget_steps"] == 3 * 8 and p1["tokens"] == p1["steps"] * 2 * 16 * 16  # x B x T
+    assert p2["steps"] == p2["budget_steps"] > 0
+    assert 16 * 32 * p2["steps"] < p2["tokens"] <= 2 * 16 * 32 * p2["steps"]  # phase2.batch_size 32, T 16
+    plain = json.loads((tmp_path / "run" / "run.json").read_text())["science_config"]
+    assert plain["phase1"]["grad_accum"] == plain["phase2"]["grad_accum"] == 2  # a different run from grad_accum=1
+
+
 # -- under DDP: 2 gloo processes --------------------------------------------------------------------------
 def _ddp_worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)

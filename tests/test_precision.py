@@ -7,6 +7,7 @@ test files check that unchanged).
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from lego.ashem import (grow,
     train_upper_layers,
 )
 from lego.config import ASHEMConfig, StageConfig, TrainingConfig, create_standard_config, validate
-from lego.model import resolve_precision
+from lego.model import precision_choice
 from lego.store import create_hard_example_loader
 from lego.training import Trainer
 
@@ -43,10 +44,10 @@ def record_dtypes(model):
 
 
 def test_precision_choices_and_auto():
-    assert resolve_precision("auto", "cpu") == "fp32"  # auto is bf16 on a CUDA GPU only
-    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cpu") == "fp32"
+    assert precision_choice("auto", "cpu")["runs"] == "fp32"  # auto is bf16 on a CUDA GPU only
+    assert precision_choice("bf16", "cpu")["runs"] == "bf16" and precision_choice("fp32", "cpu")["runs"] == "fp32"
     with pytest.raises(ValueError, match=r"^model.precision='fp16' is not allowed; choose one of auto, fp32, bf16$"):
-        resolve_precision("fp16", "cpu")
+        precision_choice("fp16", "cpu")
     cfg = ASHEMConfig()
     assert cfg.model.precision == "auto"
     cfg.model.precision = "half"
@@ -135,7 +136,11 @@ def test_bf16_run_records_its_precision(tmp_path):
     d = tmp_path / "run"
     for stage in ("phase1", "phase2"):
         assert load_checkpoint(d / stage / "model.pt")["model_args"]["precision"] == "bf16", stage
-    assert json.loads((d / "run.json").read_text())["science_config"]["model"]["precision"] == "bf16"
+    record = json.loads((d / "run.json").read_text())
+    assert record["science_config"]["model"]["precision"] == "bf16"
+    assert record["precision"] == {"asked": "bf16", "runs": "bf16", "why": "asked"}
+    summary = json.loads((d / "metrics.json").read_text())
+    assert (summary["precision"], summary["precision_asked"]) == ("bf16", "bf16")
     assert json.loads((d / "phase1/cache.json").read_text())["key_source"]["model"]["precision"] == "bf16"
     thr = json.loads((d / "hard_examples/threshold.json").read_text())
     assert abs(thr["achieved_ratio"] - 0.5) < 0.01
@@ -160,6 +165,32 @@ def test_precision_choice_says_what_runs_and_why(monkeypatch):
     assert got["runs"] == "fp32" and "avx512_bf16" in got["why"]
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert cpu_bf16() is None and "native" not in precision_choice("auto", "cpu")["why"]
+
+
+def test_run_json_and_the_final_table_say_which_precision_ran(tmp_path):
+    """auto on a CPU: run.json records {"asked": "auto", "runs": "fp32", "why": ...} (whatever the CPU's bf16), the
+    summary and the final table say fp32 ran; the science config leaves fp32 out, as before."""
+    from conftest import tiny_config
+
+    from lego.model import precision_choice
+    from lego.run import claim_run_dir
+    from lego.summary import format_table, summarize_run
+
+    cfg = tiny_config(tmp_path / "cache")
+    assert cfg.model.precision == "auto" and cfg.device == "cpu"
+    (tmp_path / "run").mkdir()
+    claim_run_dir(tmp_path / "run", cfg)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["precision"] == precision_choice("auto", "cpu")
+    assert record["precision"]["runs"] == "fp32" and record["precision"]["why"].startswith("cpu: auto is fp32")
+    assert "precision" not in record["science_config"]["model"]
+
+    class Vocab:
+        vocab_size = 16
+
+    summary = summarize_run(cfg, tmp_path / "run", Vocab(), None, {"phase1": 1.0})
+    assert (summary["precision"], summary["precision_asked"]) == ("fp32", "auto")
+    assert re.search(r"^precision \(model\.precision\) +fp32 \(auto\)$", format_table(summary), re.M)
 
 
 def test_bench_precision_script_prints_its_table():

@@ -7,6 +7,7 @@ import torch
 
 from lego.ashem import collect_hard_examples, compute_confidence_threshold, grow, upper_logits
 from lego.config import StageConfig, TrainingConfig
+from lego.routed_layer import capacity_mask, routing_capacity
 from lego.training import Trainer
 
 V = 16  # the conftest models' vocabulary
@@ -135,4 +136,110 @@ def test_a_row_gives_the_same_states_alone_and_in_a_batch(make_tiny_model, pertu
             torch.testing.assert_close(batch[b:b + 1], alone, atol=1e-5, rtol=1e-5)
 
 
-# -- confidences: chunked on CPU, bit-identical ----------------------------------------------------
+# -- fixed capacity: static shapes, overflow counted, the same states when nothing overflows ------------------
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_capacity_at_or_above_the_fullest_row_equals_the_routed_layers(make_tiny_model, perturb, pos, policy):
+    """Nothing overflows: the same states, bit for bit in fp32, and the same gradients; no overflow counted."""
+    big, h, hard = routed_model(make_tiny_model, perturb, pos=pos)
+    most = int(hard.sum(1).max())  # 8: row 2 is all hard
+    params = [p for layer in big.layers[2:4] for p in layer.parameters()]
+    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(3))
+    results = []
+    for capacity in (None, most, most + 5):
+        x = h.clone().requires_grad_(True)
+        out = big.run_layers(x, 2, 4, hard=hard, policy=policy, capacity=capacity)
+        results.append((out.detach(), torch.autograd.grad((out * w).sum(), [x, *params])))
+        if capacity is not None:
+            assert int(capacity_mask(hard, capacity)[1]) == 0
+    (ref, g_ref), *rest = results
+    for out, g in rest:
+        assert torch.equal(out, ref)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_tokens_beyond_capacity_are_counted_and_keep_their_state(make_tiny_model, perturb, pos, policy):
+    """Each row's first `capacity` hard tokens run as if they were the only hard ones (an overflowed token is an
+    easy one: its state is copied upward, under skip it gives no key/value); the overflow count is the number of
+    hard tokens beyond capacity, counted by hand."""
+    big, h, hard = routed_model(make_tiny_model, perturb, pos=pos)
+    capacity = 2
+    beyond = torch.zeros_like(hard)
+    for b in range(hard.shape[0]):
+        beyond[b, hard[b].nonzero().squeeze(1)[capacity:]] = True
+    kept, overflow = capacity_mask(hard, capacity)
+    assert overflow.dim() == 0 and int(overflow) == int(beyond.sum()) > 0
+    assert torch.equal(kept, hard & ~beyond)
+    with torch.no_grad():
+        out = big.run_layers(h, 2, 4, hard=hard, policy=policy, capacity=capacity)
+        assert torch.equal(out[beyond], h[beyond]) and torch.equal(out[~hard], h[~hard])
+        assert not torch.equal(out[kept], h[kept])
+        torch.testing.assert_close(out, big.run_layers(h, 2, 4, hard=kept, policy=policy), atol=1e-6, rtol=1e-6)
+        none = torch.zeros_like(hard)
+        assert torch.equal(big.run_layers(h, 2, 4, hard=none, policy=policy, capacity=capacity), h)
+
+
+def test_routing_capacity_is_the_share_plus_slack_rounded_up():
+    assert routing_capacity(0.3, 256, slack=0.1, multiple=8) == 104  # ceil(0.4 * 256) = 103 -> 104
+    assert routing_capacity(0.5, 64, slack=0.0, multiple=8) == 32
+    assert routing_capacity(0.95, 100, slack=0.1) == 100  # never more slots than positions
+    assert routing_capacity(0.0, 64, slack=0.0) == 8  # at least one slot, rounded up
+    for key, bad in (("share", dict(share=1.5)), ("slack", dict(share=0.3, slack=-0.1)),
+                     ("multiple", dict(share=0.3, multiple=0))):
+        with pytest.raises(ValueError, match=key):
+            routing_capacity(seq_len=64, **bad)
+    with pytest.raises(ValueError, match="capacity"):
+        capacity_mask(torch.ones(2, 4, dtype=torch.bool), 0)
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_the_capacity_path_compiles_as_one_graph_for_every_mask(make_tiny_model, perturb, policy):
+    """No graph break (fullgraph) and no recompilation when the number of hard tokens changes: the shapes
+    are static. aot_eager traces forward and backward without a C++ compiler (inductor: the slow test)."""
+    big, h, hard = routed_model(make_tiny_model, perturb, pos="rope")
+    graphs = []
+
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x, mask):
+        return big.run_layers(x, 2, 4, hard=mask, policy=policy, capacity=4)
+
+    explained = torch._dynamo.explain(f)(h, hard)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=counting)
+    other = torch.rand(hard.shape, generator=torch.Generator().manual_seed(7)) < 0.8
+    with torch.no_grad():
+        for mask in (hard, other, torch.zeros_like(hard)):
+            assert torch.equal(compiled(h, mask), f(h, mask))
+    assert len(graphs) == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_the_capacity_path_under_inductor_equals_eager(make_tiny_model, perturb, policy):
+    """torch.compile's default backend (C++ kernels on CPU: 10-30 s per policy on a cold cache): forward and
+    gradients."""
+    big, h, hard = routed_model(make_tiny_model, perturb, pos="rope")
+
+    def f(x, mask):
+        return big.run_layers(x, 2, 4, hard=mask, policy=policy, capacity=4)
+
+    compiled = torch.compile(f, fullgraph=True)
+    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for run in (f, compiled):
+        x = h.clone().requires_grad_(True)
+        out = run(x, hard)
+        grads.append((out.detach(), torch.autograd.grad((out * w).sum(), x)[0]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

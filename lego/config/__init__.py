@@ -23,7 +23,8 @@ from lego.config.library import Routing, StageConfig, TrainingConfig, create_sta
 from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE_MEASURES, DATA_NAMES, DECODERS,
                                 DEFAULT_CACHE_DIR, EXIT_HEADS, FFNS, FILE_BUILDERS, HF_PRESETS, IGNORE_INDEX,
                                 LOSS_TOKENS, LOWERS, NORMS, OBJECTIVES, PHASE2_INITS, POSITIONS, PRECISIONS, SCHEDULES,
-                                SHARD_DTYPES, SHARD_FORMATS, SPLITS, STAGES, STORES, TOKENIZERS, TRACKER_KINDS,
+                                SHARD_DTYPES, SHARD_FORMATS, SPLITS, STAGES, STORE_DTYPES, STORES, TOKENIZERS,
+                                TRACKER_KINDS,
                                 UPPER_CONTEXTS, WANDB_MODES, ConfigError, check_choice, check_non_negative,
                                 check_positive, check_ratio, check_schedule)
 from lego.config.values import _fail  # noqa: F401  (the data group's one-line errors: data.py, batches.py, shards.py)
@@ -33,8 +34,9 @@ __all__ = [
     "DATA_NAMES", "DECODERS", "DEFAULT_CACHE_DIR", "DataConfig", "EXIT_HEADS", "EvalConfig", "FFNS", "FILE_BUILDERS",
     "FLAT_ALIASES", "GenerateConfig", "HF_PRESETS", "HardExamplesConfig", "IGNORE_INDEX", "LOSS_TOKENS", "LOWERS",
     "LoggerConfig", "ModelConfig", "NORMS", "OBJECTIVES", "OptimizerConfig", "PHASE2_INITS", "POSITIONS",
-    "PRECISIONS", "Phase1Config", "Phase2Config", "Routing", "SCHEDULES", "SHARD_DTYPES", "SHARD_FORMATS", "SPLITS", "STAGES",
-    "STORES", "ShardsConfig", "StageConfig", "TOKENIZERS", "TRACKER_KINDS", "TrainingConfig", "UPPER_CONTEXTS",
+    "PRECISIONS", "Phase1Config", "Phase2Config", "Routing", "SCHEDULES", "SHARD_DTYPES", "SHARD_FORMATS", "SPLITS",
+    "STAGES", "STORE_DTYPES", "STORES", "ShardsConfig", "StageConfig", "TOKENIZERS", "TRACKER_KINDS", "TrainingConfig",
+    "UPPER_CONTEXTS",
     "WANDB_MODES", "block_layers", "check_choice", "check_logger", "check_model", "check_non_negative",
     "check_optimizer", "check_positive", "check_ratio", "check_schedule", "check_tracker_kinds", "check_variants",
     "create_standard_config", "exit_ratios", "register_configs", "resolve", "rewrite_alias_overrides", "to_dict",

@@ -9,8 +9,8 @@ from typing import Any, Dict, List
 from lego.config.data import validate_data_config
 from lego.config.groups import ASHEMConfig, check_logger, check_model, check_optimizer, validate_generate
 from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE_MEASURES, LOSS_TOKENS, LOWERS,
-                                OBJECTIVES, PHASE2_INITS, PRECISIONS, STAGES, STORES, UPPER_CONTEXTS, ConfigError,
-                                check_choice, check_non_negative, check_positive, check_ratio)
+                                OBJECTIVES, PHASE2_INITS, PRECISIONS, STAGES, STORE_DTYPES, STORES, UPPER_CONTEXTS,
+                                ConfigError, check_choice, check_non_negative, check_positive, check_ratio)
 
 
 
@@ -81,6 +81,11 @@ def validate(cfg: ASHEMConfig) -> None:
     check_variants(cfg)
     check_choice("hard_examples.confidence", he.confidence, CONFIDENCE_MEASURES)
     check_choice("hard_examples.store", he.store, STORES)
+    check_choice("hard_examples.store_dtype", he.store_dtype, STORE_DTYPES)
+    if he.store != "memory" and he.store_dtype != "float32":
+        raise ConfigError(f"hard_examples.store_dtype={he.store_dtype} applies to hard_examples.store=memory; "
+                          f"store={he.store} keeps {'float16 rows' if he.store == 'disk' else 'no states'}: "
+                          f"allowed there: float32 (the default)")
     check_choice("hard_examples.calibration_split", he.calibration_split, CALIBRATION_SPLITS)
     check_choice("eval.split", cfg.eval.split, ("test", "validation"))
     if cfg.eval.split == "validation" and not cfg.eval.allow_validation_split:

@@ -83,6 +83,13 @@ class OptimizerConfig:
     schedule: str = "cosine"  # cosine: linear warmup, then cosine decay to min_lr_ratio x lr at the last step | constant
     warmup_steps: int = 0  # cosine: optimizer steps of linear warmup, an integer >= 0
     min_lr_ratio: float = 0.1  # cosine: the floor, as a share of lr, reached at the budget's last step: in [0, 1]
+    # The resume checkpoint (last.pt: weights, optimizer, best weights, RNG) after every optimizer step whose count
+    # (over the whole training) is a multiple of this, mid-epoch too: an integer >= 1; null = at every validation
+    # (when checkpoint_every_minutes is null too). A resumed training continues from the step it was written at.
+    checkpoint_every_steps: Optional[int] = None
+    # ...or after the first optimizer step once this many minutes of wall clock have passed since the last one
+    # (or since the training started in this process): a number > 0; null = no clock
+    checkpoint_every_minutes: Optional[float] = None
 
 
 def check_optimizer(group: OptimizerConfig, prefix: str) -> None:
@@ -97,6 +104,11 @@ def check_optimizer(group: OptimizerConfig, prefix: str) -> None:
     if group.weight_decay < 0:
         raise ConfigError(f"{prefix}.weight_decay={group.weight_decay} must be >= 0")
     check_schedule(prefix, group.schedule, group.warmup_steps, group.min_lr_ratio)
+    for key, value, kind in (("checkpoint_every_steps", group.checkpoint_every_steps, int),
+                             ("checkpoint_every_minutes", group.checkpoint_every_minutes, float)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, kind)) or value <= 0):
+            allowed = "an integer >= 1" if kind is int else "a number > 0"
+            raise ConfigError(f"{prefix}.{key}={value!r} is not allowed; allowed: {allowed}, or null")
 
 
 @dataclass
@@ -120,6 +132,9 @@ class HardExamplesConfig:
     confidence: str = "max_prob"  # the routing confidence measure: max_prob | margin | entropy
     calibration_split: str = "validation"  # split the threshold is calibrated on: validation | train
     store: str = "memory"  # where hard-example states live: memory | disk | recompute (from token ids)
+    # store=memory: the states' dtype, float32 | bfloat16 | float16; bytes per token: 4 x model.dim in float32
+    # (3,072 at dim 768), half that in the others. The disk store always writes float16, recompute keeps none.
+    store_dtype: str = "float32"
 
 
 @dataclass

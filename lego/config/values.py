@@ -20,6 +20,7 @@ PRECISIONS = ("fp32", "bf16")
 EXIT_HEADS = ("separate", "tied", "lowrank")  # the vocabulary heads of the exits (lego.heads)
 CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
 STORES = ("memory", "disk", "recompute")  # where hard-example states live
+STORE_DTYPES = ("float32", "bfloat16", "float16")  # what the memory store keeps them in
 SCHEDULES = ("constant", "cosine")  # learning-rate schedules (lego.schedule)
 BASELINE_BUDGETS = ("matched", "steps", "phase1")  # training budget of the dense baselines
 PHASE2_INITS = ("random", "copy")  # how the new upper layers start (lego.model.grow)

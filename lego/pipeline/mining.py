@@ -64,7 +64,8 @@ def hard_loader(cfg: ASHEMConfig, model1: Model, loader, threshold: float, devic
     hard = collect_hard_examples(model1, loader, threshold, device, exit_layer=exit_layer,
                                  measure=cfg.hard_examples.confidence, thresholds=below,
                                  store=cfg.hard_examples.store, store_dir=str(store_dir), progress=cfg.progress,
-                                 progress_interval_s=cfg.progress_interval_s, keep_easy=keep_easy)
+                                 progress_interval_s=cfg.progress_interval_s, keep_easy=keep_easy,
+                                 store_dtype=cfg.hard_examples.store_dtype)
     counts = distributed.all_reduce_sum([hard["num_hard"], hard["num_tokens"], len(hard["targets"])])
     log.info("%s: %d hard tokens of %d in %d sequences", what, *map(int, counts))
     return create_hard_example_loader(hard, cfg.phase2.batch_size, shuffle=shuffle, seed=cfg.seed, device=device)

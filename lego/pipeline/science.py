@@ -47,6 +47,7 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
     if d["model"].get("exit_head") == "separate" and d["model"].get("exit_rank") is None:  # the specification's
         d["model"].pop("exit_head"), d["model"].pop("exit_rank")  # heads
     for phase in ("phase1", "phase2"):  # a constant schedule ignores warmup and floor
+        d[phase].pop("checkpoint_every_steps"), d[phase].pop("checkpoint_every_minutes")  # when, not what
         if d[phase]["schedule"] == "constant":
             for key in ("schedule", "warmup_steps", "min_lr_ratio"):
                 d[phase].pop(key)
@@ -55,6 +56,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
                                 ("phase2", "loss_tokens", "hard"), ("phase2", "lower", "frozen")):
         if d[phase][key] == default:
             d[phase].pop(key)
+    if d["hard_examples"]["store_dtype"] == "float32":
+        d["hard_examples"].pop("store_dtype")
     if not d["eval"]["learned_router"]:
         d["eval"].pop("learned_router")
     if d["phase2"].get("loss_tokens") != "weighted":

@@ -20,6 +20,7 @@ from lego.batches import EpochSteps
 from lego.checkpoint import save_model
 from lego.config import ASHEMConfig, OptimizerConfig
 from lego.model import Model
+from lego.resume import CheckpointSchedule
 from lego.schedule import lr_factor
 from lego.trackers import Tracker
 from lego.training import TrainingTotals, fit
@@ -82,9 +83,10 @@ def train_block(cfg: ASHEMConfig, model: Model, group: OptimizerConfig, loader,
     """Train `model` with `group`'s settings (phase1 or phase2) for `steps` optimizer steps (default: its own
     budget, `budget_steps`), the schedule spanning exactly that budget, validating every `group.epoch_steps`
     steps; `group.patience` (if set) is an early-stopping guard. Writes out/model.pt (the best weights on
-    validation; with `threshold` recorded in its meta), history.jsonl and result.json (with `record` and the
-    training compute), resumes from out/last.pt, sends its curves to `tracker` under `name`. Returns `model`
-    with its best weights.
+    validation; with `threshold` recorded in its meta), history.jsonl and result.json (with `record`, the
+    micro-batches per step `grad_accum` and the training compute), resumes from out/last.pt (written at each
+    validation, or on `group.checkpoint_every_steps` / `_minutes`), sends its curves to `tracker` under `name`.
+    Returns `model` with its best weights.
 
     `one_pass(batches, optimizer, epoch=, grad_clip=, lr_factor=, totals=, max_steps=, grad_accum=, **reporting)`
     trains one epoch (`lego.training.train_epoch` or `lego.ashem.train_upper_layers` with the model's loss);
@@ -99,11 +101,13 @@ def train_block(cfg: ASHEMConfig, model: Model, group: OptimizerConfig, loader,
     schedule = lr_schedule(group, steps)
     meta = {} if threshold is None else {"threshold": threshold}
     fit(model,
-        lambda epoch, totals, max_steps: one_pass(
+        lambda epoch, totals, max_steps, **within: one_pass(
             batches, optimizer, epoch=first_epoch + epoch, grad_clip=group.grad_clip, lr_factor=schedule,
-            totals=totals, max_steps=max_steps, grad_accum=group.grad_accum, **reporting(cfg, tracker, name)),
+            totals=totals, max_steps=max_steps, grad_accum=group.grad_accum, **reporting(cfg, tracker, name), **within),
         validate, optimizer=optimizer, work_dir=out, budget_steps=steps, steps_per_epoch=per_epoch,
         patience=group.patience, name=name,
         save=lambda path, result: save_model(path, model, cfg, stage=name, result=result, **meta),
-        macs=macs, val_pass_macs=val_pass_macs, record=record, tracker=tracker)
+        macs=macs, val_pass_macs=val_pass_macs, record={"grad_accum": group.grad_accum, **(record or {})},
+        tracker=tracker,
+        checkpoints=CheckpointSchedule(group.checkpoint_every_steps, group.checkpoint_every_minutes))
     return model
