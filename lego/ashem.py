@@ -31,6 +31,7 @@ from lego.config import PHASE2_INITS, STORE_DTYPES, STORES, check_choice, check_
 from lego.evaluation import cascade_exits
 from lego.model import Model
 from lego.progress import progress as show_progress
+from lego.routed_layer import capacity_mask
 from lego.store import STATE_DTYPES, HalfRowWriter, RowBuffer
 from lego.training import train_epoch
 
@@ -194,12 +195,15 @@ def upper_states(model, batch_x: torch.Tensor, num_lower_layers: int) -> torch.T
 
 
 def upper_logits(model, h: torch.Tensor, targets: torch.Tensor, num_lower_layers: int,
-                 ignore_index: int = IGNORE_INDEX, policy: str = "full"):
+                 ignore_index: int = IGNORE_INDEX, policy: str = "full", capacity: Optional[int] = None):
     """Deep-exit logits at the hard positions only (N_hard, V) float32, under the model's
-    precision, and their targets (N_hard,)."""
+    precision, and their targets (N_hard,). With `capacity` (propagate or skip) the upper layers run each row's
+    first `capacity` hard tokens in fixed shapes (`lego.routed_layer.capacity_mask`); the others are left out."""
     hard = targets != ignore_index
+    if capacity is not None:
+        hard, _ = capacity_mask(hard, capacity)
     with model.autocast():
-        h = model.run_layers(h, num_lower_layers, model.num_layers, hard=hard, policy=policy)
+        h = model.run_layers(h, num_lower_layers, model.num_layers, hard=hard, policy=policy, capacity=capacity)
         logits = model.logits_at(h[hard], model.num_layers).float()
     return logits, targets[hard]
 
@@ -208,7 +212,7 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
                        num_lower_layers: int = 2, *, grad_clip: Optional[float] = 1.0,
                        policy: str = "full", ignore_index: int = IGNORE_INDEX,
                        epoch: Optional[int] = None, lr_factor=None, totals=None,
-                       easy_weight: Optional[float] = None, **report) -> float:
+                       easy_weight: Optional[float] = None, capacity: Optional[int] = None, **report) -> float:
     """One pass over `hard_batches` training the layers above `num_lower_layers`; mean loss per hard token.
 
     The loss is cross-entropy at the last layer over hard positions only (easy positions
@@ -216,7 +220,7 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
     easy_weight) it is taken at every position, an easy one weighing `easy_weight`, and
     divided by the weights' sum; the batches then carry (B, 2, T) targets (hard-only, all),
     mined with `keep_easy` (`create_hard_example_loader` stacks them), and the upper layers
-    must run every token (upper_context=full). Warns when the early exit's head is trainable, since training it
+    must run every token (upper_context=full). `capacity`: fixed-capacity upper layers (`upper_logits`). Warns when the early exit's head is trainable, since training it
     would move the exit's confidences away from the calibrated threshold. Under
     torch.distributed every rank must pass the same number of batches; gradients are averaged
     over ranks (DDP) and the returned loss is over every rank's hard tokens. `epoch`,
@@ -228,18 +232,19 @@ def train_upper_layers(model_extended, hard_batches: Iterable, optimizer, vocab_
         log.warning("output_head is trainable and shared with the early exit: exit confidences will drift "
                     "from the calibrated threshold (use grow(model, ..., deep_head=True) or freeze it)")
     return train_epoch(model, hard_batches, optimizer,
-                       lambda m, x, t: _upper_loss(m, x, t, num_lower_layers, ignore_index, policy, easy_weight),
+                       lambda m, x, t: _upper_loss(m, x, t, num_lower_layers, ignore_index, policy, easy_weight,
+                                                   capacity),
                        device, epoch=epoch, grad_clip=grad_clip, name="hard_batches", lr_factor=lr_factor,
                        totals=totals, **report)
 
 
 def _upper_loss(model, x: torch.Tensor, targets: torch.Tensor, num_lower_layers: int, ignore_index: int,
-                policy: str, easy_weight: Optional[float] = None):
+                policy: str, easy_weight: Optional[float] = None, capacity: Optional[int] = None):
     """Summed cross-entropy at the last layer over the hard positions of one batch, and their count;
     with `easy_weight`, over every position (easy ones weighted), and the weights' sum."""
     if easy_weight is None:
         h = upper_states(model, x, num_lower_layers)
-        logits, y = upper_logits(model, h, targets, num_lower_layers, ignore_index, policy)
+        logits, y = upper_logits(model, h, targets, num_lower_layers, ignore_index, policy, capacity)
         return F.cross_entropy(logits, y, reduction="sum"), y.numel()
     if targets.dim() != 3:
         raise ValueError("easy_weight needs (B, 2, T) targets (hard-only, all): mine with keep_easy=True")
@@ -261,7 +266,7 @@ def _upper_loss(model, x: torch.Tensor, targets: torch.Tensor, num_lower_layers:
 
 @torch.no_grad()
 def evaluate_on_hard_examples(model, hard_batches: Iterable, vocab_size: int = None, device="cpu",
-                              num_lower_layers: int = 2, *, policy: str = "full",
+                              num_lower_layers: int = 2, *, policy: str = "full", capacity: Optional[int] = None,
                               ignore_index: int = IGNORE_INDEX) -> Dict[str, float]:
     """Perplexity and accuracy at the model's last layer on the hard positions alone.
 
@@ -273,7 +278,7 @@ def evaluate_on_hard_examples(model, hard_batches: Iterable, vocab_size: int = N
     for x, targets in _batches(hard_batches, "hard_batches"):
         x, targets = x.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         h = upper_states(model, x, num_lower_layers)
-        logits, y = upper_logits(model, h, targets, num_lower_layers, ignore_index, policy)
+        logits, y = upper_logits(model, h, targets, num_lower_layers, ignore_index, policy, capacity)
         nll += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
         count += y.numel()

@@ -295,10 +295,11 @@ TIMING_ROUNDS = 3
 def run_generation(model: Model, tokenizer, prompts: List[List[int]], *,
                    decoders=DECODERS, k_values=(2, 4), max_new_tokens: int, temperature: float = 0.0,
                    top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
-                   adaptive: bool = False, routing: Optional[Routing] = None, out_dir) -> dict:
-    """Generate with each decoder (routed and adaptive drafting under `routing`; speculative once per k, and with `adaptive` once more per k with adaptive
-    drafting, `speculative_adaptive_k<k>`), write `out_dir/samples.md` and
-    `out_dir/metrics.json`, return the metrics.
+                   adaptive: bool = False, routing: Optional[Routing] = None, drafting: Optional[Routing] = None,
+                   out_dir) -> dict:
+    """Generate with each decoder (routed under `routing`; speculative once per k, and with `adaptive` once more
+    per k with adaptive drafting, `speculative_adaptive_k<k>`, which stops below `drafting`'s threshold, default
+    `routing`'s), write `out_dir/samples.md` and `out_dir/metrics.json`, return the metrics.
 
     Timings are of one batch holding every prompt, after an untimed warm-up of each decoder at
     that batch shape: the fastest of TIMING_ROUNDS rounds, decoders interleaved (the same tokens
@@ -311,19 +312,21 @@ def run_generation(model: Model, tokenizer, prompts: List[List[int]], *,
     runs = [(d, kk) for d in decoders for kk in (k_values if d == "speculative" else (None,))]
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     routed = dict(routing=routing)
+    drafted = dict(routing=drafting or routing)  # adaptive drafting: its own threshold, or the routing's
     results, greedy = {}, {}
     named = [(d if kk is None else f"speculative_k{kk}", d, {} if kk is None else {"k": kk}) for d, kk in runs]
-    named += [(f"speculative_adaptive_k{kk}", d, {"k": kk, "adaptive": True}) for d, kk in runs
+    named += [(f"speculative_adaptive_k{kk}", d, {"k": kk, "adaptive": True, **drafted}) for d, kk in runs
               if adaptive and kk is not None]
+    named = [(name, d, {**routed, **kw}) for name, d, kw in named]
     for name, d, kw in named:  # warm-up at the timed batch shape (allocator, kernel caches), untimed
-        generate(model, prompts, **dict(opts, max_new_tokens=min(4, max_new_tokens)), decoder=d, **routed, **kw)
+        generate(model, prompts, **dict(opts, max_new_tokens=min(4, max_new_tokens)), decoder=d, **kw)
     for _ in range(TIMING_ROUNDS):  # decoders interleaved, each keeps its fastest round: one noisy round misleads
         for name, d, kw in named:
-            r = generate(model, prompts, decoder=d, **opts, **routed, **kw)
+            r = generate(model, prompts, decoder=d, **opts, **kw)
             if name not in results or r.decode_s + r.prefill_s < results[name].decode_s + results[name].prefill_s:
                 results[name] = r
     for name, d, kw in named:
-        greedy[name] = results[name] if temperature == 0 else generate(model, prompts, decoder=d, **routed,
+        greedy[name] = results[name] if temperature == 0 else generate(model, prompts, decoder=d,
                                                                        **dict(opts, temperature=0.0), **kw)
     ref = greedy["dense"].tokens if "dense" in greedy else generate(
         model, prompts, decoder="dense", **dict(opts, temperature=0.0)).tokens
@@ -332,7 +335,9 @@ def run_generation(model: Model, tokenizer, prompts: List[List[int]], *,
                                 routing_threshold=None if routing is None else routing.threshold,
                                 upper_context=None if routing is None else routing.policy,
                                 confidence=None if routing is None else
-                                "learned" if routing.probe is not None else routing.measure)}
+                                "learned" if routing.probe is not None else routing.measure,
+                                draft_threshold=None if not adaptive or (drafting or routing) is None
+                                else (drafting or routing).threshold)}
     dense_ms = None
     for name, r in results.items():
         ms = 1e3 * r.decode_s / max(1, r.n_tokens - len(prompts))  # the first token comes from the prefill

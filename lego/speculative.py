@@ -132,3 +132,49 @@ def _accept(deep: torch.Tensor, D: torch.Tensor, qs: List[torch.Tensor], sampler
     resid = torch.where(mass > 0, resid / mass.clamp_min(1e-30), p_a)
     return a, sample(resid, sampler.gen)
 
+
+
+# -- drafting's own threshold: calibrated on agreement with the deep model ---------------------------------------
+def agreement_threshold(conf: torch.Tensor, agree: torch.Tensor, target: float) -> dict:
+    """The lowest exit confidence t such that, over the tokens with confidence >= t, the exit's top token equals
+    the deep model's on at least a share `target` of them (conf, agree: (N,) flat). Returns {"threshold",
+    "agreement": the share agreeing at or above it, "draft_share": the share of tokens at or above it,
+    "tokens": N}; where not even the most confident token agrees often enough, a threshold above every
+    confidence (nothing drafts, draft_share 0)."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target={target} must be in (0, 1]")
+    conf, agree = conf.reshape(-1).double(), agree.reshape(-1).double()
+    if conf.numel() == 0:
+        raise ValueError("no tokens to calibrate the draft threshold on")
+    order = conf.argsort(descending=True, stable=True)
+    c, a = conf[order], agree[order]
+    last = torch.ones_like(c, dtype=torch.bool)  # the last of each run of equal confidences: t includes ties
+    last[:-1] = c[1:] != c[:-1]
+    precision = a.cumsum(0) / torch.arange(1, c.numel() + 1, dtype=torch.float64)
+    ok = (precision >= target) & last
+    if not bool(ok.any()):
+        return {"threshold": float(c[0]) + 1.0, "agreement": float("nan"), "draft_share": 0.0, "tokens": c.numel()}
+    n = int(ok.nonzero().max()) + 1  # the most tokens whose agreement still meets the target
+    return {"threshold": float(c[n - 1]), "agreement": float(precision[n - 1]), "draft_share": n / c.numel(),
+            "tokens": c.numel()}
+
+
+@torch.no_grad()
+def draft_agreement(model, loader, device, measure: str, max_batches: Optional[int] = None):
+    """Per token of `loader`'s windows (teacher-forced, every position): the first exit's confidence (`measure`,
+    in the model's precision, as drafting computes it) and whether its top token equals the deep model's. Flat (N,)
+    CPU tensors (conf float32, agree bool)."""
+    model.eval()
+    E, L = model.exit_layer, model.num_layers
+    confs, agrees = [], []
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = batch[0].to(device)
+        with model.autocast():
+            h = model.run_layers(model.embed(x), 0, E)
+            ex = model.logits_at(h, E).float()
+            deep = model.logits_at(model.run_layers(h, E, L), L).float()
+        confs.append(confidence_from_logits(ex, measure).flatten().cpu())
+        agrees.append((ex.argmax(-1) == deep.argmax(-1)).flatten().cpu())
+    return torch.cat(confs), torch.cat(agrees)

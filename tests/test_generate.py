@@ -241,6 +241,24 @@ def test_aligned_batch_never_takes_the_ragged_path(grown, adaptive):
     assert generate(model, PROMPTS, routing=model.routing, max_new_tokens=4, decoder="speculative", k=3).extra["ragged_chunks"] > 0
 
 
+def test_agreement_threshold_is_the_lowest_confidence_meeting_the_target():
+    """By hand: sorted by confidence, the agreement over the top 1, 3 (a tie at 0.8 counts whole), 4 and 5 tokens
+    is 1, 2/3, 3/4 and 3/5; the threshold is the lowest confidence whose set still meets the target."""
+    from lego.speculative import agreement_threshold
+
+    conf = torch.tensor([0.3, 0.8, 0.9, 0.5, 0.8])
+    agree = torch.tensor([False, True, True, True, False])
+    got = agreement_threshold(conf, agree, 0.75)
+    assert (got["threshold"], got["agreement"], got["draft_share"], got["tokens"]) == (0.5, 0.75, 0.8, 5)
+    assert agreement_threshold(conf, agree, 0.8)["threshold"] == pytest.approx(0.9)  # 2/3 at the tie is too few
+    low = agreement_threshold(conf, agree, 0.6)  # 3/5 = 0.6 over every token: all of them draft
+    assert low["threshold"] == pytest.approx(0.3) and low["draft_share"] == 1.0
+    none = agreement_threshold(conf, torch.zeros(5, dtype=torch.bool), 0.5)
+    assert none["draft_share"] == 0 and none["threshold"] > float(conf.max())
+    with pytest.raises(ValueError, match="target"):
+        agreement_threshold(conf, agree, 0.0)
+
+
 def test_draft_confidence_is_the_max_prob_test_in_log_space():
     logits = torch.randn(64, 50) * 3
     p = logits.softmax(-1).amax(-1)

@@ -80,6 +80,21 @@ def test_text_prompt_too_long_for_the_model_is_refused(finished):
         run(cfg, finished["run"])
 
 
+def test_adaptive_drafting_with_its_own_calibrated_threshold(finished):
+    """generate.draft_agreement: the threshold is calibrated on validation (draft_threshold.json: the agreement at
+    or above it meets the target); the adaptive runs stop drafting below it, and stay exact (greedy)."""
+    d = finished["run"]
+    run(_config(finished, stages=["generate"], **{"generate.adaptive": True, "generate.draft_agreement": 0.3}), d)
+    info = json.loads((d / "generate/draft_threshold.json").read_text())
+    assert info["target"] == 0.3 and info["tokens"] > 0 and 0 <= info["draft_share"] <= 1
+    assert info["draft_share"] == 0 or info["agreement"] >= 0.3
+    metrics = json.loads((d / "generate/metrics.json").read_text())
+    assert metrics["settings"]["draft_threshold"] == info["threshold"]
+    assert metrics["settings"]["draft_threshold"] != metrics["settings"]["routing_threshold"]
+    for k in (2, 4):
+        assert metrics[f"speculative_adaptive_k{k}"]["agreement_with_dense"] == 1
+
+
 def test_disabled_generation_writes_nothing(tmp_path, finished):
     d = tmp_path / "run"
     shutil.copytree(finished["run"], d)
@@ -95,6 +110,7 @@ BAD_INPUT = [
      ["generate.max_new_tokens=8", "generate.prompt_len=10", "model.max_seq_len=16"]),
     ("k_0", ["generate.k_values=[0]"], ["generate.k_values", "positive"]),
     ("unknown_decoder", ["generate.decoders=[nope]"], ["generate.decoders", "nope", "dense, routed, speculative"]),
+    ("draft_agreement_0", ["generate.draft_agreement=0"], ["generate.draft_agreement=0", "(0, 1]"]),
 ]
 
 

@@ -184,6 +184,66 @@ def test_tokens_beyond_capacity_are_counted_and_keep_their_state(make_tiny_model
         assert torch.equal(big.run_layers(h, 2, 4, hard=none, policy=policy, capacity=capacity), h)
 
 
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_phase2_loss_with_capacity_scores_the_kept_tokens_only(make_tiny_model, perturb, token_batches, policy):
+    """train_upper_layers / evaluate_on_hard_examples with `capacity`: a capacity no row exceeds gives the exact
+    selection's loss; a smaller one is the mean over each row's first `capacity` hard tokens (the others left out)."""
+    from lego.ashem import evaluate_on_hard_examples, train_upper_layers
+    from lego.store import create_hard_example_loader
+
+    small = make_tiny_model(num_layers=2)
+    t = compute_confidence_threshold(small, token_batches, 0.5)
+    hard = collect_hard_examples(small, token_batches, t)
+    big = grow(small, 4)
+    perturb(big.layers[2:].parameters())
+    mask = hard["targets"] != -100
+    most = int(mask.sum(1).max())
+    loader = create_hard_example_loader(hard, batch_size=len(hard["targets"]), shuffle=False)
+
+    def loss(capacity):
+        return train_upper_layers(big, loader, torch.optim.SGD(big.parameters(), lr=0.0), V, "cpu", 2,
+                                  policy=policy, capacity=capacity)
+
+    exact = loss(None)
+    assert loss(most) == pytest.approx(exact, rel=1e-6)
+    assert evaluate_on_hard_examples(big, loader, V, "cpu", 2, policy=policy, capacity=most)["n_tokens"] == mask.sum()
+    small_cap = max(1, most // 2)
+    kept, overflow = capacity_mask(mask, small_cap)
+    assert int(overflow) > 0
+    on_kept = evaluate_on_hard_examples(big, loader, V, "cpu", 2, policy=policy, capacity=small_cap)
+    assert on_kept["n_tokens"] == int(kept.sum())
+    with torch.no_grad():  # by hand: the exact routed layers on the kept tokens alone, the deep head there
+        h = big.run_layers(hard["hidden_states"], 2, 4, hard=kept, policy=policy)
+        nll = torch.nn.functional.cross_entropy(big.deep_head(h[kept]).float(), hard["targets"][kept])
+    assert loss(small_cap) == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_a_run_with_capacity_records_the_slots_and_the_overflow(tmp_path):
+    """phase2.capacity_slack: phase 2 trains with fixed-capacity layers; result.json records the slots per row
+    (the mined sequences' hard share plus the slack, rounded up) and the hard tokens beyond them; with
+    upper_context=full the key is refused, naming it."""
+    import json
+
+    from conftest import tiny_config
+
+    from lego.config import ConfigError, validate
+    from lego.run import run
+
+    cfg = tiny_config(tmp_path / "cache", **{"phase2.upper_context": "skip", "phase2.capacity_slack": 0.0,
+                                             "eval.standard_baseline": False, "stages": ["phase1", "hard_examples",
+                                                                                        "phase2"]})
+    run(cfg, tmp_path / "run")
+    cap = json.loads((tmp_path / "run/phase2/result.json").read_text())["capacity"]
+    assert cap["slack"] == 0.0 and cap["seq_len"] == cfg.data.seq_len and cap["slots_per_row"] % 8 == 0
+    assert 0 <= cap["overflow_tokens"] < cap["hard_tokens"]
+    bad = tiny_config(tmp_path / "cache", **{"phase2.capacity_slack": 0.1})  # upper_context=full
+    with pytest.raises(ConfigError, match="^phase2.capacity_slack=0.1 needs routed upper layers"):
+        validate(bad)
+    bad.phase2.upper_context, bad.phase2.capacity_slack = "skip", -1
+    with pytest.raises(ConfigError, match="^phase2.capacity_slack=-1 must be a number >= 0"):
+        validate(bad)
+
+
 def test_routing_capacity_is_the_share_plus_slack_rounded_up():
     assert routing_capacity(0.3, 256, slack=0.1, multiple=8) == 104  # ceil(0.4 * 256) = 103 -> 104
     assert routing_capacity(0.5, 64, slack=0.0, multiple=8) == 32

@@ -78,6 +78,11 @@ def validate(cfg: ASHEMConfig) -> None:
     if p1.layers >= p2.layers:
         raise ConfigError(f"phase1.layers={p1.layers} must be smaller than phase2.layers={p2.layers}")
     check_choice("phase2.upper_context", p2.upper_context, UPPER_CONTEXTS)
+    if p2.capacity_slack is not None:
+        check_non_negative("phase2.capacity_slack", p2.capacity_slack)
+        if p2.upper_context == "full":
+            raise ConfigError(f"phase2.capacity_slack={p2.capacity_slack} needs routed upper layers: "
+                              "phase2.upper_context=propagate or skip (full runs every token)")
     check_variants(cfg)
     check_choice("hard_examples.confidence", he.confidence, CONFIDENCE_MEASURES)
     check_choice("hard_examples.store", he.store, STORES)

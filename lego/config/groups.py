@@ -149,6 +149,11 @@ class Phase2Config(OptimizerConfig):
     batch_size: int = 32  # hard sequences per batch: an integer >= 1
     deep_head: bool = True  # true | false: the deep exit trains its own copy of the head (the exit's stays frozen)
     upper_context: str = "full"  # full | propagate | skip: what upper layers see of easy tokens
+    # propagate | skip: train the upper Block with fixed-capacity routed layers (static shapes, no host sync in the
+    # layers, so they compile): each row runs its first C hard tokens, C = (the mined sequences' hard share + this
+    # slack) x data.seq_len rounded up to a multiple of 8; hard tokens beyond C are left out of the loss and
+    # counted (phase2/result.json `capacity`). A number >= 0; null = exact selection (the default)
+    capacity_slack: Optional[float] = None
     init: str = "random"  # random | copy: new layer phase1.layers + j starts as a copy of layer j mod phase1.layers
     loss_tokens: str = "hard"  # hard (spec) | all | weighted: deep-exit loss positions; all/weighted need full context
     easy_weight: float = 0.1  # loss_tokens=weighted: the loss weight of an easy position (hard ones weigh 1): >= 0
@@ -189,6 +194,10 @@ class GenerateConfig:
     decoders: List[str] = field(default_factory=lambda: list(DECODERS))  # any of dense, routed, speculative
     k_values: List[int] = field(default_factory=lambda: [2, 4])  # speculative draft lengths in tokens, each >= 1
     adaptive: bool = False  # true | false: also one run per k that stops drafting below the routing threshold
+    # adaptive drafting's own threshold, calibrated on validation: the lowest exit confidence above which the exit's
+    # top token equals the deep model's on at least this share of tokens (generate/draft_threshold.json): a number
+    # in (0, 1]; None = draft while the exit would route (the calibrated routing threshold)
+    draft_agreement: Optional[float] = None
     temperature: float = 0.0  # softmax temperature: a number >= 0; 0 = greedy
     top_k: Optional[int] = None  # sample from the k likeliest tokens: an integer >= 1; None = all
     top_p: Optional[float] = None  # nucleus sampling mass in (0, 1]; None = all
@@ -215,6 +224,9 @@ def validate_generate(g: GenerateConfig, m: ModelConfig, runs: bool) -> None:
         check_positive("generate.top_k", g.top_k)
     if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
         raise ConfigError(f"generate.top_p={g.top_p} must be in (0, 1], or null")
+    if g.draft_agreement is not None and not (isinstance(g.draft_agreement, (int, float))
+                                              and 0.0 < g.draft_agreement <= 1.0):
+        raise ConfigError(f"generate.draft_agreement={g.draft_agreement!r} must be in (0, 1], or null")
     if runs and g.enabled:
         # a text prompt has at least one token; its real length is checked once it is tokenized
         need, what = ((g.prompt_len, f"generate.prompt_len={g.prompt_len}") if g.prompt is None

@@ -53,7 +53,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
                 d[phase].pop(key)
     for phase, key, default in (("phase1", "budget_fraction", None), ("phase1", "grad_accum", 1),
                                 ("phase2", "grad_accum", 1), ("phase2", "init", "random"),
-                                ("phase2", "loss_tokens", "hard"), ("phase2", "lower", "frozen")):
+                                ("phase2", "loss_tokens", "hard"), ("phase2", "lower", "frozen"),
+                                ("phase2", "capacity_slack", None)):
         if d[phase][key] == default:
             d[phase].pop(key)
     if d["hard_examples"]["store_dtype"] == "float32":

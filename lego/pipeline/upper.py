@@ -13,7 +13,7 @@ import torch
 from lego import __version__
 from lego.artifacts import read_json
 from lego.ashem import evaluate_on_hard_examples, grow, train_upper_layers
-from lego.config import ASHEMConfig, block_layers, exit_ratios
+from lego.config import IGNORE_INDEX, ASHEMConfig, block_layers, exit_ratios
 from lego.cost import dense_training_macs, phase2_training_macs, steps_for_macs
 from lego.model import Model
 from lego.pipeline.compute import cost_shape, mining_compute
@@ -21,6 +21,7 @@ from lego.pipeline.mining import hard_loader, hard_ratio
 from lego.pipeline.science import science_config
 from lego.pipeline.setup import Loaders
 from lego.pipeline.train import phase1_budget_steps, train_block
+from lego.routed_layer import capacity_mask, routing_capacity
 from lego.trackers import Tracker
 
 BLOCK_FILES = ("model.pt", "history.jsonl", "result.json")  # a Block's result in its run-dir dir (and cache entry)
@@ -77,6 +78,7 @@ def train_upper(cfg: ASHEMConfig, below: Model, thresholds: Sequence[float], loa
                                     num_layers=depth, policy=p2.upper_context,
                                     recompute=cfg.hard_examples.store == "recompute", **shape)
 
+    capacity, record = fixed_capacity(cfg, train_hard)
     steps, budget = None, {}
     if cfg.phase1.budget_fraction is not None:
         steps, budget = rest_of_budget(cfg, loaders, below.vocab_size, run_dir,
@@ -84,14 +86,30 @@ def train_upper(cfg: ASHEMConfig, below: Model, thresholds: Sequence[float], loa
     train_block(cfg, model, p2, train_hard,
                 lambda batches, optimizer, **kw: train_upper_layers(model, batches, optimizer, None, device, exit_layer,
                                                                     policy=p2.upper_context, easy_weight=easy_weight,
-                                                                    **kw),
+                                                                    capacity=capacity, **kw),
                 lambda: evaluate_on_hard_examples(model, val_hard, None, device, exit_layer,
-                                                  policy=p2.upper_context)["loss"],
-                name=name, out=out, device=device, steps=steps, threshold=threshold, record=budget, tracker=tracker,
+                                                  policy=p2.upper_context, capacity=capacity)["loss"],
+                name=name, out=out, device=device, steps=steps, threshold=threshold, record={**budget, **record},
+                tracker=tracker,
                 macs=lambda totals: macs(totals.tokens, totals.counted / max(totals.tokens, 1)),
                 val_pass_macs=macs(len(val_hard.dataset) * cfg.data.seq_len, hard_ratio(val_hard)) / 3)
     shutil.rmtree(scratch, ignore_errors=True)
     return model
+
+
+def fixed_capacity(cfg: ASHEMConfig, train_hard) -> Tuple[Optional[int], Dict[str, Any]]:
+    """phase2.capacity_slack: the slots per row of the fixed-capacity upper layers (`routing_capacity` of the mined
+    sequences' hard share plus the slack) and the record result.json keeps: the slots, and the training split's
+    hard tokens and those beyond capacity (left out of every pass's loss). (None, {}) without the key."""
+    slack = cfg.phase2.capacity_slack
+    if slack is None:
+        return None, {}
+    T = cfg.data.seq_len
+    slots = routing_capacity(hard_ratio(train_hard), T, slack=slack)
+    hard = train_hard.dataset.targets != IGNORE_INDEX  # (N, T): every mined sequence's hard positions
+    _, overflow = capacity_mask(hard, slots)
+    return slots, {"capacity": {"slots_per_row": slots, "slack": slack, "seq_len": T, "hard_tokens": int(hard.sum()),
+                                "overflow_tokens": int(overflow)}}
 
 
 def block_key(cfg: ASHEMConfig, k: int, corpus_key: str, device: torch.device) -> Dict[str, Any]:
