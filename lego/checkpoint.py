@@ -1,4 +1,4 @@
-"""Models on disk: build a model from the config, save it with its constructor arguments, load it back.
+"""Models on disk: build a model from the config, save it with its `ModelArgs`, load it back (older files too).
 
     model = build_model(cfg, vocab_size, num_layers)       # vocabulary padded to model.vocab_multiple
     save_model(run_dir / "phase1" / "model.pt", model, cfg, stage="phase1")
