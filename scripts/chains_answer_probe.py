@@ -1,0 +1,236 @@
+"""Is the chains lookup learnable, and when does it appear? A dense model trained with the loss on answers.
+
+    python scripts/chains_answer_probe.py --name V_dense2_answers --depth 2 --loss answers --lr 3e-3 \\
+        --steps 40000 --eval-every 500 --max-minutes 20 -- experiment=chains
+
+For one setting (Hydra overrides after `--`, composed with the packaged config as `lego-run` composes them),
+trains a dense `--depth`-layer `lego.model.Model` (fp32) with its own small loop: AdamW (no decay on biases and
+norms, `lego.pipeline.train.make_optimizer`), warmup then cosine over `--steps` (`lego.schedule.lr_factor`),
+gradients clipped to phase 1's grad_clip, batches of the training split's windows (`lego.batches.make_loader`,
+with labels). The loss (`--loss`):
+
+    all       cross-entropy on every target (the ordinary LM loss)
+    answers   cross-entropy on answer targets only (label = hop count >= 1, `lego.chains`), averaged over them
+    weighted  every target, answers weighed `--answer-weight` and the rest 1 (a weighted mean)
+
+Every `--eval-every` steps the validation split is scored by label (`lego.labels.labelled_tokens` +
+`label_table`): one JSON line per evaluation in <out>/histories/<name>.jsonl and one printed line. Training
+stops at `--steps` or after `--max-minutes` of wall clock (then evaluated once more). Writes <out>/<name>.json:
+the settings, steps, seconds, training MACs (`lego.cost.dense_training_macs`), the history, and the final
+per-label table. Choose on validation: the test split is not read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from lego.batches import make_loader, set_loader_epoch
+from lego.checkpoint import model_vocab_size
+from lego.cli import to_config
+from lego.config import IGNORE_INDEX, resolve
+from lego.cost import dense_training_macs
+from lego.data import load_corpus
+from lego.labels import label_table, labelled_tokens
+from lego.model import Model, ModelArgs
+from lego.pipeline.compute import cost_shape
+from lego.pipeline.train import make_optimizer
+from lego.schedule import lr_factor
+
+CONF = Path(__file__).resolve().parents[1] / "lego" / "conf"
+LOSSES = ("all", "answers", "weighted")
+
+
+def token_weights(labels: torch.Tensor, targets: torch.Tensor, loss: str, answer_weight: float) -> torch.Tensor:
+    """The weight of each target (B, T) float32 under `loss`: answers are labels >= 1 (a hop count)."""
+    answer = (labels.long() >= 1).float()
+    counted = (targets != IGNORE_INDEX).float()
+    if loss == "all":
+        w = torch.ones_like(answer)
+    elif loss == "answers":
+        w = answer
+    elif loss == "weighted":
+        w = 1.0 + (answer_weight - 1.0) * answer
+    else:
+        raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
+    return w * counted
+
+
+def weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w * CE) / sum(w) over the targets (a batch without weight gives 0, with a graph)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().clamp_min(0), reduction="none")
+    w = weights.flatten()
+    return (w * ce).sum() / w.sum().clamp_min(1e-12)
+
+
+def hop_accuracies(table: Dict[str, dict]) -> Dict[str, float]:
+    """{'1 hops': acc, ...} from a per-label table."""
+    return {k: v["acc"] for k, v in table.items() if k.endswith("hops")}
+
+
+def score(model: Model, loader) -> Dict[str, dict]:
+    tok = labelled_tokens(model, loader, "cpu", progress=False)
+    model.train()
+    return label_table(tok["label"], tok["nll_deep"], tok["ok_deep"])
+
+
+def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10.0, lr: float, weight_decay: float,
+                steps: int, warmup: int, min_lr_ratio: float, batch_size: int, eval_every: int,
+                max_minutes: Optional[float] = None, seed: int = 0, history_path: Optional[Path] = None,
+                log=print) -> dict:
+    """Train one dense model as the module docstring says; returns the record (settings, history, final table).
+    The model is returned under 'model' (not serialisable; the caller drops it)."""
+    if loss not in LOSSES:
+        raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
+    torch.manual_seed(seed)
+    shape = replace(cfg.model, precision="fp32")
+    model = Model(ModelArgs.from_config(shape, model_vocab_size(cfg, corpus.vocab_size), depth))
+    model.train()
+    opt = make_optimizer(model, lr, weight_decay, torch.device("cpu"))
+    T = cfg.data.seq_len
+    train = make_loader(corpus.train, T, batch_size, shuffle=True, seed=seed, drop_last=True,
+                        labels=corpus.labels["train"])
+    val = make_loader(corpus.validation, T, cfg.data.eval_batch_size, shuffle=False, seed=seed,
+                      labels=corpus.labels["validation"])
+    grad_clip = cfg.phase1.grad_clip
+    if history_path is not None:
+        history_path.parent.mkdir(parents=True, exist_ok=True)
+        history_path.write_text("")
+    history: List[dict] = []
+    t0 = time.time()
+    train_s = 0.0  # wall seconds in training steps, evaluations excluded
+    step, epoch, losses, stopped = 0, 0, [], "steps"
+
+    def evaluate() -> dict:
+        table = score(model, val)
+        row = {"step": step, "wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1),
+               "lr": lr * lr_factor(max(step - 1, 0), schedule="cosine", warmup_steps=warmup, total_steps=steps,
+                                    min_lr_ratio=min_lr_ratio),
+               "train_loss": (sum(losses) / len(losses)) if losses else None,
+               "val_loss_all": math.log(table["all"]["ppl"]),
+               "acc": {k: round(v["acc"], 4) for k, v in table.items()},
+               "ppl": {k: round(v["ppl"], 4) for k, v in table.items()}}
+        losses.clear()
+        history.append(row)
+        if history_path is not None:
+            with history_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        hops = " ".join(f"{k.split()[0]}hop {v:.3f}" for k, v in hop_accuracies(table).items())
+        log(f"step {step:6d} {row['wall_s']:7.0f}s lr {row['lr']:.2e} train {row['train_loss'] or float('nan'):.4f} "
+            f"val {row['val_loss_all']:.4f} | {hops} | unpred {row['acc'].get('unpredictable', float('nan')):.3f} "
+            f"format {row['acc'].get('format', float('nan')):.3f}", flush=True)
+        return table
+
+    table = evaluate()
+    while step < steps and stopped == "steps":
+        set_loader_epoch(train, epoch)
+        for inputs, targets, labels in train:
+            t1 = time.time()
+            f = lr_factor(step, schedule="cosine", warmup_steps=warmup, total_steps=steps, min_lr_ratio=min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr * f
+            logits = model(inputs)
+            w = token_weights(labels, targets, loss, answer_weight)
+            value = weighted_ce(logits, targets, w)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            losses.append(float(value.detach()))
+            step += 1
+            train_s += time.time() - t1
+            if step % eval_every == 0 or step == steps:
+                table = evaluate()
+            if step >= steps:
+                break
+            if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
+                stopped = "max_minutes"
+                break
+        epoch += 1
+    if history[-1]["step"] != step:
+        table = evaluate()
+    return {"depth": depth, "loss": loss, "answer_weight": answer_weight if loss == "weighted" else None, "lr": lr,
+            "weight_decay": weight_decay, "steps_planned": steps, "steps": step, "stopped_by": stopped,
+            "warmup": warmup, "min_lr_ratio": min_lr_ratio, "batch_size": batch_size, "seq_len": T, "seed": seed,
+            "wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1), "history": history,
+            "by_label": table, "model": model}
+
+
+def summary(history: List[dict]) -> dict:
+    """The best evaluation by mean answer accuracy, and the first step where 1-hop accuracy exceeded 0.9."""
+    def mean_ans(h):
+        v = [a for k, a in h["acc"].items() if k.endswith("hops")]
+        return sum(v) / len(v)
+
+    best = max(history, key=mean_ans)
+    first = next((h["step"] for h in history if h["acc"].get("1 hops", 0.0) > 0.9), None)
+    return {"best_step": best["step"], "best_acc": {k: v for k, v in best["acc"].items() if k.endswith("hops")},
+            "first_step_1hop_over_0.9": first,
+            "final_acc": {k: v for k, v in history[-1]["acc"].items() if k.endswith("hops")}}
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--loss", choices=LOSSES, default="answers")
+    ap.add_argument("--answer-weight", type=float, default=10.0)
+    ap.add_argument("--lr", type=float, default=None, help="default: phase1.lr")
+    ap.add_argument("--weight-decay", type=float, default=None, help="default: phase1.weight_decay")
+    ap.add_argument("--steps", type=int, required=True, help="the cosine's budget of optimizer steps")
+    ap.add_argument("--warmup", type=int, default=None, help="default: phase1.warmup_steps")
+    ap.add_argument("--min-lr-ratio", type=float, default=None, help="default: phase1.min_lr_ratio")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: data.batch_size")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall clock")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("outputs/reference/chains_search"))
+    ap.add_argument("overrides", nargs="*")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = resolve(to_config(compose(config_name="config", overrides=["progress=false", *a.overrides])))
+    corpus = load_corpus(cfg.data)
+    p1 = cfg.phase1
+    batch = a.batch_size or cfg.data.batch_size
+    hist_path = a.out / "histories" / f"{a.name}.jsonl"
+    rec = train_probe(cfg, corpus, depth=a.depth, loss=a.loss, answer_weight=a.answer_weight,
+                      lr=p1.lr if a.lr is None else a.lr,
+                      weight_decay=p1.weight_decay if a.weight_decay is None else a.weight_decay,
+                      steps=a.steps, warmup=p1.warmup_steps if a.warmup is None else a.warmup,
+                      min_lr_ratio=p1.min_lr_ratio if a.min_lr_ratio is None else a.min_lr_ratio,
+                      batch_size=batch, eval_every=a.eval_every, max_minutes=a.max_minutes, seed=a.seed,
+                      history_path=hist_path)
+    rec.pop("model")
+    shape = cost_shape(cfg, corpus.vocab_size)
+    rec["train_macs"] = dense_training_macs(tokens=rec["steps"] * batch * cfg.data.seq_len, num_layers=a.depth,
+                                            **shape)
+    record = {"name": a.name, "overrides": a.overrides, "argv": argv,
+              "machine": "2 shared CPU cores, 1 torch thread; seconds are not speeds",
+              "dim": cfg.model.dim, "num_heads": cfg.model.num_heads, "chains": vars(cfg.data.chains)
+              if hasattr(cfg.data.chains, "__dict__") else str(cfg.data.chains),
+              "train_tokens": len(corpus.train), **rec, "summary": summary(rec["history"])}
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"{a.name}.json").write_text(json.dumps(record, indent=1, default=str))
+    s = record["summary"]
+    print(f"{a.name}: {rec['steps']} steps ({rec['stopped_by']}), {rec['wall_s']:.0f} s; final {s['final_acc']}; "
+          f"best {s['best_acc']} at step {s['best_step']}; 1-hop > 0.9 first at {s['first_step_1hop_over_0.9']}",
+          flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""scripts/chains_answer_probe.py: the answer-only and weighted losses, and a few steps of the probe end to end."""
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from conftest import load_script
+
+probe = load_script("chains_answer_probe")
+
+
+def _batch(seed=0, B=3, T=10, V=12):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    labels = torch.randint(-1, 3, (B, T), generator=g).to(torch.int8)  # -1 unpredictable, 0 format, 1-2 hops
+    labels[0, 0] = 1  # at least one answer
+    return logits, targets, labels
+
+
+def test_answers_loss_is_the_mean_ce_over_answers_and_has_no_gradient_elsewhere():
+    logits, targets, labels = _batch()
+    loss = probe.weighted_ce(logits, targets, probe.token_weights(labels, targets, "answers", 10.0))
+    answer = labels >= 1
+    by_hand = F.cross_entropy(logits[answer], targets[answer])
+    assert torch.allclose(loss, by_hand, atol=1e-6)
+    loss.backward()
+    grad = logits.grad.abs().sum(-1)  # (B, T)
+    assert (grad[~answer] == 0).all() and (grad[answer] > 0).all()
+
+
+def test_weighted_loss_weighs_answers_w_and_all_is_the_plain_mean():
+    logits, targets, labels = _batch(seed=1)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    answer = labels >= 1
+    w = torch.where(answer, 10.0, 1.0)
+    weighted = probe.weighted_ce(logits, targets, probe.token_weights(labels, targets, "weighted", 10.0))
+    assert torch.allclose(weighted, (w * ce).sum() / w.sum(), atol=1e-6)
+    plain = probe.weighted_ce(logits, targets, probe.token_weights(labels, targets, "all", 10.0))
+    assert torch.allclose(plain, ce.mean(), atol=1e-6)
+
+
+def test_probe_trains_scores_by_label_and_writes_its_records(tmp_path):
+    out = tmp_path / "out"
+    rec = probe.main(["--name", "tiny", "--depth", "2", "--loss", "answers", "--lr", "3e-3", "--steps", "6",
+                      "--warmup", "2", "--eval-every", "3", "--batch-size", "4", "--out", str(out), "--",
+                      "experiment=chains", f"data.cache_dir={tmp_path / 'cache'}", "data.chains.train_lines=200",
+                      "data.chains.eval_lines=24", "model.dim=16", "model.num_heads=2"])
+    saved = json.loads((out / "tiny.json").read_text())
+    lines = [json.loads(x) for x in (out / "histories" / "tiny.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in lines] == [0, 3, 6] == [h["step"] for h in saved["history"]]
+    assert saved["steps"] == 6 and saved["stopped_by"] == "steps" and saved["train_macs"] > 0
+    table = saved["by_label"]
+    assert {"1 hops", "2 hops", "format", "unpredictable", "all"} <= set(table)
+    # 24 programs of 20 bytes = 480 bytes = 4 windows of 120: 4 x 119 targets, every one scored
+    assert table["all"]["n_tokens"] == 4 * 119
+    assert sum(v["n_tokens"] for k, v in table.items() if k != "all") == table["all"]["n_tokens"]
+    assert rec["summary"]["final_acc"] == {k: lines[-1]["acc"][k] for k in ("1 hops", "2 hops")}
