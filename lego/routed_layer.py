@@ -111,12 +111,10 @@ def layer_capacity(layer, x: torch.Tensor, hard: torch.Tensor, policy: str, rope
     Per row, not per batch: attention needs a per-row layout anyway, and (B, S) has no data-dependent size,
     so dense parts and attention run on static (B, S) shapes, empty slots included (their results are dropped).
     """
-    if capacity < 1:
-        raise ValueError(f"capacity={capacity} must be >= 1")
     B, T, C = x.shape
     nh, hd = layer.num_heads, C // layer.num_heads
     S = min(capacity, T)
-    kept, _ = capacity_mask(hard, S)
+    kept, _ = capacity_mask(hard, S)  # refuses a capacity below 1
     # pos[b, s]: position of row b's s-th kept token; empty slots point at T, a zero state appended to
     # each row (LayerNorm/RMSNorm of zeros is finite). Tokens not kept scatter into a dropped column S.
     slot = torch.where(kept, hard.cumsum(1) - 1, S)  # (B, T)

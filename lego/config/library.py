@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 from lego.config.values import CONFIDENCE_MEASURES, IGNORE_INDEX, UPPER_CONTEXTS, check_choice
 
@@ -40,12 +40,6 @@ class TrainingConfig:
     def last_layer(self) -> Optional[int]:
         return max(s.layers[1] for s in self.stages) if self.stages else None
 
-    def routing(self) -> "Routing":
-        """This config's routing as the value routed evaluation and decoding take."""
-        thresholds = self.routing_thresholds if self.routing_thresholds else (
-            [] if self.routing_threshold is None else [self.routing_threshold])
-        return Routing(tuple(thresholds), self.upper_context or "full", self.confidence, self.router_probe)
-
 
 @dataclass(frozen=True)
 class Routing:
@@ -77,12 +71,6 @@ class Routing:
     def learned(self, probe: Any, threshold: float) -> "Routing":
         """The same routing with a learned router at the first exit, at `threshold` (the exits above unchanged)."""
         return replace(self, probe=probe, thresholds=(threshold, *self.thresholds[1:]))
-
-    def below(self, n: int) -> Sequence[float]:
-        """The thresholds of the first `n` exits; refuses fewer."""
-        if len(self.thresholds) < n:
-            raise ValueError(f"routing has {len(self.thresholds)} thresholds; the {n} exits below need one each")
-        return self.thresholds[:n]
 
 
 def create_standard_config(num_layers: int) -> TrainingConfig:
