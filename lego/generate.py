@@ -292,17 +292,38 @@ def mark_exits(tokenizer, tokens: List[int], exited: List[bool]) -> str:
 TIMING_ROUNDS = 3
 
 
+COUNTED_EXTRA = ("positions_verified", "rounds", "exit_heads", "ragged_chunks")  # speculative counters, per batch
+
+
+def generate_batched(model: Model, prompts: List[List[int]], batch_size: Optional[int], **kw) -> Generation:
+    """`generate` over consecutive batches of `batch_size` prompts (None: one batch), as one `Generation`: lists in
+    the prompts' order, counts and seconds summed (in `extra`, the counters COUNTED_EXTRA; the settings as given)."""
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"generate.batch_size={batch_size!r} must be an integer >= 1, or null")
+    if batch_size is None or batch_size >= len(prompts):
+        return generate(model, prompts, **kw)
+    parts = [generate(model, prompts[i:i + batch_size], **kw) for i in range(0, len(prompts), batch_size)]
+    extra = {}
+    for p in parts:
+        for key, value in p.extra.items():
+            extra[key] = extra.get(key, 0) + value if key in COUNTED_EXTRA else value
+    logits = None if parts[0].logits is None else [x for p in parts for x in p.logits]
+    return Generation([t for p in parts for t in p.tokens], [e for p in parts for e in p.exited], parts[0].decoder,
+                      sum(p.drafted for p in parts), sum(p.accepted for p in parts), sum(p.prefill_s for p in parts),
+                      sum(p.decode_s for p in parts), logits, extra)
+
+
 def run_generation(model: Model, tokenizer, prompts: List[List[int]], *,
                    decoders=DECODERS, k_values=(2, 4), max_new_tokens: int, temperature: float = 0.0,
                    top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
                    adaptive: bool = False, routing: Optional[Routing] = None, drafting: Optional[Routing] = None,
-                   out_dir) -> dict:
+                   batch_size: Optional[int] = None, out_dir) -> dict:
     """Generate with each decoder (routed under `routing`; speculative once per k, and with `adaptive` once more
     per k with adaptive drafting, `speculative_adaptive_k<k>`, which stops below `drafting`'s threshold, default
     `routing`'s), write `out_dir/samples.md` and `out_dir/metrics.json`, return the metrics.
 
-    Timings are of one batch holding every prompt, after an untimed warm-up of each decoder at
-    that batch shape: the fastest of TIMING_ROUNDS rounds, decoders interleaved (the same tokens
+    Timings are of batches of `batch_size` prompts (None: one batch holding every prompt; 1: each prompt alone,
+    the times summed over prompts), after an untimed warm-up of each decoder at that batch shape: the fastest of TIMING_ROUNDS rounds, decoders interleaved (the same tokens
     every round: greedy, or sampling from the same seed). `agreement_with_dense` compares greedy outputs (extra greedy runs when
     temperature > 0) with dense greedy, position by position.
     """
@@ -319,18 +340,19 @@ def run_generation(model: Model, tokenizer, prompts: List[List[int]], *,
               if adaptive and kk is not None]
     named = [(name, d, {**routed, **kw}) for name, d, kw in named]
     for name, d, kw in named:  # warm-up at the timed batch shape (allocator, kernel caches), untimed
-        generate(model, prompts, **dict(opts, max_new_tokens=min(4, max_new_tokens)), decoder=d, **kw)
+        generate(model, prompts[:batch_size], **dict(opts, max_new_tokens=min(4, max_new_tokens)), decoder=d, **kw)
     for _ in range(TIMING_ROUNDS):  # decoders interleaved, each keeps its fastest round: one noisy round misleads
         for name, d, kw in named:
-            r = generate(model, prompts, decoder=d, **opts, **kw)
+            r = generate_batched(model, prompts, batch_size, decoder=d, **opts, **kw)
             if name not in results or r.decode_s + r.prefill_s < results[name].decode_s + results[name].prefill_s:
                 results[name] = r
     for name, d, kw in named:
-        greedy[name] = results[name] if temperature == 0 else generate(model, prompts, decoder=d,
-                                                                       **dict(opts, temperature=0.0), **kw)
-    ref = greedy["dense"].tokens if "dense" in greedy else generate(
-        model, prompts, decoder="dense", **dict(opts, temperature=0.0)).tokens
+        greedy[name] = results[name] if temperature == 0 else generate_batched(
+            model, prompts, batch_size, decoder=d, **dict(opts, temperature=0.0), **kw)
+    ref = greedy["dense"].tokens if "dense" in greedy else generate_batched(
+        model, prompts, batch_size, decoder="dense", **dict(opts, temperature=0.0)).tokens
     metrics = {"settings": dict(opts, num_prompts=len(prompts), prompt_lens=[len(p) for p in prompts],
+                                batch_size=batch_size or len(prompts),
                                 exit_layer=model.exit_layer, num_layers=model.num_layers,
                                 routing_threshold=None if routing is None else routing.threshold,
                                 upper_context=None if routing is None else routing.policy,

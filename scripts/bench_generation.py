@@ -3,9 +3,10 @@
     python scripts/bench.py --only gen --gen-models deep --gen-layers 8 --gen-exit 2 --gen-adaptive
 
 Per (model, batch): dense KV-cached decoding; routed decoding under each upper-context policy
-(threshold = median exit confidence of the dense greedy text, so about half the tokens exit);
+(threshold = the median exit confidence along the text that routed decoding itself produces under that policy,
+found by a few fixed-point rounds from the dense greedy text, so that about half of the generated tokens exit);
 self-speculative decoding for each --gen-k, fixed and (with --gen-adaptive) adaptive (drafting stops
-below that threshold); and "upper=0", whose zeroed upper layers make the deep model equal the draft
+below the dense text's median exit confidence); and "upper=0", whose zeroed upper layers make the deep model equal the draft
 (acceptance 1, the best case). Random weights: acceptance and exit shares say little about text.
 Each (model, batch) also gets c, Block 1 + the exit head over a dense one-token step (FLOPs from
 lego/cost.py, and wall-clock), and the exit head's share of a dense step; then the share of decode
@@ -67,6 +68,24 @@ def step_costs(model, prompts, repeats: int = 20) -> dict:
             "head_share_wall": sec["head"] / sec["dense"]}
 
 
+def exit_confidences(model, prompts, tokens, exit_layer: int) -> torch.Tensor:
+    """Max-prob exit confidences at the positions that predicted each new token (B, N)."""
+    P = len(prompts[0])
+    with torch.no_grad():
+        seq = torch.tensor([p + t for p, t in zip(prompts, tokens)], device=next(model.parameters()).device)
+        h = model.run_layers(model.embed(seq), 0, exit_layer)
+        return confidence_from_logits(model.logits_at(h, exit_layer).float(), "max_prob")[:, P - 1:-1]
+
+
+def routed_median(model, prompts, N: int, exit_layer: int, threshold: float, policy: str, rounds: int = 4) -> float:
+    """A threshold at which about half of routed decoding's own tokens exit: routed text changes with the
+    threshold, so take the median exit confidence along the routed text, decode again, `rounds` times."""
+    for _ in range(rounds):
+        r = generate(model, prompts, max_new_tokens=N, decoder="routed", routing=Routing((threshold,), policy))
+        threshold = exact_quantile(exit_confidences(model, prompts, r.tokens, exit_layer), 0.5)
+    return threshold
+
+
 def bench_generation(args, device, build, grown, conf_dir) -> dict:
     """Rows per (model, batch, decoder): ms per generated token, time and FLOP ratios over dense decoding.
     `build(preset, vocab, seed, num_layers)` and `grown(model, exit_layer)` make the
@@ -95,16 +114,13 @@ def bench_generation(args, device, build, grown, conf_dir) -> dict:
             prompts = torch.randint(0, V, (B, P), generator=g).tolist()
             ref = grown(base, E).eval()
             dense = generate(ref, prompts, max_new_tokens=N)
-            with torch.no_grad():  # threshold: median exit confidence over the dense greedy text
-                seq = torch.tensor([p + t for p, t in zip(prompts, dense.tokens)], device=device)
-                conf = confidence_from_logits(ref.logits_at(ref.run_layers(ref.embed(seq), 0, E), E).float(),
-                                              "max_prob")[:, P - 1:-1]
-            thr = exact_quantile(conf, 0.5)
+            thr = exact_quantile(exit_confidences(ref, prompts, dense.tokens, E), 0.5)  # of the dense greedy text
+            routed_thr = {policy: routed_median(ref, prompts, N, E, thr, policy) for policy in UPPER_CONTEXTS}
             steps.append({"model": name, "batch": B, "c_flops": c_flops, "head_share_flops": head / full_macs,
                           **step_costs(ref, prompts)})
             cases = {"dense": (ref, dict(decoder="dense"))}
             for policy in UPPER_CONTEXTS:
-                cases[f"routed {policy}"] = (ref, dict(decoder="routed", routing=Routing((thr,), policy)))
+                cases[f"routed {policy}"] = (ref, dict(decoder="routed", routing=Routing((routed_thr[policy],), policy)))
             for k in args.gen_k:
                 cases[f"speculative k={k}"] = (ref, dict(decoder="speculative", k=k))
                 if args.gen_adaptive:
@@ -142,7 +158,8 @@ def bench_generation(args, device, build, grown, conf_dir) -> dict:
                     flop = 1.0
                 rows.append({"model": name, "batch": B, "case": c, "ms_per_token": 1e3 * sec, "time_ratio": ratio,
                              "flop_ratio": flop, "exit_share": r.exit_share if c.startswith("routed") else None,
-                             "acceptance": r.acceptance_rate, "threshold": thr if c.startswith("routed") else None,
+                             "acceptance": r.acceptance_rate,
+                             "threshold": routed_thr[c.split()[1]] if c.startswith("routed") else None,
                              "drafts_per_round": (r.drafted / B / r.extra["rounds"]) if "rounds" in r.extra else None,
                              "ragged_chunks": r.extra.get("ragged_chunks")})
                 if c in ("dense", "routed propagate", f"speculative k={k}"):

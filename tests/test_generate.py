@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lego.ashem import grow
 from lego.confidence import confidence_from_logits
 from lego.config import ConfigError, Routing
-from lego.generate import agreement, generate, run_generation, teacher_forced_logits
+from lego.generate import agreement, generate, generate_batched, run_generation, teacher_forced_logits
 from lego.generate import test_prompts as pick_prompts
 from lego.kvcache import CachedModel, Positions
 from lego.sampling import Sampler, probabilities
@@ -435,6 +435,24 @@ def test_run_generation_writes_samples_and_metrics(grown, tmp_path):
     samples = (tmp_path / "samples.md").read_text()
     assert samples.count("## Prompt") == 3 and "[" in samples.split("**routed**")[1]
     assert CharTokenizer().decode(PROMPTS[1]) in samples
+
+
+def test_generation_in_batches_of_one_is_each_prompt_alone(grown):
+    """generate.batch_size=1: every prompt decoded alone, its tokens and drafts as when decoded alone, the counts
+    and seconds summed over the batches; the settings (k, adaptive) are not summed."""
+    model = calibrated(grown(policy="skip"))
+    kw = dict(max_new_tokens=6, decoder="speculative", k=3, adaptive=True, routing=model.routing)
+    alone = [generate(model, [p], **kw) for p in PROMPTS]
+    batched = generate_batched(model, PROMPTS, 1, **kw)
+    assert batched.tokens == [a.tokens[0] for a in alone] and batched.exited == [a.exited[0] for a in alone]
+    assert (batched.drafted, batched.accepted) == (sum(a.drafted for a in alone), sum(a.accepted for a in alone))
+    for key in ("positions_verified", "rounds", "exit_heads"):
+        assert batched.extra[key] == sum(a.extra[key] for a in alone) > 0
+    assert batched.extra["k"] == 3 and batched.extra["adaptive"] is True
+    assert generate_batched(model, PROMPTS, 2, **kw).tokens == batched.tokens
+    assert generate_batched(model, PROMPTS, None, **kw).tokens == generate(model, PROMPTS, **kw).tokens
+    with pytest.raises(ConfigError, match=r"^generate.batch_size=0 must be an integer >= 1, or null$"):
+        generate_batched(model, PROMPTS, 0, **kw)
 
 
 def test_test_prompts_are_deterministic():

@@ -144,3 +144,14 @@ def test_generation_lengths_follow_the_context_unless_set():
                                       "generate.max_new_tokens=8"]))
     with pytest.raises(ConfigError, match=r"^generate.max_new_tokens=8: generate.prompt_len=30 .* model.max_seq_len=32"):
         validate(typed)
+
+
+def test_generate_batch_size_is_checked_where_the_config_is():
+    from conftest import compose_config
+
+    from lego.cli import to_config
+    from lego.config import ConfigError, resolve, validate
+
+    validate(resolve(to_config(compose_config(["generate.batch_size=1"]))))
+    with pytest.raises(ConfigError, match=r"^generate.batch_size=0 must be a positive integer$"):
+        validate(resolve(to_config(compose_config(["generate.batch_size=0"]))))

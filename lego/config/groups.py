@@ -188,7 +188,8 @@ class GenerateConfig:
 
     enabled: bool = True  # true | false: false = stage generate does nothing
     prompt: Optional[str] = None  # text from the command line (not empty); None = prompts from the test split
-    num_prompts: int = 4  # test-split prompts (one batch): an integer >= 1
+    num_prompts: int = 4  # test-split prompts: an integer >= 1
+    batch_size: Optional[int] = None  # prompts decoded together: an integer >= 1; None = every prompt in one batch
     prompt_len: Optional[int] = None  # tokens per test-split prompt, >= 1; None = min(32, model.max_seq_len // 2)
     max_new_tokens: Optional[int] = None  # tokens generated per prompt, >= 1; None = min(32, what the context leaves)
     decoders: List[str] = field(default_factory=lambda: list(DECODERS))  # any of dense, routed, speculative
@@ -210,6 +211,8 @@ def validate_generate(g: GenerateConfig, m: ModelConfig, runs: bool) -> None:
         raise ConfigError("generate.prompt is empty; give some text, or null for prompts from the test split")
     for key in ("num_prompts", "prompt_len", "max_new_tokens"):
         check_positive(f"generate.{key}", getattr(g, key))
+    if g.batch_size is not None:
+        check_positive("generate.batch_size", g.batch_size)
     if not g.decoders:
         raise ConfigError(f"generate.decoders is empty; choose from {', '.join(DECODERS)}")
     for d in g.decoders:

@@ -50,7 +50,7 @@ def run(ctx: RunContext, model2: Model, threshold: float) -> Optional[Dict[str, 
     metrics = run_generation(model2.to(ctx.device), corpus.tokenizer, prompts, decoders=g.decoders,
                              k_values=g.k_values, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                              top_k=g.top_k, top_p=g.top_p, seed=g.seed, adaptive=g.adaptive, routing=routing,
-                             drafting=drafting, out_dir=out)
+                             drafting=drafting, batch_size=g.batch_size, out_dir=out)
     learned = ctx.run_dir / "eval" / "learned_router.pt"  # eval.learned_router: routed decoding with it too
     if learned.is_file() and "routed" in g.decoders:
         state = torch.load(learned, map_location=ctx.device, weights_only=True)
@@ -58,7 +58,7 @@ def run(ctx: RunContext, model2: Model, threshold: float) -> Optional[Dict[str, 
         metrics["learned_router"] = run_generation(
             model2, corpus.tokenizer, prompts, decoders=[d for d in ("dense", "routed") if d in g.decoders],
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
-            routing=learned_routing, out_dir=out / "learned_router")
+            routing=learned_routing, batch_size=g.batch_size, out_dir=out / "learned_router")
         write_json(out / "metrics.json", metrics)
     write_json(out / "config.json", settings)
     log.info("generate: %s in %s", ", ".join(k for k in metrics if k != "settings"), out)
