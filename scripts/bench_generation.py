@@ -9,7 +9,8 @@ self-speculative decoding for each --gen-k, fixed and (with --gen-adaptive) adap
 below the dense text's median exit confidence); and "upper=0", whose zeroed upper layers make the deep model equal the draft
 (acceptance 1, the best case). Random weights: acceptance and exit shares say little about text.
 Each (model, batch) also gets c, Block 1 + the exit head over a dense one-token step (FLOPs from
-lego/cost.py, and wall-clock), and the exit head's share of a dense step; then the share of decode
+lego/cost.py, and wall-clock), the exit head's share of a dense step, and R, the upper Block over a 3-position
+verification chunk over one position (wall-clock); then the share of decode
 time spent outside matmul/attention kernels (torch.profiler), the per-token Python overhead.
 """
 
@@ -45,18 +46,23 @@ def outside_matmul(fn) -> float:
     return 1 - kernels / total if total else float("nan")
 
 
-def step_costs(model, prompts, repeats: int = 20) -> dict:
+def step_costs(model, prompts, repeats: int = 20, verify: int = 3) -> dict:
     """Median seconds of one cached one-token step at the prompts' end: the dense step, Block 1 + the
-    exit head, the exit head alone; and c = (Block 1 + exit head) / dense step, head share = head / step."""
+    exit head, the exit head alone, the upper Block + deep head over one position and over `verify` positions
+    (a k = verify - 1 verification chunk); c = (Block 1 + exit head) / dense step, head share = head / step,
+    R = upper over `verify` positions / upper over one (1 where a chunk costs what one position does)."""
     B, P = len(prompts), len(prompts[0])
-    state = CachedModel(model, B, P + 1)
+    state = CachedModel(model, B, P + verify)
     tok = torch.tensor([p[-1] for p in prompts])
-    at = Positions.aligned(P, 1)
+    at, chunk = Positions.aligned(P, 1), Positions.aligned(P, verify)
     with torch.inference_mode():
         state.prefill(torch.tensor(prompts), [P] * B)
         h = state.lower(tok.unsqueeze(1), at)
+        hv = state.lower(tok.unsqueeze(1).expand(B, verify), chunk)
         fns = {"dense": lambda: state.step(tok, at), "lower_exit": lambda: state.exit_logits(state.lower(
-            tok.unsqueeze(1), at)), "head": lambda: state.exit_logits(h)}
+            tok.unsqueeze(1), at)), "head": lambda: state.exit_logits(h),
+            "upper": lambda: state.deep_logits(state.upper(h, at)),
+            "upper_chunk": lambda: state.deep_logits(state.upper(hv, chunk))}
         times = {name: [] for name in fns}
         for _ in range(repeats + 2):  # interleaved, the first two rounds are warm-up
             for name, fn in fns.items():
@@ -65,7 +71,8 @@ def step_costs(model, prompts, repeats: int = 20) -> dict:
                 times[name].append(time.perf_counter() - t0)
     sec = {name: statistics.median(t[2:]) for name, t in times.items()}
     return {"step_ms": 1e3 * sec["dense"], "c_wall": sec["lower_exit"] / sec["dense"],
-            "head_share_wall": sec["head"] / sec["dense"]}
+            "head_share_wall": sec["head"] / sec["dense"], "verify_positions": verify,
+            "verify_ratio": sec["upper_chunk"] / sec["upper"]}
 
 
 def exit_confidences(model, prompts, tokens, exit_layer: int) -> torch.Tensor:
@@ -183,7 +190,8 @@ def format_generation(gen: dict) -> str:
     for s in gen.get("steps", []):
         lines.append(f"{s['model']} b{s['batch']}: dense step {s['step_ms']:.3f} ms; c (Block 1 + exit head over a "
                      f"dense step) = {s['c_flops']:.3f} FLOPs, {s['c_wall']:.3f} wall; exit head share of a step = "
-                     f"{s['head_share_flops']:.3f} FLOPs, {s['head_share_wall']:.3f} wall")
+                     f"{s['head_share_flops']:.3f} FLOPs, {s['head_share_wall']:.3f} wall; R (upper Block over "
+                     f"{s['verify_positions']} positions / over one) = {s['verify_ratio']:.2f} wall")
     lines.append("share of generation time outside matmul/attention kernels (per-token overhead): " + ", ".join(
         f"{o['model']} b{o['batch']} {o['case']} {o['outside_matmul']:.2f}" for o in gen["overhead"]))
     return "\n".join(lines)

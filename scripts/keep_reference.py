@@ -16,7 +16,8 @@ from pathlib import Path
 
 KEEP = ("metrics.json", "config_resolved.yaml", "run.json", ".hydra/overrides.yaml", "hard_examples/threshold.json",
         "eval/metrics.json", "eval/analysis.json", "eval/report.md", "eval/tradeoff.csv", "eval/tradeoff.png",
-        "generate/metrics.json", "generate/samples.md", "*/result.json", "*/history.jsonl")
+        "generate/metrics.json", "generate/samples.md", "generate/draft_threshold.json", "*/result.json",
+        "*/history.jsonl")
 SWEEP_FILES = ("summary.csv", "summary.md", "multirun.yaml")
 
 

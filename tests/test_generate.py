@@ -493,6 +493,7 @@ def test_bench_generation_rows(tmp_path):
     assert all(0 <= o["outside_matmul"] < 1 for o in result["generation"]["overhead"])
     step = result["generation"]["steps"][0]
     assert 0 < step["c_flops"] < 1 and step["c_wall"] > 0 and 0 < step["head_share_flops"] < step["c_flops"]
+    assert step["verify_positions"] == 3 and step["verify_ratio"] > 0
 
 
 def learned(model, seed=0):
