@@ -308,9 +308,10 @@ def generate_batched(model: Model, prompts: List[List[int]], batch_size: Optiona
         for key, value in p.extra.items():
             extra[key] = extra.get(key, 0) + value if key in COUNTED_EXTRA else value
     logits = None if parts[0].logits is None else [x for p in parts for x in p.logits]
-    return Generation([t for p in parts for t in p.tokens], [e for p in parts for e in p.exited], parts[0].decoder,
-                      sum(p.drafted for p in parts), sum(p.accepted for p in parts), sum(p.prefill_s for p in parts),
-                      sum(p.decode_s for p in parts), logits, extra)
+    return Generation(tokens=[t for p in parts for t in p.tokens], exited=[e for p in parts for e in p.exited],
+                      decoder=parts[0].decoder, drafted=sum(p.drafted for p in parts),
+                      accepted=sum(p.accepted for p in parts), prefill_s=sum(p.prefill_s for p in parts),
+                      decode_s=sum(p.decode_s for p in parts), logits=logits, extra=extra)
 
 
 def run_generation(model: Model, tokenizer, prompts: List[List[int]], *,
@@ -323,8 +324,8 @@ def run_generation(model: Model, tokenizer, prompts: List[List[int]], *,
     `routing`'s), write `out_dir/samples.md` and `out_dir/metrics.json`, return the metrics.
 
     Timings are of batches of `batch_size` prompts (None: one batch holding every prompt; 1: each prompt alone,
-    the times summed over prompts), after an untimed warm-up of each decoder at that batch shape: the fastest of TIMING_ROUNDS rounds, decoders interleaved (the same tokens
-    every round: greedy, or sampling from the same seed). `agreement_with_dense` compares greedy outputs (extra greedy runs when
+    the times summed over prompts), after an untimed warm-up of each decoder at that batch shape: the fastest of
+    TIMING_ROUNDS rounds, decoders interleaved (the same tokens every round: greedy, or sampling from the same seed). `agreement_with_dense` compares greedy outputs (extra greedy runs when
     temperature > 0) with dense greedy, position by position.
     """
     for d in decoders:
