@@ -53,7 +53,7 @@ def test_probe_trains_scores_by_label_and_writes_its_records(tmp_path):
     assert saved["steps"] == 6 and saved["stopped_by"] == "steps" and saved["train_macs"] > 0
     table = saved["by_label"]
     assert {"1 hops", "2 hops", "format", "unpredictable", "all"} <= set(table)
-    # 24 programs of 20 bytes = 480 bytes = 4 windows of 120: 4 x 119 targets, every one scored
-    assert table["all"]["n_tokens"] == 4 * 119
+    # 24 programs of 20 bytes, one per window (experiment=chains): 24 x 19 targets, every one scored
+    assert table["all"]["n_tokens"] == 24 * 19
     assert sum(v["n_tokens"] for k, v in table.items() if k != "all") == table["all"]["n_tokens"]
     assert rec["summary"]["final_acc"] == {k: lines[-1]["acc"][k] for k in ("1 hops", "2 hops")}
