@@ -83,11 +83,37 @@ def read_objective(job: Path) -> str:
     return str(OmegaConf.load(path).get("objective", "val_ppl"))
 
 
+def read_full_depth(job: Path) -> Optional[int]:
+    """The job's full depth from its composed config (.hydra/config.yaml): the last of `blocks`, else
+    `phase2.layers`; None when absent."""
+    path = job / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path)
+    blocks = cfg.get("blocks")
+    layers = blocks[-1] if blocks else OmegaConf.select(cfg, "phase2.layers")
+    return None if layers is None else int(layers)
+
+
+def answer_gaps(metrics: Dict[str, Any], full_depth: Optional[int]) -> Dict[str, float]:
+    """data=chains: per hop count k, the calibrated router's answer accuracy minus the dense full-depth model's
+    (`answer_gap_hops<k>`, a paired difference within one job: the moonshot's second condition)."""
+    out = {}
+    for key, acc in metrics.items():
+        m = re.fullmatch(r"acc_hops(\d+)_ashem", key)
+        dense = None if m is None else metrics.get(f"acc_hops{m.group(1)}_dense{full_depth}")
+        if isinstance(dense, (int, float)) and isinstance(acc, (int, float)):
+            out[f"answer_gap_hops{m.group(1)}"] = float(acc) - float(dense)
+    return out
+
+
 def collect_jobs(sweep_dir: Path) -> List[Dict[str, Any]]:
     """One dict per finished job (a subdirectory holding metrics.json), in job-number order:
-    `{"job", "overrides", "config", "config_overrides", "seed", "objective", "metrics"}` (`config`:
+    `{"job", "overrides", "config", "config_overrides", "seed", "objective", "full_depth", "metrics"}` (`config`:
     the overrides but seed, space-joined; `config_overrides`: the same as a list; `objective`: see
-    `read_objective`); unfinished jobs are skipped."""
+    `read_objective`; `full_depth`: `read_full_depth`); unfinished jobs are skipped."""
     jobs = []
     for job in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir()), key=_job_order):
         metrics_path = job / "metrics.json"
@@ -102,7 +128,8 @@ def collect_jobs(sweep_dir: Path) -> List[Dict[str, Any]]:
             seed = next((o.split("=", 1)[1] for o in overrides if _override_key(o) == "seed"), None)
         config = [o for o in overrides if _override_key(o) not in EXCLUDED]
         jobs.append({"job": job.name, "overrides": overrides, "seed": seed, "metrics": metrics,
-                     "config": " ".join(config), "config_overrides": config, "objective": read_objective(job)})
+                     "config": " ".join(config), "config_overrides": config, "objective": read_objective(job),
+                     "full_depth": read_full_depth(job)})
     return jobs
 
 
@@ -128,7 +155,8 @@ def mean_std(values: List[float]) -> Tuple[float, Optional[float]]:
 def summarize(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One row per configuration, in order of first job: `config`, `n`, `seeds` (and `_overrides`, the
     configuration as a list, which the files leave out), then for each metric
-    `<m>_mean`, `<m>_std`, and for each baseline `ppl_minus_<name>_{mean,std}` and
+    `<m>_mean`, `<m>_std` (data=chains adds `answer_gap_hops<k>`: `answer_gaps`), and for each baseline
+    `ppl_minus_<name>_{mean,std}` and
     `ppl_minus_<name>_pct_{mean,std}` (the per-seed gap in percent of the baseline)."""
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for job in jobs:
@@ -141,7 +169,7 @@ def summarize(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                         config, seeds)
         values: Dict[str, List[float]] = {}
         for j in members:
-            m = headline_metrics(j["metrics"])
+            m = {**headline_metrics(j["metrics"]), **answer_gaps(j["metrics"], j.get("full_depth"))}
             for k, v in m.items():
                 values.setdefault(k, []).append(v)
             for name in baseline_names(j["metrics"]):

@@ -10,7 +10,7 @@ from conftest import TINY as TINY_RUN, load_script
 from conftest import lego_run
 from omegaconf import OmegaConf
 
-from lego.sweep import SweepSummary, write_summary
+from lego.sweep import SweepSummary, read_full_depth, write_summary
 
 
 # 2 configurations x 2 seeds; numbers chosen so that a per-seed pairing and an unpaired one differ.
@@ -159,3 +159,38 @@ def test_no_dense_frontier_no_ranking(tmp_path):
     (job / "metrics.json").write_text(json.dumps({"ppl": 3.0, "flop_cost": 0.5}))
     write_summary(tmp_path)
     assert "Ranked" not in (tmp_path / "summary.md").read_text()
+
+
+def test_moonshot_on_chains_needs_the_answers_of_every_hop_count(tmp_path):
+    # both configs are within 2% of the dense 2-layer model at 0.7 of its cost; "far" answers 1-hop queries
+    # 3 points below it in one seed and 1 point in the other (mean 2 points: still within), and 2-hop ones
+    # 1 and 5 points below (mean 3: too far); the dense 1-layer model is worse everywhere
+    accs = {"near": [(0.99, 0.98), (0.985, 0.99)], "far": [(0.97, 0.99), (0.99, 0.95)]}
+    for i, (variant, seed) in enumerate([("near", 0), ("near", 1), ("far", 0), ("far", 1)]):
+        a1, a2 = accs[variant][seed]
+        job = tmp_path / f"{i}_+variant={variant},seed={seed}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra/overrides.yaml").write_text(f"- +variant={variant}\n- seed={seed}\n")
+        (job / ".hydra/config.yaml").write_text("blocks: null\nphase1:\n  layers: 1\nphase2:\n  layers: 2\n")
+        (job / "metrics.json").write_text(json.dumps({
+            "ppl": 3.0, "seed": seed, "flop_cost": 0.7, "gap_at_inference_cost_pct": 1.0,
+            "gap_at_training_compute_pct": 1.0, "gap_to_best_dense_pct": 1.0,
+            "acc_hops1_ashem": a1, "acc_hops2_ashem": a2, "acc_hops1_dense2": 1.0, "acc_hops2_dense2": 1.0,
+            "acc_hops1_dense1": 0.4, "acc_hops2_dense1": 0.6}))
+    rows = {r["config"]: r for r in write_summary(tmp_path)}
+    assert rows["+variant=near"]["answer_gap_hops1_mean"] == pytest.approx(-0.0125)
+    assert rows["+variant=far"]["answer_gap_hops1_mean"] == pytest.approx(-0.02)
+    assert rows["+variant=far"]["answer_gap_hops2_mean"] == pytest.approx(-0.03)
+    md = (tmp_path / "summary.md").read_text()
+    ranking = md[md.index("## Ranked by the gap to the dense frontier"):].splitlines()
+    verdicts = {r.split(" | ")[1]: r.split(" | ")[-1] for r in ranking if r.startswith("| ") and r[2].isdigit()}
+    assert verdicts == {"+variant=near": "yes |", "+variant=far": "no |"}
+
+
+def test_full_depth_is_the_last_block(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    assert read_full_depth(tmp_path) is None
+    (tmp_path / ".hydra/config.yaml").write_text("blocks: [2, 4, 6]\nphase2:\n  layers: 4\n")
+    assert read_full_depth(tmp_path) == 6
+    (tmp_path / ".hydra/config.yaml").write_text("blocks: null\nphase2:\n  layers: 4\n")
+    assert read_full_depth(tmp_path) == 4
