@@ -31,7 +31,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     rows = list(csv.DictReader(a.summary.open()))
-    row = next(r for r in rows if a.config is None or r["config"] == a.config)
+    row = next((r for r in rows if a.config is None or r["config"] == a.config), None)
+    if row is None:
+        ap.error(f"--config {a.config!r} is not a row of {a.summary}; its configs: "
+                 + "; ".join(repr(r["config"]) for r in rows))
     acc = {}
     for col in row:
         m = re.fullmatch(r"acc_hops(\d+)_(\w+?)_mean", col)
