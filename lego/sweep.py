@@ -73,25 +73,28 @@ def read_overrides(job: Path) -> List[str]:
     return [str(o) for o in OmegaConf.load(path)]
 
 
-def read_objective(job: Path) -> str:
-    """The job's composed `objective` key (.hydra/config.yaml); `val_ppl` when absent."""
-    path = job / ".hydra" / "config.yaml"
-    if not path.is_file():
-        return "val_ppl"
-    from omegaconf import OmegaConf
-
-    return str(OmegaConf.load(path).get("objective", "val_ppl"))
-
-
-def read_full_depth(job: Path) -> Optional[int]:
-    """The job's full depth from its composed config (.hydra/config.yaml): the last of `blocks`, else
-    `phase2.layers`; None when absent."""
+def read_job_config(job: Path) -> Any:
+    """The job's composed config (.hydra/config.yaml) as an OmegaConf node; None when absent."""
     path = job / ".hydra" / "config.yaml"
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(path)
+    return OmegaConf.load(path)
+
+
+def read_objective(cfg: Any) -> str:
+    """The composed config's `objective` key (`read_job_config`); `val_ppl` when absent."""
+    return "val_ppl" if cfg is None else str(cfg.get("objective", "val_ppl"))
+
+
+def read_full_depth(cfg: Any) -> Optional[int]:
+    """The full depth of a composed config (`read_job_config`): the last of `blocks`, else `phase2.layers`; None
+    when absent."""
+    if cfg is None:
+        return None
+    from omegaconf import OmegaConf
+
     blocks = cfg.get("blocks")
     layers = blocks[-1] if blocks else OmegaConf.select(cfg, "phase2.layers")
     return None if layers is None else int(layers)
@@ -127,9 +130,10 @@ def collect_jobs(sweep_dir: Path) -> List[Dict[str, Any]]:
         if seed is None:  # fall back on the override
             seed = next((o.split("=", 1)[1] for o in overrides if _override_key(o) == "seed"), None)
         config = [o for o in overrides if _override_key(o) not in EXCLUDED]
+        cfg = read_job_config(job)  # read once: the objective and the full depth
         jobs.append({"job": job.name, "overrides": overrides, "seed": seed, "metrics": metrics,
-                     "config": " ".join(config), "config_overrides": config, "objective": read_objective(job),
-                     "full_depth": read_full_depth(job)})
+                     "config": " ".join(config), "config_overrides": config, "objective": read_objective(cfg),
+                     "full_depth": read_full_depth(cfg)})
     return jobs
 
 

@@ -10,7 +10,7 @@ from conftest import TINY as TINY_RUN, load_script
 from conftest import lego_run
 from omegaconf import OmegaConf
 
-from lego.sweep import SweepSummary, read_full_depth, write_summary
+from lego.sweep import SweepSummary, read_full_depth, read_job_config, write_summary
 
 
 # 2 configurations x 2 seeds; numbers chosen so that a per-seed pairing and an unpaired one differ.
@@ -189,8 +189,8 @@ def test_moonshot_on_chains_needs_the_answers_of_every_hop_count(tmp_path):
 
 def test_full_depth_is_the_last_block(tmp_path):
     (tmp_path / ".hydra").mkdir()
-    assert read_full_depth(tmp_path) is None
+    assert read_full_depth(read_job_config(tmp_path)) is None
     (tmp_path / ".hydra/config.yaml").write_text("blocks: [2, 4, 6]\nphase2:\n  layers: 4\n")
-    assert read_full_depth(tmp_path) == 6
+    assert read_full_depth(read_job_config(tmp_path)) == 6
     (tmp_path / ".hydra/config.yaml").write_text("blocks: null\nphase2:\n  layers: 4\n")
-    assert read_full_depth(tmp_path) == 4
+    assert read_full_depth(read_job_config(tmp_path)) == 4
