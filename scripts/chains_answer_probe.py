@@ -7,7 +7,10 @@ For one setting (Hydra overrides after `--`, composed with the packaged config a
 trains a dense `--depth`-layer `lego.model.Model` (fp32) with its own small loop: AdamW (no decay on biases and
 norms, `lego.pipeline.train.make_optimizer`), warmup then cosine over `--steps` (`lego.schedule.lr_factor`),
 gradients clipped to phase 1's grad_clip, batches of the training split's windows (`lego.batches.make_loader`,
-with labels). The loss (`--loss`):
+with labels). With `--grow-from` (a run's phase1/model.pt) the model is that lower model grown to `--depth` layers
+(`lego.ashem.grow`: fresh layers and a deep head over the frozen embedding, layers and exit head), as ASHEM's
+phase 2 trains it, without hard-example mining; `--lower-layers K` keeps only the checkpoint's first K layers (a
+dense model's lower half as Block 1), `--unfreeze` trains the lower model too. The loss (`--loss`):
 
     all       cross-entropy on every target (the ordinary LM loss)
     answers   cross-entropy on answer targets only (label = hop count >= 1, `lego.chains`), averaged over them
@@ -36,7 +39,9 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from lego.batches import make_loader, set_loader_epoch
-from lego.checkpoint import model_vocab_size
+from lego.ashem import grow
+from lego.artifacts import load_checkpoint
+from lego.checkpoint import model_vocab_size, stored_args
 from lego.cli import to_config
 from lego.config import IGNORE_INDEX, resolve
 from lego.cost import dense_training_macs
@@ -78,6 +83,24 @@ def hop_accuracies(table: Dict[str, dict]) -> Dict[str, float]:
     return {k: v["acc"] for k, v in table.items() if k.endswith("hops")}
 
 
+def lower_model(path: Path, layers: Optional[int] = None) -> Model:
+    """The dense model stored at `path`, or its embedding, first `layers` layers and output head."""
+    state = load_checkpoint(path, what="--grow-from")
+    args = stored_args(state["model_args"])
+    if args["exits"]:
+        raise ValueError(f"--grow-from {path}: a grown model (exits {args['exits']}); give a dense one")
+    full = Model(ModelArgs(**args))
+    full.load_state_dict(state["state_dict"])
+    if layers is None or layers == full.num_layers:
+        return full
+    if not 1 <= layers < full.num_layers:
+        raise ValueError(f"--lower-layers {layers}: between 1 and {full.num_layers}")
+    lower = Model(replace(full.args, num_layers=layers))
+    lower.load_state_dict({k: v for k, v in full.state_dict().items()
+                           if not k.startswith("layers.") or int(k.split(".")[1]) < layers})
+    return lower
+
+
 def score(model: Model, loader) -> Dict[str, dict]:
     tok = labelled_tokens(model, loader, "cpu", progress=False)
     model.train()
@@ -87,14 +110,21 @@ def score(model: Model, loader) -> Dict[str, dict]:
 def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10.0, lr: float, weight_decay: float,
                 steps: int, warmup: int, min_lr_ratio: float, batch_size: int, eval_every: int,
                 max_minutes: Optional[float] = None, seed: int = 0, history_path: Optional[Path] = None,
+                grow_from: Optional[Path] = None, lower_layers: Optional[int] = None, unfreeze: bool = False,
                 log=print) -> dict:
     """Train one dense model as the module docstring says; returns the record (settings, history, final table).
     The model is returned under 'model' (not serialisable; the caller drops it)."""
     if loss not in LOSSES:
         raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
     torch.manual_seed(seed)
-    shape = replace(cfg.model, precision="fp32")
-    model = Model(ModelArgs.from_config(shape, model_vocab_size(cfg, corpus.vocab_size), depth))
+    if grow_from is None:
+        shape = replace(cfg.model, precision="fp32")
+        model = Model(ModelArgs.from_config(shape, model_vocab_size(cfg, corpus.vocab_size), depth))
+    else:  # ASHEM's phase 2: fresh layers over a trained, frozen lower model (`lego.ashem.grow`)
+        lower = lower_model(grow_from, lower_layers)
+        model = grow(lower, depth, deep_head=True)
+        if unfreeze:
+            model.requires_grad_(True)
     model.train()
     opt = make_optimizer(model, lr, weight_decay, torch.device("cpu"))
     T = cfg.data.seq_len
@@ -163,6 +193,9 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
     return {"depth": depth, "loss": loss, "answer_weight": answer_weight if loss == "weighted" else None, "lr": lr,
             "weight_decay": weight_decay, "steps_planned": steps, "steps": step, "stopped_by": stopped,
             "warmup": warmup, "min_lr_ratio": min_lr_ratio, "batch_size": batch_size, "seq_len": T, "seed": seed,
+            "grow_from": None if grow_from is None else str(grow_from), "lower_layers": lower_layers,
+            "unfreeze": unfreeze,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1), "history": history,
             "by_label": table, "model": model}
 
@@ -180,6 +213,12 @@ def summary(history: List[dict]) -> dict:
             "final_acc": {k: v for k, v in history[-1]["acc"].items() if k.endswith("hops")}}
 
 
+def compose_config(overrides: List[str]):
+    """The resolved config of `overrides`, composed as `lego-run` composes them (progress off)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return resolve(to_config(compose(config_name="config", overrides=["progress=false", *overrides])))
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", required=True)
@@ -195,14 +234,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall clock")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grow-from", type=Path, default=None,
+                    help="a lower model's checkpoint (a run's phase1/model.pt): train --depth minus its layers of "
+                         "fresh layers over it, frozen, as ASHEM's phase 2 does (no hard-example mining)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("outputs/reference/chains_search"))
+    ap.add_argument("--lower-layers", type=int, default=None,
+                    help="with --grow-from: keep only the checkpoint's first layers (its embedding and head stay)")
+    ap.add_argument("--unfreeze", action="store_true", help="with --grow-from: train the lower model too")
     ap.add_argument("overrides", nargs="*")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = resolve(to_config(compose(config_name="config", overrides=["progress=false", *a.overrides])))
+    cfg = compose_config(a.overrides)
     corpus = load_corpus(cfg.data)
     p1 = cfg.phase1
     batch = a.batch_size or cfg.data.batch_size
@@ -213,7 +257,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                       steps=a.steps, warmup=p1.warmup_steps if a.warmup is None else a.warmup,
                       min_lr_ratio=p1.min_lr_ratio if a.min_lr_ratio is None else a.min_lr_ratio,
                       batch_size=batch, eval_every=a.eval_every, max_minutes=a.max_minutes, seed=a.seed,
-                      history_path=hist_path)
+                      history_path=hist_path, grow_from=a.grow_from,
+                      lower_layers=a.lower_layers, unfreeze=a.unfreeze)
     rec.pop("model")
     shape = cost_shape(cfg, corpus.vocab_size)
     rec["train_macs"] = dense_training_macs(tokens=rec["steps"] * batch * cfg.data.seq_len, num_layers=a.depth,

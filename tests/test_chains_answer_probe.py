@@ -57,3 +57,50 @@ def test_probe_trains_scores_by_label_and_writes_its_records(tmp_path):
     assert table["all"]["n_tokens"] == 24 * 19
     assert sum(v["n_tokens"] for k, v in table.items() if k != "all") == table["all"]["n_tokens"]
     assert rec["summary"]["final_acc"] == {k: lines[-1]["acc"][k] for k in ("1 hops", "2 hops")}
+
+
+TINY = ["experiment=chains", "data.chains.train_lines=200", "data.chains.eval_lines=24", "model.dim=16",
+        "model.num_heads=2"]
+
+
+def _dense(tmp_path, layers):
+    """A tiny dense chains model of `layers` layers, saved as a run's checkpoint; returns (path, model)."""
+    from lego.checkpoint import save_model
+
+    cfg = probe.compose_config([*TINY, f"data.cache_dir={tmp_path / 'cache'}"])
+    corpus = probe.load_corpus(cfg.data)
+    torch.manual_seed(3)
+    shape = probe.replace(cfg.model, precision="fp32")
+    model = probe.Model(probe.ModelArgs.from_config(shape, probe.model_vocab_size(cfg, corpus.vocab_size), layers))
+    path = tmp_path / f"dense{layers}.pt"
+    save_model(path, model, cfg)
+    return path, model
+
+
+def test_grown_probe_trains_only_the_fresh_layer_unless_unfrozen(tmp_path):
+    path, lower = _dense(tmp_path, 2)
+    args = ["--depth", "2", "--loss", "all", "--steps", "3", "--warmup", "1", "--eval-every", "3", "--batch-size",
+            "4", "--grow-from", str(path), "--lower-layers", "1", "--", *TINY, f"data.cache_dir={tmp_path / 'cache'}"]
+    kept = {k: v.clone() for k, v in lower.layers[0].state_dict().items()}
+    frozen = probe.main(["--name", "frozen", "--out", str(tmp_path / "a"), *args])
+    assert frozen["lower_layers"] == 1 and not frozen["unfreeze"]
+    # the fresh layer, its deep head: the lower layer, embedding and exit head are frozen (`lego.ashem.grow`)
+    per_layer = sum(p.numel() for p in lower.layers[0].parameters())
+    head = sum(p.numel() for p in lower.output_head.parameters())
+    assert frozen["trainable_params"] == per_layer + head
+    thawed = probe.main(["--name", "thawed", "--unfreeze", "--out", str(tmp_path / "b"), *args])
+    assert thawed["trainable_params"] > frozen["trainable_params"]
+    # the lower model is the checkpoint's first layer, bit for bit
+    cut = probe.lower_model(path, 1)
+    assert cut.num_layers == 1
+    for k, v in cut.layers[0].state_dict().items():
+        assert torch.equal(v, kept[k])
+    assert torch.equal(cut.output_head.proj.weight, lower.output_head.proj.weight)
+
+
+def test_lower_layers_out_of_range_is_refused(tmp_path):
+    path, _ = _dense(tmp_path, 2)
+    import pytest
+
+    with pytest.raises(ValueError, match="--lower-layers 3: between 1 and 2"):
+        probe.lower_model(path, 3)
