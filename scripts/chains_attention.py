@@ -98,6 +98,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("checkpoints", nargs="+", type=Path)
     ap.add_argument("--windows", type=int, default=2000)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--label", action="append", default=None,
+                    help="a name for each checkpoint, in order (the JSON's keys; default: the paths)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--" in argv:
         i = argv.index("--")
@@ -111,17 +113,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
     corpus = load_corpus(cfg.data)
     ids = corpus.tokenizer.encode(";?") if hasattr(corpus.tokenizer, "encode") else list(b";?")
     semi, query = int(ids[0]), int(ids[1])
+    labels = a.label or [str(p) for p in a.checkpoints]
+    if len(labels) != len(a.checkpoints):
+        ap.error(f"--label given {len(labels)} times for {len(a.checkpoints)} checkpoints")
     out = {}
-    for path in a.checkpoints:
+    for name, path in zip(labels, a.checkpoints):
         state = load_checkpoint(path, what="checkpoint")
         model = Model(ModelArgs(**stored_args(state["model_args"])))
         model.load_state_dict(state["state_dict"])
         loader = make_loader(corpus.validation, cfg.data.seq_len, 256, shuffle=False, seed=0)
-        out[str(path)] = previous_token_attention(model, loader, semi, query, a.windows)
-        for layer, row in enumerate(out[str(path)]):
+        out[name] = previous_token_attention(model, loader, semi, query, a.windows)
+        for layer, row in enumerate(out[name]):
             v = " ".join(f"{w:.2f}" for w in row["value_to_name"])
             e = " ".join(f"{w:.2f}" for w in row["all_to_previous"])
-            print(f"{path}  layer {layer + 1}: value->name {v} | every t->t-1 {e}")
+            print(f"{name}  layer {layer + 1}: value->name {v} | every t->t-1 {e}")
     if a.json is not None:
         a.json.write_text(json.dumps(out, indent=1))
     return out
