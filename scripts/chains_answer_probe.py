@@ -10,7 +10,10 @@ gradients clipped to phase 1's grad_clip, batches of the training split's window
 with labels). With `--grow-from` (a run's phase1/model.pt) the model is that lower model grown to `--depth` layers
 (`lego.ashem.grow`: fresh layers and a deep head over the frozen embedding, layers and exit head), as ASHEM's
 phase 2 trains it, without hard-example mining; `--lower-layers K` keeps only the checkpoint's first K layers (a
-dense model's lower half as Block 1), `--unfreeze` trains the lower model too. The loss (`--loss`):
+dense model's lower half as Block 1), `--unfreeze` trains the lower model too. `--joint-exit K` trains a model
+with an exit head at layer K, the loss the mean of that exit's and the last layer's (every exit at once, as
+LayerSkip and EE-LLM train them); `--save-model` keeps the trained model for a later `--grow-from`, which then
+takes the layers below the exit and the exit's head. The loss (`--loss`):
 
     all       cross-entropy on every target (the ordinary LM loss)
     answers   cross-entropy on answer targets only (label = hop count >= 1, `lego.chains`), averaged over them
@@ -41,7 +44,7 @@ from hydra import compose, initialize_config_dir
 from lego.batches import make_loader, set_loader_epoch
 from lego.ashem import grow
 from lego.artifacts import load_checkpoint
-from lego.checkpoint import model_vocab_size, stored_args
+from lego.checkpoint import model_vocab_size, save_model, stored_args
 from lego.cli import to_config
 from lego.config import IGNORE_INDEX, resolve
 from lego.cost import dense_training_macs
@@ -87,17 +90,21 @@ def lower_model(path: Path, layers: Optional[int] = None) -> Model:
     """The dense model stored at `path`, or its embedding, first `layers` layers and output head."""
     state = load_checkpoint(path, what="--grow-from")
     args = stored_args(state["model_args"])
-    if args["exits"]:
-        raise ValueError(f"--grow-from {path}: a grown model (exits {args['exits']}); give a dense one")
     full = Model(ModelArgs(**args))
     full.load_state_dict(state["state_dict"])
-    if layers is None or layers == full.num_layers:
+    if args["exits"]:  # a model trained with one exit (--joint-exit): below it, with the exit's head
+        if len(args["exits"]) != 1 or layers not in (None, args["exits"][0]):
+            raise ValueError(f"--grow-from {path}: exits {args['exits']}; only the model below a single exit "
+                             f"(--lower-layers {args['exits'][0]}) can be grown")
+        layers = args["exits"][0]
+    elif layers is None or layers == full.num_layers:
         return full
     if not 1 <= layers < full.num_layers:
         raise ValueError(f"--lower-layers {layers}: between 1 and {full.num_layers}")
-    lower = Model(replace(full.args, num_layers=layers))
+    lower = Model(replace(full.args, num_layers=layers, exits=(), deep_head=False))
     lower.load_state_dict({k: v for k, v in full.state_dict().items()
-                           if not k.startswith("layers.") or int(k.split(".")[1]) < layers})
+                           if not k.startswith(("deep_head.", "exit_heads."))
+                           and (not k.startswith("layers.") or int(k.split(".")[1]) < layers)})
     return lower
 
 
@@ -111,7 +118,7 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
                 steps: int, warmup: int, min_lr_ratio: float, batch_size: int, eval_every: int,
                 max_minutes: Optional[float] = None, seed: int = 0, history_path: Optional[Path] = None,
                 grow_from: Optional[Path] = None, lower_layers: Optional[int] = None, unfreeze: bool = False,
-                log=print) -> dict:
+                joint_exit: Optional[int] = None, log=print) -> dict:
     """Train one dense model as the module docstring says; returns the record (settings, history, final table).
     The model is returned under 'model' (not serialisable; the caller drops it)."""
     if loss not in LOSSES:
@@ -119,7 +126,12 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
     torch.manual_seed(seed)
     if grow_from is None:
         shape = replace(cfg.model, precision="fp32")
-        model = Model(ModelArgs.from_config(shape, model_vocab_size(cfg, corpus.vocab_size), depth))
+        args = ModelArgs.from_config(shape, model_vocab_size(cfg, corpus.vocab_size), depth)
+        if joint_exit is not None:  # an exit head at layer `joint_exit`, trained with the last layer's
+            if not 1 <= joint_exit < depth:
+                raise ValueError(f"--joint-exit {joint_exit}: between 1 and {depth - 1}")
+            args = replace(args, exits=(joint_exit,), deep_head=True)
+        model = Model(args)
     else:  # ASHEM's phase 2: fresh layers over a trained, frozen lower model (`lego.ashem.grow`)
         lower = lower_model(grow_from, lower_layers)
         model = grow(lower, depth, deep_head=True)
@@ -169,9 +181,14 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
             f = lr_factor(step, schedule="cosine", warmup_steps=warmup, total_steps=steps, min_lr_ratio=min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr * f
-            logits = model(inputs)
             w = token_weights(labels, targets, loss, answer_weight)
-            value = weighted_ce(logits, targets, w)
+            if joint_exit is None:
+                value = weighted_ce(model(inputs), targets, w)
+            else:  # the mean of the exit's loss and the last layer's, one pass
+                h = model.run_layers(model.embed(inputs), 0, joint_exit)
+                top = model.run_layers(h, joint_exit, model.num_layers)
+                value = 0.5 * (weighted_ce(model.logits_at(h, joint_exit), targets, w)
+                               + weighted_ce(model.logits_at(top, model.num_layers), targets, w))
             opt.zero_grad(set_to_none=True)
             value.backward()
             if grad_clip:
@@ -194,7 +211,7 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
             "weight_decay": weight_decay, "steps_planned": steps, "steps": step, "stopped_by": stopped,
             "warmup": warmup, "min_lr_ratio": min_lr_ratio, "batch_size": batch_size, "seq_len": T, "seed": seed,
             "grow_from": None if grow_from is None else str(grow_from), "lower_layers": lower_layers,
-            "unfreeze": unfreeze,
+            "unfreeze": unfreeze, "joint_exit": joint_exit,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1), "history": history,
             "by_label": table, "model": model}
@@ -242,6 +259,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--lower-layers", type=int, default=None,
                     help="with --grow-from: keep only the checkpoint's first layers (its embedding and head stay)")
     ap.add_argument("--unfreeze", action="store_true", help="with --grow-from: train the lower model too")
+    ap.add_argument("--joint-exit", type=int, default=None,
+                    help="an exit head at this layer, its loss averaged with the last layer's (every exit trained "
+                         "at once, as LayerSkip trains them); --grow-from takes the model below it")
+    ap.add_argument("--save-model", type=Path, default=None, help="write the trained model's checkpoint here")
     ap.add_argument("overrides", nargs="*")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
@@ -258,8 +279,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
                       min_lr_ratio=p1.min_lr_ratio if a.min_lr_ratio is None else a.min_lr_ratio,
                       batch_size=batch, eval_every=a.eval_every, max_minutes=a.max_minutes, seed=a.seed,
                       history_path=hist_path, grow_from=a.grow_from,
-                      lower_layers=a.lower_layers, unfreeze=a.unfreeze)
-    rec.pop("model")
+                      lower_layers=a.lower_layers, unfreeze=a.unfreeze, joint_exit=a.joint_exit)
+    model = rec.pop("model")
+    if a.save_model is not None:
+        a.save_model.parent.mkdir(parents=True, exist_ok=True)
+        save_model(a.save_model, model, cfg)
     shape = cost_shape(cfg, corpus.vocab_size)
     rec["train_macs"] = dense_training_macs(tokens=rec["steps"] * batch * cfg.data.seq_len, num_layers=a.depth,
                                             **shape)

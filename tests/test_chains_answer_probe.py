@@ -104,3 +104,27 @@ def test_lower_layers_out_of_range_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="--lower-layers 3: between 1 and 2"):
         probe.lower_model(path, 3)
+
+
+def test_joint_exit_model_trains_both_exits_and_grows_from_below_its_exit(tmp_path):
+    saved = tmp_path / "joint.pt"
+    rec = probe.main(["--name", "joint", "--depth", "2", "--joint-exit", "1", "--loss", "all", "--steps", "3",
+                      "--warmup", "1", "--eval-every", "3", "--batch-size", "4", "--save-model", str(saved),
+                      "--out", str(tmp_path / "a"), "--", *TINY, f"data.cache_dir={tmp_path / 'cache'}"])
+    assert rec["joint_exit"] == 1 and rec["steps"] == 3
+    state = probe.load_checkpoint(saved, what="test")
+    full = probe.Model(probe.ModelArgs(**probe.stored_args(state["model_args"])))
+    full.load_state_dict(state["state_dict"])
+    assert full.exit_layers == (1,) or list(full.exit_layers) == [1]
+    lower = probe.lower_model(saved)  # the layer below the exit and the exit's head
+    assert lower.num_layers == 1 and not lower.exit_layers
+    x = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(lower(x), full(x, layer=1))
+    import pytest
+
+    with pytest.raises(ValueError, match="only the model below a single exit"):
+        probe.lower_model(saved, 2)
+    with pytest.raises(ValueError, match="--joint-exit 2: between 1 and 1"):
+        probe.main(["--name", "bad", "--depth", "2", "--joint-exit", "2", "--steps", "1", "--out",
+                    str(tmp_path / "b"), "--", *TINY, f"data.cache_dir={tmp_path / 'cache'}"])
