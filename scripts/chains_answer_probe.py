@@ -11,9 +11,9 @@ with labels). With `--grow-from` (a run's phase1/model.pt) the model is that low
 (`lego.ashem.grow`: fresh layers and a deep head over the frozen embedding, layers and exit head), as ASHEM's
 phase 2 trains it, without hard-example mining; `--lower-layers K` keeps only the checkpoint's first K layers (a
 dense model's lower half as Block 1), `--unfreeze` trains the lower model too. `--joint-exit K` trains a model
-with an exit head at layer K, the loss the mean of that exit's and the last layer's (every exit at once, as
-LayerSkip and EE-LLM train them); `--save-model` keeps the trained model for a later `--grow-from`, which then
-takes the layers below the exit and the exit's head. The loss (`--loss`):
+with an exit head at layer K, every exit at once as LayerSkip and EE-LLM train them: the loss is `--exit-weight`
+x the exit's + (1 - it) x the last layer's (0.5: the mean). `--save-model` keeps the trained model for a later
+`--grow-from`, which then takes the layers below the exit and the exit's head. The loss (`--loss`):
 
     all       cross-entropy on every target (the ordinary LM loss)
     answers   cross-entropy on answer targets only (label = hop count >= 1, `lego.chains`), averaged over them
@@ -81,6 +81,15 @@ def weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tens
     return (w * ce).sum() / w.sum().clamp_min(1e-12)
 
 
+def joint_loss(model: Model, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, exit_layer: int,
+               exit_weight: float) -> torch.Tensor:
+    """exit_weight x the weighted CE at `exit_layer`'s head + (1 - exit_weight) x the last layer's, one pass."""
+    h = model.run_layers(model.embed(inputs), 0, exit_layer)
+    top = model.run_layers(h, exit_layer, model.num_layers)
+    return (exit_weight * weighted_ce(model.logits_at(h, exit_layer), targets, weights)
+            + (1 - exit_weight) * weighted_ce(model.logits_at(top, model.num_layers), targets, weights))
+
+
 def hop_accuracies(table: Dict[str, dict]) -> Dict[str, float]:
     """{'1 hops': acc, ...} from a per-label table."""
     return {k: v["acc"] for k, v in table.items() if k.endswith("hops")}
@@ -118,7 +127,7 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
                 steps: int, warmup: int, min_lr_ratio: float, batch_size: int, eval_every: int,
                 max_minutes: Optional[float] = None, seed: int = 0, history_path: Optional[Path] = None,
                 grow_from: Optional[Path] = None, lower_layers: Optional[int] = None, unfreeze: bool = False,
-                joint_exit: Optional[int] = None, log=print) -> dict:
+                joint_exit: Optional[int] = None, exit_weight: float = 0.5, log=print) -> dict:
     """Train one dense model as the module docstring says; returns the record (settings, history, final table).
     The model is returned under 'model' (not serialisable; the caller drops it)."""
     if loss not in LOSSES:
@@ -184,11 +193,8 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
             w = token_weights(labels, targets, loss, answer_weight)
             if joint_exit is None:
                 value = weighted_ce(model(inputs), targets, w)
-            else:  # the mean of the exit's loss and the last layer's, one pass
-                h = model.run_layers(model.embed(inputs), 0, joint_exit)
-                top = model.run_layers(h, joint_exit, model.num_layers)
-                value = 0.5 * (weighted_ce(model.logits_at(h, joint_exit), targets, w)
-                               + weighted_ce(model.logits_at(top, model.num_layers), targets, w))
+            else:
+                value = joint_loss(model, inputs, targets, w, joint_exit, exit_weight)
             opt.zero_grad(set_to_none=True)
             value.backward()
             if grad_clip:
@@ -212,6 +218,7 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
             "warmup": warmup, "min_lr_ratio": min_lr_ratio, "batch_size": batch_size, "seq_len": T, "seed": seed,
             "grow_from": None if grow_from is None else str(grow_from), "lower_layers": lower_layers,
             "unfreeze": unfreeze, "joint_exit": joint_exit,
+            "exit_weight": exit_weight if joint_exit is not None else None,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1), "history": history,
             "by_label": table, "model": model}
@@ -262,6 +269,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--joint-exit", type=int, default=None,
                     help="an exit head at this layer, its loss averaged with the last layer's (every exit trained "
                          "at once, as LayerSkip trains them); --grow-from takes the model below it")
+    ap.add_argument("--exit-weight", type=float, default=0.5,
+                    help="with --joint-exit: the exit loss's weight, the last layer's 1 minus it (0.5: the mean)")
     ap.add_argument("--save-model", type=Path, default=None, help="write the trained model's checkpoint here")
     ap.add_argument("overrides", nargs="*")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -279,7 +288,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                       min_lr_ratio=p1.min_lr_ratio if a.min_lr_ratio is None else a.min_lr_ratio,
                       batch_size=batch, eval_every=a.eval_every, max_minutes=a.max_minutes, seed=a.seed,
                       history_path=hist_path, grow_from=a.grow_from,
-                      lower_layers=a.lower_layers, unfreeze=a.unfreeze, joint_exit=a.joint_exit)
+                      lower_layers=a.lower_layers, unfreeze=a.unfreeze, joint_exit=a.joint_exit,
+                      exit_weight=a.exit_weight)
     model = rec.pop("model")
     if a.save_model is not None:
         a.save_model.parent.mkdir(parents=True, exist_ok=True)

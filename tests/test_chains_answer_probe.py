@@ -111,7 +111,7 @@ def test_joint_exit_model_trains_both_exits_and_grows_from_below_its_exit(tmp_pa
     rec = probe.main(["--name", "joint", "--depth", "2", "--joint-exit", "1", "--loss", "all", "--steps", "3",
                       "--warmup", "1", "--eval-every", "3", "--batch-size", "4", "--save-model", str(saved),
                       "--out", str(tmp_path / "a"), "--", *TINY, f"data.cache_dir={tmp_path / 'cache'}"])
-    assert rec["joint_exit"] == 1 and rec["steps"] == 3
+    assert rec["joint_exit"] == 1 and rec["exit_weight"] == 0.5 and rec["steps"] == 3
     state = probe.load_checkpoint(saved, what="test")
     full = probe.Model(probe.ModelArgs(**probe.stored_args(state["model_args"])))
     full.load_state_dict(state["state_dict"])
@@ -128,3 +128,16 @@ def test_joint_exit_model_trains_both_exits_and_grows_from_below_its_exit(tmp_pa
     with pytest.raises(ValueError, match="--joint-exit 2: between 1 and 1"):
         probe.main(["--name", "bad", "--depth", "2", "--joint-exit", "2", "--steps", "1", "--out",
                     str(tmp_path / "b"), "--", *TINY, f"data.cache_dir={tmp_path / 'cache'}"])
+
+
+def test_joint_loss_weighs_the_exit_and_the_last_layer():
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 40, (2, 6)), torch.randint(0, 40, (2, 6))
+    w = torch.ones(2, 6)
+    model = probe.Model(probe.ModelArgs(vocab_size=40, dim=16, num_layers=2, num_heads=2, exits=(1,), deep_head=True))
+    exit_ce = F.cross_entropy(model(x, layer=1).flatten(0, 1), y.flatten())  # the exit's head at layer 1
+    last_ce = F.cross_entropy(model(x).flatten(0, 1), y.flatten())  # the deep head at layer 2
+    assert not torch.allclose(exit_ce, last_ce)
+    for ew in (0.0, 0.25, 1.0):
+        got = probe.joint_loss(model, x, y, w, 1, ew)
+        assert torch.allclose(got, ew * exit_ce + (1 - ew) * last_ce, atol=1e-6)
