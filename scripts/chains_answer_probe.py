@@ -139,8 +139,12 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
         if joint_exit is not None:  # an exit head at layer `joint_exit`, trained with the last layer's
             if not 1 <= joint_exit < depth:
                 raise ValueError(f"--joint-exit {joint_exit}: between 1 and {depth - 1}")
+            dense = Model(args)  # the dense model's initial weights: drawn first, as without the exit
             args = replace(args, exits=(joint_exit,), deep_head=True)
         model = Model(args)
+        if joint_exit is not None:  # same start as the dense model; both heads begin as its head
+            model.load_state_dict(dense.state_dict(), strict=False)
+            model.deep_head.load_state_dict(dense.output_head.state_dict())
     else:  # ASHEM's phase 2: fresh layers over a trained, frozen lower model (`lego.ashem.grow`)
         lower = lower_model(grow_from, lower_layers)
         model = grow(lower, depth, deep_head=True)

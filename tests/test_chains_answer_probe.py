@@ -141,3 +141,27 @@ def test_joint_loss_weighs_the_exit_and_the_last_layer():
     for ew in (0.0, 0.25, 1.0):
         got = probe.joint_loss(model, x, y, w, 1, ew)
         assert torch.allclose(got, ew * exit_ce + (1 - ew) * last_ce, atol=1e-6)
+
+
+def test_joint_model_starts_from_the_dense_models_weights(tmp_path, monkeypatch):
+    """--joint-exit draws the dense model's initial weights (same seed), both heads a copy of its head."""
+    starts = {}
+    real_main = probe.train_probe
+
+    def spy(cfg, corpus, **kw):
+        kw = dict(kw, steps=0)
+        rec = real_main(cfg, corpus, **kw)
+        starts[kw.get("joint_exit")] = rec["model"].state_dict()
+        return rec
+
+    monkeypatch.setattr(probe, "train_probe", spy)
+    common = ["--depth", "2", "--steps", "1", "--eval-every", "1", "--batch-size", "4", "--seed", "3", "--", *TINY,
+              f"data.cache_dir={tmp_path / 'cache'}"]
+    probe.main(["--name", "dense", "--out", str(tmp_path / "a"), *common])
+    probe.main(["--name", "joint", "--joint-exit", "1", "--out", str(tmp_path / "b"), *common])
+    dense, joint = starts[None], starts[1]
+    for k, v in dense.items():
+        assert torch.equal(joint[k], v), k
+    for k, v in dense.items():
+        if k.startswith("output_head."):
+            assert torch.equal(joint["deep_head." + k[len("output_head."):]], v)
