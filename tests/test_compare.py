@@ -259,3 +259,40 @@ def test_sweep_summary_opens_with_a_table_read_at_a_glance():
     assert "wins at equal inference cost" in header and "converged" in header
     assert row.split(" | ")[2:] == ["95.1 ± 1.5", "1.12 ± 0", "5.9e+12 ± 1e+09", "4 ± 1", "-1 ± 2", "dense",
                                     "phase1 2/3, dense2 0/3 |"]
+
+
+def test_baseline_tolerance_reuses_a_dense_model_a_step_off(tmp_path):
+    """eval.baseline_tolerance: a dense model asked for one step more (or fewer) than one in the cache is that
+    model (cache hit, its own step count and record), the nearest one when several are within it; with the
+    tolerance 0 (the default) the asked steps are trained. Bad values get one line naming the key."""
+    import torch
+
+    from lego.config import ConfigError, validate
+    from lego.data import load_corpus
+    from lego.pipeline.setup import make_loaders
+    from lego.pipeline.standard import cached_standard
+
+    cfg = tiny_config(tmp_path / "cache")
+    corpus = load_corpus(cfg.data)
+    loaders = make_loaders(cfg, corpus)
+    cpu = torch.device("cpu")
+
+    def dense(job, steps, tolerance):
+        cached_standard(cfg, corpus, loaders, 2, tmp_path / job / "dense2", cpu, "dense2", steps=steps,
+                        tolerance=tolerance)
+        return read(tmp_path / job / "dense2/cache.json"), read(tmp_path / job / "dense2/result.json")
+
+    first, r0 = dense("a", 6, 0.0)
+    assert not first["hit"] and r0["steps"] == 6
+    near, r1 = dense("b", 7, 0.2)  # 7 x 0.2 -> within one step: the 6-step model
+    assert near["hit"] and near["key"] == first["key"] and r1 == r0
+    exact, r2 = dense("c", 7, 0.0)  # no tolerance: 7 steps trained
+    assert not exact["hit"] and exact["key"] != first["key"] and r2["steps"] == 7
+    nearest, _ = dense("d", 8, 0.25)  # 6 and 7 within two steps: 7 is nearer
+    assert nearest["hit"] and nearest["key"] == exact["key"]
+    far, r4 = dense("e", 9, 0.1)  # nothing within 0 steps: 9 trained
+    assert not far["hit"] and r4["steps"] == 9
+    for bad in (-0.1, 0.5, True):
+        cfg.eval.baseline_tolerance = bad
+        with pytest.raises(ConfigError, match=r"eval.baseline_tolerance=.*\[0, 0.01\]"):
+            validate(cfg)

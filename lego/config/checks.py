@@ -97,6 +97,10 @@ def validate(cfg: ASHEMConfig) -> None:
         raise ConfigError("eval.split=validation scores on the split the threshold was calibrated on and phase 2 "
                           "is validated on; add eval.allow_validation_split=true to do it anyway")
     check_choice("eval.baseline_budget", cfg.eval.baseline_budget, BASELINE_BUDGETS)
+    tol = cfg.eval.baseline_tolerance
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 <= tol <= 0.01:
+        raise ConfigError(f"eval.baseline_tolerance={tol!r} must be a number in [0, 0.01] (a fraction of the dense "
+                          f"budget's steps)")
     for depth in cfg.eval.dense_depths or ():
         if not isinstance(depth, int) or not 1 <= depth <= p2.layers:
             raise ConfigError(f"eval.dense_depths contains {depth!r}; allowed: integers in [1, phase2.layers={p2.layers}]")

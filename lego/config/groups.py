@@ -172,6 +172,9 @@ class EvalConfig:
     standard_baseline: bool = True  # true | false: train the dense models below (phase1's optimizer and schedule)
     baseline_budget: str = "matched"  # matched: the ASHEM pipeline's training multiply-adds, to the step | steps: its
     #   optimizer steps (phase 1 + later Blocks) | phase1: phase 1's own budget (max_epochs x epoch_steps)
+    # a number in [0, 0.01]: a dense model already in the model cache whose steps are within this fraction of the
+    # budget's is reused (dense<depth>/ records asked_steps and macs_off); 0 = trained for exactly the budget's steps
+    baseline_tolerance: float = 0.0
     # depths added to the dense frontier, in layers: integers in [1, phase2.layers]; every Block boundary is always on
     # it; None = those alone
     dense_depths: Optional[List[int]] = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -17,7 +17,7 @@ from lego.config import ASHEMConfig, create_standard_config
 from lego.cost import dense_training_macs, forward_macs_per_token
 from lego.data import Corpus
 from lego.model import Model
-from lego.pipeline.cache import through_cache
+from lego.pipeline.cache import nearest_cached_steps, through_cache
 from lego.pipeline.compute import cost_shape, window_positions
 from lego.pipeline.results import load_or_run, on_disk
 from lego.pipeline.science import science_config
@@ -57,24 +57,32 @@ def train_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layer
 
 def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_layers: int, out: Path,
                     device: torch.device, name: str, steps: Optional[int] = None,
-                    tracker: Optional[Tracker] = None) -> Model:
+                    tracker: Optional[Tracker] = None, tolerance: float = 0.0) -> Model:
     """`train_standard`, shared through the model cache when `phase1.cache` is on.
 
     The key hashes exactly what determines the result: model, data, phase-1 optimisation,
     depth, budget in steps, seed, corpus content and device type (`lego.pipeline.cache.through_cache`).
+    With a `tolerance` (a fraction of `steps`), a model of the same key trained for a step count within it is
+    reused instead (`nearest_cached_steps`): the caller records what it spent against what it asked.
     """
     if not cfg.phase1.cache or on_disk(out / "model.pt"):
         return train_standard(cfg, corpus, loaders, num_layers, out, device, name, steps, tracker)
     science = science_config(cfg)
     unkeyed = ("cache", "layers", "budget_fraction", "max_epochs")
-    key_src = {"model": science["model"], "data": science["data"],
-               "phase1": {k: v for k, v in science["phase1"].items() if k not in unkeyed},
-               "num_layers": num_layers, "seed": cfg.seed, "corpus": corpus.cache_key, "device": device.type,
-               "lego": __version__, "records": "budget",  # budget-first training: result.json records its budget
-               # the steps that run are keyed, not how they were derived (a dense model of the same depth and
-               # steps is the same model)
-               "steps": steps or phase1_budget_steps(cfg, loaders)}
-    return through_cache(cfg, name, key_src, out,
+
+    def key_at(n: int) -> Dict[str, Any]:
+        return {"model": science["model"], "data": science["data"],
+                "phase1": {k: v for k, v in science["phase1"].items() if k not in unkeyed},
+                "num_layers": num_layers, "seed": cfg.seed, "corpus": corpus.cache_key, "device": device.type,
+                "lego": __version__, "records": "budget",  # budget-first training: result.json records its budget
+                # the steps that run are keyed, not how they were derived (a dense model of the same depth and
+                # steps is the same model)
+                "steps": n}
+
+    steps = steps or phase1_budget_steps(cfg, loaders)
+    if tolerance:
+        steps = nearest_cached_steps(cfg, name, key_at, steps, tolerance)
+    return through_cache(cfg, name, key_at(steps), out,
                          lambda entry: train_standard(cfg, corpus, loaders, num_layers, entry, device, name, steps,
                                                       tracker),
                          ("model.pt", "history.jsonl", "result.json"))
