@@ -12,7 +12,10 @@ with labels). With `--grow-from` (a run's phase1/model.pt) the model is that low
 phase 2 trains it, without hard-example mining; `--lower-layers K` keeps only the checkpoint's first K layers (a
 dense model's lower half as Block 1), `--unfreeze` trains the lower model too. `--joint-exit K` trains a model
 with an exit head at layer K, every exit at once as LayerSkip and EE-LLM train them: the loss is `--exit-weight`
-x the exit's + (1 - it) x the last layer's (0.5: the mean). `--save-model` keeps the trained model for a later
+x the exit's + (1 - it) x the last layer's (0.5: the mean); with `--exit-detach` the exit head is trained on a
+detached hidden state beside a dense model (the layers get the last layer's loss alone). A joint model's record
+holds `joint_tables`: per label at the exit, at the last layer, and routed by the exit's max-prob at
+`--exit-share` of the tokens stopped (validation, the threshold calibrated there too). `--save-model` keeps the trained model for a later
 `--grow-from`, which then takes the layers below the exit and the exit's head. The loss (`--loss`):
 
     all       cross-entropy on every target (the ordinary LM loss)
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from lego.batches import make_loader, set_loader_epoch
+from lego.cascade import share_threshold
 from lego.ashem import grow
 from lego.artifacts import load_checkpoint
 from lego.checkpoint import model_vocab_size, save_model, stored_args
@@ -82,12 +86,30 @@ def weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tens
 
 
 def joint_loss(model: Model, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, exit_layer: int,
-               exit_weight: float) -> torch.Tensor:
-    """exit_weight x the weighted CE at `exit_layer`'s head + (1 - exit_weight) x the last layer's, one pass."""
+               exit_weight: float, detach: bool = False) -> torch.Tensor:
+    """exit_weight x the weighted CE at `exit_layer`'s head + (1 - exit_weight) x the last layer's, one pass.
+    With `detach` the exit's head reads a detached hidden state and the last layer's CE weighs 1: the layers get
+    the dense model's gradient alone, the exit head its own (a probe trained beside the model)."""
     h = model.run_layers(model.embed(inputs), 0, exit_layer)
     top = model.run_layers(h, exit_layer, model.num_layers)
-    return (exit_weight * weighted_ce(model.logits_at(h, exit_layer), targets, weights)
-            + (1 - exit_weight) * weighted_ce(model.logits_at(top, model.num_layers), targets, weights))
+    deep = weighted_ce(model.logits_at(top, model.num_layers), targets, weights)
+    if detach:
+        return weighted_ce(model.logits_at(h.detach(), exit_layer), targets, weights) + deep
+    return exit_weight * weighted_ce(model.logits_at(h, exit_layer), targets, weights) + (1 - exit_weight) * deep
+
+
+def routed_tables(model: Model, loader, exit_layer: int, share: float) -> Dict[str, dict]:
+    """A joint model's per-label tables on `loader`: at its exit ('exit'), at its last layer ('deep'), and routed by
+    the exit's max-prob at a threshold that stops `share` of the tokens there ('routed', with the exit share per
+    label; the upper layer sees every token, upper_context=full), and that threshold."""
+    tok = labelled_tokens(model, loader, "cpu", exit_layer=exit_layer, progress=False)
+    model.train()
+    threshold = share_threshold(tok["conf"], share)
+    stop = tok["conf"] >= threshold
+    return {"threshold": threshold, "exit": label_table(tok["label"], tok["nll_exit"], tok["ok_exit"]),
+            "deep": label_table(tok["label"], tok["nll_deep"], tok["ok_deep"]),
+            "routed": label_table(tok["label"], torch.where(stop, tok["nll_exit"], tok["nll_deep"]),
+                                  torch.where(stop, tok["ok_exit"], tok["ok_deep"]), stop)}
 
 
 def hop_accuracies(table: Dict[str, dict]) -> Dict[str, float]:
@@ -127,7 +149,8 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
                 steps: int, warmup: int, min_lr_ratio: float, batch_size: int, eval_every: int,
                 max_minutes: Optional[float] = None, seed: int = 0, history_path: Optional[Path] = None,
                 grow_from: Optional[Path] = None, lower_layers: Optional[int] = None, unfreeze: bool = False,
-                joint_exit: Optional[int] = None, exit_weight: float = 0.5, log=print) -> dict:
+                joint_exit: Optional[int] = None, exit_weight: float = 0.5, exit_detach: bool = False,
+                exit_share: float = 0.8, log=print) -> dict:
     """Train one dense model as the module docstring says; returns the record (settings, history, final table).
     The model is returned under 'model' (not serialisable; the caller drops it)."""
     if loss not in LOSSES:
@@ -198,7 +221,7 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
             if joint_exit is None:
                 value = weighted_ce(model(inputs), targets, w)
             else:
-                value = joint_loss(model, inputs, targets, w, joint_exit, exit_weight)
+                value = joint_loss(model, inputs, targets, w, joint_exit, exit_weight, exit_detach)
             opt.zero_grad(set_to_none=True)
             value.backward()
             if grad_clip:
@@ -217,12 +240,15 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
         epoch += 1
     if history[-1]["step"] != step:
         table = evaluate()
+    routed = None if joint_exit is None else routed_tables(model, val, joint_exit, exit_share)
     return {"depth": depth, "loss": loss, "answer_weight": answer_weight if loss == "weighted" else None, "lr": lr,
             "weight_decay": weight_decay, "steps_planned": steps, "steps": step, "stopped_by": stopped,
             "warmup": warmup, "min_lr_ratio": min_lr_ratio, "batch_size": batch_size, "seq_len": T, "seed": seed,
             "grow_from": None if grow_from is None else str(grow_from), "lower_layers": lower_layers,
             "unfreeze": unfreeze, "joint_exit": joint_exit,
-            "exit_weight": exit_weight if joint_exit is not None else None,
+            "exit_weight": exit_weight if joint_exit is not None and not exit_detach else None,
+            "exit_detach": exit_detach, "exit_share": exit_share if joint_exit is not None else None,
+            "joint_tables": routed,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1), "history": history,
             "by_label": table, "model": model}
@@ -275,6 +301,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
                          "at once, as LayerSkip trains them); --grow-from takes the model below it")
     ap.add_argument("--exit-weight", type=float, default=0.5,
                     help="with --joint-exit: the exit loss's weight, the last layer's 1 minus it (0.5: the mean)")
+    ap.add_argument("--exit-detach", action="store_true",
+                    help="with --joint-exit: the exit head reads a detached hidden state and the last layer's loss "
+                         "weighs 1, so the layers train as the dense model's do (--exit-weight is unused)")
+    ap.add_argument("--exit-share", type=float, default=0.8,
+                    help="with --joint-exit: the share of validation tokens the final routed table stops at the "
+                         "exit (max-prob threshold at that share, calibrated on validation itself)")
     ap.add_argument("--save-model", type=Path, default=None, help="write the trained model's checkpoint here")
     ap.add_argument("overrides", nargs="*")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -293,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                       batch_size=batch, eval_every=a.eval_every, max_minutes=a.max_minutes, seed=a.seed,
                       history_path=hist_path, grow_from=a.grow_from,
                       lower_layers=a.lower_layers, unfreeze=a.unfreeze, joint_exit=a.joint_exit,
-                      exit_weight=a.exit_weight)
+                      exit_weight=a.exit_weight, exit_detach=a.exit_detach, exit_share=a.exit_share)
     model = rec.pop("model")
     if a.save_model is not None:
         a.save_model.parent.mkdir(parents=True, exist_ok=True)

@@ -165,3 +165,57 @@ def test_joint_model_starts_from_the_dense_models_weights(tmp_path, monkeypatch)
     for k, v in dense.items():
         if k.startswith("output_head."):
             assert torch.equal(joint["deep_head." + k[len("output_head."):]], v)
+
+
+def test_detached_exit_leaves_the_layers_the_dense_gradient():
+    """--exit-detach: the loss is the exit's CE + the last layer's; every layer's and the embedding's gradient is
+    the last layer's CE's alone (the dense model's), and the exit head's is the exit CE's."""
+    torch.manual_seed(1)
+    x, y = torch.randint(0, 40, (2, 6)), torch.randint(0, 40, (2, 6))
+    w = torch.ones(2, 6)
+    model = probe.Model(probe.ModelArgs(vocab_size=40, dim=16, num_layers=2, num_heads=2, exits=(1,), deep_head=True))
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
+
+    exit_ce = F.cross_entropy(model(x, layer=1).flatten(0, 1), y.flatten())
+    last_ce = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    got = probe.joint_loss(model, x, y, w, 1, 0.5, detach=True)
+    assert torch.allclose(got, exit_ce + last_ce, atol=1e-6)
+    joint, deep = grads(got), grads(F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+    exit_only = grads(F.cross_entropy(model(x, layer=1).flatten(0, 1), y.flatten()))
+    # with exits=(1,), output_head is the exit's head and deep_head the last layer's (separate heads)
+    trunk = [k for k in joint if not k.startswith("output_head.")]
+    assert any(k.startswith("layers.0.") for k in trunk) and any(k.startswith("deep_head.") for k in trunk)
+    for k in trunk:
+        if deep[k] is None:
+            assert joint[k] is None or not joint[k].any(), k
+        else:
+            assert torch.allclose(joint[k], deep[k], atol=1e-6), k
+    heads = [k for k in joint if k.startswith("output_head.")]
+    assert heads
+    for k in heads:
+        assert torch.allclose(joint[k], exit_only[k], atol=1e-6), k
+    # without detach, the exit's loss reaches layer 0
+    mixed = grads(probe.joint_loss(model, x, y, w, 1, 0.5))
+    assert not torch.allclose(mixed["layers.0.qkv.weight"], 0.5 * deep["layers.0.qkv.weight"], atol=1e-6)
+
+
+def test_joint_record_routes_the_asked_share_by_label(tmp_path):
+    rec = probe.main(["--name", "jd", "--depth", "2", "--joint-exit", "1", "--exit-detach", "--loss", "all",
+                      "--steps", "3", "--warmup", "1", "--eval-every", "3", "--batch-size", "4", "--exit-share", "0.7",
+                      "--out", str(tmp_path / "a"), "--", *TINY, f"data.cache_dir={tmp_path / 'cache'}"])
+    t = rec["joint_tables"]
+    assert rec["exit_detach"] is True and rec["exit_weight"] is None and rec["exit_share"] == 0.7
+    routed, ex, deep = t["routed"], t["exit"], t["deep"]
+    n = routed["all"]["n_tokens"]
+    assert n == ex["all"]["n_tokens"] == deep["all"]["n_tokens"]
+    # to a whole token below, ties at the threshold may add a few
+    assert 0.7 - 1 / n <= routed["all"]["exit_share"] <= 0.7 + 5 / n
+    for name, row in routed.items():  # a routed token is the exit's or the last layer's: between the two
+        assert min(ex[name]["correct"], deep[name]["correct"]) <= row["correct"] <= ex[name]["correct"] + deep[name]["correct"]
+    assert sum(r["n_exit"] for k, r in routed.items() if k != "all") == routed["all"]["n_exit"]
+    saved = json.loads((tmp_path / "a" / "jd.json").read_text())
+    assert saved["joint_tables"]["routed"]["all"]["n_exit"] == routed["all"]["n_exit"]
