@@ -53,7 +53,7 @@ from lego.cli import to_config
 from lego.config import IGNORE_INDEX, resolve
 from lego.cost import dense_training_macs
 from lego.data import load_corpus
-from lego.labels import label_table, labelled_tokens
+from lego.labels import fit_probe, label_table, labelled_tokens, oracle_by_label, router_summary, solved_hops
 from lego.model import Model, ModelArgs
 from lego.pipeline.compute import cost_shape
 from lego.pipeline.train import make_optimizer
@@ -99,17 +99,33 @@ def joint_loss(model: Model, inputs: torch.Tensor, targets: torch.Tensor, weight
 
 
 def routed_tables(model: Model, loader, exit_layer: int, share: float) -> Dict[str, dict]:
-    """A joint model's per-label tables on `loader`: at its exit ('exit'), at its last layer ('deep'), and routed by
-    the exit's max-prob at a threshold that stops `share` of the tokens there ('routed', with the exit share per
-    label; the upper layer sees every token, upper_context=full), and that threshold."""
-    tok = labelled_tokens(model, loader, "cpu", exit_layer=exit_layer, progress=False)
+    """A joint model's routers at `share` of the tokens stopped at its exit, each chosen on the first half of
+    `loader`'s tokens and reported on the second (`lego.labels.router_summary`: acc, ppl, per-label table with
+    the exit share, `truth`): 'max_prob' (the exit's confidence, as ASHEM calibrates it), 'learned' (a logistic
+    probe on the exit's hidden state that predicts the last layer's lower NLL, `lego.labels.fit_probe`),
+    'oracle_by_label' (every token exits but the answers deeper than the exit solves, `oracle_by_label`) and
+    'oracle' (the tokens the last layer gains least on exit: no router does better at this share). Also 'exit' and
+    'deep' on the second half (every token at the exit, or at the last layer), and each router's 'threshold'."""
+    tok = labelled_tokens(model, loader, "cpu", exit_layer=exit_layer, hidden=True, progress=False)
     model.train()
-    threshold = share_threshold(tok["conf"], share)
-    stop = tok["conf"] >= threshold
-    return {"threshold": threshold, "exit": label_table(tok["label"], tok["nll_exit"], tok["ok_exit"]),
-            "deep": label_table(tok["label"], tok["nll_deep"], tok["ok_deep"]),
-            "routed": label_table(tok["label"], torch.where(stop, tok["nll_exit"], tok["nll_deep"]),
-                                  torch.where(stop, tok["ok_exit"], tok["ok_deep"]), stop)}
+    n = tok["label"].numel()
+    first, second = {k: v[: n // 2] for k, v in tok.items()}, {k: v[n // 2:] for k, v in tok.items()}
+    first_exit = label_table(first["label"], first["nll_exit"], first["ok_exit"])
+    first_deep = label_table(first["label"], first["nll_deep"], first["ok_deep"])
+    probe = fit_probe(first["hidden"], first["nll_deep"] < first["nll_exit"])
+    gain = second["nll_exit"] - second["nll_deep"]
+    thresholds = {"max_prob": share_threshold(first["conf"], share),
+                  "learned": share_threshold(probe(first["hidden"]), share)}
+    stops = {"max_prob": second["conf"] >= thresholds["max_prob"],
+             "learned": probe(second["hidden"]) >= thresholds["learned"],
+             "oracle_by_label": oracle_by_label(second["label"], solved_hops(first_exit, first_deep)),
+             "oracle": -gain >= share_threshold(-gain, share)}
+    every = dict(exit_layer=exit_layer, num_layers=model.num_layers)
+    out = {name: {**router_summary(second, stop, **every), "threshold": thresholds.get(name)}
+           for name, stop in stops.items()}
+    out["exit"] = label_table(second["label"], second["nll_exit"], second["ok_exit"])
+    out["deep"] = label_table(second["label"], second["nll_deep"], second["ok_deep"])
+    return out
 
 
 def hop_accuracies(table: Dict[str, dict]) -> Dict[str, float]:
@@ -175,6 +191,10 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
             model.requires_grad_(True)
     model.train()
     opt = make_optimizer(model, lr, weight_decay, torch.device("cpu"))
+    params = list(model.parameters())
+    exit_head = set(map(id, model.output_head.parameters())) if joint_exit is not None and exit_detach else set()
+    clip_groups = [g for g in ([p for p in params if id(p) not in exit_head], [p for p in params if id(p) in exit_head])
+                   if g]
     T = cfg.data.seq_len
     train = make_loader(corpus.train, T, batch_size, shuffle=True, seed=seed, drop_last=True,
                         labels=corpus.labels["train"])
@@ -224,8 +244,9 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
                 value = joint_loss(model, inputs, targets, w, joint_exit, exit_weight, exit_detach)
             opt.zero_grad(set_to_none=True)
             value.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if grad_clip:  # a detached exit head is clipped on its own: the layers' update is the dense model's
+                for group in clip_groups:
+                    torch.nn.utils.clip_grad_norm_(group, grad_clip)
             opt.step()
             losses.append(float(value.detach()))
             step += 1

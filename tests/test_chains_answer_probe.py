@@ -1,6 +1,7 @@
 """scripts/chains_answer_probe.py: the answer-only and weighted losses, and a few steps of the probe end to end."""
 
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -204,18 +205,56 @@ def test_detached_exit_leaves_the_layers_the_dense_gradient():
 
 
 def test_joint_record_routes_the_asked_share_by_label(tmp_path):
+    """The joint record's routers, chosen on the first half of validation and reported on the second: each stops
+    about the asked share (the oracle by label: exactly the labelled share), its tokens are the exit's or the last
+    layer's, per-label rows add up, and the per-token oracle is no worse than any router at its share."""
     rec = probe.main(["--name", "jd", "--depth", "2", "--joint-exit", "1", "--exit-detach", "--loss", "all",
                       "--steps", "3", "--warmup", "1", "--eval-every", "3", "--batch-size", "4", "--exit-share", "0.7",
                       "--out", str(tmp_path / "a"), "--", *TINY, f"data.cache_dir={tmp_path / 'cache'}"])
     t = rec["joint_tables"]
     assert rec["exit_detach"] is True and rec["exit_weight"] is None and rec["exit_share"] == 0.7
-    routed, ex, deep = t["routed"], t["exit"], t["deep"]
-    n = routed["all"]["n_tokens"]
-    assert n == ex["all"]["n_tokens"] == deep["all"]["n_tokens"]
-    # to a whole token below, ties at the threshold may add a few
-    assert 0.7 - 1 / n <= routed["all"]["exit_share"] <= 0.7 + 5 / n
-    for name, row in routed.items():  # a routed token is the exit's or the last layer's: between the two
-        assert min(ex[name]["correct"], deep[name]["correct"]) <= row["correct"] <= ex[name]["correct"] + deep[name]["correct"]
-    assert sum(r["n_exit"] for k, r in routed.items() if k != "all") == routed["all"]["n_exit"]
+    ex, deep = t["exit"], t["deep"]
+    n = ex["all"]["n_tokens"]
+    assert n == deep["all"]["n_tokens"]
+    for name in ("max_prob", "learned", "oracle", "oracle_by_label"):
+        r = t[name]
+        rows = r["by_label"]
+        assert r["n_tokens"] == n and rows["all"]["n_tokens"] == n
+        assert sum(v["n_exit"] for k, v in rows.items() if k != "all") == rows["all"]["n_exit"]
+        assert r["shallow_ratio"] == rows["all"]["exit_share"]
+        for label, row in rows.items():  # a routed token is the exit's or the last layer's
+            assert min(ex[label]["correct"], deep[label]["correct"]) <= row["correct"] \
+                <= ex[label]["correct"] + deep[label]["correct"]
+    assert abs(t["oracle"]["shallow_ratio"] - 0.7) <= 5 / n  # calibrated on these tokens: to a token or a tie
+    answers = sum(v["n_tokens"] for k, v in t["oracle_by_label"]["by_label"].items() if k.endswith("hops"))
+    assert t["oracle_by_label"]["shallow_ratio"] >= 1 - answers / n  # only answers are sent up
+    oracle_nll = math.log(t["oracle"]["ppl"])
+    for name in ("max_prob", "learned"):  # no router at or below the oracle's exit share beats it
+        if t[name]["shallow_ratio"] >= t["oracle"]["shallow_ratio"]:
+            assert oracle_nll <= math.log(t[name]["ppl"]) + 1e-9
     saved = json.loads((tmp_path / "a" / "jd.json").read_text())
-    assert saved["joint_tables"]["routed"]["all"]["n_exit"] == routed["all"]["n_exit"]
+    assert saved["joint_tables"]["max_prob"]["by_label"] == json.loads(json.dumps(t["max_prob"]["by_label"]))
+
+
+def test_detached_exit_trains_the_layers_as_the_dense_model(tmp_path, monkeypatch):
+    """--exit-detach from the dense model's start, on its batches: after a few clipped steps the layers, the
+    embedding and the last layer's head are the dense model's (the exit head is clipped on its own), while the
+    exit head has moved away from its start."""
+    ends = {}
+    real = probe.train_probe
+
+    def spy(cfg, corpus, **kw):
+        rec = real(cfg, corpus, **kw)
+        ends[kw.get("joint_exit")] = {k: v.clone() for k, v in rec["model"].state_dict().items()}
+        return rec
+
+    monkeypatch.setattr(probe, "train_probe", spy)
+    common = ["--depth", "2", "--loss", "all", "--steps", "4", "--warmup", "1", "--eval-every", "4", "--batch-size",
+              "4", "--seed", "5", "--", *TINY, f"data.cache_dir={tmp_path / 'cache'}", "phase1.grad_clip=0.01"]
+    probe.main(["--name", "dense", "--out", str(tmp_path / "a"), *common])
+    probe.main(["--name", "jd", "--joint-exit", "1", "--exit-detach", "--out", str(tmp_path / "b"), *common])
+    dense, joint = ends[None], ends[1]
+    for k, v in dense.items():
+        other = joint["deep_head." + k[len("output_head."):]] if k.startswith("output_head.") else joint[k]
+        assert torch.allclose(other, v, atol=1e-6), k
+    assert not torch.allclose(joint["output_head.proj.weight"], dense["output_head.proj.weight"], atol=1e-4)
