@@ -61,6 +61,7 @@ from lego.schedule import lr_factor
 
 CONF = Path(__file__).resolve().parents[1] / "lego" / "conf"
 LOSSES = ("all", "answers", "weighted")
+CURVE_SHARES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # exit shares of the routers' curves in a joint record
 
 
 def token_weights(labels: torch.Tensor, targets: torch.Tensor, loss: str, answer_weight: float) -> torch.Tensor:
@@ -123,6 +124,12 @@ def routed_tables(model: Model, loader, exit_layer: int, share: float) -> Dict[s
     every = dict(exit_layer=exit_layer, num_layers=model.num_layers)
     out = {name: {**router_summary(second, stop, **every), "threshold": thresholds.get(name)}
            for name, stop in stops.items()}
+    # each router over exit shares (chosen on the first half as above; the oracle on the second half itself)
+    scores = {"max_prob": (first["conf"], second["conf"]), "learned": (probe(first["hidden"]), probe(second["hidden"])),
+              "oracle": (-gain, -gain)}
+    out["curves"] = {name: [{"share": s, **{k: v for k, v in router_summary(
+        second, b >= share_threshold(a, s), **every).items() if k in ("ppl", "acc", "shallow_ratio")}}
+        for s in CURVE_SHARES] for name, (a, b) in scores.items()}
     out["exit"] = label_table(second["label"], second["nll_exit"], second["ok_exit"])
     out["deep"] = label_table(second["label"], second["nll_deep"], second["ok_deep"])
     return out
@@ -302,7 +309,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--answer-weight", type=float, default=10.0)
     ap.add_argument("--lr", type=float, default=None, help="default: phase1.lr")
     ap.add_argument("--weight-decay", type=float, default=None, help="default: phase1.weight_decay")
-    ap.add_argument("--steps", type=int, required=True, help="the cosine's budget of optimizer steps")
+    ap.add_argument("--steps", type=int, default=None, help="the cosine's budget of optimizer steps (required but "
+                                                            "with --tables-from)")
     ap.add_argument("--warmup", type=int, default=None, help="default: phase1.warmup_steps")
     ap.add_argument("--min-lr-ratio", type=float, default=None, help="default: phase1.min_lr_ratio")
     ap.add_argument("--batch-size", type=int, default=None, help="default: data.batch_size")
@@ -328,13 +336,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--exit-share", type=float, default=0.8,
                     help="with --joint-exit: the share of validation tokens the final routed table stops at the "
                          "exit (max-prob threshold at that share, calibrated on validation itself)")
+    ap.add_argument("--tables-from", type=Path, default=None,
+                    help="no training: a --joint-exit model saved with --save-model, scored as a joint record's "
+                         "joint_tables (the routers, at --exit-share and over shares) into <out>/<name>.json")
     ap.add_argument("--save-model", type=Path, default=None, help="write the trained model's checkpoint here")
     ap.add_argument("overrides", nargs="*")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
+    if a.steps is None and a.tables_from is None:
+        ap.error("--steps is required (but with --tables-from)")
     torch.set_num_threads(a.threads)
     cfg = compose_config(a.overrides)
     corpus = load_corpus(cfg.data)
+    if a.tables_from is not None:
+        return tables_record(a, argv, cfg, corpus)
     p1 = cfg.phase1
     batch = a.batch_size or cfg.data.batch_size
     hist_path = a.out / "histories" / f"{a.name}.jsonl"
@@ -365,6 +380,24 @@ def main(argv: Optional[List[str]] = None) -> dict:
     print(f"{a.name}: {rec['steps']} steps ({rec['stopped_by']}), {rec['wall_s']:.0f} s; final {s['final_acc']}; "
           f"best {s['best_acc']} at step {s['best_step']}; 1-hop > 0.9 first at {s['first_step_1hop_over_0.9']}",
           flush=True)
+    return record
+
+
+def tables_record(a, argv: List[str], cfg, corpus) -> dict:
+    """--tables-from: the saved joint model's routers on the validation split, written to <out>/<name>.json."""
+    state = load_checkpoint(a.tables_from, what="--tables-from")
+    model = Model(ModelArgs(**stored_args(state["model_args"])))
+    model.load_state_dict(state["state_dict"])
+    if len(model.exit_layers) != 1:
+        raise ValueError(f"--tables-from {a.tables_from}: exits {list(model.exit_layers)}; a model with one exit "
+                         f"(--joint-exit) is needed")
+    val = make_loader(corpus.validation, cfg.data.seq_len, cfg.data.eval_batch_size, shuffle=False, seed=0,
+                      labels=corpus.labels["validation"])
+    record = {"name": a.name, "overrides": a.overrides, "argv": argv, "tables_from": str(a.tables_from),
+              "exit_share": a.exit_share,
+              "joint_tables": routed_tables(model, val, model.exit_layers[0], a.exit_share)}
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"{a.name}.json").write_text(json.dumps(record, indent=1, default=str))
     return record
 
 

@@ -234,6 +234,32 @@ def test_joint_record_routes_the_asked_share_by_label(tmp_path):
             assert oracle_nll <= math.log(t[name]["ppl"]) + 1e-9
     saved = json.loads((tmp_path / "a" / "jd.json").read_text())
     assert saved["joint_tables"]["max_prob"]["by_label"] == json.loads(json.dumps(t["max_prob"]["by_label"]))
+    curves = t["curves"]
+    assert [p["share"] for p in curves["oracle"]] == list(probe.CURVE_SHARES)
+    for p in curves["oracle"]:  # the per-token oracle at each share is no worse than max-prob at that share
+        q = next(q for q in curves["max_prob"] if q["share"] == p["share"])
+        if q["shallow_ratio"] >= p["shallow_ratio"]:
+            assert p["ppl"] <= q["ppl"] * (1 + 1e-9)
+    oracle_ppl = [p["ppl"] for p in curves["oracle"]]
+    assert oracle_ppl == sorted(oracle_ppl)  # the more tokens exit, the worse the best router does
+
+
+def test_tables_from_scores_a_saved_joint_model_without_training(tmp_path):
+    saved = tmp_path / "joint.pt"
+    common = ["--depth", "2", "--joint-exit", "1", "--steps", "2", "--warmup", "1", "--eval-every", "2",
+              "--batch-size", "4", "--exit-detach", "--", *TINY, f"data.cache_dir={tmp_path / 'cache'}"]
+    trained = probe.main(["--name", "jd", "--save-model", str(saved), "--out", str(tmp_path / "a"), *common])
+    again = probe.main(["--name", "jd_tables", "--tables-from", str(saved), "--out", str(tmp_path / "b"), *common])
+    assert again["joint_tables"]["max_prob"] == trained["joint_tables"]["max_prob"]
+    assert json.loads((tmp_path / "b" / "jd_tables.json").read_text())["tables_from"] == str(saved)
+    dense = tmp_path / "dense.pt"
+    probe.main(["--name", "d", "--depth", "2", "--steps", "1", "--eval-every", "1", "--batch-size", "4", "--save-model",
+                str(dense), "--out", str(tmp_path / "c"), "--", *TINY, f"data.cache_dir={tmp_path / 'cache'}"])
+    import pytest
+
+    with pytest.raises(ValueError, match="a model with one exit"):
+        probe.main(["--name", "x", "--tables-from", str(dense), "--out", str(tmp_path / "d"), "--", *TINY,
+                    f"data.cache_dir={tmp_path / 'cache'}"])
 
 
 def test_detached_exit_trains_the_layers_as_the_dense_model(tmp_path, monkeypatch):
