@@ -3,6 +3,7 @@ interrupted between two validations resumes from its last step checkpoint and en
 best weights are copied into the same host buffers at every improvement."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,18 @@ def test_a_run_killed_between_validations_resumes_from_its_step_checkpoint(tmp_p
     a = torch.load(tmp_path / "clean/phase1/model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut/phase1/model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("ref", ["quick", "learned_router", "lego_study_chains/jobs/0_+variant=spec,seed=1"])
+def test_committed_runs_keep_their_science_config(ref):
+    """A key added at its default leaves the science config (the run-dir claim, the stage caches' keys) as it was:
+    each committed reference run's recorded science_config is what this code computes from its resolved config."""
+    from omegaconf import OmegaConf
+
+    from lego.cli import to_config
+    from lego.config import ASHEMConfig
+
+    root = Path(__file__).resolve().parents[1] / "outputs" / "reference" / ref
+    recorded = json.loads((root / "run.json").read_text())["science_config"]
+    cfg = to_config(OmegaConf.merge(OmegaConf.structured(ASHEMConfig), OmegaConf.load(root / "config_resolved.yaml")))
+    assert science_config(cfg) == recorded

@@ -61,6 +61,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
         d["hard_examples"].pop("store_dtype")
     if not d["eval"]["learned_router"]:
         d["eval"].pop("learned_router")
+    if d["eval"]["baseline_tolerance"] == 0:  # the default: exactly the budget's steps
+        d["eval"].pop("baseline_tolerance")
     if d["phase2"].get("loss_tokens") != "weighted":
         d["phase2"].pop("easy_weight")
     if d["phase2"].get("lower") != "finetune":
