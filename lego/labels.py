@@ -155,6 +155,21 @@ def fit_probe(hidden: torch.Tensor, deep_wins: torch.Tensor, *, l2: float = 1e-3
     return RouterProbe(mean, scale, w.detach(), float(b.detach()))
 
 
+def fit_gain_probe(hidden: torch.Tensor, gain: torch.Tensor, *, l2: float = 1e-3) -> RouterProbe:
+    """Ridge regression of `gain` (N,), what the last layer saves on a token (nll_exit - nll_deep), on
+    standardised `hidden` (N, C), in closed form in float64 (`l2` x N on the weights, none on the intercept):
+    the router scores a token by its negated predicted gain, so the tokens the last layer helps most go up first
+    and those no depth helps (a gain near 0, however uncertain the exit) stay. Same probe as `fit_probe`."""
+    x = hidden.double()
+    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+    z, y = (x - mean) / scale, gain.double()
+    n, c = z.shape
+    zc, yc = z - z.mean(0), y - y.mean()  # centred: the intercept is the mean gain at the mean state
+    w = torch.linalg.solve(zc.T @ zc + l2 * n * torch.eye(c, dtype=torch.float64), zc.T @ yc)
+    b = float(y.mean() - z.mean(0) @ w)
+    return RouterProbe(mean, scale, w, b)
+
+
 def learned_threshold(conf: torch.Tensor, hard_ratio: float) -> float:
     """The threshold that sends the share `hard_ratio` of `conf` up, as calibration does (`exact_quantile`)."""
     return exact_quantile(conf, hard_ratio)

@@ -53,7 +53,7 @@ from lego.cli import to_config
 from lego.config import IGNORE_INDEX, resolve
 from lego.cost import dense_training_macs
 from lego.data import load_corpus
-from lego.labels import fit_probe, label_table, labelled_tokens, oracle_by_label, router_summary, solved_hops
+from lego.labels import fit_gain_probe, fit_probe, label_table, labelled_tokens, oracle_by_label, router_summary, solved_hops
 from lego.model import Model, ModelArgs
 from lego.pipeline.compute import cost_shape
 from lego.pipeline.train import make_optimizer
@@ -104,6 +104,7 @@ def routed_tables(model: Model, loader, exit_layer: int, share: float) -> Dict[s
     `loader`'s tokens and reported on the second (`lego.labels.router_summary`: acc, ppl, per-label table with
     the exit share, `truth`): 'max_prob' (the exit's confidence, as ASHEM calibrates it), 'learned' (a logistic
     probe on the exit's hidden state that predicts the last layer's lower NLL, `lego.labels.fit_probe`),
+    'learned_gain' (a ridge probe that predicts by how much, `lego.labels.fit_gain_probe`),
     'oracle_by_label' (every token exits but the answers deeper than the exit solves, `oracle_by_label`) and
     'oracle' (the tokens the last layer gains least on exit: no router does better at this share). Also 'exit' and
     'deep' on the second half (every token at the exit, or at the last layer), and each router's 'threshold'."""
@@ -114,11 +115,14 @@ def routed_tables(model: Model, loader, exit_layer: int, share: float) -> Dict[s
     first_exit = label_table(first["label"], first["nll_exit"], first["ok_exit"])
     first_deep = label_table(first["label"], first["nll_deep"], first["ok_deep"])
     probe = fit_probe(first["hidden"], first["nll_deep"] < first["nll_exit"])
+    regress = fit_gain_probe(first["hidden"], first["nll_exit"] - first["nll_deep"])
     gain = second["nll_exit"] - second["nll_deep"]
     thresholds = {"max_prob": share_threshold(first["conf"], share),
-                  "learned": share_threshold(probe(first["hidden"]), share)}
+                  "learned": share_threshold(probe(first["hidden"]), share),
+                  "learned_gain": share_threshold(regress(first["hidden"]), share)}
     stops = {"max_prob": second["conf"] >= thresholds["max_prob"],
              "learned": probe(second["hidden"]) >= thresholds["learned"],
+             "learned_gain": regress(second["hidden"]) >= thresholds["learned_gain"],
              "oracle_by_label": oracle_by_label(second["label"], solved_hops(first_exit, first_deep)),
              "oracle": -gain >= share_threshold(-gain, share)}
     every = dict(exit_layer=exit_layer, num_layers=model.num_layers)
@@ -126,7 +130,7 @@ def routed_tables(model: Model, loader, exit_layer: int, share: float) -> Dict[s
            for name, stop in stops.items()}
     # each router over exit shares (chosen on the first half as above; the oracle on the second half itself)
     scores = {"max_prob": (first["conf"], second["conf"]), "learned": (probe(first["hidden"]), probe(second["hidden"])),
-              "oracle": (-gain, -gain)}
+              "learned_gain": (regress(first["hidden"]), regress(second["hidden"])), "oracle": (-gain, -gain)}
     out["curves"] = {name: [{"share": s, **{k: v for k, v in router_summary(
         second, b >= share_threshold(a, s), **every).items() if k in ("ppl", "acc", "shallow_ratio")}}
         for s in CURVE_SHARES] for name, (a, b) in scores.items()}

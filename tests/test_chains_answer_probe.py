@@ -216,7 +216,7 @@ def test_joint_record_routes_the_asked_share_by_label(tmp_path):
     ex, deep = t["exit"], t["deep"]
     n = ex["all"]["n_tokens"]
     assert n == deep["all"]["n_tokens"]
-    for name in ("max_prob", "learned", "oracle", "oracle_by_label"):
+    for name in ("max_prob", "learned", "learned_gain", "oracle", "oracle_by_label"):
         r = t[name]
         rows = r["by_label"]
         assert r["n_tokens"] == n and rows["all"]["n_tokens"] == n
@@ -229,7 +229,7 @@ def test_joint_record_routes_the_asked_share_by_label(tmp_path):
     answers = sum(v["n_tokens"] for k, v in t["oracle_by_label"]["by_label"].items() if k.endswith("hops"))
     assert t["oracle_by_label"]["shallow_ratio"] >= 1 - answers / n  # only answers are sent up
     oracle_nll = math.log(t["oracle"]["ppl"])
-    for name in ("max_prob", "learned"):  # no router at or below the oracle's exit share beats it
+    for name in ("max_prob", "learned", "learned_gain"):  # no router at or below the oracle's exit share beats it
         if t[name]["shallow_ratio"] >= t["oracle"]["shallow_ratio"]:
             assert oracle_nll <= math.log(t[name]["ppl"]) + 1e-9
     saved = json.loads((tmp_path / "a" / "jd.json").read_text())

@@ -139,12 +139,12 @@ def test_learned_probe_separates_a_linear_target():
     assert ((conf < 0) == y).double().mean() > 0.97  # confidence is the negated logit of 'deep wins'
 
 
-@pytest.mark.parametrize("policy", ["full", "propagate"])
-def test_a_chains_run_reports_by_label(tmp_path, policy):
+@pytest.mark.parametrize("policy,target", [("full", "wins"), ("propagate", "gain")])
+def test_a_chains_run_reports_by_label(tmp_path, policy, target):
     from lego.run import run
 
     cfg = tiny_config(tmp_path / "cache", **{"data.name": "chains", "data.max_train_tokens": None,
-                                            "phase2.upper_context": policy,
+                                            "phase2.upper_context": policy, "eval.learned_router_target": target,
                                             "data.chains": ChainsConfig(train_lines=600, eval_lines=120),
                                             "eval.learned_router": True, "num_threads": 1,
                                             "stages": ["phase1", "hard_examples", "phase2", "eval", "generate"]})
@@ -162,6 +162,7 @@ def test_a_chains_run_reports_by_label(tmp_path, policy):
     learned = s["routers"]["learned"]  # the asked exit share on validation, up to ties at the threshold
     assert abs(learned["validation_shallow_ratio"] - 0.5) <= learned["validation_tie_share"] + 1 / learned["validation_tokens"]
     assert learned["validation_tie_share"] < 0.05
+    assert learned["target"] == {"wins": "nll_deep < nll_exit", "gain": "nll_exit - nll_deep (ridge)"}[target]
     live = learned["live"]  # Trainer.evaluate with it: the labelled routed pass's numbers, under every policy
     assert live["upper_context"] == metrics["upper_context"] == policy
     assert live["shallow_ratio"] == learned["shallow_ratio"] and math.isclose(live["ppl"], learned["ppl"], rel_tol=1e-5)
@@ -195,3 +196,41 @@ def test_report_section_without_labels_and_its_rewrite(tmp_path):
     write_section(path, text)
     write_section(path, text)  # an eval rerun replaces the section
     assert path.read_text().count("## Routing by label") == 1 and path.read_text().startswith("# Evaluation analysis")
+
+
+def test_gain_probe_recovers_a_linear_gain_and_ranks_by_it():
+    """eval.learned_router_target=gain: ridge regression of nll_exit - nll_deep on the state; on an exactly linear
+    gain it predicts it (small ridge), and the router's score is the negated prediction, so the tokens the last
+    layer helps most are the least confident; the threshold gives the asked share as for the logistic probe."""
+    from lego.labels import fit_gain_probe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 8, generator=g) * 2 + 3
+    gain = 0.7 * x[:, 1] - 0.2 * x[:, 4] + 0.5
+    probe = fit_gain_probe(x, gain, l2=1e-8)
+    assert torch.allclose(-probe(x), gain, atol=1e-3)
+    again = fit_gain_probe(x, gain, l2=1e-8)
+    assert torch.equal(probe.weight, again.weight) and probe.bias == again.bias
+    conf = probe(x)
+    thr = learned_threshold(conf, 0.2)  # send up the 20% with the largest gain
+    up = conf < thr
+    assert abs(float(up.double().mean()) - 0.2) <= 1 / x.shape[0]
+    assert gain[up].min() >= gain[~up].max() - 1e-3
+    # the ridge shrinks: a large l2 pulls every prediction towards the mean gain
+    flat = fit_gain_probe(x, gain, l2=1e3)
+    assert (-flat(x)).std() < 0.1 * gain.std() and abs(float(-flat(x).mean()) - float(gain.mean())) < 1e-3
+
+
+def test_learned_router_target_is_checked_and_recorded(tmp_path):
+    from lego.config import ConfigError, validate
+    from lego.pipeline.science import science_config
+
+    cfg = tiny_config(tmp_path, **{"eval.learned_router_target": "loss"})
+    with pytest.raises(ConfigError, match="eval.learned_router_target='loss' is not allowed; choose one of wins, gain"):
+        validate(cfg)
+    cfg.eval.learned_router_target = "gain"
+    assert "learned_router_target" not in science_config(cfg)["eval"]  # no learned router: unused
+    cfg.eval.learned_router = True
+    assert science_config(cfg)["eval"]["learned_router_target"] == "gain"
+    cfg.eval.learned_router_target = "wins"
+    assert "learned_router_target" not in science_config(cfg)["eval"]  # the default

@@ -8,8 +8,9 @@ from typing import Any, Dict, List
 
 from lego.config.data import validate_data_config
 from lego.config.groups import ASHEMConfig, check_logger, check_model, check_optimizer, validate_generate
-from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE_MEASURES, LOSS_TOKENS, LOWERS,
-                                OBJECTIVES, PHASE2_INITS, PRECISIONS, STAGES, STORE_DTYPES, STORES, UPPER_CONTEXTS,
+from lego.config.values import (BASELINE_BUDGETS, CALIBRATION_SPLITS, CONFIDENCE_MEASURES, LEARNED_TARGETS,
+                                LOSS_TOKENS, LOWERS, OBJECTIVES, PHASE2_INITS, PRECISIONS, STAGES, STORE_DTYPES,
+                                STORES, UPPER_CONTEXTS,
                                 ConfigError, check_choice, check_non_negative, check_positive, check_ratio)
 
 
@@ -97,6 +98,7 @@ def validate(cfg: ASHEMConfig) -> None:
         raise ConfigError("eval.split=validation scores on the split the threshold was calibrated on and phase 2 "
                           "is validated on; add eval.allow_validation_split=true to do it anyway")
     check_choice("eval.baseline_budget", cfg.eval.baseline_budget, BASELINE_BUDGETS)
+    check_choice("eval.learned_router_target", cfg.eval.learned_router_target, LEARNED_TARGETS)
     tol = cfg.eval.baseline_tolerance
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 <= tol <= 0.01:
         raise ConfigError(f"eval.baseline_tolerance={tol!r} must be a number in [0, 0.01] (a fraction of the dense "

@@ -183,6 +183,9 @@ class EvalConfig:
     # true | false: also fit a logistic probe on the exit's hidden state (validation) that predicts whether the last
     # layer beats the exit, route on it at hard_example_ratio, and report it in metrics.json by_label (lego.labels)
     learned_router: bool = False
+    # what the learned router's probe predicts: wins (logistic: does the last layer beat the exit, CALM's "meta") |
+    # gain (ridge: by how much, nll_exit - nll_deep: tokens no depth helps stay at the exit)
+    learned_router_target: str = "wins"
 
 
 @dataclass

@@ -25,6 +25,7 @@ SCHEDULES = ("constant", "cosine")  # learning-rate schedules (lego.schedule)
 BASELINE_BUDGETS = ("matched", "steps", "phase1")  # training budget of the dense baselines
 PHASE2_INITS = ("random", "copy")  # how the new upper layers start (lego.model.grow)
 LOSS_TOKENS = ("hard", "all", "weighted")  # which positions phase 2's deep-exit loss counts
+LEARNED_TARGETS = ("wins", "gain")  # eval.learned_router_target: what the router's probe predicts
 LOWERS = ("frozen", "finetune")  # whether Block 1 keeps training in phase 2
 DATA_NAMES = ("shakespeare", "kjv", "wikitext2", "wikitext103", "hf", "text_files", "chains", "shards")
 TOKENIZERS = ("bpe", "bytes", "pretrained")

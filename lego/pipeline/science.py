@@ -59,6 +59,8 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
             d[phase].pop(key)
     if d["hard_examples"]["store_dtype"] == "float32":
         d["hard_examples"].pop("store_dtype")
+    if not d["eval"]["learned_router"] or d["eval"]["learned_router_target"] == "wins":  # unused, or the default
+        d["eval"].pop("learned_router_target")
     if not d["eval"]["learned_router"]:
         d["eval"].pop("learned_router")
     if d["eval"]["baseline_tolerance"] == 0:  # the default: exactly the budget's steps

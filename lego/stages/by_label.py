@@ -18,8 +18,8 @@ from lego.config import ASHEMConfig, Routing, StageConfig, TrainingConfig, block
 from lego.cost import routed_macs
 from lego.data import Corpus
 from lego.label_report import plot, section, write_section
-from lego.labels import (SOLVED_TOLERANCE, fit_probe, label_table, labelled_tokens, learned_threshold, oracle_by_label,
-                         router_summary, solved_hops)
+from lego.labels import (SOLVED_TOLERANCE, fit_gain_probe, fit_probe, label_table, labelled_tokens,
+                         learned_threshold, oracle_by_label, router_summary, solved_hops)
 from lego.model import Model
 from lego.report import read_csv
 from lego.training import Trainer
@@ -97,7 +97,9 @@ def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: Model,
                                                "solved_hops": k, "tolerance": SOLVED_TOLERANCE,
                                                "chosen_on": "validation"}
         if learned:
-            probe = fit_probe(val["hidden"], val["nll_deep"] < val["nll_exit"])
+            gain = cfg.eval.learned_router_target == "gain"
+            probe = (fit_gain_probe(val["hidden"], val["nll_exit"] - val["nll_deep"]) if gain
+                     else fit_probe(val["hidden"], val["nll_deep"] < val["nll_exit"]))
             val_conf = probe(val["hidden"])
             thr = learned_threshold(val_conf, cfg.hard_example_ratio)
             s["routers"]["learned"] = {**router_summary(tokens(model2, split, exit_layer=exit_layer,
@@ -108,7 +110,7 @@ def stage_by_label(cfg: ASHEMConfig, corpus: Corpus, model1: Model,
                                        # tokens whose score equals the threshold: the exact quantile holds up to them
                                        "validation_tie_share": float((val_conf == thr).double().mean()),
                                        "validation_tokens": int(val_conf.numel()),
-                                       "target": "nll_deep < nll_exit"}
+                                       "target": "nll_exit - nll_deep (ridge)" if gain else "nll_deep < nll_exit"}
             out.mkdir(parents=True, exist_ok=True)
             torch.save({"probe": probe.state_dict(), "threshold": thr, "exit_layer": exit_layer},
                        out / "learned_router.pt")  # stage generate decodes with it too
