@@ -136,6 +136,9 @@ def routed_tables(model: Model, loader, exit_layer: int, share: float) -> Dict[s
         for s in CURVE_SHARES] for name, (a, b) in scores.items()}
     out["exit"] = label_table(second["label"], second["nll_exit"], second["ok_exit"])
     out["deep"] = label_table(second["label"], second["nll_deep"], second["ok_deep"])
+    deep_ppl = out["deep"]["all"]["ppl"]  # each router's ppl over the last layer's on the same tokens, in percent
+    for row in [*(out[name] for name in stops), *(p for curve in out["curves"].values() for p in curve)]:
+        row["gap_pct"] = 100 * (row["ppl"] / deep_ppl - 1)
     return out
 
 

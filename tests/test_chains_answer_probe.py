@@ -240,6 +240,8 @@ def test_joint_record_routes_the_asked_share_by_label(tmp_path):
         q = next(q for q in curves["max_prob"] if q["share"] == p["share"])
         if q["shallow_ratio"] >= p["shallow_ratio"]:
             assert p["ppl"] <= q["ppl"] * (1 + 1e-9)
+    for p in curves["learned_gain"]:
+        assert math.isclose(p["gap_pct"], 100 * (p["ppl"] / deep["all"]["ppl"] - 1))
     oracle_ppl = [p["ppl"] for p in curves["oracle"]]
     assert oracle_ppl == sorted(oracle_ppl)  # the more tokens exit, the worse the best router does
 
