@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,7 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
                 tracker: Optional[Tracker] = None, prefix: str = "train", log_every: int = 1,
                 progress_interval_s: float = 30.0, max_steps: Optional[int] = None, grad_accum: int = 1,
                 checkpoint: Optional[Callable[[Callable[[], dict]], None]] = None,
-                resume_within: Optional[dict] = None) -> float:
+                resume_within: Optional[dict] = None, apart: Sequence[torch.nn.Parameter] = ()) -> float:
     """One pass of optimizer steps over `batches`; the mean loss per counted token. Every model trains here.
 
     `loss_sum_fn(model, inputs, targets)` returns (summed loss, counted tokens). A count read on
@@ -86,6 +86,8 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     `checkpoint(partial)` runs after each optimizer step (`fit`); `partial()`, called on every rank, reads the
     epoch's loss sum and count over all ranks. `resume_within` ({"steps", "loss_sum", "count"} from such a
     checkpoint) skips the epoch's first `steps` optimizer steps' batches and starts from those sums.
+    `apart`: parameters clipped to `grad_clip` as a group of their own (a head trained on a detached state beside
+    the model: the others' update is then what it would be without it); grad_norm is the others'.
     """
     if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum={grad_accum!r} must be an integer >= 1")
@@ -98,6 +100,8 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     loss_sum = torch.full((), resume_within["loss_sum"] if carry else 0.0, device=device)
     count = int(resume_within["count"]) if carry else 0  # a host int, or a 0-d device tensor once one is added
     params = [p for p in model.parameters() if p.requires_grad]
+    separate = {id(p) for p in apart}
+    clipped = [p for p in params if id(p) not in separate]  # the group grad_norm reports
     step = distributed.data_parallel(model, loss_sum_fn, device)
     steps = totals.steps if totals is not None else 0  # the training's optimizer steps: the tracker's x axis
     groups = iter(micro_batch_groups(batches, grad_accum))
@@ -121,9 +125,11 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
         logged = tracker is not None and (steps + 1) % log_every == 0
         grad_norm = None
         if grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(clipped, grad_clip)
+            if separate:
+                torch.nn.utils.clip_grad_norm_([p for p in params if id(p) in separate], grad_clip)
         elif logged:  # an infinite max norm scales by exactly 1: the norm without clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(clipped, float("inf"))
         if lr_factor is not None:
             factor = lr_factor(totals.steps if totals is not None else 0)
             for group in optimizer.param_groups:

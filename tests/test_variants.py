@@ -19,7 +19,7 @@ from lego.stages.phase1 import phase1_steps
 from lego.pipeline.science import science_config
 from lego.store import create_hard_example_loader
 
-NEW_KEYS = {"phase1": ("budget_fraction",), "phase2": ("init", "loss_tokens", "easy_weight", "lower",
+NEW_KEYS = {"phase1": ("budget_fraction", "scaffold"), "phase2": ("init", "loss_tokens", "easy_weight", "lower",
                                                        "exit_loss_weight")}
 
 

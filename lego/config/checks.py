@@ -107,6 +107,14 @@ def validate(cfg: ASHEMConfig) -> None:
         if not isinstance(depth, int) or not 1 <= depth <= p2.layers:
             raise ConfigError(f"eval.dense_depths contains {depth!r}; allowed: integers in [1, phase2.layers={p2.layers}]")
     check_ratio("hard_example_ratio", cfg.hard_example_ratio)
+    if p1.scaffold:
+        for key, value, allowed in (("phase2.lower", p2.lower, "frozen"), ("phase2.init", p2.init, "random"),
+                                    ("phase2.deep_head", p2.deep_head, True),
+                                    ("model.exit_head", cfg.model.exit_head, "separate"),
+                                    ("blocks", len(block_layers(cfg)), 2)):
+            if value != allowed:
+                raise ConfigError(f"phase1.scaffold=true trains two Blocks with separate heads, the upper one "
+                                  f"from the scaffold; {key}={value} is not allowed with it: allowed {allowed}")
     if len(block_layers(cfg)) > 2:
         for key, value, default in (("phase2.lower", p2.lower, "frozen"),
                                     ("phase1.budget_fraction", p1.budget_fraction, None)):

@@ -123,6 +123,11 @@ class Phase1Config(OptimizerConfig):
     # of training MACs; phase 1 trains round(budget_fraction x those steps), mining costs what it runs, and phase 2
     # trains the rest to the step (lego.pipeline.upper.rest_of_budget). In (0, 1); None: each phase its own budget.
     budget_fraction: Optional[float] = None
+    # true | false: train Block 1 inside a scaffold of the full depth (lego.pipeline.scaffold): the phase2.layers-layer
+    # model on every token with the loss at its last layer, Block 1's exit head beside it on a detached hidden state
+    # (the layers learn what the upper layers need, not what a shallow model predicts); phase 1's budget is counted
+    # in multiply-adds, and phase 2's upper Block starts from the scaffold's upper layers and head
+    scaffold: bool = False
 
 
 @dataclass

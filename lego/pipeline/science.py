@@ -52,6 +52,7 @@ def science_config(cfg: ASHEMConfig) -> Dict[str, Any]:
             for key in ("schedule", "warmup_steps", "min_lr_ratio"):
                 d[phase].pop(key)
     for phase, key, default in (("phase1", "budget_fraction", None), ("phase1", "grad_accum", 1),
+                                ("phase1", "scaffold", False),
                                 ("phase2", "grad_accum", 1), ("phase2", "init", "random"),
                                 ("phase2", "loss_tokens", "hard"), ("phase2", "lower", "frozen"),
                                 ("phase2", "capacity_slack", None)):

@@ -68,7 +68,7 @@ def cached_standard(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, num_laye
     if not cfg.phase1.cache or on_disk(out / "model.pt"):
         return train_standard(cfg, corpus, loaders, num_layers, out, device, name, steps, tracker)
     science = science_config(cfg)
-    unkeyed = ("cache", "layers", "budget_fraction", "max_epochs")
+    unkeyed = ("cache", "layers", "budget_fraction", "max_epochs", "scaffold")  # how phase 1 is trained, not this
 
     def key_at(n: int) -> Dict[str, Any]:
         return {"model": science["model"], "data": science["data"],

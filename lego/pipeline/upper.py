@@ -18,6 +18,7 @@ from lego.cost import dense_training_macs, phase2_training_macs, steps_for_macs
 from lego.model import Model
 from lego.pipeline.compute import cost_shape, mining_compute
 from lego.pipeline.mining import hard_loader, hard_ratio
+from lego.pipeline.scaffold import start_from_scaffold
 from lego.pipeline.science import science_config
 from lego.pipeline.setup import Loaders
 from lego.pipeline.train import phase1_budget_steps, train_block
@@ -70,6 +71,8 @@ def train_upper(cfg: ASHEMConfig, below: Model, thresholds: Sequence[float], loa
                            shuffle=False, what=f"{name} validation", exit_layer=exit_layer, below=lower)
     torch.manual_seed(cfg.seed + 1 + len(below.exit_layers))  # Block 2: seed + 1, Block 3: seed + 2, ...
     model = add_block(cfg, below, depth)
+    if cfg.phase1.scaffold:  # the upper Block starts where the scaffold of phase 1 left it
+        start_from_scaffold(model, run_dir / "phase1" / "scaffold.pt")
     shape = cost_shape(cfg, below.vocab_size)
     easy_weight = None if not every else 1.0 if p2.loss_tokens == "all" else p2.easy_weight
 

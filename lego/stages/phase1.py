@@ -1,4 +1,5 @@
-"""Stage `phase1`: Block 1, a `phase1.layers`-layer LM trained on every token (SPEC section 3.1); writes phase1/."""
+"""Stage `phase1`: Block 1, a `phase1.layers`-layer LM trained on every token (SPEC section 3.1), or under
+phase1.scaffold inside the full depth (`lego.pipeline.scaffold`); writes phase1/."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from lego.config import ASHEMConfig
 from lego.model import Model
 from lego.pipeline.results import require
 from lego.pipeline.setup import Loaders, RunContext
+from lego.pipeline.scaffold import cached_scaffold
 from lego.pipeline.standard import cached_standard
 from lego.pipeline.train import phase1_budget_steps
 
@@ -16,6 +18,8 @@ from lego.pipeline.train import phase1_budget_steps
 def run(ctx: RunContext) -> Model:
     """Train (or take from the model cache, or from phase1/) the phase-1 model for `phase1_steps` steps."""
     cfg = ctx.cfg
+    if cfg.phase1.scaffold:  # Block 1 trained inside the full depth (lego.pipeline.scaffold)
+        return cached_scaffold(cfg, ctx.corpus, ctx.loaders, ctx.run_dir / "phase1", ctx.device, ctx.tracker)
     return cached_standard(cfg, ctx.corpus, ctx.loaders, cfg.phase1.layers, ctx.run_dir / "phase1", ctx.device,
                            "phase1", tracker=ctx.tracker, steps=phase1_steps(cfg, ctx.loaders))
 
