@@ -102,6 +102,7 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
     params = [p for p in model.parameters() if p.requires_grad]
     separate = {id(p) for p in apart}
     clipped = [p for p in params if id(p) not in separate]  # the group grad_norm reports
+    apart_group = [p for p in params if id(p) in separate]
     step = distributed.data_parallel(model, loss_sum_fn, device)
     steps = totals.steps if totals is not None else 0  # the training's optimizer steps: the tracker's x axis
     groups = iter(micro_batch_groups(batches, grad_accum))
@@ -126,8 +127,8 @@ def train_epoch(model, batches: Iterable, optimizer, loss_sum_fn: LossSumFn, dev
         grad_norm = None
         if grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(clipped, grad_clip)
-            if separate:
-                torch.nn.utils.clip_grad_norm_([p for p in params if id(p) in separate], grad_clip)
+            if apart_group:
+                torch.nn.utils.clip_grad_norm_(apart_group, grad_clip)
         elif logged:  # an infinite max norm scales by exactly 1: the norm without clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(clipped, float("inf"))
         if lr_factor is not None:

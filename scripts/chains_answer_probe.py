@@ -13,10 +13,11 @@ phase 2 trains it, without hard-example mining; `--lower-layers K` keeps only th
 dense model's lower half as Block 1), `--unfreeze` trains the lower model too. `--joint-exit K` trains a model
 with an exit head at layer K, every exit at once as LayerSkip and EE-LLM train them: the loss is `--exit-weight`
 x the exit's + (1 - it) x the last layer's (0.5: the mean); with `--exit-detach` the exit head is trained on a
-detached hidden state beside a dense model (the layers get the last layer's loss alone). A joint model's record
-holds `joint_tables`: per label at the exit, at the last layer, and routed by the exit's max-prob at
-`--exit-share` of the tokens stopped (validation, the threshold calibrated there too). `--save-model` keeps the trained model for a later
-`--grow-from`, which then takes the layers below the exit and the exit's head. The loss (`--loss`):
+detached hidden state beside a dense model (the layers get the last layer's loss alone, the exit head is clipped
+on its own). A joint model's record holds `joint_tables` (`routed_tables`: its routers at `--exit-share`, chosen on
+one half of the validation split and reported on the other, and their curves over exit shares); `--tables-from`
+scores a saved joint model so without training. `--save-model` keeps the trained model for a later `--grow-from`,
+which then takes the layers below the exit and the exit's head. The loss (`--loss`):
 
     all       cross-entropy on every target (the ordinary LM loss)
     answers   cross-entropy on answer targets only (label = hop count >= 1, `lego.chains`), averaged over them
@@ -53,9 +54,11 @@ from lego.cli import to_config
 from lego.config import IGNORE_INDEX, resolve
 from lego.cost import dense_training_macs
 from lego.data import load_corpus
-from lego.labels import fit_gain_probe, fit_probe, label_table, labelled_tokens, oracle_by_label, router_summary, solved_hops
+from lego.labels import (fit_gain_probe, fit_probe, label_table, labelled_tokens, oracle_by_label, router_summary,
+                         solved_hops)
 from lego.model import Model, ModelArgs
 from lego.pipeline.compute import cost_shape
+from lego.pipeline.scaffold import joint_from_dense, lower_block
 from lego.pipeline.train import make_optimizer
 from lego.schedule import lr_factor
 
@@ -162,11 +165,7 @@ def lower_model(path: Path, layers: Optional[int] = None) -> Model:
         return full
     if not 1 <= layers < full.num_layers:
         raise ValueError(f"--lower-layers {layers}: between 1 and {full.num_layers}")
-    lower = Model(replace(full.args, num_layers=layers, exits=(), deep_head=False))
-    lower.load_state_dict({k: v for k, v in full.state_dict().items()
-                           if not k.startswith(("deep_head.", "exit_heads."))
-                           and (not k.startswith("layers.") or int(k.split(".")[1]) < layers)})
-    return lower
+    return lower_block(full, layers)
 
 
 def score(model: Model, loader) -> Dict[str, dict]:
@@ -192,12 +191,9 @@ def train_probe(cfg, corpus, *, depth: int, loss: str, answer_weight: float = 10
         if joint_exit is not None:  # an exit head at layer `joint_exit`, trained with the last layer's
             if not 1 <= joint_exit < depth:
                 raise ValueError(f"--joint-exit {joint_exit}: between 1 and {depth - 1}")
-            dense = Model(args)  # the dense model's initial weights: drawn first, as without the exit
-            args = replace(args, exits=(joint_exit,), deep_head=True)
-        model = Model(args)
+        model = Model(args)  # the dense model's initial weights, with or without the exit
         if joint_exit is not None:  # same start as the dense model; both heads begin as its head
-            model.load_state_dict(dense.state_dict(), strict=False)
-            model.deep_head.load_state_dict(dense.output_head.state_dict())
+            model = joint_from_dense(model, joint_exit)
     else:  # ASHEM's phase 2: fresh layers over a trained, frozen lower model (`lego.ashem.grow`)
         lower = lower_model(grow_from, lower_layers)
         model = grow(lower, depth, deep_head=True)

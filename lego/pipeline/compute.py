@@ -91,6 +91,15 @@ def dense_depths(cfg: ASHEMConfig) -> List[int]:
     return sorted({*(cfg.eval.dense_depths or ()), *block_layers(cfg)})
 
 
+def pipeline_budget_macs(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int) -> float:
+    """The pipeline's training budget under phase1.budget_fraction (and phase 1's own without it), in MACs:
+    phase1.max_epochs x phase1.epoch_steps steps of a phase1.layers-layer model on data.batch_size x seq_len x
+    phase1.grad_accum tokens each (`dense_training_macs`)."""
+    step1 = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len * cfg.phase1.grad_accum,
+                                num_layers=cfg.phase1.layers, **cost_shape(cfg, vocab_size))
+    return phase1_budget_steps(cfg, loaders) * step1
+
+
 def dense_budget(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, depth: int,
                  compute: Dict[str, Any]) -> Dict[str, Any]:
     """The optimizer steps that give a dense `depth`-layer model the budget `eval.baseline_budget` asks: the

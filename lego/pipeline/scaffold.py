@@ -32,13 +32,13 @@ from lego.checkpoint import build_model, expected_args, load_model, save_model, 
 from lego.config import IGNORE_INDEX, ASHEMConfig, StageConfig, TrainingConfig
 from lego.cost import dense_training_macs, forward_macs_per_token, steps_for_macs
 from lego.data import Corpus
-from lego.model import Model, ModelArgs
+from lego.model import Model
 from lego.pipeline.cache import through_cache
-from lego.pipeline.compute import cost_shape, window_positions
+from lego.pipeline.compute import cost_shape, pipeline_budget_macs, window_positions
 from lego.pipeline.results import load_or_run, on_disk
 from lego.pipeline.science import science_config
 from lego.pipeline.setup import Loaders
-from lego.pipeline.train import phase1_budget_steps, train_block
+from lego.pipeline.train import train_block
 from lego.trackers import Tracker
 from lego.training import Trainer, train_epoch
 
@@ -72,21 +72,28 @@ def scaffold_step_macs(cfg: ASHEMConfig, vocab_size: int) -> float:
 def scaffold_steps(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int) -> Dict[str, Any]:
     """Phase 1's budget in multiply-adds (phase1.budget_fraction of the pipeline's, or phase 1's own: max_epochs x
     epoch_steps phase1.layers-layer steps) and the scaffold steps nearest to it: steps, budget_macs, step_macs."""
-    step1 = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len * cfg.phase1.grad_accum,
-                                num_layers=cfg.phase1.layers, **cost_shape(cfg, vocab_size))
-    budget = phase1_budget_steps(cfg, loaders) * step1 * (cfg.phase1.budget_fraction or 1.0)
+    budget = pipeline_budget_macs(cfg, loaders, vocab_size) * (cfg.phase1.budget_fraction or 1.0)
     step = scaffold_step_macs(cfg, vocab_size)
     return {"steps": steps_for_macs(budget, step), "budget_macs": budget, "step_macs": step}
 
 
-def lower_block(scaffold: Model, exit_layer: int) -> Model:
-    """Block 1 of a scaffold: its embedding, first `exit_layer` layers and the exit head as a dense model's head,
-    so its logits are the scaffold's exit logits bit for bit."""
-    block = Model(replace(scaffold.args, num_layers=exit_layer, exits=(), deep_head=False))
-    block.load_state_dict({k: v for k, v in scaffold.state_dict().items()
-                           if not k.startswith("deep_head.")
-                           and (not k.startswith("layers.") or int(k.split(".")[1]) < exit_layer)})
-    return block.to(next(scaffold.parameters()).device)
+def joint_from_dense(dense: Model, exit_layer: int) -> Model:
+    """`dense` with an exit head at `exit_layer` and a last-layer head of its own: the same weights, both heads a
+    copy of its head (the scaffold's start, and the chains probe's `--joint-exit`)."""
+    model = Model(replace(dense.args, exits=(exit_layer,), deep_head=True))
+    model.load_state_dict(dense.state_dict(), strict=False)
+    model.deep_head.load_state_dict(dense.output_head.state_dict())
+    return model.to(next(dense.parameters()).device)
+
+
+def lower_block(model: Model, layers: int) -> Model:
+    """A model's embedding, first `layers` layers and first head (a scaffold's exit head, a dense model's output
+    head) as a dense model: Block 1 of a scaffold, whose logits are the scaffold's exit logits bit for bit."""
+    block = Model(replace(model.args, num_layers=layers, exits=(), deep_head=False))
+    block.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith(("deep_head.", "exit_heads."))
+                           and (not k.startswith("layers.") or int(k.split(".")[1]) < layers)})
+    return block.to(next(model.parameters()).device)
 
 
 def start_from_scaffold(grown: Model, path: Path) -> Model:
@@ -113,11 +120,8 @@ def train_scaffold(cfg: ASHEMConfig, corpus: Corpus, loaders: Loaders, out: Path
     history.jsonl and result.json (the budget it was given added) beside them. Returns Block 1."""
     exit_layer, depth = cfg.phase1.layers, cfg.phase2.layers
     torch.manual_seed(cfg.seed)
-    dense = build_model(cfg, corpus.vocab_size, depth)  # the dense model's initial weights, drawn as it draws them
-    model = Model(replace(dense.args, exits=(exit_layer,), deep_head=True))
-    model.load_state_dict(dense.state_dict(), strict=False)
-    model.deep_head.load_state_dict(dense.output_head.state_dict())  # both heads start as the dense model's head
-    model.to(device)
+    # the dense model's initial weights, drawn as it draws them
+    model = joint_from_dense(build_model(cfg, corpus.vocab_size, depth), exit_layer).to(device)
     budget = scaffold_steps(cfg, loaders, corpus.vocab_size)
     shape = cost_shape(cfg, corpus.vocab_size)
     validation = Trainer(TrainingConfig(stages=[StageConfig((exit_layer, exit_layer), 1.0),

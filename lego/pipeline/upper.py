@@ -14,14 +14,14 @@ from lego import __version__
 from lego.artifacts import read_json
 from lego.ashem import evaluate_on_hard_examples, grow, train_upper_layers
 from lego.config import IGNORE_INDEX, ASHEMConfig, block_layers, exit_ratios
-from lego.cost import dense_training_macs, phase2_training_macs, steps_for_macs
+from lego.cost import phase2_training_macs, steps_for_macs
 from lego.model import Model
-from lego.pipeline.compute import cost_shape, mining_compute
+from lego.pipeline.compute import cost_shape, mining_compute, pipeline_budget_macs
 from lego.pipeline.mining import hard_loader, hard_ratio
 from lego.pipeline.scaffold import start_from_scaffold
 from lego.pipeline.science import science_config
 from lego.pipeline.setup import Loaders
-from lego.pipeline.train import phase1_budget_steps, train_block
+from lego.pipeline.train import train_block
 from lego.routed_layer import capacity_mask, routing_capacity
 from lego.trackers import Tracker
 
@@ -36,16 +36,12 @@ def add_block(cfg: ASHEMConfig, below: Model, num_layers: Optional[int] = None) 
 
 def rest_of_budget(cfg: ASHEMConfig, loaders: Loaders, vocab_size: int, run_dir: Path,
                    macs_per_step: float) -> Tuple[int, Dict[str, float]]:
-    """Phase 2's budget under phase1.budget_fraction: the pipeline's budget is phase1.max_epochs x
-    phase1.epoch_steps phase-1 steps (data.batch_size x seq_len x phase1.grad_accum tokens through phase1.layers layers,
-    `dense_training_macs`); phase 2 gets what phase 1 really spent (phase1/result.json) and the mining that ran
+    """Phase 2's budget under phase1.budget_fraction: of the pipeline's budget
+    (`lego.pipeline.compute.pipeline_budget_macs`), phase 2 gets what phase 1 really spent (phase1/result.json) and the mining that ran
     (`lego.pipeline.compute.mining_compute`) left of it, as the nearest number of its own steps of
     `macs_per_step` (at least 1): within half a step of the budget. Returns the steps and the record of how they
     were derived: budget_macs (the pipeline's), rest_macs (what phase 2 was left) and step_macs."""
-    step1 = dense_training_macs(tokens=cfg.data.batch_size * cfg.data.seq_len * cfg.phase1.grad_accum,
-                                num_layers=cfg.phase1.layers,
-                                **cost_shape(cfg, vocab_size))
-    budget = phase1_budget_steps(cfg, loaders) * step1
+    budget = pipeline_budget_macs(cfg, loaders, vocab_size)
     spent = float(read_json(run_dir / "phase1" / "result.json")["train_macs"])
     rest = max(budget - spent - mining_compute(cfg, loaders, vocab_size)["train_macs"], 0.0)
     return steps_for_macs(rest, macs_per_step), {"budget_macs": budget, "rest_macs": rest, "step_macs": macs_per_step}
